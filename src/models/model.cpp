@@ -1,0 +1,349 @@
+// Loading (format -> architecture -> per-version model) and the version-independent parts of
+// running a model: token checks, chunking, embedding and head.
+#include <algorithm>
+#include <cstring>
+#include <regex>
+#include <set>
+
+#include "aviary/error.h"
+#include "formats/mapped_file.h"
+#include "models/model_impl.h"
+#include "tensor/kernels.h"
+
+namespace aviary {
+
+std::string_view ArchName(Arch arch) {
+  switch (arch) {
+    case Arch::kV4: return "v4";
+    case Arch::kV5_1: return "v5.1";
+    case Arch::kV5_2: return "v5.2";
+    case Arch::kV6: return "v6.0";
+    case Arch::kV7: return "v7.0";
+  }
+  return "unknown";
+}
+
+// ---- Scratch ----
+
+Scratch& Scratch::ForThisThread() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+float* Scratch::Take(size_t n) {
+  if (n == 0) n = 1;
+  if (next_ == blocks_.size()) {
+    blocks_.emplace_back();
+    sizes_.push_back(0);
+  }
+  if (sizes_[next_] < n) {
+    blocks_[next_] = std::make_unique<float[]>(n);
+    sizes_[next_] = n;
+  }
+  return blocks_[next_++].get();
+}
+
+// ---- Weights ----
+
+void Weights::Fail(const std::string& problem) const { throw Error(wf_.path + ": " + problem); }
+
+const Tensor& Weights::Get(const std::string& name) const {
+  const Tensor* t = wf_.Find(name);
+  if (!t) Fail("missing tensor '" + name + "'");
+  return *t;
+}
+
+static std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+const Tensor& Weights::Matrix(const std::string& name, std::vector<int64_t> shape) const {
+  const Tensor& t = Get(name);
+  std::vector<int64_t> got = t.shape;
+  while (got.size() > shape.size() && got.front() == 1) got.erase(got.begin());
+  if (got != shape) {
+    Fail("tensor '" + name + "' has shape " + ShapeString(t.shape) + ", expected " +
+         ShapeString(shape));
+  }
+  return t;
+}
+
+std::vector<float> Weights::Vector(const std::string& name, int64_t n) const {
+  const Tensor& t = Get(name);
+  if (t.numel() != n) {
+    Fail("tensor '" + name + "' has shape " + ShapeString(t.shape) + " (" +
+         std::to_string(t.numel()) + " elements), expected " + std::to_string(n) + " elements");
+  }
+  std::vector<float> v(n);
+  DequantizeRow(t.type, t.data, v.data(), n);
+  return v;
+}
+
+// ---- Shared model parts ----
+
+RwkvModel::RwkvModel(WeightFile wf, ModelInfo info) : Model(std::move(info)), file_(std::move(wf)) {
+  const int V = info_.n_vocab;
+  emb_ = weights_.Matrix("emb.weight", {V, C()});
+  head_ = weights_.Matrix("head.weight", {V, C()});
+  ln0_w_ = weights_.Vector("blocks.0.ln0.weight", C());
+  ln0_b_ = weights_.Vector("blocks.0.ln0.bias", C());
+  ln_out_w_ = weights_.Vector("ln_out.weight", C());
+  ln_out_b_ = weights_.Vector("ln_out.bias", C());
+}
+
+void RwkvModel::Embed(std::span<const int32_t> tokens, float* x) const {
+  std::vector<float> row(C());
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    GatherRow(emb_, tokens[t], row.data());
+    LayerNorm(row.data(), ln0_w_.data(), ln0_b_.data(), C(), kLayerNormEps, x + t * C());
+  }
+}
+
+void RwkvModel::Head(const float* x, int T, float* logits, bool all_positions) const {
+  const int first = all_positions ? 0 : T - 1;
+  const int rows = T - first;
+  float* normed = Scratch::ForThisThread().Take(static_cast<size_t>(rows) * C());
+  LayerNormRows(x + static_cast<size_t>(first) * C(), ln_out_w_, ln_out_b_, rows, C(),
+                kLayerNormEps, normed);
+  MatMul(head_, normed, rows, logits);
+}
+
+void TokenShift(const float* xx, int T, int C, float* last, float* prev) {
+  std::memcpy(prev, last, C * sizeof(float));
+  if (T > 1) std::memcpy(prev + C, xx, static_cast<size_t>(T - 1) * C * sizeof(float));
+  std::memcpy(last, xx + static_cast<size_t>(T - 1) * C, C * sizeof(float));
+}
+
+void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
+                   int T, int C, float eps, float* y) {
+  for (int t = 0; t < T; ++t) LayerNorm(x + t * C, w.data(), b.data(), C, eps, y + t * C);
+}
+
+void MixLerp(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < C; ++c) {
+      const int i = t * C + c;
+      out[i] = xx[i] * m[c] + prev[i] * (1.0f - m[c]);
+    }
+  }
+}
+
+void MixAdd(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < C; ++c) {
+      const int i = t * C + c;
+      out[i] = xx[i] + (prev[i] - xx[i]) * m[c];
+    }
+  }
+}
+
+void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
+                const float* xk, const float* xr, int T, float* x) {
+  const size_t C = value.rows(), F = key.rows();
+  Scratch& s = Scratch::ForThisThread();
+  float* k = s.Take(T * F);
+  float* v = s.Take(T * C);
+  MatMul(key, xk, T, k);
+  for (size_t i = 0; i < T * F; ++i) {
+    const float relu = std::max(k[i], 0.0f);
+    k[i] = relu * relu;
+  }
+  MatMul(value, k, T, v);
+  if (receptance) {
+    float* r = s.Take(T * C);
+    MatMul(*receptance, xr, T, r);
+    for (size_t i = 0; i < T * C; ++i) x[i] += Sigmoid(r[i]) * v[i];
+  } else {
+    for (size_t i = 0; i < T * C; ++i) x[i] += v[i];
+  }
+}
+
+// ---- Model ----
+
+Model::~Model() = default;
+
+void Model::InitLayerState(float* layer_state) const {
+  std::fill_n(layer_state, StateFloatsPerLayer(), 0.0f);
+}
+
+State Model::NewState() const {
+  State s;
+  s.fingerprint_ = info_.fingerprint;
+  s.n_layer_ = static_cast<uint32_t>(info_.n_layer);
+  const size_t per_layer = StateFloatsPerLayer();
+  s.data_.resize(per_layer * info_.n_layer);
+  for (int l = 0; l < info_.n_layer; ++l) InitLayerState(s.data_.data() + l * per_layer);
+  return s;
+}
+
+void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
+                 bool all_positions) const {
+  if (state.fingerprint_ != info_.fingerprint ||
+      state.data_.size() != StateFloatsPerLayer() * info_.n_layer) {
+    throw UsageError("state does not belong to model " + info_.path);
+  }
+  if (tokens.empty()) throw UsageError("no tokens to evaluate");
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= info_.n_vocab) {
+      throw Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                  std::to_string(info_.n_vocab - 1) + ")");
+    }
+  }
+  const size_t V = info_.n_vocab;
+  if (logits) logits->assign(all_positions ? tokens.size() * V : V, 0.0f);
+  for (size_t start = 0; start < tokens.size(); start += kMaxChunk) {
+    const size_t n = std::min<size_t>(kMaxChunk, tokens.size() - start);
+    const bool last_chunk = start + n == tokens.size();
+    float* out = nullptr;
+    if (logits && all_positions) out = logits->data() + start * V;
+    if (logits && !all_positions && last_chunk) out = logits->data();
+    Scratch::ForThisThread().Reset();
+    Forward(tokens.subspan(start, n), state.data_.data(), out, all_positions);
+  }
+  state.tokens_seen_ += tokens.size();
+}
+
+// ---- Loading ----
+
+namespace {
+
+Arch DetectArch(const WeightFile& wf) {
+  auto has = [&](const char* n) { return wf.Find(std::string("blocks.0.att.") + n) != nullptr; };
+  if (has("x_rwkvag") || has("k_k")) return Arch::kV7;
+  if (has("time_maa_x")) return Arch::kV6;
+  if (has("time_faaaa")) return Arch::kV5_2;
+  if (has("ln_x.weight")) return Arch::kV5_1;
+  if (has("time_first") && has("time_decay")) return Arch::kV4;
+  throw Error(wf.path + ": unrecognised architecture (no known blocks.0.att tensors)");
+}
+
+uint64_t Fnv1a(uint64_t h, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// Hashes names, types, shapes, every small tensor whole and the first bytes of large ones:
+// O(metadata), and different for any two real checkpoints.
+uint64_t Fingerprint(const WeightFile& wf, Arch arch) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  const uint32_t a = static_cast<uint32_t>(arch);
+  h = Fnv1a(h, &a, sizeof a);
+  for (const auto& [name, t] : wf.tensors) {
+    h = Fnv1a(h, name.data(), name.size());
+    const uint8_t type = static_cast<uint8_t>(t.type);
+    h = Fnv1a(h, &type, 1);
+    h = Fnv1a(h, t.shape.data(), t.shape.size() * sizeof(int64_t));
+    h = Fnv1a(h, t.data, std::min<size_t>(t.nbytes, 4096));
+  }
+  return h;
+}
+
+ModelInfo DescribeFile(const WeightFile& wf) {
+  ModelInfo info;
+  info.path = wf.path;
+  info.format = wf.format;
+  info.file_size = wf.file_size;
+  info.main_type = std::string(DTypeName(wf.main_type));
+  info.arch = DetectArch(wf);
+  Weights w(wf);
+  const Tensor& emb = w.Get("emb.weight");
+  if (emb.shape.size() != 2) w.Fail("tensor 'emb.weight' must be 2-D");
+  info.n_vocab = static_cast<int>(emb.shape[0]);
+  info.n_embd = static_cast<int>(emb.shape[1]);
+  if (wf.n_vocab && wf.n_vocab != info.n_vocab) {
+    w.Fail("header says n_vocab " + std::to_string(wf.n_vocab) + " but emb.weight has " +
+           std::to_string(info.n_vocab) + " rows");
+  }
+  if (wf.n_embd && wf.n_embd != info.n_embd) {
+    w.Fail("header says n_embed " + std::to_string(wf.n_embd) + " but emb.weight is " +
+           std::to_string(info.n_embd) + " wide");
+  }
+  // Layers: blocks.0 .. blocks.(L-1), contiguous.
+  std::set<int> layers;
+  static const std::regex kBlock(R"(blocks\.(\d+)\..*)");
+  for (const auto& [name, t] : wf.tensors) {
+    std::smatch m;
+    if (std::regex_match(name, m, kBlock)) {
+      if (m[1].length() > 5) w.Fail("tensor '" + name + "' has an absurd layer index");
+      layers.insert(std::stoi(m[1]));
+    }
+    info.tensor_types[std::string(DTypeName(t.type))]++;
+    info.n_params += t.numel();
+  }
+  info.n_layer = static_cast<int>(layers.size());
+  if (info.n_layer == 0 || *layers.rbegin() != info.n_layer - 1) {
+    w.Fail("layer tensors are not numbered 0.." + std::to_string(info.n_layer - 1));
+  }
+  if (wf.n_layer && wf.n_layer != info.n_layer) {
+    w.Fail("header says n_layer " + std::to_string(wf.n_layer) + " but the file has " +
+           std::to_string(info.n_layer) + " layers");
+  }
+  info.n_ffn = static_cast<int>(w.Get("blocks.0.ffn.key.weight").shape[0]);
+  const int C = info.n_embd;
+  switch (info.arch) {
+    case Arch::kV4:
+      info.n_head = 1;
+      info.head_size = C;
+      break;
+    case Arch::kV5_1:
+      info.n_head = static_cast<int>(w.Get("blocks.0.att.time_decay").numel());
+      break;
+    case Arch::kV5_2:
+    case Arch::kV6: {
+      const Tensor& u = w.Get("blocks.0.att.time_faaaa");
+      info.n_head = static_cast<int>(u.shape[0]);
+      break;
+    }
+    case Arch::kV7:
+      info.n_head = static_cast<int>(w.Get("blocks.0.att.r_k").shape[0]);
+      break;
+  }
+  if (info.n_head <= 0 || C % info.n_head != 0) {
+    w.Fail("cannot split width " + std::to_string(C) + " into " + std::to_string(info.n_head) +
+           " heads");
+  }
+  info.head_size = C / info.n_head;
+  info.fingerprint = Fingerprint(wf, info.arch);
+  return info;
+}
+
+std::unique_ptr<Model> Build(WeightFile wf) {
+  ModelInfo info = DescribeFile(wf);
+  switch (info.arch) {
+    case Arch::kV4: return MakeRwkv4(std::move(wf), std::move(info));
+    case Arch::kV5_1:
+    case Arch::kV5_2: return MakeRwkv5(std::move(wf), std::move(info));
+    case Arch::kV6: return MakeRwkv6(std::move(wf), std::move(info));
+    case Arch::kV7: return MakeRwkv7(std::move(wf), std::move(info));
+  }
+  throw Error(wf.path + ": unsupported architecture");
+}
+
+WeightFile ReadAnyFormat(std::span<const uint8_t> bytes, const std::string& name) {
+  if (LooksLikeRwkvCppBin(bytes)) return ReadRwkvCppBin(bytes, name);
+  if (bytes.size() < 4) throw Error(name + ": too short to be a model file (" +
+                                    std::to_string(bytes.size()) + " bytes)");
+  char magic[16];
+  std::snprintf(magic, sizeof magic, "%02x%02x%02x%02x", bytes[0], bytes[1], bytes[2], bytes[3]);
+  throw Error(name + ": unknown model format (first bytes " + magic +
+              "); supported: rwkv.cpp .bin (ggmf)");
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::LoadFromMemory(std::span<const uint8_t> bytes,
+                                             const std::string& name) {
+  return Build(ReadAnyFormat(bytes, name));
+}
+
+std::unique_ptr<Model> Model::Load(const std::string& path) {
+  auto file = std::make_shared<MappedFile>(path);
+  WeightFile wf = ReadAnyFormat(file->bytes(), path);
+  wf.backing = file;
+  return Build(std::move(wf));
+}
+
+}  // namespace aviary

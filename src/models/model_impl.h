@@ -1,0 +1,88 @@
+// Shared by the per-version model files: shape-checked weight access, scratch memory, and the
+// parts every RWKV version has (embedding + ln0 in, ln_out + head out, token shift).
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "aviary/model.h"
+#include "formats/weight_file.h"
+#include "tensor/tensor.h"
+
+namespace aviary {
+
+// Reusable per-thread scratch: the same sequence of Take() sizes reuses the same blocks, so a
+// steady token loop allocates nothing.
+class Scratch {
+ public:
+  static Scratch& ForThisThread();
+  void Reset() { next_ = 0; }
+  float* Take(size_t n);
+
+ private:
+  std::vector<std::unique_ptr<float[]>> blocks_;
+  std::vector<size_t> sizes_;
+  size_t next_ = 0;
+};
+
+// Shape-checked access to a WeightFile's tensors; errors name the file and the tensor.
+class Weights {
+ public:
+  explicit Weights(const WeightFile& wf) : wf_(wf) {}
+  bool Has(const std::string& name) const { return wf_.Find(name) != nullptr; }
+  const Tensor& Get(const std::string& name) const;
+  // A tensor of exactly this shape (leading 1-sized dimensions ignored).
+  const Tensor& Matrix(const std::string& name, std::vector<int64_t> shape) const;
+  // Any shape with n elements, widened to float (small parameters only).
+  std::vector<float> Vector(const std::string& name, int64_t n) const;
+  [[noreturn]] void Fail(const std::string& problem) const;
+
+ private:
+  const WeightFile& wf_;
+};
+
+class RwkvModel : public Model {
+ protected:
+  RwkvModel(WeightFile wf, ModelInfo info);
+
+  // x[t] = ln0(emb[tokens[t]]).
+  void Embed(std::span<const int32_t> tokens, float* x) const;
+  // ln_out then head, for every row of x (all_positions) or only the last.
+  void Head(const float* x, int T, float* logits, bool all_positions) const;
+
+  int C() const { return info_.n_embd; }
+  const Weights& weights() const { return weights_; }
+  static std::string Block(int layer, const char* suffix) {
+    return "blocks." + std::to_string(layer) + "." + suffix;
+  }
+
+  WeightFile file_;
+  Weights weights_{file_};
+  Tensor emb_, head_;
+  std::vector<float> ln0_w_, ln0_b_, ln_out_w_, ln_out_b_;
+};
+
+// prev[t] = the input before xx[t]: `last` for t = 0, then xx[t-1]; `last` becomes xx[T-1].
+void TokenShift(const float* xx, int T, int C, float* last, float* prev);
+// LayerNorm applied to each of T rows of width C.
+void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
+                   int T, int C, float eps, float* y);
+
+// Token mixes. v4/v5: out = xx m + prev (1 - m).  v6/v7: out = xx + (prev - xx) m.
+void MixLerp(const float* xx, const float* prev, const float* m, int T, int C, float* out);
+void MixAdd(const float* xx, const float* prev, const float* m, int T, int C, float* out);
+// Channel mix (FFN): x += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), or without the receptance
+// gate when `receptance` is null (v7).
+void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
+                const float* xk, const float* xr, int T, float* x);
+
+constexpr float kLayerNormEps = 1e-5f;
+
+std::unique_ptr<Model> MakeRwkv4(WeightFile wf, ModelInfo info);
+std::unique_ptr<Model> MakeRwkv5(WeightFile wf, ModelInfo info);  // v5.1 and v5.2
+std::unique_ptr<Model> MakeRwkv6(WeightFile wf, ModelInfo info);
+std::unique_ptr<Model> MakeRwkv7(WeightFile wf, ModelInfo info);
+
+}  // namespace aviary

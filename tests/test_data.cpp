@@ -1,0 +1,79 @@
+#include "test_data.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <sys/wait.h>
+
+namespace aviary::testing {
+
+std::string SharedPath(const std::string& relative) {
+  const char* env = std::getenv("AVIARY_SHARED_DIR");
+  return std::string(env && *env ? env : AVIARY_SHARED_DIR) + "/" + relative;
+}
+
+bool InCI() {
+  const char* ci = std::getenv("CI");
+  return ci && std::string(ci) == "true";
+}
+
+std::vector<uint8_t> ReadFileBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return {};
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+std::vector<float> ReadFloats(const std::string& path) {
+  const std::vector<uint8_t> bytes = ReadFileBytes(path);
+  std::vector<float> v(bytes.size() / 4);
+  std::memcpy(v.data(), bytes.data(), v.size() * 4);
+  return v;
+}
+
+std::vector<ModelCase> AllModelCases() {
+  std::vector<ModelCase> cases;
+  const char* stress[] = {"4v0", "5v1", "5v2", "6v0", "7v0"};
+  for (const char* v : stress) {
+    for (const char* type : {"FP32", "FP16"}) {
+      const std::string file = std::string("stress-rwkv-") + v + "-" + type + ".bin";
+      const bool fp32 = std::string(type) == "FP32";
+      cases.push_back({"models/stress/" + file, "models/stress/expected-logits-" + file,
+                       fp32 ? 1e-4 : 5e-3, fp32});
+    }
+  }
+  const char* tiny[] = {"4v0-660K", "5v1-730K", "5v2-730K", "6v0-1m", "7v0-834K"};
+  for (const char* v : tiny) {
+    for (const char* type : {"FP32", "FP16", "Q5_0", "Q5_1"}) {
+      const std::string file = std::string("tiny-rwkv-") + v + "-" + type + ".bin";
+      const std::string t = type;
+      cases.push_back({"models/" + file, "models/exact-logits-" + file,
+                       t == "FP32" ? 1e-4 : t == "FP16" ? 5e-3 : 0.15, t == "FP32"});
+    }
+    for (const char* type : {"Q4_0", "Q4_1", "Q8_0"}) {
+      const std::string file = std::string("tiny-rwkv-") + v + "-" + type + ".bin";
+      cases.push_back({"models/quantized/" + file, "models/quantized/expected-logits-" + file,
+                       0.15, false});
+    }
+  }
+  for (const char* type : {"Q5_0", "Q5_1"}) {
+    const std::string file = std::string("tiny-rwkv-6v0-3m-") + type + ".bin";
+    cases.push_back({"models/" + file, "models/exact-logits-" + file, 0.15, false});
+  }
+  return cases;
+}
+
+CommandResult RunCommand(const std::string& command) {
+  CommandResult result{-1, ""};
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) return result;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) result.output.append(buf, n);
+  const int status = ::pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return result;
+}
+
+}  // namespace aviary::testing
