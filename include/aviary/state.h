@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,10 @@ class State {
   void Save(const std::string& path) const;
   // Reads a file written by Save; refuses a state saved from another model.
   static State Load(const std::string& path, const Model& model);
+  // Same from the bytes of such a file; `name` starts every error message. Validates every
+  // field before use (safe on arbitrary bytes).
+  static State Deserialize(std::span<const uint8_t> bytes, const Model& model,
+                           const std::string& name);
 
  private:
   friend class Model;

@@ -62,7 +62,11 @@ static std::string ShapeString(const std::vector<int64_t>& shape) {
 const Tensor& Weights::Matrix(const std::string& name, std::vector<int64_t> shape) const {
   const Tensor& t = Get(name);
   std::vector<int64_t> got = t.shape;
-  while (got.size() > shape.size() && got.front() == 1) got.erase(got.begin());
+  // Leading 1s are harmless for a matrix (rows() and row() ignore them), but a 3-D tensor is
+  // sliced along its first dimension (Tensor::Slice), so it must have exactly that shape.
+  while (shape.size() <= 2 && got.size() > shape.size() && got.front() == 1) {
+    got.erase(got.begin());
+  }
   if (got != shape) {
     Fail("tensor '" + name + "' has shape " + ShapeString(t.shape) + ", expected " +
          ShapeString(shape));

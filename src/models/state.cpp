@@ -5,6 +5,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <vector>
 
 #include "aviary/error.h"
 #include "aviary/model.h"
@@ -15,6 +16,7 @@ namespace {
 
 constexpr char kMagic[8] = {'A', 'V', 'S', 'T', 'A', 'T', 'E', '1'};
 constexpr uint32_t kFormatVersion = 1;
+constexpr size_t kHeaderBytes = sizeof kMagic + 4 + 4 + 8 + 8 + 8;
 
 struct Checksum {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -61,38 +63,47 @@ void State::Save(const std::string& path) const {
 State State::Load(const std::string& path, const Model& model) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open state file");
+  // A valid file has exactly this many bytes: read one more to detect trailing bytes, and
+  // never more (an arbitrary file must not make us allocate its size).
+  const size_t total = kHeaderBytes + model.NewState().data_.size() * sizeof(float) + 8;
+  std::vector<uint8_t> bytes(total + 1);
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  bytes.resize(static_cast<size_t>(in.gcount()));
+  return Deserialize(bytes, model, path);
+}
+
+State State::Deserialize(std::span<const uint8_t> bytes, const Model& model,
+                         const std::string& name) {
   const State fresh = model.NewState();
   const size_t expected_floats = fresh.data_.size();
-  const size_t header = sizeof kMagic + 4 + 4 + 8 + 8 + 8;
+  const size_t header = kHeaderBytes;
   const size_t total = header + expected_floats * sizeof(float) + 8;
-  std::string bytes(total + 1, '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  const size_t got = static_cast<size_t>(in.gcount());
+  const size_t got = bytes.size();
   if (got < sizeof kMagic || std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) {
-    throw Error(path + ": not an aviary state file");
+    throw Error(name + ": not an aviary state file");
   }
-  if (got < header) throw Error(path + ": state file is truncated");
+  if (got < header) throw Error(name + ": state file is truncated");
   uint32_t version, n_layer;
   uint64_t fingerprint, tokens, count;
-  const char* p = bytes.data() + sizeof kMagic;
+  const uint8_t* p = bytes.data() + sizeof kMagic;
   std::memcpy(&version, p, 4);
   std::memcpy(&n_layer, p + 4, 4);
   std::memcpy(&fingerprint, p + 8, 8);
   std::memcpy(&tokens, p + 16, 8);
   std::memcpy(&count, p + 24, 8);
   if (version != kFormatVersion) {
-    throw Error(path + ": state file format version " + std::to_string(version) +
+    throw Error(name + ": state file format version " + std::to_string(version) +
                 " is not supported (expected " + std::to_string(kFormatVersion) + ")");
   }
   if (fingerprint != fresh.fingerprint_ || n_layer != fresh.n_layer_ || count != expected_floats) {
-    throw Error(path + ": state was saved from a different model than " + model.info().path);
+    throw Error(name + ": state was saved from a different model than " + model.info().path);
   }
-  if (got != total) throw Error(path + ": state file is truncated or has trailing bytes");
+  if (got != total) throw Error(name + ": state file is truncated or has trailing bytes");
   Checksum sum;
   sum.Add(bytes.data(), total - 8);
   uint64_t stored;
   std::memcpy(&stored, bytes.data() + total - 8, 8);
-  if (stored != sum.h) throw Error(path + ": state file is corrupt (checksum mismatch)");
+  if (stored != sum.h) throw Error(name + ": state file is corrupt (checksum mismatch)");
   State s = fresh;
   s.tokens_seen_ = tokens;
   std::memcpy(s.data_.data(), bytes.data() + header, expected_floats * sizeof(float));

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages aviary builds and tests with. Safe to run again.
+set -euo pipefail
+packages=(cmake g++ make libgtest-dev libgmock-dev libcli11-dev clang libclang-rt-14-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+echo "dependencies ready: ${packages[*]}"

@@ -1,0 +1,215 @@
+// The aviary command as a user runs it: outputs, files written, exit codes.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+
+#include "aviary/model.h"
+#include "test_data.h"
+
+namespace aviary::testing {
+namespace {
+
+const char* kStress7 = "models/stress/stress-rwkv-7v0-FP32.bin";
+const char* kTiny52 = "models/tiny-rwkv-5v2-730K-FP32.bin";
+
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string Cli(const std::string& args) { return Quote(CliPath()) + " " + args; }
+
+std::string TempFile(const std::string& name) { return ::testing::TempDir() + "aviary_cli_" + name; }
+
+void WriteFile(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+double NumberAfter(const std::string& text, const std::string& label) {
+  std::smatch m;
+  const std::regex re(label + R"(\s*([-0-9.eE+]+))");
+  if (!std::regex_search(text, m, re)) return NAN;
+  return std::stod(m[1]);
+}
+
+TEST(Cli, HelpAndVersion) {
+  for (const char* args : {"--help", "info --help", "logits --help", "generate --help",
+                           "perplexity --help", "--version"}) {
+    const CommandResult r = RunCommand(Cli(args) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("aviary"), std::string::npos) << args;
+  }
+}
+
+TEST(Cli, UsageErrorsExitTwoWithOneLine) {
+  for (const char* args : {"", "frobnicate", "info", "logits --model x", "generate --model",
+                           "info --model a --bogus"}) {
+    const CommandResult r = RunCommand(Cli(args) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
+    EXPECT_EQ(r.output.rfind("aviary: ", 0), 0u) << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+  }
+}
+
+TEST(Cli, InfoDescribesTheModel) {
+  REQUIRE_SHARED(kStress7);
+  const CommandResult r = RunCommand(Cli("info --model " + Quote(SharedPath(kStress7))));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("RWKV v7.0"), std::string::npos) << r.output;
+  EXPECT_EQ(NumberAfter(r.output, "layers:"), 3);
+  EXPECT_EQ(NumberAfter(r.output, "embedding:"), 128);
+  EXPECT_EQ(NumberAfter(r.output, "vocab:"), 256);
+  EXPECT_NE(r.output.find("heads:        2 x 64"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("F32"), std::string::npos);
+  EXPECT_GT(NumberAfter(r.output, "parameters:"), 100000);
+  EXPECT_EQ(NumberAfter(r.output, "file size:"),
+            static_cast<double>(ReadFileBytes(SharedPath(kStress7)).size()));
+}
+
+TEST(Cli, BadModelFileExitsOne) {
+  const std::string empty = TempFile("empty.bin");
+  WriteFile(empty, "");
+  const std::string junk = TempFile("junk.bin");
+  WriteFile(junk, "this is not a model file at all");
+  for (const std::string& path : {empty, junk, ::testing::TempDir(), TempFile("missing.bin")}) {
+    const CommandResult r = RunCommand(Cli("info --model " + Quote(path)) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 1) << path << "\n" << r.output;
+    EXPECT_EQ(r.output.rfind("aviary: ", 0), 0u) << r.output;
+    EXPECT_NE(r.output.find(path), std::string::npos) << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+  }
+}
+
+TEST(Cli, LogitsMatchExpectedAndLibrary) {
+  REQUIRE_SHARED(kStress7);
+  const std::string out = TempFile("last.f32");
+  const CommandResult r = RunCommand(
+      Cli("logits --model " + Quote(SharedPath(kStress7)) + " --prompt '\"in' --output " + out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::vector<float> got = ReadFloats(out);
+  const std::vector<float> want =
+      ReadFloats(SharedPath("models/stress/expected-logits-stress-rwkv-7v0-FP32.bin"));
+  ASSERT_EQ(got.size(), 256u);
+  ASSERT_EQ(want.size(), 256u);
+  for (size_t i = 0; i < 256; ++i) EXPECT_NEAR(got[i], want[i], 1e-4) << i;
+}
+
+TEST(Cli, AllPositionsAndOneByOneAgree) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string prompt_file = TempFile("prompt.txt");
+  WriteFile(prompt_file, "Tabs\tand\nnewlines, UTF-8: h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x90\xa6 \x01\xff");
+  const size_t n_tokens = ReadFileBytes(prompt_file).size();
+  const std::string model = Quote(SharedPath(kTiny52));
+  const std::string seq = TempFile("seq.f32"), one = TempFile("one.f32"), last = TempFile("l.f32");
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
+                           " --all-positions --output " + seq)).exit_code, 0);
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
+                           " --all-positions --one-by-one --output " + one)).exit_code, 0);
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
+                           " --output " + last)).exit_code, 0);
+  const std::vector<float> a = ReadFloats(seq), b = ReadFloats(one), l = ReadFloats(last);
+  ASSERT_EQ(a.size(), n_tokens * 256);
+  ASSERT_EQ(b.size(), a.size());
+  ASSERT_EQ(l.size(), 256u);
+  float max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) max_diff = std::max(max_diff, std::fabs(a[i] - b[i]));
+  EXPECT_LE(max_diff, 1e-4);
+  for (size_t i = 0; i < 256; ++i) EXPECT_EQ(l[i], a[a.size() - 256 + i]);
+}
+
+// perplexity's loss equals the loss computed by hand from `logits --all-positions`.
+TEST(Cli, PerplexityConsistentWithLogits) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string text = "First Citizen:\nBefore we proceed any further, hear me speak.\n";
+  const std::string text_file = TempFile("text.txt");
+  WriteFile(text_file, text);
+  const std::string model = Quote(SharedPath(kTiny52));
+  const CommandResult p = RunCommand(Cli("perplexity --model " + model + " --text " + text_file));
+  ASSERT_EQ(p.exit_code, 0) << p.output;
+  EXPECT_EQ(NumberAfter(p.output, "tokens:"), text.size());
+  EXPECT_EQ(NumberAfter(p.output, "predicted:"), text.size() - 1);
+  const std::string rows = TempFile("rows.f32");
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + text_file +
+                           " --all-positions --output " + rows)).exit_code, 0);
+  const std::vector<float> logits = ReadFloats(rows);
+  ASSERT_EQ(logits.size(), text.size() * 256);
+  double total = 0;
+  for (size_t t = 0; t + 1 < text.size(); ++t) {
+    const float* row = logits.data() + t * 256;
+    double sum = 0;
+    for (int v = 0; v < 256; ++v) sum += std::exp(static_cast<double>(row[v]));
+    total += std::log(sum) - row[static_cast<unsigned char>(text[t + 1])];
+  }
+  const double loss = total / (text.size() - 1);
+  EXPECT_NEAR(NumberAfter(p.output, "average loss:"), loss, 1e-5);
+  EXPECT_NEAR(NumberAfter(p.output, "perplexity:"), std::exp(loss), 1e-3 * std::exp(loss));
+  EXPECT_LT(loss, std::log(256.0));  // a trained model beats uniform guessing
+}
+
+TEST(Cli, PerplexityRefusesTooShortText) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string text_file = TempFile("one.txt");
+  WriteFile(text_file, "x");
+  const CommandResult r = RunCommand(
+      Cli("perplexity --model " + Quote(SharedPath(kTiny52)) + " --text " + text_file) + " 2>&1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("at least 2 tokens"), std::string::npos) << r.output;
+}
+
+TEST(Cli, GreedyGenerationIsDeterministicAndMatchesArgmax) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string model = Quote(SharedPath(kTiny52));
+  const std::string cmd = Cli("generate --model " + model +
+                              " --prompt 'In the beginning' --tokens 40 --temperature 0");
+  const CommandResult a = RunCommand(cmd), b = RunCommand(cmd);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  EXPECT_EQ(a.output, b.output);
+  ASSERT_EQ(a.output.size(), 40u);  // bytes model: one byte per token, only the continuation
+  // Each generated byte is the argmax after the prompt plus what came before it.
+  auto m = Model::Load(SharedPath(kTiny52));
+  State s = m->NewState();
+  std::vector<float> logits;
+  const std::string prompt = "In the beginning";
+  std::vector<int32_t> ids(prompt.begin(), prompt.end());
+  m->Eval(ids, s, &logits);
+  for (unsigned char c : a.output) {
+    const int32_t best = static_cast<int32_t>(
+        std::max_element(logits.begin(), logits.end()) - logits.begin());
+    ASSERT_EQ(best, c);
+    const int32_t tok = c;
+    m->Eval({&tok, 1}, s, &logits);
+  }
+  // English-like: mostly letters and spaces.
+  const size_t letters = std::count_if(a.output.begin(), a.output.end(),
+                                       [](char c) { return std::isalpha(c) || c == ' '; });
+  EXPECT_GE(letters, 36u) << a.output;
+}
+
+TEST(Cli, SeededSamplingRepeats) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string base = Cli("generate --model " + Quote(SharedPath(kTiny52)) +
+                               " --prompt 'The ' --tokens 60 --temperature 1 --top-p 0.9");
+  const CommandResult a = RunCommand(base + " --seed 7"), b = RunCommand(base + " --seed 7"),
+                      c = RunCommand(base + " --seed 8");
+  ASSERT_EQ(a.exit_code, 0);
+  EXPECT_EQ(a.output, b.output);
+  EXPECT_NE(a.output, c.output);
+}
+
+TEST(Cli, GenerateRejectsBadSettings) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string base = Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt x");
+  for (const char* bad : {" --temperature -1", " --top-p 1.5", " --tokens -3", " --top-k -1",
+                          " --temperature abc"}) {
+    const CommandResult r = RunCommand(base + bad + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << bad << "\n" << r.output;
+  }
+  const CommandResult empty = RunCommand(
+      Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt ''") + " 2>&1");
+  EXPECT_EQ(empty.exit_code, 2) << empty.output;
+}
+
+}  // namespace
+}  // namespace aviary::testing
