@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages aviary builds and tests with. Safe to run again.
 set -euo pipefail
-packages=(cmake g++ make libgtest-dev libgmock-dev libcli11-dev clang libclang-rt-14-dev)
+packages=(cmake g++ make pkg-config libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
+  libpcre2-dev libcurl4-openssl-dev libssl-dev zlib1g-dev clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

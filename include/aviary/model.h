@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "aviary/state.h"
+#include "aviary/tokenizer.h"
 
 namespace aviary {
 
@@ -33,6 +34,8 @@ struct ModelInfo {
   uint64_t n_params = 0;
   uint64_t file_size = 0;
   uint64_t fingerprint = 0;  // identifies these exact weights (used by saved states)
+  std::shared_ptr<const TokenizerData> tokenizer_data;  // embedded in the file, if any
+  std::vector<std::string> notes;  // what the reader converted on the fly
 };
 
 class Model {

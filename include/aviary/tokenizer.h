@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -13,11 +14,20 @@ namespace aviary {
 
 struct ModelInfo;
 
+// A vocabulary as stored inside a model file (GGUF) or built from a tokenizer file.
+struct TokenizerData {
+  std::string kind;                 // "world" (RWKV trie), "gpt2-bpe" (GPT-NeoX), "bytes"
+  std::vector<std::string> tokens;  // token id -> exact bytes
+  std::vector<std::string> merges;  // BPE merges, "a b", highest priority first
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   virtual std::string name() const = 0;
   virtual int32_t vocab_size() const = 0;
+  // The id that ends a document (World and GPT-NeoX: 0), if the vocabulary has one.
+  virtual std::optional<int32_t> end_of_text() const { return std::nullopt; }
   virtual std::vector<int32_t> Encode(std::string_view text) const = 0;
   // Exact bytes of the ids; throws aviary::Error on an id outside the vocabulary.
   virtual std::string Decode(std::span<const int32_t> ids) const = 0;
@@ -26,8 +36,16 @@ class Tokenizer {
 // Token id = byte value (0..255), for the tiny test models.
 std::unique_ptr<Tokenizer> MakeByteTokenizer();
 
-// The tokenizer a model was trained with, chosen from its vocabulary size.
-std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info);
+// Reads a tokenizer file: the World vocabulary (rwkv_vocab_v20230424.txt) or a Hugging Face
+// tokenizer.json (GPT-NeoX 20B). Throws aviary::Error naming the file.
+std::unique_ptr<Tokenizer> LoadTokenizer(const std::string& path);
+// From data embedded in a model file.
+std::unique_ptr<Tokenizer> MakeTokenizer(const TokenizerData& data);
+
+// The tokenizer a model was trained with: `path` if given, else the one inside the model file,
+// else chosen by vocabulary size (256: bytes; 65536: World; 50277/50304: GPT-NeoX), looking for
+// the vocabulary file next to the model and then in the cache folder.
+std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path = "");
 
 // Holds back the bytes of an incomplete UTF-8 character so that streamed text never prints
 // half a character. Invalid bytes pass through unchanged.

@@ -128,7 +128,8 @@ WeightFile ReadRwkvCppBin(std::span<const uint8_t> bytes, const std::string& nam
       ggml_dims[i] = d;
       // More elements than any type could pack into the file: refuse before multiplying on.
       if (numel > bytes.size() * uint64_t{8} / static_cast<uint64_t>(d)) {
-        in.Fail(where + ": shape larger than the file");
+        in.Fail(where + ": shape larger than the file (" + std::to_string(bytes.size()) +
+                " bytes): truncated or corrupt");
       }
       numel *= static_cast<uint64_t>(d);
     }

@@ -14,7 +14,9 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
+#include "aviary/tokenizer.h"
 #include "tensor/tensor.h"
 
 namespace aviary {
@@ -28,6 +30,14 @@ struct WeightFile {
   DType main_type = DType::kF32;
   std::map<std::string, Tensor> tensors;
   std::shared_ptr<const void> backing;  // keeps the mapped bytes alive
+  // Buffers of tensors the reader had to build (transposed, stacked, transformed). Their data
+  // pointers stay valid when the WeightFile is moved.
+  std::vector<std::vector<uint8_t>> owned;
+  // A tokenizer stored inside the file (GGUF), if any.
+  std::shared_ptr<const TokenizerData> tokenizer;
+  // What the reader converted on the fly, in words, for the user ("transposed 24 low-rank
+  // matrices", "time_decay: -exp(w)").
+  std::vector<std::string> notes;
 
   const Tensor* Find(const std::string& name) const {
     auto it = tensors.find(name);
@@ -41,5 +51,15 @@ WeightFile ReadRwkvCppBin(std::span<const uint8_t> bytes, const std::string& nam
 
 // True when the bytes start with rwkv.cpp's magic.
 bool LooksLikeRwkvCppBin(std::span<const uint8_t> bytes);
+
+// PyTorch .pth (zip of a pickle + raw storages) as BlinkDL publishes them. src/formats/pth.cpp
+WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name);
+// safetensors with BlinkDL or Hugging Face names. src/formats/safetensors.cpp
+WeightFile ReadSafetensors(std::span<const uint8_t> bytes, const std::string& name);
+// GGUF: llama.cpp's rwkv6/rwkv7 and aviary's own files. src/formats/gguf.cpp
+WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name);
+
+// Picks the reader from the file's first bytes. src/formats/detect.cpp
+WeightFile ReadWeightFile(std::span<const uint8_t> bytes, const std::string& name);
 
 }  // namespace aviary

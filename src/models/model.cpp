@@ -251,6 +251,8 @@ ModelInfo DescribeFile(const WeightFile& wf) {
   info.format = wf.format;
   info.file_size = wf.file_size;
   info.main_type = std::string(DTypeName(wf.main_type));
+  info.tokenizer_data = wf.tokenizer;
+  info.notes = wf.notes;
   info.arch = DetectArch(wf);
   Weights w(wf);
   const Tensor& emb = w.Get("emb.weight");
@@ -326,26 +328,16 @@ std::unique_ptr<Model> Build(WeightFile wf) {
   throw Error(wf.path + ": unsupported architecture");
 }
 
-WeightFile ReadAnyFormat(std::span<const uint8_t> bytes, const std::string& name) {
-  if (LooksLikeRwkvCppBin(bytes)) return ReadRwkvCppBin(bytes, name);
-  if (bytes.size() < 4) throw Error(name + ": too short to be a model file (" +
-                                    std::to_string(bytes.size()) + " bytes)");
-  char magic[16];
-  std::snprintf(magic, sizeof magic, "%02x%02x%02x%02x", bytes[0], bytes[1], bytes[2], bytes[3]);
-  throw Error(name + ": unknown model format (first bytes " + magic +
-              "); supported: rwkv.cpp .bin (ggmf)");
-}
-
 }  // namespace
 
 std::unique_ptr<Model> Model::LoadFromMemory(std::span<const uint8_t> bytes,
                                              const std::string& name) {
-  return Build(ReadAnyFormat(bytes, name));
+  return Build(ReadWeightFile(bytes, name));
 }
 
 std::unique_ptr<Model> Model::Load(const std::string& path) {
   auto file = std::make_shared<MappedFile>(path);
-  WeightFile wf = ReadAnyFormat(file->bytes(), path);
+  WeightFile wf = ReadWeightFile(file->bytes(), path);
   wf.backing = file;
   return Build(std::move(wf));
 }

@@ -1,7 +1,12 @@
 #include "aviary/tokenizer.h"
 
+#include <filesystem>
+#include <fstream>
+
+#include "aviary/cache.h"
 #include "aviary/error.h"
 #include "aviary/model.h"
+#include "tokenizers/tokenizers.h"
 
 namespace aviary {
 namespace {
@@ -42,11 +47,66 @@ int Utf8Length(unsigned char c) {
 
 std::unique_ptr<Tokenizer> MakeByteTokenizer() { return std::make_unique<ByteTokenizer>(); }
 
-std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info) {
-  if (info.n_vocab == 256) return MakeByteTokenizer();
-  throw Error(info.path + ": vocabulary of " + std::to_string(info.n_vocab) +
-              " tokens needs the World or GPT-NeoX tokenizer, which aviary does not read yet; "
-              "only byte-level (256) models are supported");
+std::unique_ptr<Tokenizer> LoadTokenizer(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open tokenizer file");
+  if (std::filesystem::is_directory(path)) throw Error(path + ": is a directory");
+  char first = 0;
+  in >> first;  // skips whitespace
+  if (first == '{') return MakeBpeTokenizer(ReadTokenizerJson(path));
+  return MakeWorldTokenizer(ReadWorldVocab(path));
+}
+
+std::unique_ptr<Tokenizer> MakeTokenizer(const TokenizerData& data) {
+  if (data.kind == "world") return MakeWorldTokenizer(data);
+  if (data.kind == "gpt2-bpe") return MakeBpeTokenizer(data);
+  if (data.kind == "bytes") return MakeByteTokenizer();
+  throw Error("unknown tokenizer kind '" + data.kind + "'");
+}
+
+namespace {
+
+// The vocabulary file named `file_name`: next to the model, then in the cache.
+std::optional<std::string> FindVocabulary(const ModelInfo& info, const std::string& file_name) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path beside = fs::path(info.path).parent_path() / file_name;
+  if (fs::is_regular_file(beside, ec)) return beside.string();
+  return FindInCache(file_name);
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path) {
+  std::unique_ptr<Tokenizer> tok;
+  if (!path.empty()) {
+    tok = LoadTokenizer(path);
+  } else if (info.tokenizer_data) {
+    tok = MakeTokenizer(*info.tokenizer_data);
+  } else if (info.n_vocab == 256) {
+    tok = MakeByteTokenizer();
+  } else {
+    const bool world = info.n_vocab == 65536;
+    const bool neox = info.n_vocab == 50277 || info.n_vocab == 50304;
+    if (!world && !neox) {
+      throw Error(info.path + ": no tokenizer known for a vocabulary of " +
+                  std::to_string(info.n_vocab) + " tokens; give one with --tokenizer FILE");
+    }
+    const std::string file = world ? "rwkv_vocab_v20230424.txt" : "20B_tokenizer.json";
+    const std::optional<std::string> found = FindVocabulary(info, file);
+    if (!found) {
+      throw Error(info.path + ": needs the " + std::string(world ? "World" : "GPT-NeoX") +
+                  " vocabulary " + file + "; put it next to the model, in " + CacheDir() +
+                  " (aviary pull does), or give --tokenizer FILE");
+    }
+    tok = LoadTokenizer(*found);
+  }
+  if (tok->vocab_size() > info.n_vocab) {
+    throw Error(info.path + ": tokenizer " + tok->name() + " has " +
+                std::to_string(tok->vocab_size()) + " tokens but the model only " +
+                std::to_string(info.n_vocab));
+  }
+  return tok;
 }
 
 std::string Utf8Stream::Push(std::string_view bytes) {

@@ -4,15 +4,23 @@
 #include <iterator>
 #include <sys/stat.h>
 
+#include "aviary/cache.h"
 #include "aviary/error.h"
 
 namespace aviary::cli {
 
-LoadedModel LoadModel(const std::string& path) {
+LoadedModel LoadModel(const std::string& model_arg, const std::string& tokenizer_path) {
   LoadedModel m;
-  m.model = Model::Load(path);
-  m.tokenizer = TokenizerForModel(m.model->info());
+  m.model = Model::Load(ResolveModelArgument(model_arg));
+  m.tokenizer = TokenizerForModel(m.model->info(), tokenizer_path);
   return m;
+}
+
+void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer) {
+  cmd->add_option("--model", *model, "Model file (or a name pulled into the cache)")->required();
+  cmd->add_option("--tokenizer", *tokenizer,
+                  "Tokenizer file (World rwkv_vocab_*.txt or tokenizer.json); default: chosen "
+                  "from the model");
 }
 
 std::string ReadFile(const std::string& path) {

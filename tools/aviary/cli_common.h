@@ -17,7 +17,12 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;
 };
 
-LoadedModel LoadModel(const std::string& path);
+// `model_arg` may be a path, or a catalog/file name resolved from the cache (aviary pull);
+// `tokenizer_path` overrides the tokenizer chosen for the model when non-empty.
+LoadedModel LoadModel(const std::string& model_arg, const std::string& tokenizer_path = "");
+
+// Adds --model FILE (required) and --tokenizer FILE to a subcommand.
+void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer);
 
 // Reads a whole file as bytes; throws aviary::Error naming it.
 std::string ReadFile(const std::string& path);
@@ -34,5 +39,8 @@ void RegisterInfo(CLI::App& app);
 void RegisterLogits(CLI::App& app);
 void RegisterGenerate(CLI::App& app);
 void RegisterPerplexity(CLI::App& app);
+void RegisterTokenize(CLI::App& app);    // cmd_tokenize.cpp: tokenize and detokenize
+void RegisterConvert(CLI::App& app);     // cmd_convert.cpp: convert and quantize
+void RegisterPull(CLI::App& app);        // cmd_pull.cpp
 
 }  // namespace aviary::cli

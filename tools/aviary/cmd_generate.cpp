@@ -11,7 +11,7 @@ namespace aviary::cli {
 namespace {
 
 struct GenerateOptions {
-  std::string model, prompt, prompt_file;
+  std::string model, tokenizer, prompt, prompt_file;
   int tokens = 128;
   float temperature = 1.0f;
   float top_p = 0.85f;
@@ -29,7 +29,7 @@ void RunGenerate(const GenerateOptions& o) {
   so.top_k = o.top_k;
   so.seed = o.seed_given ? o.seed : std::random_device{}();
   Sampler sampler(so);  // validates the options before the model loads
-  const LoadedModel m = LoadModel(o.model);
+  const LoadedModel m = LoadModel(o.model, o.tokenizer);
   const std::vector<int32_t> prompt = PromptTokens(*m.tokenizer, o.prompt, o.prompt_file);
   if (o.verbose) {
     const ModelInfo& i = m.model->info();
@@ -67,7 +67,7 @@ void RunGenerate(const GenerateOptions& o) {
 void RegisterGenerate(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt, streaming text to stdout");
-  cmd->add_option("--model", o->model, "Model file")->required();
+  AddModelOptions(cmd, &o->model, &o->tokenizer);
   AddPromptOptions(cmd, &o->prompt, &o->prompt_file);
   cmd->add_option("--tokens", o->tokens, "Tokens to generate")->capture_default_str();
   cmd->add_option("--temperature", o->temperature, "Sampling temperature; 0 = greedy argmax")

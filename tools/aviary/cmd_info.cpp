@@ -6,11 +6,14 @@
 namespace aviary::cli {
 
 void RegisterInfo(CLI::App& app) {
-  auto model_path = std::make_shared<std::string>();
+  struct Options {
+    std::string model, tokenizer;
+  };
+  auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("info", "Show a model's version, shape, weight types and size");
-  cmd->add_option("--model", *model_path, "Model file")->required();
-  cmd->callback([model_path] {
-    const LoadedModel m = LoadModel(*model_path);
+  AddModelOptions(cmd, &o->model, &o->tokenizer);
+  cmd->callback([o] {
+    const LoadedModel m = LoadModel(o->model, o->tokenizer);
     const ModelInfo& i = m.model->info();
     std::string types;
     for (const auto& [name, count] : i.tensor_types) {
@@ -32,6 +35,7 @@ void RegisterInfo(CLI::App& app) {
     std::printf("file size:    %llu bytes (%.2f MiB)\n",
                 static_cast<unsigned long long>(i.file_size), i.file_size / 1048576.0);
     std::printf("state size:   %zu bytes (%.1f KiB)\n", state_bytes, state_bytes / 1024.0);
+    for (const std::string& note : i.notes) std::printf("converted:    %s\n", note.c_str());
   });
 }
 

@@ -12,14 +12,14 @@ namespace aviary::cli {
 namespace {
 
 struct LogitsOptions {
-  std::string model, prompt, prompt_file, output;
+  std::string model, tokenizer, prompt, prompt_file, output;
   bool all_positions = false;
   bool one_by_one = false;
 };
 
 void RunLogits(const LogitsOptions& o) {
   static_assert(std::endian::native == std::endian::little, "output is written as-is");
-  const LoadedModel m = LoadModel(o.model);
+  const LoadedModel m = LoadModel(o.model, o.tokenizer);
   const std::vector<int32_t> tokens = PromptTokens(*m.tokenizer, o.prompt, o.prompt_file);
   const size_t V = m.model->info().n_vocab;
   State state = m.model->NewState();
@@ -52,7 +52,7 @@ void RegisterLogits(CLI::App& app) {
   auto o = std::make_shared<LogitsOptions>();
   CLI::App* cmd = app.add_subcommand(
       "logits", "Write the logits after a prompt as float32 little-endian rows of n_vocab");
-  cmd->add_option("--model", o->model, "Model file")->required();
+  AddModelOptions(cmd, &o->model, &o->tokenizer);
   AddPromptOptions(cmd, &o->prompt, &o->prompt_file);
   cmd->add_option("--output", o->output, "Output file (raw float32)")->required();
   cmd->add_flag("--all-positions", o->all_positions, "One row per prompt token, not only the last");

@@ -10,7 +10,7 @@ namespace aviary::cli {
 namespace {
 
 struct PerplexityOptions {
-  std::string model, text;
+  std::string model, tokenizer, text;
   int64_t max_tokens = 0;
 };
 
@@ -24,7 +24,7 @@ double TokenLoss(std::span<const float> logits, int32_t target) {
 
 void RunPerplexity(const PerplexityOptions& o) {
   if (o.max_tokens < 0) throw UsageError("--max-tokens must be >= 0");
-  const LoadedModel m = LoadModel(o.model);
+  const LoadedModel m = LoadModel(o.model, o.tokenizer);
   std::vector<int32_t> tokens = m.tokenizer->Encode(ReadFile(o.text));
   if (o.max_tokens > 0 && static_cast<int64_t>(tokens.size()) > o.max_tokens) {
     tokens.resize(o.max_tokens);
@@ -59,7 +59,7 @@ void RegisterPerplexity(CLI::App& app) {
   auto o = std::make_shared<PerplexityOptions>();
   CLI::App* cmd = app.add_subcommand(
       "perplexity", "Average loss and perplexity of the model on a text file");
-  cmd->add_option("--model", o->model, "Model file")->required();
+  AddModelOptions(cmd, &o->model, &o->tokenizer);
   cmd->add_option("--text", o->text, "Text file")->required();
   cmd->add_option("--max-tokens", o->max_tokens, "Use only the first N tokens (0 = all)")
       ->capture_default_str();

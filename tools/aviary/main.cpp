@@ -14,6 +14,9 @@ int main(int argc, char** argv) {
   aviary::cli::RegisterLogits(app);
   aviary::cli::RegisterGenerate(app);
   aviary::cli::RegisterPerplexity(app);
+  aviary::cli::RegisterTokenize(app);
+  aviary::cli::RegisterConvert(app);
+  aviary::cli::RegisterPull(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
