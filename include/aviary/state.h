@@ -29,6 +29,8 @@ class State {
 
   // Writes a versioned file holding the model's identity. Throws aviary::Error on I/O failure.
   void Save(const std::string& path) const;
+  // The bytes Save writes; Deserialize reads them back.
+  std::vector<uint8_t> Serialize() const;
   // Reads a file written by Save; refuses a state saved from another model.
   static State Load(const std::string& path, const Model& model);
   // Same from the bytes of such a file; `name` starts every error message. Validates every

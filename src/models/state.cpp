@@ -40,22 +40,32 @@ float State::MaxAbsDiff(const State& other) const {
   return m;
 }
 
-void State::Save(const std::string& path) const {
-  std::string bytes(kMagic, sizeof kMagic);
-  auto put = [&](const void* p, size_t n) { bytes.append(static_cast<const char*>(p), n); };
+std::vector<uint8_t> State::Serialize() const {
   const uint64_t count = data_.size();
+  std::vector<uint8_t> bytes(kHeaderBytes + count * sizeof(float) + 8);
+  uint8_t* p = bytes.data();
+  auto put = [&](const void* src, size_t n) {
+    std::memcpy(p, src, n);
+    p += n;
+  };
+  put(kMagic, sizeof kMagic);
   put(&kFormatVersion, 4);
   put(&n_layer_, 4);
   put(&fingerprint_, 8);
   put(&tokens_seen_, 8);
   put(&count, 8);
-  put(data_.data(), data_.size() * sizeof(float));
+  put(data_.data(), count * sizeof(float));
   Checksum sum;
-  sum.Add(bytes.data(), bytes.size());
+  sum.Add(bytes.data(), bytes.size() - 8);
   put(&sum.h, 8);
+  return bytes;
+}
+
+void State::Save(const std::string& path) const {
+  const std::vector<uint8_t> bytes = Serialize();
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) throw Error(path + ": cannot write state file");
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   out.close();
   if (!out) throw Error(path + ": error while writing state file");
 }
