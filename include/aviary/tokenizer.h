@@ -19,6 +19,10 @@ struct TokenizerData {
   std::string kind;                 // "world" (RWKV trie), "gpt2-bpe" (GPT-NeoX), "bytes"
   std::vector<std::string> tokens;  // token id -> exact bytes
   std::vector<std::string> merges;  // BPE merges, "a b", highest priority first
+  // BPE: ids matched as whole strings before BPE (Hugging Face added tokens: <|endoftext|>, ...).
+  std::vector<int32_t> added_tokens;
+  // BPE: Unicode normalization before pre-tokenization: "" (none) or "NFC".
+  std::string normalizer;
 };
 
 class Tokenizer {
