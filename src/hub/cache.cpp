@@ -4,6 +4,10 @@
 #include <filesystem>
 #include <system_error>
 
+#include "aviary/error.h"
+#include "hub/catalog.h"
+#include "hub/download.h"
+
 namespace aviary {
 
 namespace fs = std::filesystem;
@@ -32,6 +36,13 @@ std::string ResolveModelArgument(const std::string& argument) {
   std::error_code ec;
   if (argument.empty() || fs::exists(argument, ec)) return argument;
   if (argument.find('/') == std::string::npos) {
+    if (const hub::CatalogEntry* entry = hub::FindCatalogEntry(argument)) {
+      if (auto found = hub::FindCachedModel(*entry)) return *found;
+      throw Error(argument + ": not downloaded yet: run aviary pull " + argument + " (" +
+                  std::string(entry->description) + ", " +
+                  (entry->size ? hub::FormatBytes(entry->size) : "size unknown") +
+                  ", into " + CacheDir() + ")");
+    }
     if (auto found = FindInCache(argument)) return *found;
   }
   return argument;
