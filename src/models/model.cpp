@@ -158,7 +158,8 @@ void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance
   if (receptance) {
     float* r = s.Take(T * C);
     MatMul(*receptance, xr, T, r);
-    for (size_t i = 0; i < T * C; ++i) x[i] += Sigmoid(r[i]) * v[i];
+    SigmoidInPlace(r, T * C);
+    for (size_t i = 0; i < T * C; ++i) x[i] += r[i] * v[i];
   } else {
     for (size_t i = 0; i < T * C; ++i) x[i] += v[i];
   }

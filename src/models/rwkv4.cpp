@@ -86,11 +86,9 @@ class Rwkv4 final : public RwkvModel {
       MatMul(L.att_key, xk, T, k);
       MatMul(L.att_value, xv, T, v);
       MatMul(L.att_receptance, xr, T, r);
-      for (int t = 0; t < T; ++t) {
-        float* o = out + t * n;
-        Wkv4(n, k + t * n, v + t * n, L.time_first.data(), L.time_decay.data(), aa, bb, pp, o);
-        for (int c = 0; c < n; ++c) o[c] *= Sigmoid(r[t * n + c]);
-      }
+      Wkv4Seq(T, n, k, v, L.time_first.data(), L.time_decay.data(), aa, bb, pp, out);
+      SigmoidInPlace(r, TC);
+      for (size_t i = 0; i < TC; ++i) out[i] *= r[i];
       MatMul(L.att_output, out, T, v);
       for (size_t i = 0; i < TC; ++i) x[i] += v[i];
 

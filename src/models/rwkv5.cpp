@@ -112,11 +112,12 @@ class Rwkv5 final : public RwkvModel {
       if (L.has_gate) {
         MixLerp(xx, prev, L.att_mix_g.data(), T, n, xg);
         MatMul(L.att_gate, xg, T, g);
-        for (size_t i = 0; i < TC; ++i) g[i] *= Sigmoid(g[i]);  // SiLU
+        SiluInPlace(g, TC);
       }
+      Wkv5Seq(T, H, N, r, k, v, L.decay.data(), /*decay_per_token=*/false, L.first.data(), S,
+              wkv);
       for (int t = 0; t < T; ++t) {
         const size_t o = static_cast<size_t>(t) * n;
-        Wkv5(H, N, r + o, k + o, v + o, L.decay.data(), L.first.data(), S, wkv + o);
         GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
       }
       if (L.has_gate) {

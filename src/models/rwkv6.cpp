@@ -113,7 +113,7 @@ class Rwkv6 final : public RwkvModel {
         for (int c = 0; c < n; ++c) mixed[t * n + c] = xx[t * n + c] + sx[t * n + c] * L.maa_x[c];
       }
       MatMul(L.maa_w1, mixed, T, low);
-      for (size_t i = 0; i < static_cast<size_t>(T) * kSlots * D; ++i) low[i] = std::tanh(low[i]);
+      TanhInPlace(low, static_cast<size_t>(T) * kSlots * D);
       for (int slot = 0; slot < kSlots; ++slot) {
         for (int t = 0; t < T; ++t) {
           std::copy_n(low + (static_cast<size_t>(t) * kSlots + slot) * D, D, slot_in + t * D);
@@ -131,19 +131,19 @@ class Rwkv6 final : public RwkvModel {
       MatMul(L.att_key, xk, T, k);
       MatMul(L.att_value, xv, T, v);
       MatMul(L.att_gate, xg, T, g);
-      for (size_t i = 0; i < TC; ++i) g[i] *= Sigmoid(g[i]);  // SiLU
+      SiluInPlace(g, TC);
       MatMul(L.decay_w1, xw, T, slot_in);
-      for (size_t i = 0; i < static_cast<size_t>(T) * Dd; ++i) slot_in[i] = std::tanh(slot_in[i]);
+      TanhInPlace(slot_in, static_cast<size_t>(T) * Dd);
       MatMul(L.decay_w2, slot_in, T, w);
-      for (int t = 0; t < T; ++t) {
-        for (int c = 0; c < n; ++c) {
-          float& wi = w[t * n + c];
-          wi = std::exp(-std::exp(wi + L.decay[c]));
-        }
+      for (int t = 0; t < T; ++t) {  // w = exp(-exp(w + time_decay))
+        for (int c = 0; c < n; ++c) w[t * n + c] += L.decay[c];
       }
+      ExpInPlace(w, TC);
+      for (size_t i = 0; i < TC; ++i) w[i] = -w[i];
+      ExpInPlace(w, TC);
+      Wkv5Seq(T, H, N, r, k, v, w, /*decay_per_token=*/true, L.first.data(), S, wkv);
       for (int t = 0; t < T; ++t) {
         const size_t o = static_cast<size_t>(t) * n;
-        Wkv5(H, N, r + o, k + o, v + o, w + o, L.first.data(), S, wkv + o);
         GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
       }
       for (size_t i = 0; i < TC; ++i) out[i] *= g[i];

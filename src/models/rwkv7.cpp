@@ -84,12 +84,12 @@ class Rwkv7 final : public RwkvModel {
     return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
   }
 
-  // y = W2 f(W1 x) over T rows, through the scratch `low` buffer.
-  template <typename F>
+  // y = W2 f(W1 x) over T rows, through the scratch `low` buffer; f is an in-place
+  // element-wise activation from kernels.h, or null for none.
   static void LowRank(const Tensor& w1, const Tensor& w2, const float* x, int T, float* low,
-                      float* y, F f) {
+                      float* y, void (*f)(float*, size_t)) {
     MatMul(w1, x, T, low);
-    for (int64_t i = 0; i < T * w1.rows(); ++i) low[i] = f(low[i]);
+    if (f) f(low, static_cast<size_t>(T) * w1.rows());
     MatMul(w2, low, T, y);
   }
 
@@ -131,23 +131,36 @@ class Rwkv7 final : public RwkvModel {
       MatMul(L.att_receptance, xs[kR], T, r);
       MatMul(L.att_key, xs[kK], T, k);
       MatMul(L.att_value, xs[kV], T, v);
-      LowRank(L.w1, L.w2, xs[kW], T, low, w, [](float z) { return std::tanh(z); });
-      LowRank(L.a1, L.a2, xs[kA], T, low, a, [](float z) { return z; });
-      LowRank(L.g1, L.g2, xs[kG], T, low, g, [](float z) { return Sigmoid(z); });
+      LowRank(L.w1, L.w2, xs[kW], T, low, w, TanhInPlace);
+      LowRank(L.a1, L.a2, xs[kA], T, low, a, nullptr);
+      LowRank(L.g1, L.g2, xs[kG], T, low, g, SigmoidInPlace);
       if (l > 0) {
-        LowRank(L.v1, L.v2, xs[kV], T, low, vmix, [](float z) { return z; });
+        LowRank(L.v1, L.v2, xs[kV], T, low, vmix, nullptr);
       }
+      // w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a), the v mix sigmoid(v0 + vmix):
+      // the transcendental parts in whole-array (SIMD) passes.
       for (int t = 0; t < T; ++t) {
         for (int c = 0; c < n; ++c) {
           const size_t i = static_cast<size_t>(t) * n + c;
-          w[i] = std::exp(-decay_scale * Sigmoid(L.w0[c] + w[i]));
-          a[i] = Sigmoid(L.a0[c] + a[i]);
+          w[i] = L.w0[c] + w[i];
+          a[i] = L.a0[c] + a[i];
+          if (l > 0) vmix[i] = L.v0[c] + vmix[i];
+        }
+      }
+      SigmoidInPlace(w, TC);
+      for (size_t i = 0; i < TC; ++i) w[i] = -decay_scale * w[i];
+      ExpInPlace(w, TC);
+      SigmoidInPlace(a, TC);
+      if (l > 0) SigmoidInPlace(vmix, TC);
+      for (int t = 0; t < T; ++t) {
+        for (int c = 0; c < n; ++c) {
+          const size_t i = static_cast<size_t>(t) * n + c;
           kk[i] = k[i] * L.k_k[c];
           k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
           if (l == 0) {
             v_first[i] = v[i];
           } else {
-            v[i] += (v_first[i] - v[i]) * Sigmoid(L.v0[c] + vmix[i]);
+            v[i] += (v_first[i] - v[i]) * vmix[i];
           }
         }
         for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
@@ -158,9 +171,9 @@ class Rwkv7 final : public RwkvModel {
           for (int j = 0; j < N; ++j) kh[j] *= inv;
         }
       }
+      Wkv7Seq(T, H, N, r, w, k, v, kk, a, S, wkv);
       for (int t = 0; t < T; ++t) {
         const size_t o = static_cast<size_t>(t) * n;
-        Wkv7(H, N, r + o, w + o, k + o, v + o, kk + o, a + o, S, wkv + o);
         GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
         for (int h = 0; h < H; ++h) {  // the r.k bonus, added after the norm
           float bonus = 0.0f;

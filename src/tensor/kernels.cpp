@@ -1,68 +1,614 @@
-#include "tensor/kernels.h"
+// Fast kernels (Highway SIMD, run-time dispatch, threaded) and the switch between them and the
+// scalar reference (reference.cpp).
+//
+// MatMul design. Every output y[t, r] is one dot product computed as: a single vector
+// accumulator (N = min(16, lanes) floats) updated with acc = w_chunk * x_chunk + acc (fused
+// multiply-add) for each N-wide chunk of columns in order, then a fixed horizontal sum, then a
+// scalar tail for cols % N (float types only). Weight chunks are widened exactly as
+// DequantizeRow widens them (same float values). Both paths below follow this order exactly,
+// so an output does not depend on T, on which path ran, or on how rows were split among
+// threads:
+//  - T = 1 (generation, memory-bound): 4 rows at a time stream their blocks and widen them in
+//    registers, each weight byte read once;
+//  - T > 1 (sequence mode, compute-bound): 4 rows are widened once into a small buffer (L1)
+//    and a 4-row x TT-token register tile of accumulators runs over it (TT = 4 with 32 vector
+//    registers, 2 with 16), so each widened weight is reused for every token.
+// Rows are spread over the thread pool in tasks of whole 4-row tiles.
 
+// Highway re-includes this file once per target; the parts outside HWY_NAMESPACE are guarded.
+#ifndef AVIARY_KERNELS_ONCE
+#define AVIARY_KERNELS_ONCE
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
+#include "tensor/kernels.h"
+#include "tensor/reference.h"
+#include "tensor/thread_pool.h"
+
+// Scalable vectors (SVE, RVV) cannot be held in arrays; these kernels use fixed-size ones.
+#ifndef HWY_DISABLED_TARGETS
+#define HWY_DISABLED_TARGETS (HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128 | HWY_RVV)
+#endif
+#endif  // AVIARY_KERNELS_ONCE
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tensor/kernels.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+
+HWY_BEFORE_NAMESPACE();
 namespace aviary {
+namespace HWY_NAMESPACE {
 namespace {
 
-// 8 independent partial sums: lets the compiler vectorise without -ffast-math, and fixes
-// the summation order so every caller gets identical results.
-float Dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::CappedTag<float, 16>;
+using VF = hn::Vec<DF>;
+constexpr size_t kLanes = hn::MaxLanes(DF());
+static_assert(32 % kLanes == 0, "a quantized block must hold whole vectors");
+
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+constexpr int kTileTokens = 2;  // 16 vector registers
+#else
+constexpr int kTileTokens = 4;  // 32 vector registers (AVX-512, NEON)
+#endif
+constexpr int kTileRows = 4;
+
+// Exact half -> float (the same value as F16ToF32).
+HWY_INLINE float HalfToFloat(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  return _cvtsh_ss(h);
+#else
+  return F16ToF32(h);
+#endif
+}
+
+// Scalar a * b + c with one rounding where the target has FMA, for the tails; used the same
+// way by every path so results stay bit-identical between them.
+HWY_INLINE float ScalarMulAdd(float a, float b, float c) {
+#if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2) || HWY_ARCH_ARM_A64
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Any-alignment load of one vector of D's lane type from raw bytes.
+template <class D>
+HWY_INLINE hn::Vec<D> LoadBytes(D d, const uint8_t* p) {
+#if HWY_TARGET == HWY_SCALAR
+  hn::TFromD<D> v;  // one lane: no byte vector of the same size exists
+  std::memcpy(&v, p, sizeof v);
+  return hn::Set(d, v);
+#else
+  const hn::Repartition<uint8_t, D> du8;
+  return hn::BitCast(d, hn::LoadU(du8, p));
+#endif
+}
+
+// ---- decoders: stored bytes -> float vectors of kLanes lanes ----
+// A group shares one scale: a 32-weight block for quantized types, one vector for floats.
+// Scale(p) reads a group's header; Chunk(p, k, s) widens the k-th vector of the group.
+
+template <DType kType>
+struct Dec;
+
+template <>
+struct Dec<DType::kF32> {
+  static constexpr size_t kElems = kLanes, kBytes = 4 * kLanes;
+  struct S {};
+  static HWY_INLINE S Scale(const uint8_t*) { return {}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int, S) { return LoadBytes(DF(), p); }
+  static HWY_INLINE float Scalar(const uint8_t* row, int64_t c) {
+    float f;
+    std::memcpy(&f, row + 4 * c, 4);
+    return f;
   }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+};
+
+template <>
+struct Dec<DType::kF16> {
+  static constexpr size_t kElems = kLanes, kBytes = 2 * kLanes;
+  struct S {};
+  static HWY_INLINE S Scale(const uint8_t*) { return {}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int, S) {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    return hn::PromoteTo(DF(), LoadBytes(dh, p));
+  }
+  static HWY_INLINE float Scalar(const uint8_t* row, int64_t c) { return HalfToFloat(row + 2 * c); }
+};
+
+template <>
+struct Dec<DType::kBF16> {
+  static constexpr size_t kElems = kLanes, kBytes = 2 * kLanes;
+  struct S {};
+  static HWY_INLINE S Scale(const uint8_t*) { return {}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int, S) {
+    const hn::Rebind<uint16_t, DF> du16;
+    const hn::RebindToUnsigned<DF> du32;
+    return hn::BitCast(DF(), hn::ShiftLeft<16>(hn::PromoteTo(du32, LoadBytes(du16, p))));
+  }
+  static HWY_INLINE float Scalar(const uint8_t* row, int64_t c) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    return BF16ToF32(h);
+  }
+};
+
+// Unsigned nibbles of elements k*N .. k*N+N of a 4-bit block: low nibbles of qs[0..16) are
+// elements 0..15, high nibbles elements 16..31.
+HWY_INLINE hn::Vec<hn::RebindToSigned<DF>> Nibbles(const uint8_t* qs, int k) {
+  const hn::Rebind<uint8_t, DF> du8;
+  const hn::RebindToSigned<DF> di32;
+  const size_t e = static_cast<size_t>(k) * kLanes;
+  const auto v = hn::PromoteTo(di32, hn::LoadU(du8, qs + (e & 15)));
+  return e < 16 ? hn::And(v, hn::Set(di32, 0x0f)) : hn::ShiftRight<4>(v);
+}
+
+// The fifth bits of elements k*N .. k*N+N (bit j of qh is element j's), as 0 or 16.
+HWY_INLINE hn::Vec<hn::RebindToSigned<DF>> HighBits(uint32_t qh, int k) {
+  const hn::RebindToUnsigned<DF> du32;
+  const hn::RebindToSigned<DF> di32;
+  const auto shifts = hn::Iota(du32, static_cast<uint32_t>(k * kLanes));
+  const auto bits = hn::And(hn::Set(du32, qh) >> shifts, hn::Set(du32, 1));
+  return hn::BitCast(di32, hn::ShiftLeft<4>(bits));
+}
+
+template <>
+struct Dec<DType::kQ4_0> {
+  static constexpr size_t kElems = 32, kBytes = sizeof(BlockQ4_0);
+  struct S { float d; };
+  static HWY_INLINE S Scale(const uint8_t* p) { return {HalfToFloat(p)}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, S s) {
+    const hn::RebindToSigned<DF> di32;
+    const auto q = hn::Sub(Nibbles(p + 2, k), hn::Set(di32, 8));
+    return hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d));
+  }
+};
+
+template <>
+struct Dec<DType::kQ4_1> {
+  static constexpr size_t kElems = 32, kBytes = sizeof(BlockQ4_1);
+  struct S { float d, m; };
+  static HWY_INLINE S Scale(const uint8_t* p) { return {HalfToFloat(p), HalfToFloat(p + 2)}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, S s) {
+    const VF q = hn::ConvertTo(DF(), Nibbles(p + 4, k));
+    return hn::Add(hn::Mul(q, hn::Set(DF(), s.d)), hn::Set(DF(), s.m));
+  }
+};
+
+template <>
+struct Dec<DType::kQ5_0> {
+  static constexpr size_t kElems = 32, kBytes = sizeof(BlockQ5_0);
+  struct S { float d; uint32_t qh; };
+  static HWY_INLINE S Scale(const uint8_t* p) {
+    S s{HalfToFloat(p), 0};
+    std::memcpy(&s.qh, p + 2, 4);
+    return s;
+  }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, S s) {
+    const hn::RebindToSigned<DF> di32;
+    const auto q = hn::Sub(hn::Or(Nibbles(p + 6, k), HighBits(s.qh, k)), hn::Set(di32, 16));
+    return hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d));
+  }
+};
+
+template <>
+struct Dec<DType::kQ5_1> {
+  static constexpr size_t kElems = 32, kBytes = sizeof(BlockQ5_1);
+  struct S { float d, m; uint32_t qh; };
+  static HWY_INLINE S Scale(const uint8_t* p) {
+    S s{HalfToFloat(p), HalfToFloat(p + 2), 0};
+    std::memcpy(&s.qh, p + 4, 4);
+    return s;
+  }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, S s) {
+    const VF q = hn::ConvertTo(DF(), hn::Or(Nibbles(p + 8, k), HighBits(s.qh, k)));
+    return hn::Add(hn::Mul(q, hn::Set(DF(), s.d)), hn::Set(DF(), s.m));
+  }
+};
+
+template <>
+struct Dec<DType::kQ8_0> {
+  static constexpr size_t kElems = 32, kBytes = sizeof(BlockQ8_0);
+  struct S { float d; };
+  static HWY_INLINE S Scale(const uint8_t* p) { return {HalfToFloat(p)}; }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, S s) {
+    const hn::Rebind<int8_t, DF> di8;
+    const hn::RebindToSigned<DF> di32;
+    const auto q = hn::PromoteTo(di32, hn::LoadU(di8, reinterpret_cast<const int8_t*>(p + 2) +
+                                                          k * kLanes));
+    return hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d));
+  }
+};
+
+template <DType kType>
+constexpr bool IsFloatType() {
+  return kType == DType::kF32 || kType == DType::kF16 || kType == DType::kBF16;
+}
+
+// The scalar value of column c of a row, for the tail of float types (cols % kLanes).
+template <DType kType>
+HWY_INLINE float TailValue(const uint8_t* row, int64_t c) {
+  if constexpr (IsFloatType<kType>()) {
+    return Dec<kType>::Scalar(row, c);
+  } else {
+    return 0.0f;  // quantized rows have no tail (cols is a multiple of 32)
+  }
+}
+
+HWY_INLINE float HorizontalSum(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
+
+// ---- T = 1: R rows streamed and widened in registers ----
+
+template <DType kType, int R>
+HWY_INLINE void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const float* x,
+                         float* y) {
+  using D = Dec<kType>;
+  const DF df;
+  constexpr int kChunks = static_cast<int>(D::kElems / kLanes);
+  const int64_t groups = cols / static_cast<int64_t>(D::kElems);
+  VF acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = hn::Zero(df);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = w + g * D::kBytes;
+    typename D::S s[R];
+    for (int r = 0; r < R; ++r) s[r] = D::Scale(p + r * row_bytes);
+    for (int k = 0; k < kChunks; ++k) {
+      const VF xv = hn::LoadU(df, x + g * D::kElems + k * kLanes);
+      for (int r = 0; r < R; ++r) acc[r] = hn::MulAdd(D::Chunk(p + r * row_bytes, k, s[r]), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = HorizontalSum(acc[r]);
+    for (int64_t c = groups * static_cast<int64_t>(D::kElems); c < cols; ++c) {
+      sum = ScalarMulAdd(TailValue<kType>(w + r * row_bytes, c), x[c], sum);
+    }
+    y[r] = sum;
+  }
+}
+
+// ---- widening rows to float (T > 1 tiles, GatherRow) ----
+
+template <DType kType>
+HWY_INLINE void DecodeRow(const uint8_t* row, int64_t cols, float* out) {
+  using D = Dec<kType>;
+  const DF df;
+  constexpr int kChunks = static_cast<int>(D::kElems / kLanes);
+  const int64_t groups = cols / static_cast<int64_t>(D::kElems);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = row + g * D::kBytes;
+    const typename D::S s = D::Scale(p);
+    for (int k = 0; k < kChunks; ++k) {
+      hn::StoreU(D::Chunk(p, k, s), df, out + g * D::kElems + k * kLanes);
+    }
+  }
+  for (int64_t c = groups * static_cast<int64_t>(D::kElems); c < cols; ++c) {
+    out[c] = TailValue<kType>(row, c);
+  }
+}
+
+// ---- T > 1: R rows (widened, in `wbuf`, stride `ws`) x TT tokens of accumulators ----
+
+template <int R, int TT>
+HWY_INLINE void GemmTile(const float* wbuf, size_t ws, int64_t cols, const float* x, float* y,
+                         int64_t rows) {
+  const DF df;
+  const int64_t vec_cols = cols / static_cast<int64_t>(kLanes) * static_cast<int64_t>(kLanes);
+  VF acc[R][TT];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TT; ++t) acc[r][t] = hn::Zero(df);
+  }
+  for (int64_t c = 0; c < vec_cols; c += kLanes) {
+    VF wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = hn::LoadU(df, wbuf + r * ws + c);
+    for (int t = 0; t < TT; ++t) {
+      const VF xv = hn::LoadU(df, x + t * cols + c);
+      for (int r = 0; r < R; ++r) acc[r][t] = hn::MulAdd(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TT; ++t) {
+      float sum = HorizontalSum(acc[r][t]);
+      for (int64_t c = vec_cols; c < cols; ++c) {
+        sum = ScalarMulAdd(wbuf[r * ws + c], x[t * cols + c], sum);
+      }
+      y[t * rows + r] = sum;
+    }
+  }
+}
+
+template <int R>
+HWY_INLINE void GemmRows(const float* wbuf, size_t ws, int64_t cols, const float* x, int T,
+                         float* y, int64_t rows) {
+  int t = 0;
+  for (; t + kTileTokens <= T; t += kTileTokens) {
+    GemmTile<R, kTileTokens>(wbuf, ws, cols, x + t * cols, y + t * rows, rows);
+  }
+  switch (T - t) {
+    case 3: GemmTile<R, 3>(wbuf, ws, cols, x + t * cols, y + t * rows, rows); break;
+    case 2: GemmTile<R, 2>(wbuf, ws, cols, x + t * cols, y + t * rows, rows); break;
+    case 1: GemmTile<R, 1>(wbuf, ws, cols, x + t * cols, y + t * rows, rows); break;
+    default: break;
+  }
+}
+
+template <DType kType>
+void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, int64_t r0,
+                 int64_t r1, const float* x, int T, float* y) {
+  if (T == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) GemvRows<kType, 4>(w + r * row_bytes, row_bytes, cols, x, y + r);
+    switch (r1 - r) {
+      case 3: GemvRows<kType, 3>(w + r * row_bytes, row_bytes, cols, x, y + r); break;
+      case 2: GemvRows<kType, 2>(w + r * row_bytes, row_bytes, cols, x, y + r); break;
+      case 1: GemvRows<kType, 1>(w + r * row_bytes, row_bytes, cols, x, y + r); break;
+      default: break;
+    }
+    return;
+  }
+  // Per-thread buffer of kTileRows widened rows; grows to the widest matrix once.
+  thread_local std::vector<float> buf;
+  const size_t ws = static_cast<size_t>(cols + 16) & ~size_t{15};
+  if (buf.size() < kTileRows * ws) buf.resize(kTileRows * ws);
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - r));
+    for (int i = 0; i < n; ++i) DecodeRow<kType>(w + (r + i) * row_bytes, cols, buf.data() + i * ws);
+    float* yr = y + r;
+    switch (n) {
+      case 4: GemmRows<4>(buf.data(), ws, cols, x, T, yr, rows); break;
+      case 3: GemmRows<3>(buf.data(), ws, cols, x, T, yr, rows); break;
+      case 2: GemmRows<2>(buf.data(), ws, cols, x, T, yr, rows); break;
+      default: GemmRows<1>(buf.data(), ws, cols, x, T, yr, rows); break;
+    }
+  }
 }
 
 }  // namespace
 
-void MatMul(const Tensor& w, const float* x, int T, float* y) {
-  const int64_t rows = w.rows(), cols = w.cols();
-  thread_local std::vector<float> row_buf;
-  row_buf.resize(cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* wr;
-    if (w.type == DType::kF32) {
-      wr = reinterpret_cast<const float*>(w.row(r));
-      if (reinterpret_cast<uintptr_t>(wr) % alignof(float) != 0) {
-        DequantizeRow(w.type, w.row(r), row_buf.data(), cols);
-        wr = row_buf.data();
-      }
-    } else {
-      DequantizeRow(w.type, w.row(r), row_buf.data(), cols);
-      wr = row_buf.data();
-    }
-    for (int t = 0; t < T; ++t) y[t * rows + r] = Dot(wr, x + t * cols, cols);
+// Rows [r0, r1) of y = W x for all T tokens.
+void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
+                int64_t r0, int64_t r1, const float* x, int T, float* y) {
+  switch (type) {
+    case DType::kF32: return MatMulRowsT<DType::kF32>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kF16: return MatMulRowsT<DType::kF16>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kBF16: return MatMulRowsT<DType::kBF16>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ4_0: return MatMulRowsT<DType::kQ4_0>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ4_1: return MatMulRowsT<DType::kQ4_1>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ5_0: return MatMulRowsT<DType::kQ5_0>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ5_1: return MatMulRowsT<DType::kQ5_1>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ8_0: return MatMulRowsT<DType::kQ8_0>(w, row_bytes, rows, cols, r0, r1, x, T, y);
   }
 }
 
-void GatherRow(const Tensor& table, int64_t row, float* y) {
-  DequantizeRow(table.type, table.row(row), y, table.cols());
+void DecodeRowAny(DType type, const uint8_t* src, float* dst, int64_t n) {
+  switch (type) {
+    case DType::kF32: return DecodeRow<DType::kF32>(src, n, dst);
+    case DType::kF16: return DecodeRow<DType::kF16>(src, n, dst);
+    case DType::kBF16: return DecodeRow<DType::kBF16>(src, n, dst);
+    case DType::kQ4_0: return DecodeRow<DType::kQ4_0>(src, n, dst);
+    case DType::kQ4_1: return DecodeRow<DType::kQ4_1>(src, n, dst);
+    case DType::kQ5_0: return DecodeRow<DType::kQ5_0>(src, n, dst);
+    case DType::kQ5_1: return DecodeRow<DType::kQ5_1>(src, n, dst);
+    case DType::kQ8_0: return DecodeRow<DType::kQ8_0>(src, n, dst);
+  }
+}
+
+// ---- norms ----
+
+// Float statistics in vector lanes, two passes (mean, then squared deviations).
+void LayerNormF(const float* x, const float* weight, const float* bias, int n, float eps,
+                float* y) {
+  const DF df;
+  const int vec_n = n / static_cast<int>(kLanes) * static_cast<int>(kLanes);
+  VF acc = hn::Zero(df);
+  for (int i = 0; i < vec_n; i += kLanes) acc = hn::Add(acc, hn::LoadU(df, x + i));
+  float sum = HorizontalSum(acc);
+  for (int i = vec_n; i < n; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(n);
+  const VF vm = hn::Set(df, mean);
+  acc = hn::Zero(df);
+  for (int i = 0; i < vec_n; i += kLanes) {
+    const VF d = hn::Sub(hn::LoadU(df, x + i), vm);
+    acc = hn::MulAdd(d, d, acc);
+  }
+  float ss = HorizontalSum(acc);
+  for (int i = vec_n; i < n; ++i) ss += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const VF vinv = hn::Set(df, inv);
+  for (int i = 0; i < vec_n; i += kLanes) {
+    const VF nx = hn::Mul(hn::Sub(hn::LoadU(df, x + i), vm), vinv);
+    hn::StoreU(hn::MulAdd(nx, hn::LoadU(df, weight + i), hn::LoadU(df, bias + i)), df, y + i);
+  }
+  for (int i = vec_n; i < n; ++i) y[i] = (x[i] - mean) * inv * weight[i] + bias[i];
+}
+
+// ---- element-wise activations ----
+// The tail is padded into a full vector so every element goes through the same vector code.
+
+template <class F>
+HWY_INLINE void Map(float* x, size_t n, F f) {
+  const DF df;
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) hn::StoreU(f(df, hn::LoadU(df, x + i)), df, x + i);
+  if (i < n) {
+    HWY_ALIGN float tail[kLanes] = {};
+    std::memcpy(tail, x + i, (n - i) * sizeof(float));
+    hn::Store(f(df, hn::Load(df, tail)), df, tail);
+    std::memcpy(x + i, tail, (n - i) * sizeof(float));
+  }
+}
+
+HWY_INLINE VF SigmoidV(DF df, VF v) {
+  // With e = e^-|v| (never overflows): 1 / (1 + e) for v >= 0, e / (1 + e) for v < 0.
+  const VF e = hn::Exp(df, hn::Neg(hn::Abs(v)));
+  const VF inv = hn::Div(hn::Set(df, 1.0f), hn::Add(hn::Set(df, 1.0f), e));
+  return hn::IfThenElse(hn::Lt(v, hn::Zero(df)), hn::Mul(e, inv), inv);
+}
+
+// Functors rather than lambdas: every compiler then applies the target attributes.
+struct TanhOp {
+  HWY_INLINE VF operator()(DF df, VF v) const { return hn::Tanh(df, v); }
+};
+struct SigmoidOp {
+  HWY_INLINE VF operator()(DF df, VF v) const { return SigmoidV(df, v); }
+};
+struct SiluOp {
+  HWY_INLINE VF operator()(DF df, VF v) const { return hn::Mul(v, SigmoidV(df, v)); }
+};
+struct ExpOp {
+  HWY_INLINE VF operator()(DF df, VF v) const {
+    const float kMaxLog = 88.7228394f;  // ln(FLT_MAX)
+    const VF e = hn::Exp(df, hn::Min(v, hn::Set(df, kMaxLog)));
+    return hn::IfThenElse(hn::Gt(v, hn::Set(df, kMaxLog)), hn::Inf(df), e);
+  }
+};
+
+void TanhF(float* x, size_t n) { Map(x, n, TanhOp()); }
+void SigmoidF(float* x, size_t n) { Map(x, n, SigmoidOp()); }
+void SiluF(float* x, size_t n) { Map(x, n, SiluOp()); }
+void ExpF(float* x, size_t n) { Map(x, n, ExpOp()); }
+
+const char* TargetNameF() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace aviary
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace aviary {
+
+HWY_EXPORT(MatMulRows);
+HWY_EXPORT(DecodeRowAny);
+HWY_EXPORT(LayerNormF);
+HWY_EXPORT(TanhF);
+HWY_EXPORT(SigmoidF);
+HWY_EXPORT(SiluF);
+HWY_EXPORT(ExpF);
+HWY_EXPORT(TargetNameF);
+
+namespace {
+
+std::atomic<int> g_kernels{-1};  // -1: not read from the environment yet
+
+Kernels FromEnvironment() {
+  const char* env = std::getenv("AVIARY_KERNELS");
+  if (!env || !*env || std::string(env) == "fast") return Kernels::kFast;
+  if (std::string(env) == "reference") return Kernels::kReference;
+  std::fprintf(stderr, "aviary: AVIARY_KERNELS=%s is not 'fast' or 'reference'; using fast\n", env);
+  return Kernels::kFast;
+}
+
+inline bool Reference() {
+  int k = g_kernels.load(std::memory_order_relaxed);
+  if (k < 0) {
+    k = static_cast<int>(FromEnvironment());
+    g_kernels.store(k, std::memory_order_relaxed);
+  }
+  return k == static_cast<int>(Kernels::kReference);
+}
+
+// Work below which a product runs on the calling thread alone: waking workers costs a few
+// microseconds, the low-rank matrices (e.g. 64 x 1024) take about as long.
+constexpr int64_t kMinParallelMacs = 1 << 17;
+
+}  // namespace
+
+Kernels ActiveKernels() { return Reference() ? Kernels::kReference : Kernels::kFast; }
+void SetKernels(Kernels kernels) { g_kernels.store(static_cast<int>(kernels)); }
+const char* KernelTarget() {
+  return Reference() ? "scalar" : HWY_DYNAMIC_DISPATCH(TargetNameF)();
+}
+
+namespace fast {
+
+void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads) {
+  const int64_t rows = w.rows(), cols = w.cols();
+  const size_t row_bytes = w.row_bytes();
+  const auto kernel = HWY_DYNAMIC_DISPATCH(MatMulRows);
+  const int64_t macs = rows * cols * T;
+  int threads = max_threads > 0 ? max_threads : NumThreads();
+  if (macs < kMinParallelMacs) threads = 1;
+  // Tasks of whole 4-row tiles, about 8 per thread (dynamic hand-out evens out a busy core),
+  // and at least 16 rows so each task streams a useful amount of memory.
+  const int64_t tiles = (rows + 3) / 4;
+  int64_t tiles_per_task = threads == 1 ? tiles : std::max<int64_t>(4, tiles / (8 * threads));
+  tiles_per_task = std::max<int64_t>(1, std::min(tiles_per_task, tiles));
+  const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
+  auto run = [&](int64_t task, int) {
+    const int64_t r0 = task * tiles_per_task * 4;
+    const int64_t r1 = std::min(rows, r0 + tiles_per_task * 4);
+    kernel(w.type, w.data, row_bytes, rows, cols, r0, r1, x, T, y);
+  };
+  if (threads == 1 || tasks == 1) {
+    for (int64_t t = 0; t < tasks; ++t) run(t, 0);
+  } else {
+    ParallelFor(tasks, run, threads);
+  }
+}
+
+void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(DecodeRowAny)(type, src, dst, n);
 }
 
 void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
                float* y) {
-  double mean = 0;
-  for (int i = 0; i < n; ++i) mean += x[i];
-  mean /= n;
-  double var = 0;
-  for (int i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
-  var /= n;
-  const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
-  const float m = static_cast<float>(mean);
-  for (int i = 0; i < n; ++i) y[i] = (x[i] - m) * inv * weight[i] + bias[i];
+  HWY_DYNAMIC_DISPATCH(LayerNormF)(x, weight, bias, n, eps, y);
 }
 
 void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
                float eps, float* y) {
   const int g = n / groups;
-  for (int h = 0; h < groups; ++h) {
-    LayerNorm(x + h * g, weight + h * g, bias + h * g, g, eps, y + h * g);
-  }
+  const auto norm = HWY_DYNAMIC_DISPATCH(LayerNormF);
+  for (int h = 0; h < groups; ++h) norm(x + h * g, weight + h * g, bias + h * g, g, eps, y + h * g);
 }
 
+void Tanh(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(TanhF)(x, n); }
+void Sigmoid(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SigmoidF)(x, n); }
+void Exp(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(ExpF)(x, n); }
+void Silu(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SiluF)(x, n); }
+
+}  // namespace fast
+
+// ---- the dispatching entry points ----
+
+void MatMul(const Tensor& w, const float* x, int T, float* y) {
+  if (Reference()) return ref::MatMul(w, x, T, y);
+  fast::MatMul(w, x, T, y);
+}
+
+void GatherRow(const Tensor& table, int64_t row, float* y) {
+  if (Reference()) return aviary::DequantizeRow(table.type, table.row(row), y, table.cols());
+  fast::DequantizeRow(table.type, table.row(row), y, table.cols());
+}
+
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
+               float* y) {
+  if (Reference()) return ref::LayerNorm(x, weight, bias, n, eps, y);
+  fast::LayerNorm(x, weight, bias, n, eps, y);
+}
+
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
+               float eps, float* y) {
+  if (Reference()) return ref::GroupNorm(x, weight, bias, n, groups, eps, y);
+  fast::GroupNorm(x, weight, bias, n, groups, eps, y);
+}
+
+void TanhInPlace(float* x, size_t n) { Reference() ? ref::Tanh(x, n) : fast::Tanh(x, n); }
+void SigmoidInPlace(float* x, size_t n) {
+  Reference() ? ref::Sigmoid(x, n) : fast::Sigmoid(x, n);
+}
+void ExpInPlace(float* x, size_t n) { Reference() ? ref::Exp(x, n) : fast::Exp(x, n); }
+void SiluInPlace(float* x, size_t n) { Reference() ? ref::Silu(x, n) : fast::Silu(x, n); }
+
 }  // namespace aviary
+#endif  // HWY_ONCE

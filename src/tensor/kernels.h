@@ -1,16 +1,36 @@
 // Numeric kernels shared by every model version. Model code calls only these (and wkv.h), so
 // speed work changes this folder and not the models.
+//
+// Two implementations sit behind every function here:
+//  - fast (default): Highway SIMD with run-time dispatch (one binary picks AVX-512, AVX2,
+//    SSE4, NEON, ... on the machine it runs on), threaded over the persistent pool
+//    (thread_pool.h); weights are widened to float in registers, never to memory per token;
+//  - reference (AVIARY_KERNELS=reference): the scalar loops in reference.cpp, the definition
+//    the fast kernels are tested against.
+// Both compute every output with the same code whatever T (tokens at once) and however many
+// threads run, so sequence mode and one-token mode agree bit for bit in either mode.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "tensor/tensor.h"
 
 namespace aviary {
 
+enum class Kernels { kFast, kReference };
+// The implementation in use: AVIARY_KERNELS=reference selects the scalar reference, unset or
+// "fast" the SIMD kernels (anything else: fast, with a warning on stderr).
+Kernels ActiveKernels();
+// Overrides the choice (tests, benchmarks). Not thread-safe against running kernels.
+void SetKernels(Kernels kernels);
+// The instruction set the fast kernels run with on this machine, e.g. "AVX3" (AVX-512) or
+// "AVX2"; "scalar" in reference mode.
+const char* KernelTarget();
+
 // y[t, r] = sum_c w[r, c] * x[t, c] for t < T. `w` is [rows, cols] in its stored type and is
 // read once for all T tokens; x is [T, cols], y is [T, rows]. Each output is computed by the
-// same code whatever T is, so sequence mode and one-token mode agree bit for bit.
+// same code whatever T is and whatever the thread count, so results agree bit for bit.
 void MatMul(const Tensor& w, const float* x, int T, float* y);
 
 // Row `row` of `table` (e.g. the embedding) widened to float.
@@ -23,5 +43,27 @@ void GroupNorm(const float* x, const float* weight, const float* bias, int n, in
                float eps, float* y);
 
 inline float Sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
+
+// Element-wise activations over n floats, in place. Each element's result depends only on its
+// value (never on n or its position), so T rows at once == T calls of one row.
+void TanhInPlace(float* x, size_t n);
+void SigmoidInPlace(float* x, size_t n);
+void ExpInPlace(float* x, size_t n);
+void SiluInPlace(float* x, size_t n);  // x * sigmoid(x)
+
+// The fast implementations, callable directly (tests and benchmarks compare them with the
+// reference in reference.h). `max_threads` 0 = the pool's thread count.
+namespace fast {
+void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads = 0);
+void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n);
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
+               float* y);
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
+               float eps, float* y);
+void Tanh(float* x, size_t n);
+void Sigmoid(float* x, size_t n);
+void Exp(float* x, size_t n);
+void Silu(float* x, size_t n);
+}  // namespace fast
 
 }  // namespace aviary

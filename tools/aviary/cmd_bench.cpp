@@ -1,0 +1,294 @@
+// aviary bench: load time, prompt processing (sequence mode) and generation (one token at a
+// time) speed, peak memory; medians over repeats; optionally a read-bandwidth probe and the
+// bandwidth bound it implies for generation.
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "aviary/cache.h"
+#include "aviary/error.h"
+#include "cli_common.h"
+#include "formats/mapped_file.h"
+#include "formats/weight_file.h"
+#include "tensor/kernels.h"
+#include "tensor/thread_pool.h"
+
+namespace aviary::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+uint64_t PeakRssBytes() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<uint64_t>(ru.ru_maxrss) * 1024;  // Linux: KiB
+}
+
+// Deterministic token ids spread over the vocabulary.
+std::vector<int32_t> BenchTokens(int n, int vocab) {
+  std::vector<int32_t> t(n);
+  uint64_t x = 12345;
+  for (auto& v : t) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    v = static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab));
+  }
+  return t;
+}
+
+int ArgMax(const std::vector<float>& v) {
+  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// STREAM-like read bandwidth: every thread sums its share of a buffer much larger than the
+// caches; best of several passes, in GB/s (1e9 bytes).
+double ReadBandwidthGBs(size_t bytes, int threads) {
+  const size_t n = bytes / sizeof(uint64_t);
+  std::unique_ptr<uint64_t[]> buf(new uint64_t[n]);
+  ParallelFor(
+      64, [&](int64_t task, int) {
+        const size_t b = n * task / 64, e = n * (task + 1) / 64;
+        for (size_t i = b; i < e; ++i) buf[i] = i * 0x9e3779b97f4a7c15ull;
+      },
+      threads);
+  const int64_t chunks = 256;
+  std::vector<uint64_t> sums(chunks);
+  double best = 0;
+  for (int pass = 0; pass < 7; ++pass) {
+    const auto t0 = Clock::now();
+    ParallelFor(
+        chunks,
+        [&](int64_t task, int) {
+          const size_t b = n * task / chunks, e = n * (task + 1) / chunks;
+          uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+          size_t i = b;
+          for (; i + 4 <= e; i += 4) {
+            a0 += buf[i];
+            a1 += buf[i + 1];
+            a2 += buf[i + 2];
+            a3 += buf[i + 3];
+          }
+          for (; i < e; ++i) a0 += buf[i];
+          sums[task] = a0 + a1 + a2 + a3;
+        },
+        threads);
+    const double s = Seconds(t0, Clock::now());
+    best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / s / 1e9);
+  }
+  volatile uint64_t sink = 0;
+  for (uint64_t s : sums) sink = sink + s;
+  return best;
+}
+
+struct WeightStats {
+  uint64_t bytes_per_token = 0;  // weight bytes read per generated token
+  uint64_t macs_per_token = 0;   // matrix multiply-adds per token
+};
+
+// Every tensor is read once per token except the embedding, of which one row is.
+WeightStats StatsOf(const std::string& path) {
+  auto file = std::make_shared<MappedFile>(path);
+  const WeightFile wf = ReadWeightFile(file->bytes(), path);
+  WeightStats s;
+  for (const auto& [name, t] : wf.tensors) {
+    if (name == "emb.weight") {
+      s.bytes_per_token += t.row_bytes();
+      continue;
+    }
+    s.bytes_per_token += t.nbytes;
+    if (t.shape.size() >= 2) s.macs_per_token += static_cast<uint64_t>(t.numel());
+  }
+  return s;
+}
+
+std::string JsonList(const std::vector<double>& v) {
+  std::string s = "[";
+  char buf[32];
+  for (size_t i = 0; i < v.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "%s%.4g", i ? ", " : "", v[i]);
+    s += buf;
+  }
+  return s + "]";
+}
+
+std::string JsonString(const std::string& in) {
+  std::string s = "\"";
+  for (char c : in) {
+    if (c == '"' || c == '\\') s += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      s += buf;
+      continue;
+    }
+    s += c;
+  }
+  return s + "\"";
+}
+
+}  // namespace
+
+void RegisterBench(CLI::App& app) {
+  struct Options {
+    std::string model;
+    int threads = 0, prompt_tokens = 512, gen_tokens = 128, repeat = 3;
+    bool json = false, bandwidth = false;
+    int bandwidth_mib = 1024;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Measure load time, prompt and generation speed and peak memory");
+  cmd->add_option("--model", o->model, "Model file (or a name pulled into the cache)");
+  cmd->add_option("--threads", o->threads,
+                  "Threads (default: AVIARY_THREADS, else the hardware threads)");
+  cmd->add_option("--prompt-tokens", o->prompt_tokens, "Tokens fed in sequence mode")
+      ->capture_default_str();
+  cmd->add_option("--gen-tokens", o->gen_tokens, "Tokens generated one at a time")
+      ->capture_default_str();
+  cmd->add_option("--repeat", o->repeat, "Repeats (medians are reported)")->capture_default_str();
+  cmd->add_flag("--json", o->json, "Print the results as one JSON object");
+  cmd->add_flag("--bandwidth", o->bandwidth,
+                "Also measure read bandwidth and the generation speed it bounds");
+  cmd->add_option("--bandwidth-mib", o->bandwidth_mib, "Buffer size of the bandwidth probe")
+      ->capture_default_str();
+  cmd->callback([o] {
+    if (o->threads < 0 || o->threads > 1024) throw UsageError("--threads must be 1..1024");
+    if (o->prompt_tokens < 1 || o->gen_tokens < 0 || o->repeat < 1) {
+      throw UsageError("--prompt-tokens and --repeat must be >= 1, --gen-tokens >= 0");
+    }
+    if (o->model.empty() && !o->bandwidth) throw UsageError("give --model FILE (or --bandwidth)");
+    if (o->threads > 0) SetNumThreads(o->threads);
+    const int threads = NumThreads();
+    const std::string kernels =
+        ActiveKernels() == Kernels::kReference ? "reference" : "fast";
+    const std::string target = KernelTarget();
+
+    // Measured after the model runs, so that its buffer does not count in the peak RSS.
+    double bandwidth = 0;
+    auto probe = [&] {
+      if (o->bandwidth) {
+        bandwidth = ReadBandwidthGBs(static_cast<size_t>(o->bandwidth_mib) << 20, threads);
+      }
+    };
+    if (o->model.empty()) {
+      probe();
+      if (o->json) {
+        std::printf("{\"threads\": %d, \"read_bandwidth_gb_s\": %.2f}\n", threads, bandwidth);
+      } else {
+        std::printf("threads:        %d\nread bandwidth: %.2f GB/s (best of 7 passes over %d MiB)\n",
+                    threads, bandwidth, o->bandwidth_mib);
+      }
+      return;
+    }
+
+    const std::string path = ResolveModelArgument(o->model);
+    std::vector<double> load_ms, prompt_tps, gen_tps;
+    std::unique_ptr<Model> model;
+    for (int r = 0; r < o->repeat; ++r) {
+      model.reset();
+      const auto t0 = Clock::now();
+      model = Model::Load(path);
+      load_ms.push_back(1e3 * Seconds(t0, Clock::now()));
+    }
+    const ModelInfo& info = model->info();
+    const WeightStats ws = StatsOf(path);
+    const std::vector<int32_t> prompt = BenchTokens(o->prompt_tokens, info.n_vocab);
+
+    {  // warm-up: pages the weights in and sizes every scratch buffer once
+      State s = model->NewState();
+      std::vector<float> logits;
+      model->Eval(std::span<const int32_t>(prompt.data(), std::min<size_t>(prompt.size(), 64)),
+                  s, &logits);
+      const int32_t t = ArgMax(logits);
+      model->Eval(std::span<const int32_t>(&t, 1), s, &logits);
+    }
+    std::vector<float> logits;
+    logits.reserve(info.n_vocab);
+    for (int r = 0; r < o->repeat; ++r) {
+      State state = model->NewState();
+      auto t0 = Clock::now();
+      model->Eval(prompt, state, &logits);
+      prompt_tps.push_back(prompt.size() / Seconds(t0, Clock::now()));
+      if (o->gen_tokens > 0) {
+        int32_t token = ArgMax(logits);
+        t0 = Clock::now();
+        for (int i = 0; i < o->gen_tokens; ++i) {
+          model->Eval(std::span<const int32_t>(&token, 1), state, &logits);
+          token = ArgMax(logits);
+        }
+        gen_tps.push_back(o->gen_tokens / Seconds(t0, Clock::now()));
+      }
+    }
+    for (float f : logits) {
+      if (!std::isfinite(f)) throw Error(path + ": the model produced non-finite logits");
+    }
+    const uint64_t rss = PeakRssBytes();
+    probe();
+    const double load = Median(load_ms), pp = Median(prompt_tps), tg = Median(gen_tps);
+    const double gflops_pp = 2.0 * ws.macs_per_token * pp / 1e9;
+    const double bound = bandwidth > 0 ? bandwidth * 1e9 / ws.bytes_per_token : 0;
+    if (o->json) {
+      std::printf("{\"model\": %s, \"arch\": \"%s\", \"layers\": %d, \"embd\": %d, \"vocab\": %d, "
+                  "\"type\": \"%s\", \"file_bytes\": %llu, \"weight_bytes_per_token\": %llu, "
+                  "\"macs_per_token\": %llu, \"threads\": %d, \"kernels\": \"%s\", "
+                  "\"target\": \"%s\", \"repeat\": %d, \"load_ms\": %.3f, "
+                  "\"load_ms_all\": %s, \"prompt_tokens\": %d, \"prompt_tok_s\": %.3f, "
+                  "\"prompt_tok_s_all\": %s, \"prompt_gflop_s\": %.2f, \"gen_tokens\": %d, "
+                  "\"gen_tok_s\": %.3f, \"gen_tok_s_all\": %s, \"peak_rss_bytes\": %llu",
+                  JsonString(path).c_str(), std::string(ArchName(info.arch)).c_str(),
+                  info.n_layer, info.n_embd, info.n_vocab, info.main_type.c_str(),
+                  static_cast<unsigned long long>(info.file_size),
+                  static_cast<unsigned long long>(ws.bytes_per_token),
+                  static_cast<unsigned long long>(ws.macs_per_token), threads, kernels.c_str(),
+                  target.c_str(), o->repeat, load, JsonList(load_ms).c_str(), o->prompt_tokens,
+                  pp, JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg,
+                  JsonList(gen_tps).c_str(), static_cast<unsigned long long>(rss));
+      if (bandwidth > 0) {
+        std::printf(", \"read_bandwidth_gb_s\": %.2f, \"gen_bound_tok_s\": %.3f, "
+                    "\"gen_pct_of_bound\": %.1f",
+                    bandwidth, bound, 100.0 * tg / bound);
+      }
+      std::printf("}\n");
+      return;
+    }
+    std::printf("model:       %s\n", path.c_str());
+    std::printf("             RWKV %s, %d layers x %d, vocab %d, %s, %.1f MiB\n",
+                std::string(ArchName(info.arch)).c_str(), info.n_layer, info.n_embd,
+                info.n_vocab, info.main_type.c_str(), info.file_size / 1048576.0);
+    std::printf("kernels:     %s (%s), %d thread%s\n", kernels.c_str(), target.c_str(), threads,
+                threads == 1 ? "" : "s");
+    std::printf("load:        %.2f ms (median of %d)\n", load, o->repeat);
+    std::printf("prompt:      %.2f tok/s (%d tokens, median of %d; %.1f GFLOP/s)\n", pp,
+                o->prompt_tokens, o->repeat, gflops_pp);
+    if (o->gen_tokens > 0) {
+      std::printf("generation:  %.2f tok/s (%d tokens, median of %d; %.1f MiB of weights/token)\n",
+                  tg, o->gen_tokens, o->repeat, ws.bytes_per_token / 1048576.0);
+    }
+    if (bandwidth > 0) {
+      std::printf("bandwidth:   %.2f GB/s read -> bound %.2f tok/s; generation at %.0f%%\n",
+                  bandwidth, bound, 100.0 * tg / bound);
+    }
+    std::printf("peak RSS:    %.1f MiB (file %.1f MiB)\n", rss / 1048576.0,
+                info.file_size / 1048576.0);
+  });
+}
+
+}  // namespace aviary::cli
