@@ -1,5 +1,6 @@
 // Writes seed corpora for the fuzz targets (scripts/fuzz.sh runs it):
 //   make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR
+//   make_seeds --gguf MODEL_SEED_DIR GGUF_SEED_DIR   (each .bin seed written again as GGUF)
 // Model seeds: every stress model (../shared/models/stress) shrunk to a few KB -- width 16,
 // 2 heads of 8, FFN 32, vocabulary 16, 2 layers -- keeping its tensor names, types and the first
 // values of each tensor, plus a quantized variant of each (width 32, matrices in Q4_0..Q8_0
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -18,6 +20,8 @@
 #include "aviary/error.h"
 #include "aviary/model.h"
 #include "aviary/state.h"
+#include "formats/gguf_writer.h"
+#include "formats/weight_file.h"
 
 namespace {
 
@@ -135,9 +139,33 @@ bool Works(const Bytes& bytes, const std::string& name) {
   }
 }
 
+// Every working .bin seed in `bin_dir`, written as GGUF into `gguf_dir`.
+int MakeGgufSeeds(const std::string& bin_dir, const std::string& gguf_dir) {
+  int written = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(bin_dir)) {
+    // Only whole models: the truncated seeds (cut-*) are refused by design.
+    if (entry.path().extension() != ".bin" || entry.path().filename().string().rfind("cut-", 0) == 0) {
+      continue;
+    }
+    const Bytes bytes = ReadFile(entry.path());
+    const std::string out = gguf_dir + "/" + entry.path().stem().string() + ".gguf";
+    try {
+      const aviary::WeightFile wf = aviary::ReadWeightFile(bytes, entry.path());
+      auto model = aviary::Model::LoadFromMemory(bytes, entry.path());
+      aviary::WriteGguf(wf, model->info(), {}, out);
+      ++written;
+    } catch (const aviary::Error& e) {
+      std::fprintf(stderr, "make_seeds: %s\n", e.what());
+    }
+  }
+  std::printf("make_seeds: wrote %d GGUF seeds\n", written);
+  return written > 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--gguf") return MakeGgufSeeds(argv[2], argv[3]);
   if (argc != 5) {
     std::fprintf(stderr, "usage: make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR\n");
     return 2;

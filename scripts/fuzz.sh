@@ -16,7 +16,7 @@ shared=${AVIARY_SHARED_DIR:-$root/../shared}
 shared=$(cd "$shared" && pwd)
 build=$root/build-fuzz
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file"}
+targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf"}
 state_model=${AVIARY_FUZZ_MODEL:-$shared/models/stress/stress-rwkv-7v0-FP16.bin}
 
 echo "== configuring and building in $build"
@@ -24,7 +24,7 @@ mkdir -p "$build"
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S "$root" -B "$build" -DAVIARY_FUZZ=ON \
   -DAVIARY_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
   { cat "$build/configure.log"; exit 1; }
-cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file make_seeds
+cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf make_seeds
 
 corpus_bin=$build/corpus-rwkvcpp-bin
 corpus_state=$build/corpus-state-file
@@ -48,6 +48,49 @@ if [[ -f "$corpus_state/seed-used.state" ]]; then
   head -c 40 "$corpus_state/seed-used.state" >"$corpus_state/cut-40.state"
 fi
 
+# Tokenizers: the test corpus (text, code, emoji, invalid UTF-8) for the World tokenizer; the
+# head of the real World vocabulary (all 256 byte tokens) and small tokenizer.json files for
+# the parsers.
+world_vocab=${AVIARY_FUZZ_WORLD_VOCAB:-$shared/tokenizers/rwkv_vocab_v20230424.txt}
+corpus_world=$build/corpus-world-tokenizer
+corpus_vocab=$build/corpus-vocab-file
+mkdir -p "$corpus_world" "$corpus_vocab"
+cp -f "$root"/tests/data/tokenizer_corpus/* "$corpus_world/"
+if [[ -f "$world_vocab" ]]; then
+  head -n 300 "$world_vocab" >"$corpus_vocab/world-head-300.txt"
+  sed -n '10000,10040p' "$world_vocab" >"$corpus_vocab/world-middle.txt"
+fi
+printf '%s' '{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]},"normalizer":{"type":"NFC"},"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false},"added_tokens":[{"id":3,"content":"<|endoftext|>","special":true}]}' \
+  >"$corpus_vocab/mini-tokenizer.json"
+
+# PyTorch .pth and safetensors: the shared checkpoints (copied), and the pickle inside a .pth
+# (fuzz_pth feeds inputs starting with 0x80 straight to the unpickler, since a mutated pickle
+# inside a zip stops at its CRC).
+corpus_pth=$build/corpus-pth
+corpus_safetensors=$build/corpus-safetensors
+mkdir -p "$corpus_pth" "$corpus_safetensors"
+for f in "$shared"/models/pth/*.pth; do
+  [[ -f "$f" ]] && cp -f "$f" "$corpus_pth/"
+done
+for f in "$shared"/models/pth/*.safetensors; do
+  [[ -f "$f" ]] && cp -f "$f" "$corpus_safetensors/"
+done
+if command -v python3 >/dev/null; then
+  for f in "$shared"/models/pth/*.pth; do
+    [[ -f "$f" ]] && python3 -c 'import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+open(sys.argv[2], "wb").write(z.read(name))' "$f" "$corpus_pth/$(basename "$f" .pth).pkl" || true
+  done
+fi
+
+# GGUF: the small .bin seeds written again as GGUF (v6/v7 in llama.cpp's layout, v4/v5 in
+# aviary's own).
+corpus_gguf=$build/corpus-gguf
+mkdir -p "$corpus_gguf"
+"$build/fuzz/make_seeds" --gguf "$corpus_bin" "$corpus_gguf" ||
+  echo "(no GGUF seeds could be made; going on without them)"
+
 status=0
 summary=()
 for target in $targets; do
@@ -55,12 +98,18 @@ for target in $targets; do
     # Synthetic seeds are under 80 KB; the real ones are read truncated to this.
     fuzz_rwkvcpp_bin) corpus=$corpus_bin; max_len=${FUZZ_MAX_LEN:-131072} ;;
     fuzz_state_file) corpus=$corpus_state; max_len=262144 ;;
+    fuzz_world_tokenizer) corpus=$corpus_world; max_len=8192 ;;
+    fuzz_vocab_file) corpus=$corpus_vocab; max_len=65536 ;;
+    # The real checkpoints are 1.5-3.4 MB: keep them whole.
+    fuzz_pth) corpus=$corpus_pth; max_len=4194304 ;;
+    fuzz_safetensors) corpus=$corpus_safetensors; max_len=4194304 ;;
+    fuzz_gguf) corpus=$corpus_gguf; max_len=1048576 ;;
     *) echo "unknown target $target"; exit 2 ;;
   esac
   log=$build/$target.log
   echo "== $target for ${seconds}s (log: $log)"
   set +e
-  AVIARY_FUZZ_MODEL=$state_model UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  AVIARY_FUZZ_MODEL=$state_model AVIARY_FUZZ_WORLD_VOCAB=$world_vocab UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$build/fuzz/$target" "$corpus" -max_total_time="$seconds" -max_len="$max_len" \
     -rss_limit_mb=4096 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$artifacts/$target-" >"$log" 2>&1

@@ -21,7 +21,7 @@ std::string Quote(const std::string& s) {
 
 std::string Cli(const std::string& args) { return Quote(CliPath()) + " " + args; }
 
-std::string TempFile(const std::string& name) { return ::testing::TempDir() + "aviary_cli_" + name; }
+std::string TempFile(const std::string& name) { return ProcessTempDir() + "aviary_cli_" + name; }
 
 void WriteFile(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;

@@ -382,13 +382,16 @@ TEST_P(SequenceTest, AllPositionsMatchOneByOne) {
     EXPECT_TRUE(BitEqual(seq, one)) << "logits differ (max " << Sci(d_logits) << ")";
     EXPECT_EQ(seq_state.tokens_seen(), T);
 
-    // The last-position-only mode returns the last row of the all-positions mode.
-    State last_state = model.NewState();
-    std::vector<float> last;
-    model.Eval(p.tokens, last_state, &last);
-    ASSERT_EQ(last.size(), static_cast<size_t>(kVocab));
-    EXPECT_TRUE(BitEqual(last, std::vector<float>(seq.end() - kVocab, seq.end())));
-    EXPECT_EQ(last_state, seq_state);
+    // The last-position-only mode returns the last row of the all-positions mode (checked on
+    // the longest prompt only: it spans several chunks, and this keeps the test fast).
+    if (T == 300) {
+      State last_state = model.NewState();
+      std::vector<float> last;
+      model.Eval(p.tokens, last_state, &last);
+      ASSERT_EQ(last.size(), static_cast<size_t>(kVocab));
+      EXPECT_TRUE(BitEqual(last, std::vector<float>(seq.end() - kVocab, seq.end())));
+      EXPECT_EQ(last_state, seq_state);
+    }
 
     worst_logits = std::max(worst_logits, d_logits);
     worst_state = std::max(worst_state, static_cast<double>(d_state));

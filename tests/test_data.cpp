@@ -6,6 +6,9 @@
 #include <fstream>
 #include <iterator>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
 
 namespace aviary::testing {
 
@@ -17,6 +20,15 @@ std::string SharedPath(const std::string& relative) {
 bool InCI() {
   const char* ci = std::getenv("CI");
   return ci && std::string(ci) == "true";
+}
+
+const std::string& ProcessTempDir() {
+  static const std::string dir = [] {
+    std::string d = ::testing::TempDir() + "aviary-" + std::to_string(::getpid()) + "/";
+    std::filesystem::create_directories(d);
+    return d;
+  }();
+  return dir;
 }
 
 std::vector<uint8_t> ReadFileBytes(const std::string& path) {

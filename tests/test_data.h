@@ -12,6 +12,10 @@ namespace aviary::testing {
 // Absolute path of a file under ../shared (e.g. "models/stress/stress-rwkv-7v0-FP32.bin").
 std::string SharedPath(const std::string& relative);
 bool InCI();
+// A directory private to this test process (TempDir()/aviary-<pid>/, created on first use, with a
+// trailing slash): ctest runs the tests of one binary as parallel processes, so fixed names in
+// TempDir() would collide.
+const std::string& ProcessTempDir();
 // Reads a whole file; empty vector if unreadable.
 std::vector<uint8_t> ReadFileBytes(const std::string& path);
 // 256 (or n) float32 little-endian values.

@@ -17,6 +17,9 @@ int main(int argc, char** argv) {
   aviary::cli::RegisterTokenize(app);
   aviary::cli::RegisterConvert(app);
   aviary::cli::RegisterPull(app);
+  aviary::cli::RegisterBench(app);
+  aviary::cli::RegisterSynth(app);
+  aviary::cli::RegisterChat(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
