@@ -57,13 +57,13 @@ results=$dir/results.tsv
 : >"$results"
 
 # ---- the idle-core gate ----
-# One fixed awk loop per core, run together; when every copy takes at most 1.25x the fastest
-# single copy ever seen, nothing else is competing for the cores.
+# One fixed awk loop per core, run together; when the slowest copy takes at most 1.25x the
+# best such parallel probe seen, nothing else is competing for the cores.
 probe_once() {  # prints the slowest of $threads parallel copies, in ms
   local pids=() t0 files=()
   for ((i = 0; i < threads; i++)); do
     files+=("$dir/probe.$i")
-    ( s=$(date +%s%N); awk 'BEGIN { for (i = 0; i < 400000; i++) s += i * 0.5 }'; e=$(date +%s%N)
+    ( s=$(date +%s%N); awk 'BEGIN { for (i = 0; i < 2000000; i++) s += i * 0.5 }'; e=$(date +%s%N)
       echo $(((e - s) / 1000000)) >"$dir/probe.$i" ) &
     pids+=($!)
   done
@@ -73,11 +73,11 @@ probe_once() {  # prints the slowest of $threads parallel copies, in ms
   echo "$worst"
 }
 best_probe=
-calibrate() {
+calibrate() {  # the best of 5 parallel probes: what "idle" looks like on this machine
   local v
   for _ in 1 2 3 4 5; do
-    v=$( ( s=$(date +%s%N); awk 'BEGIN { for (i = 0; i < 400000; i++) s += i * 0.5 }'; e=$(date +%s%N); echo $(((e - s) / 1000000)) ) )
-    [[ -z $best_probe || $v -lt $best_probe ]] && best_probe=$v
+    v=$(probe_once)
+    if [[ -z $best_probe || $v -lt $best_probe ]]; then best_probe=$v; fi
   done
 }
 wait_idle() {  # returns 0 when idle was seen, 1 after giving up (90 s)
