@@ -20,6 +20,7 @@
 #include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
 #include "gguf_builder.h"
+#include "tensor/int8_matmul.h"
 #include "tensor/quantize.h"
 #include "test_data.h"
 #include "tokenizers/tokenizers.h"
@@ -413,6 +414,13 @@ TEST(Gguf, QuantizedConversionsOfStressModelsStayClose) {
 // does), so the logits are identical; for v6 aviary also keeps the low-rank matrices in F32
 // (rwkv.cpp quantizes time_maa_w1 and time_decay_w1/w2), so it must be at least about as close.
 TEST(Gguf, QuantizedConversionsMatchRwkvCpp) {
+  // Float activations: this compares the quantized weights, not the kernels.
+  const bool int8 = aviary::int8::Enabled();
+  aviary::int8::SetEnabled(false);
+  struct Restore {
+    bool on;
+    ~Restore() { aviary::int8::SetEnabled(on); }
+  } restore{int8};
   for (const char* v : {"4v0-660K", "5v1-730K", "5v2-730K", "6v0-1m", "7v0-834K"}) {
     const std::string base = std::string("tiny-rwkv-") + v;
     const std::string m = "models/" + base + "-FP32.bin";

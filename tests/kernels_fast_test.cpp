@@ -28,8 +28,10 @@
 #include <vector>
 
 #include "aviary/model.h"
+#include "tensor_fixtures.h"
 #include "test_data.h"
 #include "tensor/dtype.h"
+#include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/reference.h"
 #include "tensor/tensor.h"
@@ -39,6 +41,8 @@
 namespace {
 
 using aviary::DType;
+using aviary::testing::MakeTensor;
+using aviary::testing::RandomMatrix;
 
 const DType kAllTypes[] = {DType::kF32,  DType::kF16,  DType::kBF16, DType::kQ4_0,
                            DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
@@ -56,64 +60,17 @@ std::string Sci(double v) {
   return os.str();
 }
 
-// Restores the kernel choice and thread count after a test.
+// Restores the kernel choice, the 8-bit activation switch and the thread count after a test.
 struct KernelGuard {
-  KernelGuard() : kernels(aviary::ActiveKernels()) {}
+  KernelGuard() : kernels(aviary::ActiveKernels()), int8(aviary::int8::Enabled()) {}
   ~KernelGuard() {
     aviary::SetKernels(kernels);
+    aviary::int8::SetEnabled(int8);
     aviary::SetNumThreads(0);
   }
   aviary::Kernels kernels;
+  bool int8;
 };
-
-// Random stored bytes for rows x cols of `type`: floats ~ N(0, 0.5); quantized blocks with
-// random quants, a scale of either sign and (Q4_1/Q5_1) an offset.
-std::vector<uint8_t> RandomMatrix(DType type, int64_t rows, int64_t cols, std::mt19937& rng) {
-  const size_t bytes = aviary::StorageBytes(type, static_cast<uint64_t>(rows * cols));
-  std::vector<uint8_t> data(bytes);
-  std::normal_distribution<float> normal(0.0f, 0.5f);
-  if (!aviary::IsQuantized(type)) {
-    for (int64_t i = 0; i < rows * cols; ++i) {
-      const float f = normal(rng);
-      if (type == DType::kF32) {
-        std::memcpy(&data[4 * i], &f, 4);
-      } else {
-        uint16_t h;
-        if (type == DType::kF16) {
-          h = aviary::F32ToF16(f);
-        } else {
-          uint32_t bits;
-          std::memcpy(&bits, &f, 4);
-          h = static_cast<uint16_t>(bits >> 16);
-        }
-        std::memcpy(&data[2 * i], &h, 2);
-      }
-    }
-    return data;
-  }
-  for (auto& b : data) b = static_cast<uint8_t>(rng());
-  const int block = aviary::Traits(type).block_bytes;
-  const bool has_m = type == DType::kQ4_1 || type == DType::kQ5_1;
-  for (size_t off = 0; off < bytes; off += block) {
-    const uint16_t d = aviary::F32ToF16(normal(rng) * 0.1f);
-    std::memcpy(&data[off], &d, 2);
-    if (has_m) {
-      const uint16_t m = aviary::F32ToF16(normal(rng) * 0.5f);
-      std::memcpy(&data[off + 2], &m, 2);
-    }
-  }
-  return data;
-}
-
-aviary::Tensor MakeTensor(DType type, int64_t rows, int64_t cols, const uint8_t* data) {
-  aviary::Tensor t;
-  t.name = "w";
-  t.type = type;
-  t.shape = {rows, cols};
-  t.data = data;
-  t.nbytes = aviary::StorageBytes(type, static_cast<uint64_t>(rows * cols));
-  return t;
-}
 
 std::vector<float> RandomVector(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> normal(0.0f, scale);
@@ -204,6 +161,7 @@ std::vector<MatMulCase> MatMulCases() {
 
 TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
   KernelGuard guard;
+  aviary::int8::SetEnabled(false);  // float activations here; int8_matmul_test has the other
   std::mt19937 rng(42);
   double worst = 0;
   int checked = 0;
@@ -462,6 +420,13 @@ TEST(FastKernels, Wkv4MatchesReference) {
 
 // ---- whole models ----
 
+// 8-bit activations vs the float reference over 40 tokens of odd bytes, relative to each row's
+// largest |logit|. The rounding of activations (half a step of max|x|/127 per block) is
+// amplified along the recurrence on these out-of-distribution inputs: measured worst 0.35
+// (tiny 6v0 Q5_0), typically 0.003-0.1. A wrong kernel gives garbage (>= 1). The tight checks
+// are int8_matmul_test (kernel vs definition) and model_test (0.15 on the 3-token prompt).
+constexpr double kInt8RelativeBound = 0.5;
+
 class FastModelTest : public ::testing::TestWithParam<aviary::testing::ModelCase> {};
 
 double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -481,8 +446,9 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   const auto model = aviary::Model::Load(aviary::testing::SharedPath(c.model));
   std::vector<int32_t> tokens;
   for (int i = 0; i < 40; ++i) tokens.push_back((i * 37 + 11) % model->info().n_vocab);
-  auto eval = [&](aviary::Kernels k, int threads, bool one_by_one) {
+  auto eval = [&](aviary::Kernels k, int threads, bool one_by_one, bool int8 = false) {
     aviary::SetKernels(k);
+    aviary::int8::SetEnabled(int8);
     aviary::SetNumThreads(threads);
     aviary::State state = model->NewState();
     std::vector<float> logits, row;
@@ -502,16 +468,21 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   // relative to each row's largest logit (on the 3-token prompt of model_test both paths are
   // within 1e-4 absolute of the float64 logits).
   const size_t V = model->info().n_vocab;
-  double d = 0, rel = 0;
-  for (size_t row = 0; row < tokens.size(); ++row) {
-    double scale = 1, diff = 0;
-    for (size_t i = row * V; i < (row + 1) * V; ++i) {
-      scale = std::max(scale, std::fabs(static_cast<double>(ref[i])));
-      diff = std::max(diff, std::fabs(static_cast<double>(fast[i]) - ref[i]));
+  // Largest |a - ref| over all rows, absolute and relative to each row's largest |logit|.
+  auto compare = [&](const std::vector<float>& a, double* d, double* rel) {
+    *d = 0, *rel = 0;
+    for (size_t row = 0; row < tokens.size(); ++row) {
+      double scale = 1, diff = 0;
+      for (size_t i = row * V; i < (row + 1) * V; ++i) {
+        scale = std::max(scale, std::fabs(static_cast<double>(ref[i])));
+        diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - ref[i]));
+      }
+      *d = std::max(*d, diff);
+      *rel = std::max(*rel, diff / scale);
     }
-    d = std::max(d, diff);
-    rel = std::max(rel, diff / scale);
-  }
+  };
+  double d, rel;
+  compare(fast, &d, &rel);
   std::cout << "[ fast/ref ] " << std::left << std::setw(40) << c.model << " max " << Sci(d)
             << "  relative to the row's max |logit| " << Sci(rel) << "\n";
   EXPECT_LE(rel, 2e-5);
@@ -519,6 +490,23 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   EXPECT_TRUE(BitEqual(fast, eval(aviary::Kernels::kFast, 1, false))) << "threads 1 vs 2";
   EXPECT_TRUE(BitEqual(fast, eval(aviary::Kernels::kFast, 2, true))) << "sequence vs one-by-one";
   for (float f : fast) ASSERT_TRUE(std::isfinite(f));
+
+  // 8-bit activations (quantized matrices only; the default where the CPU has VNNI): the same
+  // independence of threads and mode, and a bound from the activation rounding.
+  if (!aviary::int8::CpuSupported()) return;
+  const std::vector<float> q = eval(aviary::Kernels::kFast, 2, false, true);
+  compare(q, &d, &rel);
+  std::cout << "[ int8/ref ] " << std::left << std::setw(40) << c.model << " max " << Sci(d)
+            << "  relative to the row's max |logit| " << Sci(rel) << "\n";
+  bool has_quantized = false;
+  for (const auto& [type, count] : model->info().tensor_types) has_quantized |= type[0] == 'Q';
+  if (!has_quantized) {
+    EXPECT_TRUE(BitEqual(q, fast)) << "no quantized matrix, yet int8 changed it";
+  }
+  EXPECT_LE(rel, kInt8RelativeBound);
+  EXPECT_TRUE(BitEqual(q, eval(aviary::Kernels::kFast, 1, false, true))) << "threads 1 vs 2";
+  EXPECT_TRUE(BitEqual(q, eval(aviary::Kernels::kFast, 2, true, true))) << "sequence vs one-by-one";
+  for (float f : q) ASSERT_TRUE(std::isfinite(f));
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, FastModelTest,

@@ -21,13 +21,16 @@
 #include "aviary/sampler.h"
 #include "aviary/tokenizer.h"
 #include "tensor/dtype.h"
+#include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/tensor.h"
 #include "tensor/wkv.h"
+#include "tensor_fixtures.h"
 
 namespace {
 
 using aviary::DType;
+using aviary::testing::MakeTensor;
 
 // ---- independent references ----
 
@@ -394,13 +397,21 @@ TEST(Dequantize, PlainFloatTypes) {
 // ---- kernels that exist in two implementations (fast SIMD and scalar reference) ----
 
 // Runs a test once with each implementation selected (kernels.h), restoring the choice after.
+// Float activations throughout: these are the exact-arithmetic definitions (the 8-bit path has
+// its own test, int8_matmul_test).
 class KernelsTest : public ::testing::TestWithParam<aviary::Kernels> {
  protected:
   void SetUp() override {
     saved_ = aviary::ActiveKernels();
+    saved_int8_ = aviary::int8::Enabled();
     aviary::SetKernels(GetParam());
+    aviary::int8::SetEnabled(false);
   }
-  void TearDown() override { aviary::SetKernels(saved_); }
+  void TearDown() override {
+    aviary::SetKernels(saved_);
+    aviary::int8::SetEnabled(saved_int8_);
+  }
+  bool saved_int8_ = false;
 
  private:
   aviary::Kernels saved_ = aviary::Kernels::kFast;
@@ -424,16 +435,6 @@ std::vector<uint8_t> RandomMatrix(DType type, int rows, int cols, std::mt19937& 
     }
   }
   return bytes;
-}
-
-aviary::Tensor MakeTensor(DType type, int rows, int cols, const uint8_t* data) {
-  aviary::Tensor t;
-  t.name = "w";
-  t.type = type;
-  t.shape = {rows, cols};
-  t.data = data;
-  t.nbytes = aviary::StorageBytes(type, static_cast<uint64_t>(rows) * cols);
-  return t;
 }
 
 TEST_P(KernelsTest, MatMulMatchesDoubleReferenceAndIsRowOrderIndependent) {

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/reference.h"
 #include "tensor/thread_pool.h"
@@ -543,6 +544,12 @@ void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads) {
   const int64_t rows = w.rows(), cols = w.cols();
   const size_t row_bytes = w.row_bytes();
   const auto kernel = HWY_DYNAMIC_DISPATCH(MatMulRows);
+  // Quantized weights: 8-bit activations and integer dot products where the CPU has them.
+  // x is rounded once here, before the rows are split, so every thread sees the same numbers.
+  const bool int8 = int8::SupportsType(w.type) && int8::Enabled();
+  thread_local int8::Activations caller_act;
+  const int8::Activations& act = caller_act;  // a name the workers' lambda can capture
+  if (int8) int8::Quantize(x, T, cols, &caller_act);
   const int64_t macs = rows * cols * T;
   int threads = max_threads > 0 ? max_threads : NumThreads();
   if (macs < kMinParallelMacs) threads = 1;
@@ -555,7 +562,11 @@ void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads) {
   auto run = [&](int64_t task, int) {
     const int64_t r0 = task * tiles_per_task * 4;
     const int64_t r1 = std::min(rows, r0 + tiles_per_task * 4);
-    kernel(w.type, w.data, row_bytes, rows, cols, r0, r1, x, T, y);
+    if (int8) {
+      int8::MatMulRows(w.type, w.data, row_bytes, rows, cols, r0, r1, act, y);
+    } else {
+      kernel(w.type, w.data, row_bytes, rows, cols, r0, r1, x, T, y);
+    }
   };
   if (threads == 1 || tasks == 1) {
     for (int64_t t = 0; t < tasks; ++t) run(t, 0);

@@ -1,0 +1,673 @@
+// 8-bit-activation MatMul for quantized weights with AVX-512 VNNI. See int8_matmul.h.
+//
+// Written with x86 intrinsics rather than Highway: the Debian Highway (1.0.3) has no int8 dot
+// product op, and vpdpbusd is the whole point here. The functions carry a target attribute and
+// run only after a CPUID check, so the binary still runs on any x86-64 (and the file compiles
+// to the scalar reference alone elsewhere).
+//
+// Every weight type becomes the same thing in registers: unsigned bytes u (0..255) with an
+// offset k and, for Q4_1/Q5_1, a minimum m, so that w = d_w * (u - k) + m:
+//   Q8_0: u = q + 128, k = 128     Q4_0: u = q, k = 8     Q5_0: u = q, k = 16
+//   Q4_1, Q5_1: u = q, k = 0, with m.
+// One block's contribution to y = sum_c w_c x_c with x_c ~ d_x * q_c is then
+//   d_w * d_x * (sum u_c q_c - k * sum q_c)  +  m * d_x * sum q_c,
+// where the bracket is an exact int32 (vpdpbusd(u, q) starting from -k * sum q). The float
+// step is taken for 16 blocks at once, one block per lane: acc += float(isum) * d_x * d_w,
+// and the accumulator is summed horizontally at the end; for Q4_1/Q5_1 the same step first
+// adds m * (d_x sum q) per block. Only the integer sums are computed differently by the paths:
+//  - T = 1 unpacks four blocks per pair of vectors in registers (bytes 0..15 of each, then
+//    16..31: 4 lanes per block) and folds the lanes of 16 blocks into one vector of block
+//    sums (integer adds: exact);
+//  - T > 1 unpacks 4 rows once into a buffer regrouped so that each 32-bit lane walks one
+//    block (Activations::qt has x the same way): 8 vpdpbusd give 16 finished block sums, with
+//    no folding, and a 4-row x 3-token tile of them runs over the buffer.
+// The float operations per output are the same in the same order: results agree bit for bit.
+#include "tensor/int8_matmul.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define AVIARY_HAVE_VNNI_CODE 1
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns falsely about _mm512_undefined_* inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#else
+#define AVIARY_HAVE_VNNI_CODE 0
+#endif
+
+namespace aviary::int8 {
+namespace {
+
+std::atomic<int> g_enabled{-1};  // -1: not decided yet
+
+bool FromEnvironment() {
+  const char* env = std::getenv("AVIARY_ACTIVATIONS");
+  if (!env || !*env || std::string(env) == "int8") return true;
+  if (std::string(env) == "f32") return false;
+  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'int8' or 'f32'; using int8\n", env);
+  return true;
+}
+
+// Offsets per type (see above).
+constexpr int Offset(DType type) {
+  return type == DType::kQ8_0 ? 128 : type == DType::kQ4_0 ? 8 : type == DType::kQ5_0 ? 16 : 0;
+}
+constexpr bool HasMin(DType type) { return type == DType::kQ4_1 || type == DType::kQ5_1; }
+constexpr size_t BlockBytes(DType type) {
+  return type == DType::kQ4_0 ? sizeof(BlockQ4_0) : type == DType::kQ4_1 ? sizeof(BlockQ4_1)
+       : type == DType::kQ5_0 ? sizeof(BlockQ5_0) : type == DType::kQ5_1 ? sizeof(BlockQ5_1)
+       : sizeof(BlockQ8_0);
+}
+
+// One block of x: its step d and the rounded values (the same numbers as the SIMD version).
+float QuantizeBlockScalar(const float* x, int8_t* q) {
+  float amax = 0;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f;
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  for (int i = 0; i < 32; ++i) {
+    const float r = std::nearbyint(x[i] * id);
+    q[i] = static_cast<int8_t>(r >= -127 && r <= 127 ? r : (r > 127 ? 127 : -127));
+  }
+  return d;
+}
+
+// The weight block's numbers in the u, k, m form.
+struct WBlock {
+  float d = 0, m = 0;
+  uint8_t u[32] = {};
+};
+float Half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return F16ToF32(h);
+}
+WBlock UnpackScalar(DType type, const uint8_t* p) {
+  WBlock b;
+  b.d = Half(p);
+  const uint8_t* qs = nullptr;
+  uint32_t qh = 0;
+  switch (type) {
+    case DType::kQ8_0:
+      for (int i = 0; i < 32; ++i) b.u[i] = static_cast<uint8_t>(p[2 + i] ^ 0x80);
+      return b;
+    case DType::kQ4_0: qs = p + 2; break;
+    case DType::kQ4_1: b.m = Half(p + 2); qs = p + 4; break;
+    case DType::kQ5_0: std::memcpy(&qh, p + 2, 4); qs = p + 6; break;
+    case DType::kQ5_1: b.m = Half(p + 2); std::memcpy(&qh, p + 4, 4); qs = p + 8; break;
+    default: return b;
+  }
+  for (int i = 0; i < 16; ++i) {
+    b.u[i] = static_cast<uint8_t>((qs[i] & 15) | (((qh >> i) & 1) << 4));
+    b.u[i + 16] = static_cast<uint8_t>((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+  }
+  return b;
+}
+
+#if AVIARY_HAVE_VNNI_CODE
+#define AVIARY_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c"), always_inline)) inline
+#define AVIARY_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+
+// 16 nibble bytes of two blocks -> 64 bytes [lo(a), hi(a), lo(b), hi(b)] (element order).
+AVIARY_VNNI __m512i Nibbles2(__m128i a, __m128i b) {
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(a, a)),
+                                       _mm256_set_m128i(b, b), 1);
+  const __m512i shifted = _mm512_srlv_epi64(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+  return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f));
+}
+
+// Two consecutive blocks (the second absent when `half`) of a row as u bytes, in element
+// order (T > 1 regroups them).
+template <DType kType>
+AVIARY_VNNI __m512i UnpackPair(const uint8_t* p, bool half) {
+  constexpr size_t kB = BlockBytes(kType);
+  const uint8_t* p1 = p + kB;
+  if constexpr (kType == DType::kQ8_0) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+    const __m256i b = half ? _mm256_setzero_si256()
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + 2));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+    // q + 128 as unsigned; the absent block's zeros become 128, multiplied by q = 0.
+    return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    constexpr size_t kQs = kType == DType::kQ4_0 ? 2 : kType == DType::kQ4_1 ? 4
+                         : kType == DType::kQ5_0 ? 6 : 8;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kQs));
+    const __m128i b = half ? _mm_setzero_si128()
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + kQs));
+    __m512i u = Nibbles2(a, b);
+    if constexpr (kType == DType::kQ5_0 || kType == DType::kQ5_1) {
+      constexpr size_t kQh = kType == DType::kQ5_0 ? 2 : 4;
+      uint32_t h0, h1 = 0;
+      std::memcpy(&h0, p + kQh, 4);
+      if (!half) std::memcpy(&h1, p1 + kQh, 4);
+      const __mmask64 bits = static_cast<__mmask64>(h0) | (static_cast<__mmask64>(h1) << 32);
+      u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10)));
+    }
+    return u;
+  }
+}
+
+// The f16 scales d (and minima m) of 16 consecutive blocks (n present, the rest 0) as floats.
+// Each quad's 4 values lie in a 128-byte window, picked by one two-register permute (no
+// scalar stores that a vector load would then have to wait for).
+template <DType kType, int kOffset>
+struct GroupWordIndex {  // the permute indices of GroupScales, one table per quad
+  static constexpr int kB = static_cast<int>(BlockBytes(kType));
+  struct Table {
+    alignas(64) uint16_t idx[4][32] = {};
+    constexpr Table() {
+      for (int qd = 0; qd < 4; ++qd) {
+        for (int i = 0; i < 4; ++i) idx[qd][4 * qd + i] = static_cast<uint16_t>((i * kB + kOffset) / 2);
+      }
+    }
+  };
+  static constexpr Table kTable{};
+};
+
+// Both at once for Q4_1/Q5_1 (one set of loads): d in *d, m in *m.
+template <DType kType>
+AVIARY_VNNI void GroupScales(const uint8_t* p, int64_t n, __m512* d, __m512* m) {
+  constexpr int kB = static_cast<int>(BlockBytes(kType));
+  __m512i dw = _mm512_setzero_si512(), mw = _mm512_setzero_si512();
+  for (int qd = 0; qd < 4 && 4 * qd < n; ++qd) {
+    const int bytes = static_cast<int>(std::min<int64_t>(4, n - 4 * qd)) * kB;
+    const __mmask64 m0 = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+    const __mmask64 m1 = bytes >= 128 ? ~__mmask64{0} : bytes > 64 ? (__mmask64{1} << (bytes - 64)) - 1 : 0;
+    const uint8_t* base = p + 4 * qd * kB;
+    const __m512i v0 = _mm512_maskz_loadu_epi8(m0, base), v1 = _mm512_maskz_loadu_epi8(m1, base + 64);
+    const __mmask32 lanes = static_cast<__mmask32>(0xfu << (4 * qd));
+    dw = _mm512_mask_mov_epi16(dw, lanes, _mm512_permutex2var_epi16(
+        v0, _mm512_load_si512(GroupWordIndex<kType, 0>::kTable.idx[qd]), v1));
+    if constexpr (HasMin(kType)) {
+      mw = _mm512_mask_mov_epi16(mw, lanes, _mm512_permutex2var_epi16(
+          v0, _mm512_load_si512(GroupWordIndex<kType, 2>::kTable.idx[qd]), v1));
+    }
+  }
+  *d = _mm512_cvtph_ps(_mm512_castsi512_si256(dw));
+  *m = HasMin(kType) ? _mm512_cvtph_ps(_mm512_castsi512_si256(mw)) : _mm512_setzero_ps();
+}
+
+AVIARY_VNNI __m512i Join4(const __m128i* x) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(x[1], x[0])),
+                            _mm256_set_m128i(x[3], x[2]), 1);
+}
+
+// Up to four consecutive blocks of a row (n of them present) as the two vectors of a quad
+// (bytes 0..15 of each block, then bytes 16..31).
+template <DType kType>
+AVIARY_VNNI void UnpackQuad(const uint8_t* p, int n, __m512i* lo, __m512i* hi) {
+  constexpr size_t kB = BlockBytes(kType);
+  if constexpr (kType == DType::kQ8_0) {
+    // Two blocks per 256-bit half, then the 16-byte halves of the 4 blocks picked apart.
+    __m256i whole[4];
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t* b = p + i * kB;
+      whole[i] = i < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2))
+                       : _mm256_setzero_si256();
+    }
+    const __m512i v01 = _mm512_inserti64x4(_mm512_castsi256_si512(whole[0]), whole[1], 1);
+    const __m512i v23 = _mm512_inserti64x4(_mm512_castsi256_si512(whole[2]), whole[3], 1);
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    *lo = _mm512_xor_si512(_mm512_permutex2var_epi64(v01, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), v23), flip);
+    *hi = _mm512_xor_si512(_mm512_permutex2var_epi64(v01, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), v23), flip);
+    return;
+  }
+  constexpr size_t kQs = kType == DType::kQ4_0 ? 2 : kType == DType::kQ4_1 ? 4
+                       : kType == DType::kQ5_0 ? 6 : 8;
+  __m128i part[4];
+  uint64_t bits_lo = 0, bits_hi = 0;  // Q5: the fifth bits of elements 0..15, 16..31 per block
+  for (int i = 0; i < 4; ++i) {
+    part[i] = _mm_setzero_si128();
+    if (i >= n) continue;
+    part[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * kB + kQs));
+    if constexpr (kType == DType::kQ5_0 || kType == DType::kQ5_1) {
+      uint32_t qh;
+      std::memcpy(&qh, p + i * kB + (kType == DType::kQ5_0 ? 2 : 4), 4);
+      bits_lo |= static_cast<uint64_t>(qh & 0xffff) << (16 * i);
+      bits_hi |= static_cast<uint64_t>(qh >> 16) << (16 * i);
+    }
+  }
+  const __m512i v = Join4(part), mask = _mm512_set1_epi8(0x0f);
+  *lo = _mm512_and_si512(v, mask);
+  *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+  if constexpr (kType == DType::kQ5_0 || kType == DType::kQ5_1) {
+    const __m512i five = _mm512_set1_epi8(0x10);
+    *lo = _mm512_or_si512(*lo, _mm512_maskz_mov_epi8(bits_lo, five));
+    *hi = _mm512_or_si512(*hi, _mm512_maskz_mov_epi8(bits_hi, five));
+  }
+}
+
+// The start of a block's int32 lanes: -k / kLanes * (sum of the block's q) in each of its
+// kLanes lanes (4 at T = 1, 1 at T > 1), so that they add up to -k * sum q. `sums` holds the
+// block sums kLanes times each (Activations::sums4 or ::sums).
+template <DType kType, int kLanes>
+AVIARY_VNNI __m512i OffsetInit(const int32_t* sums) {
+  constexpr int kLog2K = Offset(kType) == 128 ? 7 : Offset(kType) == 16 ? 4 : 3;
+  constexpr int kShift = kLog2K - (kLanes == 4 ? 2 : 0);
+  if constexpr (Offset(kType) == 0) {
+    return _mm512_setzero_si512();
+  } else {
+    const __m512i s = _mm512_loadu_si512(sums);
+    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, kShift));
+  }
+}
+
+// acc += [m * (d_x sum q)] + float(isum) * d_x * d_w for 16 blocks: the float steps, shared
+// by both paths so they round identically. The bracket is for Q4_1/Q5_1 only.
+template <DType kType>
+AVIARY_VNNI __m512 Accumulate(__m512 acc, __m512i isum, __m512 dx, __m512 dw, __m512 m, __m512 ds) {
+  if constexpr (HasMin(kType)) acc = _mm512_fmadd_ps(m, ds, acc);
+  return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), dx), dw, acc);
+}
+
+// 4 vectors of quad lanes (vector q: blocks 4q .. 4q+3, 4 lanes each) -> one vector of the
+// 16 block sums in block order. Integer adds only.
+AVIARY_VNNI __m512i Fold2(__m512i a, __m512i b) {  // integer versions of the float folds below
+  return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
+AVIARY_VNNI __m512i Fold4(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+AVIARY_VNNI __m512i FoldQuads(const __m512i* v) {
+  // 128-bit lane L: [S(v0, L), S(v1, L), S(v2, L), S(v3, L)] = blocks L, 4+L, 8+L, 12+L.
+  const __m512i s = Fold4(Fold2(v[0], v[1]), Fold2(v[2], v[3]));
+  return _mm512_permutexvar_epi32(
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
+}
+
+// The lane sums of 16 vectors, in order, as one vector. Each sum is the same tree of adds
+// whatever the other 15 vectors hold, so an output does not depend on its tile neighbours
+// (or on being computed alone, padded with zeros).
+AVIARY_VNNI __m512 Fold2(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+AVIARY_VNNI __m512 Fold4(__m512 a, __m512 b) {
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+AVIARY_VNNI __m512 FoldLanes(__m512 a, __m512 b) {  // 128-bit lanes (0+1, 2+3) of a, then b
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+}
+AVIARY_VNNI __m512 HorizontalSums16(const __m512* v) {
+  __m512 c[4];  // c[i], 128-bit lane L: the sums over lane L of v[4i .. 4i+3]
+  for (int i = 0; i < 4; ++i) {
+    c[i] = Fold4(Fold2(v[4 * i], v[4 * i + 1]), Fold2(v[4 * i + 2], v[4 * i + 3]));
+  }
+  return FoldLanes(FoldLanes(c[0], c[1]), FoldLanes(c[2], c[3]));
+}
+
+// out[i] = sum of the lanes of acc[i] for i < n <= 16: every output's last float steps.
+AVIARY_VNNI void FinalSums(const __m512* acc, int n, float* out) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = i < n ? acc[i] : _mm512_setzero_ps();
+  _mm512_storeu_ps(out, HorizontalSums16(v));
+}
+
+AVIARY_VNNI_FN void QuantizeVnni(const float* x, int T, int64_t cols, Activations* a) {
+  for (int t = 0; t < T; ++t) {
+    int8_t* q = a->q.data() + t * a->padded_blocks * 32;
+    float* d = a->d.data() + t * a->padded_blocks;
+    int32_t* sums = a->sums.data() + t * a->padded_blocks;
+    int32_t* s4 = a->sums4.data() + t * a->padded_blocks * 4;
+    float* ds = a->ds.data() + t * a->padded_blocks;
+    const float* xt = x + t * cols;
+    for (int64_t b = 0; b < a->blocks; ++b) {
+      const __m512 v0 = _mm512_loadu_ps(xt + b * 32), v1 = _mm512_loadu_ps(xt + b * 32 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float step = amax / 127.0f;
+      const float id = step != 0 ? 1.0f / step : 0.0f;
+      const __m512 vid = _mm512_set1_ps(id);
+      // Round to nearest even (the default MXCSR mode), clamp to [-127, 127] like the scalar
+      // version (NaN converts to INT_MIN, so -127).
+      const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+      const __m512i i0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), hi), lo);
+      const __m512i i1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), hi), lo);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32), _mm512_cvtepi32_epi8(i0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
+      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+      d[b] = step;
+      sums[b] = sum;
+      ds[b] = step * static_cast<float>(sum);
+      for (int i = 0; i < 4; ++i) s4[b * 4 + i] = sum;
+    }
+  }
+}
+
+// Lane j of step k of a 16-block group = bytes 4k..4k+3 of block j (see Activations::qt):
+// a 16 x 8 transpose of 32-bit words in three rounds of two-source permutes. Input vector p
+// holds blocks 2p and 2p+1 (words k and 8 + k are dword k of each).
+AVIARY_VNNI void RegroupGroup(const __m512i* v, uint8_t* out) {
+  // Round 1: for 4 values of k, blocks 2p, 2p+1 of inputs p, p+1 -> [b0 b1 b2 b3] per k.
+  const __m512i lo1 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+  const __m512i hi1 = _mm512_add_epi32(lo1, _mm512_set1_epi32(4));
+  __m512i a[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm512_permutex2var_epi32(v[2 * i], lo1, v[2 * i + 1]);      // k = 0..3
+    a[2 * i + 1] = _mm512_permutex2var_epi32(v[2 * i], hi1, v[2 * i + 1]);  // k = 4..7
+  }
+  // Round 2: 4 blocks of two such vectors per k -> 8 blocks for 2 values of k.
+  const __m512i lo2 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi2 = _mm512_add_epi32(lo2, _mm512_set1_epi32(8));
+  __m512i b[8];  // b[4 * half + 2 * j + s]: blocks 8 * half .. +7, k = 4 * j + 2 * s + (0, 1)
+  for (int half = 0; half < 2; ++half) {
+    for (int j = 0; j < 2; ++j) {
+      const __m512i x = a[4 * half + j], y = a[4 * half + 2 + j];
+      b[4 * half + 2 * j] = _mm512_permutex2var_epi32(x, lo2, y);
+      b[4 * half + 2 * j + 1] = _mm512_permutex2var_epi32(x, hi2, y);
+    }
+  }
+  // Round 3: blocks 0..7 and 8..15 of one k side by side.
+  for (int j = 0; j < 2; ++j) {
+    for (int s = 0; s < 2; ++s) {
+      const __m512i x = b[2 * j + s], y = b[4 + 2 * j + s];
+      const int k = 4 * j + 2 * s;
+      _mm512_storeu_si512(out + k * 64, _mm512_shuffle_i64x2(x, y, 0x44));        // x.lo, y.lo
+      _mm512_storeu_si512(out + (k + 1) * 64, _mm512_shuffle_i64x2(x, y, 0xee));  // x.hi, y.hi
+    }
+  }
+}
+
+AVIARY_VNNI void Regroup(const uint8_t* natural, uint8_t* grouped, int64_t groups) {
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i v[8];
+    for (int p = 0; p < 8; ++p) v[p] = _mm512_loadu_si512(natural + g * 512 + p * 64);
+    RegroupGroup(v, grouped + g * 512);
+  }
+}
+
+AVIARY_VNNI_FN void RegroupActivations(Activations* a) {
+  for (int t = 0; t < a->T; ++t) {
+    Regroup(reinterpret_cast<const uint8_t*>(a->q_at(t)),
+            reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32), a->padded_blocks / 16);
+  }
+}
+
+// ---- T = 1: R rows unpacked in registers ----
+
+template <DType kType, int R>
+AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations& a, float* y) {
+  constexpr size_t kB = BlockBytes(kType);
+  const int64_t groups = a.padded_blocks / 16;
+  const int8_t* xq = a.q4_at(0);
+  const int32_t* s4 = a.sums4_at(0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  // Rows are short streams (see kernels.cpp): prefetch the next R rows at our pace.
+  const uint8_t* next = w + R * row_bytes;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (size_t line = 0; line < 16 * R * kB; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + g * 16 * R * kB + line), _MM_HINT_T0);
+    }
+    // x and the offsets of this group's 4 quads serve all R rows.
+    __m512i x[8], init[4];
+    for (int i = 0; i < 8; ++i) x[i] = _mm512_loadu_si512(xq + g * 512 + i * 64);
+    for (int qd = 0; qd < 4; ++qd) init[qd] = OffsetInit<kType, 4>(s4 + (16 * g + 4 * qd) * 4);
+    const __m512 dx = _mm512_loadu_ps(a.d_at(0) + 16 * g), ds = _mm512_loadu_ps(a.ds_at(0) + 16 * g);
+    const int64_t present = std::min<int64_t>(16, a.blocks - 16 * g);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blocks = w + r * row_bytes + 16 * g * kB;
+      __m512i isum[4];
+      for (int qd = 0; qd < 4; ++qd) {
+        __m512i lo, hi;
+        const int n = static_cast<int>(std::clamp<int64_t>(present - 4 * qd, 0, 4));
+        UnpackQuad<kType>(blocks + 4 * qd * kB, n, &lo, &hi);
+        isum[qd] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init[qd], lo, x[2 * qd]), hi, x[2 * qd + 1]);
+      }
+      __m512 dw, m;
+      GroupScales<kType>(blocks, present, &dw, &m);
+      acc[r] = Accumulate<kType>(acc[r], FoldQuads(isum), dx, dw, m, ds);
+    }
+  }
+  float out[16];
+  FinalSums(acc, R, out);
+  for (int r = 0; r < R; ++r) y[r] = out[r];
+}
+
+// ---- T > 1: 4 rows unpacked once into `buf`, R rows x TT tokens of accumulators ----
+
+struct RowBuffer {
+  std::vector<uint8_t> natural;  // one row, element order
+  std::vector<uint8_t> u;        // [4][padded_blocks * 32], regrouped like Activations::qt
+  std::vector<float> d, m;       // [4][padded_blocks]
+};
+
+template <DType kType>
+AVIARY_VNNI void UnpackRow(const uint8_t* row, const Activations& a, RowBuffer* buf, int i) {
+  constexpr size_t kB = BlockBytes(kType);
+  const int64_t nbp = a.padded_blocks, pairs = (a.blocks + 1) / 2;
+  for (int64_t p = 0; p < nbp / 2; ++p) {
+    const __m512i u = p < pairs ? UnpackPair<kType>(row + 2 * p * kB, 2 * p + 1 >= a.blocks)
+                                : _mm512_setzero_si512();
+    _mm512_storeu_si512(buf->natural.data() + p * 64, u);
+  }
+  for (int64_t g = 0; g < nbp / 16; ++g) {
+    __m512 d, m;
+    GroupScales<kType>(row + 16 * g * kB, std::min<int64_t>(16, a.blocks - 16 * g), &d, &m);
+    _mm512_storeu_ps(buf->d.data() + i * nbp + 16 * g, d);
+    _mm512_storeu_ps(buf->m.data() + i * nbp + 16 * g, m);
+  }
+  Regroup(buf->natural.data(), buf->u.data() + i * nbp * 32, nbp / 16);
+}
+
+template <DType kType, int R, int TT>
+AVIARY_VNNI void GemmTile(const RowBuffer& buf, const Activations& a, int t0, int64_t rows,
+                          float* y) {
+  const int64_t nbp = a.padded_blocks, groups = nbp / 16;
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i isum[R][TT];
+    for (int t = 0; t < TT; ++t) {
+      const __m512i init = OffsetInit<kType, 1>(a.sums_at(t0 + t) + 16 * g);
+      for (int r = 0; r < R; ++r) isum[r][t] = init;
+    }
+    for (int k = 0; k < 8; ++k) {
+      __m512i u[R];
+      for (int r = 0; r < R; ++r) u[r] = _mm512_loadu_si512(buf.u.data() + r * nbp * 32 + g * 512 + k * 64);
+      for (int t = 0; t < TT; ++t) {
+        const __m512i xv = _mm512_loadu_si512(a.qt_at(t0 + t) + g * 512 + k * 64);
+        for (int r = 0; r < R; ++r) isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], u[r], xv);
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m512 dx = _mm512_loadu_ps(a.d_at(t0 + t) + 16 * g);
+      const __m512 ds = HasMin(kType) ? _mm512_loadu_ps(a.ds_at(t0 + t) + 16 * g) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m512 m = HasMin(kType) ? _mm512_loadu_ps(buf.m.data() + r * nbp + 16 * g) : _mm512_setzero_ps();
+        acc[r][t] = Accumulate<kType>(acc[r][t], isum[r][t], dx,
+                                      _mm512_loadu_ps(buf.d.data() + r * nbp + 16 * g), m, ds);
+      }
+    }
+  }
+  static_assert(R * TT <= 16, "one fold for the whole tile");
+  __m512 all[R * TT];
+  for (int t = 0; t < TT; ++t) {
+    for (int r = 0; r < R; ++r) all[t * R + r] = acc[r][t];
+  }
+  float out[16];
+  FinalSums(all, R * TT, out);
+  for (int t = 0; t < TT; ++t) {
+    for (int r = 0; r < R; ++r) y[(t0 + t) * rows + r] = out[t * R + r];
+  }
+}
+
+template <DType kType, int R>
+AVIARY_VNNI void GemmRows(const RowBuffer& buf, const Activations& a, int64_t rows, float* y) {
+  constexpr int kTT = 3;  // 4 x 3 sums + 4 x 3 accumulators + 4 weights: 28 of 32 registers
+  int t = 0;
+  for (; t + kTT <= a.T; t += kTT) GemmTile<kType, R, kTT>(buf, a, t, rows, y);
+  switch (a.T - t) {
+    case 2: GemmTile<kType, R, 2>(buf, a, t, rows, y); break;
+    case 1: GemmTile<kType, R, 1>(buf, a, t, rows, y); break;
+    default: break;
+  }
+}
+
+template <DType kType>
+AVIARY_VNNI_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t r0,
+                                int64_t r1, const Activations& a, float* y) {
+  if (a.T == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) GemvRows<kType, 4>(w + r * row_bytes, row_bytes, a, y + r);
+    for (; r < r1; ++r) GemvRows<kType, 1>(w + r * row_bytes, row_bytes, a, y + r);
+    return;
+  }
+  // Per-thread buffer of 4 unpacked rows; grows to the widest matrix once.
+  thread_local RowBuffer buf;
+  const size_t nbp = static_cast<size_t>(a.padded_blocks);
+  if (buf.u.size() < 4 * nbp * 32) {
+    buf.natural.resize(nbp * 32);
+    buf.u.resize(4 * nbp * 32);
+    buf.d.resize(4 * nbp);
+    buf.m.resize(4 * nbp);
+  }
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int n = static_cast<int>(std::min<int64_t>(4, r1 - r));
+    for (int i = 0; i < n; ++i) UnpackRow<kType>(w + (r + i) * row_bytes, a, &buf, i);
+    float* yr = y + r;
+    switch (n) {
+      case 4: GemmRows<kType, 4>(buf, a, rows, yr); break;
+      case 3: GemmRows<kType, 3>(buf, a, rows, yr); break;
+      case 2: GemmRows<kType, 2>(buf, a, rows, yr); break;
+      default: GemmRows<kType, 1>(buf, a, rows, yr); break;
+    }
+  }
+}
+#endif  // AVIARY_HAVE_VNNI_CODE
+
+}  // namespace
+
+bool CpuSupported() {
+#if AVIARY_HAVE_VNNI_CODE
+  // F16C, also used, comes with every AVX-512 CPU (and clang 14 cannot test for it here).
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool Enabled() {
+  int e = g_enabled.load(std::memory_order_relaxed);
+  if (e < 0) {
+    e = FromEnvironment() ? 1 : 0;
+    g_enabled.store(e, std::memory_order_relaxed);
+  }
+  return e == 1 && CpuSupported();
+}
+
+void SetEnabled(bool enabled) { g_enabled.store(enabled ? 1 : 0); }
+
+void Quantize(const float* x, int T, int64_t cols, Activations* out) {
+  out->cols = cols;
+  out->T = T;
+  out->blocks = cols / 32;
+  out->padded_blocks = (out->blocks + 15) / 16 * 16;
+  const int64_t nb = out->blocks, nbp = out->padded_blocks;
+  const size_t total = static_cast<size_t>(nbp) * static_cast<size_t>(T);
+  if (out->q.size() < total * 32) {  // grows only
+    out->q.resize(total * 32);
+    out->qt.resize(total * 32);
+    out->d.resize(total);
+    out->sums.resize(total);
+    out->sums4.resize(total * 4);
+    out->q4.resize(total * 32);
+    out->ds.resize(total);
+  }
+  for (int t = 0; t < T; ++t) {  // padding blocks are zero: they add nothing
+    std::fill(out->q.begin() + (t * nbp + nb) * 32, out->q.begin() + (t + 1) * nbp * 32, 0);
+    std::fill(out->d.begin() + t * nbp + nb, out->d.begin() + (t + 1) * nbp, 0.0f);
+    std::fill(out->sums.begin() + t * nbp + nb, out->sums.begin() + (t + 1) * nbp, 0);
+    std::fill(out->sums4.begin() + (t * nbp + nb) * 4, out->sums4.begin() + (t + 1) * nbp * 4, 0);
+    std::fill(out->ds.begin() + t * nbp + nb, out->ds.begin() + (t + 1) * nbp, 0.0f);
+  }
+#if AVIARY_HAVE_VNNI_CODE
+  if (CpuSupported()) {
+    QuantizeVnni(x, T, cols, out);
+    if (T > 1) {
+      RegroupActivations(out);
+    } else {  // quads: bytes 0..15 of 4 blocks, then 16..31
+      for (int64_t quad = 0; quad < nbp / 4; ++quad) {
+        for (int i = 0; i < 4; ++i) {
+          const int8_t* src = out->q.data() + (quad * 4 + i) * 32;
+          std::memcpy(out->q4.data() + quad * 128 + i * 16, src, 16);
+          std::memcpy(out->q4.data() + quad * 128 + 64 + i * 16, src + 16, 16);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int t = 0; t < T; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      int8_t* q = out->q.data() + (t * nbp + b) * 32;
+      const float d = QuantizeBlockScalar(x + t * cols + b * 32, q);
+      int32_t sum = 0;
+      for (int i = 0; i < 32; ++i) sum += q[i];
+      out->d[t * nbp + b] = d;
+      out->sums[t * nbp + b] = sum;
+      std::fill_n(out->sums4.data() + (t * nbp + b) * 4, 4, sum);
+      out->ds[t * nbp + b] = d * static_cast<float>(sum);
+    }
+  }
+}
+
+void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t /*cols*/,
+                int64_t r0, int64_t r1, const Activations& a, float* y) {
+#if AVIARY_HAVE_VNNI_CODE
+  switch (type) {
+    case DType::kQ4_0: return MatMulRowsT<DType::kQ4_0>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ4_1: return MatMulRowsT<DType::kQ4_1>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ5_0: return MatMulRowsT<DType::kQ5_0>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ5_1: return MatMulRowsT<DType::kQ5_1>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ8_0: return MatMulRowsT<DType::kQ8_0>(w, row_bytes, rows, r0, r1, a, y);
+    default: break;
+  }
+#endif
+  (void)type, (void)w, (void)row_bytes, (void)rows, (void)r0, (void)r1, (void)a, (void)y;
+  std::abort();  // callers check SupportsType() and CpuSupported()
+}
+
+void ReferenceMatMul(const Tensor& w, const float* x, int T, float* y) {
+  const int64_t rows = w.rows(), cols = w.cols(), blocks = cols / 32;
+  const size_t kB = static_cast<size_t>(Traits(w.type).block_bytes);
+  const int k = Offset(w.type);
+  std::vector<int8_t> q(static_cast<size_t>(cols));
+  std::vector<float> d(static_cast<size_t>(blocks));
+  std::vector<int32_t> sums(static_cast<size_t>(blocks));
+  for (int t = 0; t < T; ++t) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      d[b] = QuantizeBlockScalar(x + t * cols + b * 32, q.data() + b * 32);
+      sums[b] = 0;
+      for (int i = 0; i < 32; ++i) sums[b] += q[b * 32 + i];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0, mterm = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const WBlock wb = UnpackScalar(w.type, w.row(r) + b * kB);
+        int32_t isum = -k * sums[b];
+        for (int i = 0; i < 32; ++i) isum += static_cast<int32_t>(wb.u[i]) * q[b * 32 + i];
+        acc += static_cast<float>(isum) * d[b] * wb.d;
+        mterm += wb.m * (d[b] * static_cast<float>(sums[b]));
+      }
+      y[t * rows + r] = acc + mterm;
+    }
+  }
+}
+
+}  // namespace aviary::int8
