@@ -2,6 +2,7 @@
 // (ReadGguf) for llama.cpp's rwkv6/rwkv7 and aviary's aviary-rwkv4/aviary-rwkv5 files.
 // Tensors are views into the mapped bytes; only llama.cpp's rwkv6 rescaled layers are copied.
 #include "formats/gguf.h"
+#include "formats/printable.h"
 
 #include <algorithm>
 #include <array>
@@ -163,20 +164,8 @@ void DecodeScalar(ValueType t, const uint8_t* p, Value* v) {
   }
 }
 
-std::string Printable(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s.substr(0, 80)) {
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
-  }
-  if (s.size() > 80) out += "...";
-  return out;
-}
+// Names in errors: 80 bytes at most.
+std::string Printable(std::string_view s) { return aviary::Printable(s, 80); }
 
 class Reader {
  public:

@@ -3,6 +3,7 @@
 // hostile pickle builds cycles through the memo; the arena, the stack, the marks and the memo
 // are all bounded.
 #include "formats/pickle.h"
+#include "formats/printable.h"
 
 #include <cstdio>
 #include <cstring>
@@ -165,20 +166,8 @@ const char* OpcodeName(uint8_t op) {
   }
 }
 
-std::string Printable(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s.substr(0, 120)) {
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
-  }
-  if (s.size() > 120) out += "...";
-  return out;
-}
+// Names in errors: 120 bytes at most.
+std::string Printable(std::string_view s) { return aviary::Printable(s, 120); }
 
 class Unpickler {
  public:

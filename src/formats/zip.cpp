@@ -2,6 +2,7 @@
 // central directory) -> central directory headers -> each entry's local header -> its data.
 // See zip.h for why this is not libzip.
 #include "formats/zip.h"
+#include "formats/printable.h"
 
 #include <zlib.h>
 
@@ -39,19 +40,8 @@ uint32_t U32(const uint8_t* p) {
 }
 uint64_t U64(const uint8_t* p) { return U32(p) | (static_cast<uint64_t>(U32(p + 4)) << 32); }
 
-std::string Printable(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s.substr(0, 200)) {
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
-  }
-  return out;
-}
+// Names in errors: 200 bytes at most.
+std::string Printable(std::string_view s) { return aviary::Printable(s, 200); }
 
 uint32_t Crc32(std::span<const uint8_t> data) {
   uLong crc = crc32(0L, Z_NULL, 0);

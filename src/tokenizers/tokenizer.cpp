@@ -109,6 +109,22 @@ std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::s
   return tok;
 }
 
+std::string DecodeTokens(const std::vector<std::string>& tokens, std::span<const int32_t> ids,
+                         const char* vocabulary) {
+  size_t total = 0;
+  for (int32_t id : ids) {
+    if (id < 0 || static_cast<size_t>(id) >= tokens.size()) {
+      throw Error("token id " + std::to_string(id) + " is outside the " + vocabulary +
+                  " vocabulary (0.." + std::to_string(tokens.size() - 1) + ")");
+    }
+    total += tokens[id].size();
+  }
+  std::string out;
+  out.reserve(total);
+  for (int32_t id : ids) out += tokens[id];
+  return out;
+}
+
 std::string Utf8Stream::Push(std::string_view bytes) {
   pending_.append(bytes);
   // Find where the last (possibly incomplete) character starts.

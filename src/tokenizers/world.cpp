@@ -178,19 +178,9 @@ class WorldTokenizer final : public Tokenizer {
   }
 
   std::string Decode(std::span<const int32_t> ids) const override {
-    size_t total = 0;
-    for (int32_t id : ids) {
-      if (id < 0 || static_cast<size_t>(id) >= tokens_.size()) {
-        throw Error("token id " + std::to_string(id) + " is outside the World vocabulary (0.." +
-                    std::to_string(tokens_.size() - 1) + ")");
-      }
-      total += tokens_[id].size();
-    }
-    std::string out;
-    out.reserve(total);
-    for (int32_t id : ids) out += tokens_[id];
-    return out;
+    return DecodeTokens(tokens_, ids, "World");
   }
+
 
  private:
   std::vector<std::string> tokens_;
