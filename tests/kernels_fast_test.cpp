@@ -30,6 +30,7 @@
 #include "aviary/model.h"
 #include "tensor_fixtures.h"
 #include "test_data.h"
+#include "tensor/aligned.h"
 #include "tensor/dtype.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
@@ -242,6 +243,26 @@ TEST(FastKernels, MatMulDispatcherFollowsTheKernelChoice) {
   EXPECT_TRUE(BitEqual(y, fast));
 }
 
+// Kernel buffers start on cache lines, small or large (glibc serves blocks from 128 KiB on
+// by mmap, 16 bytes past a page), and growing keeps it so.
+TEST(FastKernels, AlignedVectorsStartOnCacheLines) {
+  for (size_t n : {1, 15, 16, 1000, 40000, 1 << 20}) {
+    aviary::AlignedVector<float> f(n);
+    aviary::AlignedVector<int8_t> b(n);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(f.data()) % aviary::kVectorAlign, 0u) << n;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % aviary::kVectorAlign, 0u) << n;
+    f.resize(3 * n + 7);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(f.data()) % aviary::kVectorAlign, 0u) << n;
+  }
+  aviary::int8::Activations a;
+  std::vector<float> x(64 * 4096, 0.5f);
+  aviary::int8::Quantize(x.data(), 64, 4096, &a);
+  for (const void* p : {static_cast<const void*>(a.q.data()), static_cast<const void*>(a.qt.data()),
+                        static_cast<const void*>(a.d.data()), static_cast<const void*>(a.sums.data())}) {
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % aviary::kVectorAlign, 0u);
+  }
+}
+
 // ---- norms and activations ----
 
 TEST(FastKernels, NormsMatchReference) {
@@ -285,7 +306,8 @@ TEST(FastKernels, ActivationsMatchCmathAndDoNotDependOnPosition) {
   const Op ops[] = {{"tanh", aviary::fast::Tanh, aviary::ref::Tanh, -12, 12},
                     {"sigmoid", aviary::fast::Sigmoid, aviary::ref::Sigmoid, -100, 100},
                     {"silu", aviary::fast::Silu, aviary::ref::Silu, -30, 30},
-                    {"exp", aviary::fast::Exp, aviary::ref::Exp, -100, 88}};
+                    {"exp", aviary::fast::Exp, aviary::ref::Exp, -100, 88},
+                    {"squared relu", aviary::fast::SquaredRelu, aviary::ref::SquaredRelu, -1e3, 1e3}};
   for (const Op& op : ops) {
     std::uniform_real_distribution<float> u(op.lo, op.hi);
     double worst = 0;

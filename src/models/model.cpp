@@ -32,15 +32,12 @@ Scratch& Scratch::ForThisThread() {
 
 float* Scratch::Take(size_t n) {
   if (n == 0) n = 1;
-  if (next_ == blocks_.size()) {
-    blocks_.emplace_back();
-    sizes_.push_back(0);
+  if (next_ == blocks_.size()) blocks_.emplace_back();
+  if (blocks_[next_].size() < n) {
+    blocks_[next_] = AlignedVector<float>();  // free first: no old + new peak
+    blocks_[next_].resize(n);
   }
-  if (sizes_[next_] < n) {
-    blocks_[next_] = std::make_unique<float[]>(n);
-    sizes_[next_] = n;
-  }
-  return blocks_[next_++].get();
+  return blocks_[next_++].data();
 }
 
 // ---- Weights ----
@@ -150,10 +147,7 @@ void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance
   float* k = s.Take(T * F);
   float* v = s.Take(T * C);
   MatMul(key, xk, T, k);
-  for (size_t i = 0; i < T * F; ++i) {
-    const float relu = std::max(k[i], 0.0f);
-    k[i] = relu * relu;
-  }
+  SquaredReluInPlace(k, T * F);
   MatMul(value, k, T, v);
   if (receptance) {
     float* r = s.Take(T * C);

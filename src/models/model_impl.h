@@ -9,6 +9,7 @@
 
 #include "aviary/model.h"
 #include "formats/weight_file.h"
+#include "tensor/aligned.h"
 #include "tensor/tensor.h"
 
 namespace aviary {
@@ -22,8 +23,7 @@ class Scratch {
   float* Take(size_t n);
 
  private:
-  std::vector<std::unique_ptr<float[]>> blocks_;
-  std::vector<size_t> sizes_;
+  std::vector<AlignedVector<float>> blocks_;  // aligned: the matrix kernels stream them
   size_t next_ = 0;
 };
 

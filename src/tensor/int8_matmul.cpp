@@ -18,9 +18,9 @@
 //  - T = 1 unpacks four blocks per pair of vectors in registers (bytes 0..15 of each, then
 //    16..31: 4 lanes per block) and folds the lanes of 16 blocks into one vector of block
 //    sums (integer adds: exact);
-//  - T > 1 unpacks 4 rows once into a buffer regrouped so that each 32-bit lane walks one
+//  - T > 1 unpacks 8 rows once into a buffer regrouped so that each 32-bit lane walks one
 //    block (Activations::qt has x the same way): 8 vpdpbusd give 16 finished block sums, with
-//    no folding, and a 4-row x 3-token tile of them runs over the buffer.
+//    no folding, and an 8-row x 3-token tile of them runs over the buffer.
 // The float operations per output are the same in the same order: results agree bit for bit.
 #include "tensor/int8_matmul.h"
 
@@ -35,10 +35,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AVIARY_HAVE_VNNI_CODE 1
 #include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 warns falsely about _mm512_undefined_* inside its own AVX-512 headers.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+
+#include "tensor/lane_sums.h"  // also silences GCC 12's false warnings in its AVX-512 headers
 #else
 #define AVIARY_HAVE_VNNI_CODE 0
 #endif
@@ -249,8 +247,9 @@ AVIARY_VNNI void UnpackQuad(const uint8_t* p, int n, __m512i* lo, __m512i* hi) {
 }
 
 // The start of a block's int32 lanes: -k / kLanes * (sum of the block's q) in each of its
-// kLanes lanes (4 at T = 1, 1 at T > 1), so that they add up to -k * sum q. `sums` holds the
-// block sums kLanes times each (Activations::sums4 or ::sums).
+// kLanes lanes, so that they add up to -k * sum q. T > 1 (kLanes = 1): the 16 blocks from
+// `sums`; T = 1 (kLanes = 4): the quad of 4 blocks from `sums`, each spread over its 128-bit
+// lane.
 template <DType kType, int kLanes>
 AVIARY_VNNI __m512i OffsetInit(const int32_t* sums) {
   constexpr int kLog2K = Offset(kType) == 128 ? 7 : Offset(kType) == 16 ? 4 : 3;
@@ -258,7 +257,14 @@ AVIARY_VNNI __m512i OffsetInit(const int32_t* sums) {
   if constexpr (Offset(kType) == 0) {
     return _mm512_setzero_si512();
   } else {
-    const __m512i s = _mm512_loadu_si512(sums);
+    __m512i s;
+    if constexpr (kLanes == 4) {
+      const __m128i quad = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sums));
+      s = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_castsi128_si512(quad));
+    } else {
+      s = _mm512_loadu_si512(sums);
+    }
     return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, kShift));
   }
 }
@@ -273,7 +279,7 @@ AVIARY_VNNI __m512 Accumulate(__m512 acc, __m512i isum, __m512 dx, __m512 dw, __
 
 // 4 vectors of quad lanes (vector q: blocks 4q .. 4q+3, 4 lanes each) -> one vector of the
 // 16 block sums in block order. Integer adds only.
-AVIARY_VNNI __m512i Fold2(__m512i a, __m512i b) {  // integer versions of the float folds below
+AVIARY_VNNI __m512i Fold2(__m512i a, __m512i b) {  // integer versions of lane_sums.h's folds
   return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
 }
 AVIARY_VNNI __m512i Fold4(__m512i a, __m512i b) {
@@ -286,40 +292,13 @@ AVIARY_VNNI __m512i FoldQuads(const __m512i* v) {
       _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
 }
 
-// The lane sums of 16 vectors, in order, as one vector. Each sum is the same tree of adds
-// whatever the other 15 vectors hold, so an output does not depend on its tile neighbours
-// (or on being computed alone, padded with zeros).
-AVIARY_VNNI __m512 Fold2(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-AVIARY_VNNI __m512 Fold4(__m512 a, __m512 b) {
-  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-}
-AVIARY_VNNI __m512 FoldLanes(__m512 a, __m512 b) {  // 128-bit lanes (0+1, 2+3) of a, then b
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
-}
-AVIARY_VNNI __m512 HorizontalSums16(const __m512* v) {
-  __m512 c[4];  // c[i], 128-bit lane L: the sums over lane L of v[4i .. 4i+3]
-  for (int i = 0; i < 4; ++i) {
-    c[i] = Fold4(Fold2(v[4 * i], v[4 * i + 1]), Fold2(v[4 * i + 2], v[4 * i + 3]));
-  }
-  return FoldLanes(FoldLanes(c[0], c[1]), FoldLanes(c[2], c[3]));
-}
-
-// out[i] = sum of the lanes of acc[i] for i < n <= 16: every output's last float steps.
-AVIARY_VNNI void FinalSums(const __m512* acc, int n, float* out) {
-  __m512 v[16];
-  for (int i = 0; i < 16; ++i) v[i] = i < n ? acc[i] : _mm512_setzero_ps();
-  _mm512_storeu_ps(out, HorizontalSums16(v));
-}
+using lane_sums::FinalSums;  // every output's last float steps (lane_sums.h)
 
 AVIARY_VNNI_FN void QuantizeVnni(const float* x, int T, int64_t cols, Activations* a) {
   for (int t = 0; t < T; ++t) {
     int8_t* q = a->q.data() + t * a->padded_blocks * 32;
     float* d = a->d.data() + t * a->padded_blocks;
     int32_t* sums = a->sums.data() + t * a->padded_blocks;
-    int32_t* s4 = a->sums4.data() + t * a->padded_blocks * 4;
     float* ds = a->ds.data() + t * a->padded_blocks;
     const float* xt = x + t * cols;
     for (int64_t b = 0; b < a->blocks; ++b) {
@@ -339,7 +318,6 @@ AVIARY_VNNI_FN void QuantizeVnni(const float* x, int T, int64_t cols, Activation
       d[b] = step;
       sums[b] = sum;
       ds[b] = step * static_cast<float>(sum);
-      for (int i = 0; i < 4; ++i) s4[b * 4 + i] = sum;
     }
   }
 }
@@ -399,8 +377,8 @@ template <DType kType, int R>
 AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations& a, float* y) {
   constexpr size_t kB = BlockBytes(kType);
   const int64_t groups = a.padded_blocks / 16;
-  const int8_t* xq = a.q4_at(0);
-  const int32_t* s4 = a.sums4_at(0);
+  const int8_t* xq = a.q_at(0);
+  const int32_t* sums = a.sums_at(0);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   // Rows are short streams (see kernels.cpp): prefetch the next R rows at our pace.
@@ -409,10 +387,16 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
     for (size_t line = 0; line < 16 * R * kB; line += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(next + g * 16 * R * kB + line), _MM_HINT_T0);
     }
-    // x and the offsets of this group's 4 quads serve all R rows.
+    // x and the offsets of this group's 4 quads serve all R rows. x goes to quad order like
+    // the weights (UnpackQuad): bytes 0..15 of 4 blocks, then 16..31.
     __m512i x[8], init[4];
-    for (int i = 0; i < 8; ++i) x[i] = _mm512_loadu_si512(xq + g * 512 + i * 64);
-    for (int qd = 0; qd < 4; ++qd) init[qd] = OffsetInit<kType, 4>(s4 + (16 * g + 4 * qd) * 4);
+    for (int qd = 0; qd < 4; ++qd) {
+      const int8_t* blocks = xq + g * 512 + qd * 128;
+      const __m512i a01 = _mm512_loadu_si512(blocks), a23 = _mm512_loadu_si512(blocks + 64);
+      x[2 * qd] = _mm512_shuffle_i64x2(a01, a23, 0x88);      // 128-bit lanes 0, 2 of each
+      x[2 * qd + 1] = _mm512_shuffle_i64x2(a01, a23, 0xdd);  // lanes 1, 3
+      init[qd] = OffsetInit<kType, 4>(sums + 16 * g + 4 * qd);
+    }
     const __m512 dx = _mm512_loadu_ps(a.d_at(0) + 16 * g), ds = _mm512_loadu_ps(a.ds_at(0) + 16 * g);
     const int64_t present = std::min<int64_t>(16, a.blocks - 16 * g);
     for (int r = 0; r < R; ++r) {
@@ -434,12 +418,17 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
   for (int r = 0; r < R; ++r) y[r] = out[r];
 }
 
-// ---- T > 1: 4 rows unpacked once into `buf`, R rows x TT tokens of accumulators ----
+// ---- T > 1: up to 8 rows unpacked once into `buf`, R rows x TT tokens of sums ----
+
+// Rows unpacked per pass. 8 rows x 3 tokens: each activation vector loaded (from L2 for long
+// rows) serves 8 vpdpbusd, and the 24 sums plus 3 activations and 1 weight vector fill 28
+// of the 32 registers; the float accumulators live in L1 between groups.
+constexpr int kPassRows = 8;
 
 struct RowBuffer {
-  std::vector<uint8_t> natural;  // one row, element order
-  std::vector<uint8_t> u;        // [4][padded_blocks * 32], regrouped like Activations::qt
-  std::vector<float> d, m;       // [4][padded_blocks]
+  AlignedVector<uint8_t> natural;  // one row, element order
+  AlignedVector<uint8_t> u;        // [kPassRows][padded_blocks * 32], regrouped like Activations::qt
+  AlignedVector<float> d, m;       // [kPassRows][padded_blocks]
 };
 
 template <DType kType>
@@ -460,11 +449,15 @@ AVIARY_VNNI void UnpackRow(const uint8_t* row, const Activations& a, RowBuffer* 
   Regroup(buf->natural.data(), buf->u.data() + i * nbp * 32, nbp / 16);
 }
 
+// Rows row0 .. row0 + R of `buf` times tokens t0 .. t0 + TT: y[t, r] for each.
 template <DType kType, int R, int TT>
-AVIARY_VNNI void GemmTile(const RowBuffer& buf, const Activations& a, int t0, int64_t rows,
-                          float* y) {
+AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, int t0,
+                          int64_t rows, float* y) {
   const int64_t nbp = a.padded_blocks, groups = nbp / 16;
-  __m512 acc[R][TT];
+  const uint8_t* u0 = buf.u.data() + row0 * nbp * 32;
+  const float* d0 = buf.d.data() + row0 * nbp;
+  const float* m0 = buf.m.data() + row0 * nbp;
+  __m512 acc[R][TT];  // spilled to the stack (L1) for 8 x 3; the sums keep the registers
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
@@ -474,44 +467,46 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, const Activations& a, int t0, in
       const __m512i init = OffsetInit<kType, 1>(a.sums_at(t0 + t) + 16 * g);
       for (int r = 0; r < R; ++r) isum[r][t] = init;
     }
+#pragma GCC unroll 8  // GCC otherwise keeps a k loop and copies the 24 sums through memory
     for (int k = 0; k < 8; ++k) {
-      __m512i u[R];
-      for (int r = 0; r < R; ++r) u[r] = _mm512_loadu_si512(buf.u.data() + r * nbp * 32 + g * 512 + k * 64);
-      for (int t = 0; t < TT; ++t) {
-        const __m512i xv = _mm512_loadu_si512(a.qt_at(t0 + t) + g * 512 + k * 64);
-        for (int r = 0; r < R; ++r) isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], u[r], xv);
+      __m512i xv[TT];
+      for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a.qt_at(t0 + t) + g * 512 + k * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i u = _mm512_loadu_si512(u0 + r * nbp * 32 + g * 512 + k * 64);
+        for (int t = 0; t < TT; ++t) isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], u, xv[t]);
       }
     }
     for (int t = 0; t < TT; ++t) {
       const __m512 dx = _mm512_loadu_ps(a.d_at(t0 + t) + 16 * g);
       const __m512 ds = HasMin(kType) ? _mm512_loadu_ps(a.ds_at(t0 + t) + 16 * g) : _mm512_setzero_ps();
       for (int r = 0; r < R; ++r) {
-        const __m512 m = HasMin(kType) ? _mm512_loadu_ps(buf.m.data() + r * nbp + 16 * g) : _mm512_setzero_ps();
+        const __m512 m = HasMin(kType) ? _mm512_loadu_ps(m0 + r * nbp + 16 * g) : _mm512_setzero_ps();
         acc[r][t] = Accumulate<kType>(acc[r][t], isum[r][t], dx,
-                                      _mm512_loadu_ps(buf.d.data() + r * nbp + 16 * g), m, ds);
+                                      _mm512_loadu_ps(d0 + r * nbp + 16 * g), m, ds);
       }
     }
   }
-  static_assert(R * TT <= 16, "one fold for the whole tile");
+  // Final sums, 16 outputs per fold (token-major: t * R + r).
   __m512 all[R * TT];
   for (int t = 0; t < TT; ++t) {
     for (int r = 0; r < R; ++r) all[t * R + r] = acc[r][t];
   }
-  float out[16];
-  FinalSums(all, R * TT, out);
-  for (int t = 0; t < TT; ++t) {
-    for (int r = 0; r < R; ++r) y[(t0 + t) * rows + r] = out[t * R + r];
+  for (int i = 0; i < R * TT; i += 16) {
+    float out[16];
+    FinalSums(all + i, std::min(16, R * TT - i), out);
+    for (int j = i; j < std::min(i + 16, R * TT); ++j) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
   }
 }
 
 template <DType kType, int R>
-AVIARY_VNNI void GemmRows(const RowBuffer& buf, const Activations& a, int64_t rows, float* y) {
-  constexpr int kTT = 3;  // 4 x 3 sums + 4 x 3 accumulators + 4 weights: 28 of 32 registers
+AVIARY_VNNI void GemmRows(const RowBuffer& buf, int row0, const Activations& a, int64_t rows,
+                          float* y) {
+  constexpr int kTT = 3;
   int t = 0;
-  for (; t + kTT <= a.T; t += kTT) GemmTile<kType, R, kTT>(buf, a, t, rows, y);
+  for (; t + kTT <= a.T; t += kTT) GemmTile<kType, R, kTT>(buf, row0, a, t, rows, y);
   switch (a.T - t) {
-    case 2: GemmTile<kType, R, 2>(buf, a, t, rows, y); break;
-    case 1: GemmTile<kType, R, 1>(buf, a, t, rows, y); break;
+    case 2: GemmTile<kType, R, 2>(buf, row0, a, t, rows, y); break;
+    case 1: GemmTile<kType, R, 1>(buf, row0, a, t, rows, y); break;
     default: break;
   }
 }
@@ -525,24 +520,30 @@ AVIARY_VNNI_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows
     for (; r < r1; ++r) GemvRows<kType, 1>(w + r * row_bytes, row_bytes, a, y + r);
     return;
   }
-  // Per-thread buffer of 4 unpacked rows; grows to the widest matrix once.
+  // Per-thread buffer of kPassRows unpacked rows; grows to the widest matrix once.
   thread_local RowBuffer buf;
   const size_t nbp = static_cast<size_t>(a.padded_blocks);
-  if (buf.u.size() < 4 * nbp * 32) {
+  if (buf.u.size() < kPassRows * nbp * 32) {
     buf.natural.resize(nbp * 32);
-    buf.u.resize(4 * nbp * 32);
-    buf.d.resize(4 * nbp);
-    buf.m.resize(4 * nbp);
+    buf.u.resize(kPassRows * nbp * 32);
+    buf.d.resize(kPassRows * nbp);
+    buf.m.resize(kPassRows * nbp);
   }
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int n = static_cast<int>(std::min<int64_t>(4, r1 - r));
+  for (int64_t r = r0; r < r1; r += kPassRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kPassRows, r1 - r));
     for (int i = 0; i < n; ++i) UnpackRow<kType>(w + (r + i) * row_bytes, a, &buf, i);
     float* yr = y + r;
-    switch (n) {
-      case 4: GemmRows<kType, 4>(buf, a, rows, yr); break;
-      case 3: GemmRows<kType, 3>(buf, a, rows, yr); break;
-      case 2: GemmRows<kType, 2>(buf, a, rows, yr); break;
-      default: GemmRows<kType, 1>(buf, a, rows, yr); break;
+    if (n == kPassRows) {
+      GemmRows<kType, kPassRows>(buf, 0, a, rows, yr);
+      continue;
+    }
+    int i = 0;
+    for (; i + 4 <= n; i += 4) GemmRows<kType, 4>(buf, i, a, rows, yr);
+    switch (n - i) {
+      case 3: GemmRows<kType, 3>(buf, i, a, rows, yr); break;
+      case 2: GemmRows<kType, 2>(buf, i, a, rows, yr); break;
+      case 1: GemmRows<kType, 1>(buf, i, a, rows, yr); break;
+      default: break;
     }
   }
 }
@@ -585,31 +586,18 @@ void Quantize(const float* x, int T, int64_t cols, Activations* out) {
     out->qt.resize(total * 32);
     out->d.resize(total);
     out->sums.resize(total);
-    out->sums4.resize(total * 4);
-    out->q4.resize(total * 32);
     out->ds.resize(total);
   }
   for (int t = 0; t < T; ++t) {  // padding blocks are zero: they add nothing
     std::fill(out->q.begin() + (t * nbp + nb) * 32, out->q.begin() + (t + 1) * nbp * 32, 0);
     std::fill(out->d.begin() + t * nbp + nb, out->d.begin() + (t + 1) * nbp, 0.0f);
     std::fill(out->sums.begin() + t * nbp + nb, out->sums.begin() + (t + 1) * nbp, 0);
-    std::fill(out->sums4.begin() + (t * nbp + nb) * 4, out->sums4.begin() + (t + 1) * nbp * 4, 0);
     std::fill(out->ds.begin() + t * nbp + nb, out->ds.begin() + (t + 1) * nbp, 0.0f);
   }
 #if AVIARY_HAVE_VNNI_CODE
   if (CpuSupported()) {
     QuantizeVnni(x, T, cols, out);
-    if (T > 1) {
-      RegroupActivations(out);
-    } else {  // quads: bytes 0..15 of 4 blocks, then 16..31
-      for (int64_t quad = 0; quad < nbp / 4; ++quad) {
-        for (int i = 0; i < 4; ++i) {
-          const int8_t* src = out->q.data() + (quad * 4 + i) * 32;
-          std::memcpy(out->q4.data() + quad * 128 + i * 16, src, 16);
-          std::memcpy(out->q4.data() + quad * 128 + 64 + i * 16, src + 16, 16);
-        }
-      }
-    }
+    if (T > 1) RegroupActivations(out);
     return;
   }
 #endif
@@ -621,7 +609,6 @@ void Quantize(const float* x, int T, int64_t cols, Activations* out) {
       for (int i = 0; i < 32; ++i) sum += q[i];
       out->d[t * nbp + b] = d;
       out->sums[t * nbp + b] = sum;
-      std::fill_n(out->sums4.data() + (t * nbp + b) * 4, 4, sum);
       out->ds[t * nbp + b] = d * static_cast<float>(sum);
     }
   }

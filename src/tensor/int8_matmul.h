@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "tensor/aligned.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
 
@@ -36,24 +37,18 @@ inline bool SupportsType(DType type) { return IsQuantized(type); }
 struct Activations {
   int64_t cols = 0, blocks = 0, padded_blocks = 0;  // per token
   int T = 0;
-  std::vector<int8_t> q;       // [T][padded_blocks * 32], element order
+  AlignedVector<int8_t> q;       // [T][padded_blocks * 32], element order
   // T > 1 only: the same bytes regrouped for 16 blocks per vector: within each group of 16
   // blocks, 8 steps of 64 bytes, step k holding bytes 4k..4k+3 of blocks 0..15 in turn.
-  std::vector<int8_t> qt;
-  // T = 1 only: the same bytes in quads of 4 blocks, two vectors per quad: bytes 0..15 of the
-  // 4 blocks, then bytes 16..31 of them.
-  std::vector<int8_t> q4;
-  std::vector<float> d;        // [T][padded_blocks]: the block's step d_x
-  std::vector<int32_t> sums;   // [T][padded_blocks]: sum of the block's q
-  std::vector<int32_t> sums4;  // [T][padded_blocks * 4]: the same, 4 copies (T = 1 lanes)
-  std::vector<float> ds;       // [T][padded_blocks]: d_x * sum q (for types with a minimum)
+  AlignedVector<int8_t> qt;
+  AlignedVector<float> d;      // [T][padded_blocks]: the block's step d_x
+  AlignedVector<int32_t> sums; // [T][padded_blocks]: sum of the block's q
+  AlignedVector<float> ds;     // [T][padded_blocks]: d_x * sum q (for types with a minimum)
 
   const int8_t* q_at(int t) const { return q.data() + t * padded_blocks * 32; }
   const int8_t* qt_at(int t) const { return qt.data() + t * padded_blocks * 32; }
-  const int8_t* q4_at(int t) const { return q4.data() + t * padded_blocks * 32; }
   const float* d_at(int t) const { return d.data() + t * padded_blocks; }
   const int32_t* sums_at(int t) const { return sums.data() + t * padded_blocks; }
-  const int32_t* sums4_at(int t) const { return sums4.data() + t * padded_blocks * 4; }
   const float* ds_at(int t) const { return ds.data() + t * padded_blocks; }
 };
 

@@ -27,8 +27,10 @@
 #include <string>
 #include <vector>
 
+#include "tensor/aligned.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
+#include "tensor/lane_sums.h"
 #include "tensor/reference.h"
 #include "tensor/thread_pool.h"
 
@@ -250,6 +252,20 @@ HWY_INLINE float TailValue(const uint8_t* row, int64_t c) {
 
 HWY_INLINE float HorizontalSum(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
 
+// out[i] = the lane sum of acc[i] for i < n <= 16 (out has room for 16): on AVX-512 one
+// transpose-and-add tree for all of them (lane_sums.h), elsewhere one at a time. Both MatMul
+// paths end every dot product here, so they stay bit-identical.
+HWY_INLINE void LaneSums(const VF* acc, int n, float* out) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3 && defined(AVIARY_HAVE_LANE_SUMS16)
+  static_assert(kLanes == 16, "512-bit vectors of floats");
+  __m512 v[16];
+  for (int i = 0; i < n; ++i) v[i] = acc[i].raw;
+  lane_sums::FinalSums(v, n, out);
+#else
+  for (int i = 0; i < n; ++i) out[i] = HorizontalSum(acc[i]);
+#endif
+}
+
 // ---- T = 1: R rows streamed and widened in registers ----
 
 template <DType kType, int R>
@@ -277,8 +293,10 @@ HWY_INLINE void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const
       for (int r = 0; r < R; ++r) acc[r] = hn::MulAdd(D::Chunk(p + r * row_bytes, k, s[r]), xv, acc[r]);
     }
   }
+  float sums[16];
+  LaneSums(acc, R, sums);
   for (int r = 0; r < R; ++r) {
-    float sum = HorizontalSum(acc[r]);
+    float sum = sums[r];
     for (int64_t c = groups * static_cast<int64_t>(D::kElems); c < cols; ++c) {
       sum = ScalarMulAdd(TailValue<kType>(w + r * row_bytes, c), x[c], sum);
     }
@@ -325,9 +343,12 @@ HWY_INLINE void GemmTile(const float* wbuf, size_t ws, int64_t cols, const float
       for (int r = 0; r < R; ++r) acc[r][t] = hn::MulAdd(wv[r], xv, acc[r][t]);
     }
   }
+  static_assert(R * TT <= 16, "one LaneSums for the tile");
+  float sums[16];
+  LaneSums(&acc[0][0], R * TT, sums);
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < TT; ++t) {
-      float sum = HorizontalSum(acc[r][t]);
+      float sum = sums[r * TT + t];
       for (int64_t c = vec_cols; c < cols; ++c) {
         sum = ScalarMulAdd(wbuf[r * ws + c], x[t * cols + c], sum);
       }
@@ -366,7 +387,7 @@ void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
     return;
   }
   // Per-thread buffer of kTileRows widened rows; grows to the widest matrix once.
-  thread_local std::vector<float> buf;
+  thread_local AlignedVector<float> buf;
   const size_t ws = static_cast<size_t>(cols + 16) & ~size_t{15};
   if (buf.size() < kTileRows * ws) buf.resize(kTileRows * ws);
   for (int64_t r = r0; r < r1; r += kTileRows) {
@@ -474,6 +495,12 @@ struct SigmoidOp {
 struct SiluOp {
   HWY_INLINE VF operator()(DF df, VF v) const { return hn::Mul(v, SigmoidV(df, v)); }
 };
+struct SquaredReluOp {  // branch-free: the signs of FFN keys are a coin toss
+  HWY_INLINE VF operator()(DF df, VF v) const {
+    const VF r = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(df)), v);  // NaN stays NaN
+    return hn::Mul(r, r);
+  }
+};
 struct ExpOp {
   HWY_INLINE VF operator()(DF df, VF v) const {
     const float kMaxLog = 88.7228394f;  // ln(FLT_MAX)
@@ -486,6 +513,7 @@ void TanhF(float* x, size_t n) { Map(x, n, TanhOp()); }
 void SigmoidF(float* x, size_t n) { Map(x, n, SigmoidOp()); }
 void SiluF(float* x, size_t n) { Map(x, n, SiluOp()); }
 void ExpF(float* x, size_t n) { Map(x, n, ExpOp()); }
+void SquaredReluF(float* x, size_t n) { Map(x, n, SquaredReluOp()); }
 
 const char* TargetNameF() { return hwy::TargetName(HWY_TARGET); }
 
@@ -503,6 +531,7 @@ HWY_EXPORT(TanhF);
 HWY_EXPORT(SigmoidF);
 HWY_EXPORT(SiluF);
 HWY_EXPORT(ExpF);
+HWY_EXPORT(SquaredReluF);
 HWY_EXPORT(TargetNameF);
 
 namespace {
@@ -595,6 +624,7 @@ void Tanh(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(TanhF)(x, n); }
 void Sigmoid(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SigmoidF)(x, n); }
 void Exp(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(ExpF)(x, n); }
 void Silu(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SiluF)(x, n); }
+void SquaredRelu(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SquaredReluF)(x, n); }
 
 }  // namespace fast
 
@@ -628,6 +658,9 @@ void SigmoidInPlace(float* x, size_t n) {
 }
 void ExpInPlace(float* x, size_t n) { Reference() ? ref::Exp(x, n) : fast::Exp(x, n); }
 void SiluInPlace(float* x, size_t n) { Reference() ? ref::Silu(x, n) : fast::Silu(x, n); }
+void SquaredReluInPlace(float* x, size_t n) {
+  Reference() ? ref::SquaredRelu(x, n) : fast::SquaredRelu(x, n);
+}
 
 }  // namespace aviary
 #endif  // HWY_ONCE

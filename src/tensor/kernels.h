@@ -50,6 +50,7 @@ void TanhInPlace(float* x, size_t n);
 void SigmoidInPlace(float* x, size_t n);
 void ExpInPlace(float* x, size_t n);
 void SiluInPlace(float* x, size_t n);  // x * sigmoid(x)
+void SquaredReluInPlace(float* x, size_t n);  // max(x, 0)^2 (channel mix)
 
 // The fast implementations, callable directly (tests and benchmarks compare them with the
 // reference in reference.h). `max_threads` 0 = the pool's thread count.
@@ -64,6 +65,7 @@ void Tanh(float* x, size_t n);
 void Sigmoid(float* x, size_t n);
 void Exp(float* x, size_t n);
 void Silu(float* x, size_t n);
+void SquaredRelu(float* x, size_t n);
 }  // namespace fast
 
 }  // namespace aviary

@@ -77,6 +77,12 @@ void Exp(float* x, size_t n) {
 void Silu(float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] *= aviary::Sigmoid(x[i]);
 }
+void SquaredRelu(float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const float r = x[i] < 0.0f ? 0.0f : x[i];  // NaN stays NaN, as torch.relu
+    x[i] = r * r;
+  }
+}
 
 void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
           float* aa, float* bb, float* pp, float* out) {

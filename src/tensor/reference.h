@@ -25,6 +25,7 @@ void Tanh(float* x, size_t n);
 void Sigmoid(float* x, size_t n);
 void Exp(float* x, size_t n);
 void Silu(float* x, size_t n);
+void SquaredRelu(float* x, size_t n);
 
 // One token of the WKV recurrences (see wkv.h for the math).
 void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
