@@ -494,6 +494,11 @@ TEST(TokenizerJson, MalformedFilesNameFile) {
                R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "normalizer"},
       {"metaspace", R"({"normalizer":null,"pre_tokenizer":{"type":"Metaspace"},)"
                     R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "pre-tokenizer"},
+      // Found by fuzz_vocab_file: a number where ByteLevel wants a boolean.
+      {"prefix-space-number", R"({"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":1},)"
+                              R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "add_prefix_space"},
+      {"use-regex-string", R"({"pre_tokenizer":{"type":"ByteLevel","use_regex":"yes"},)"
+                           R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "use_regex"},
   };
   for (const Case& c : cases) {
     const fs::path path = dir / (std::string(c.name) + ".json");

@@ -454,7 +454,9 @@ std::string NormalizeNfc(std::string_view utf8) {
   return out;
 }
 
-TokenizerData ParseTokenizerJson(std::string_view text, const std::string& name) {
+namespace {
+
+TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::string& name) {
   const auto fail = [&](const std::string& problem) -> void { throw Error(name + ": " + problem); };
   json j;
   try {
@@ -490,6 +492,11 @@ TokenizerData ParseTokenizerJson(std::string_view text, const std::string& name)
   const json pre = j.value("pre_tokenizer", json());
   if (TypeOf(pre) != "ByteLevel") {
     fail("pre-tokenizer " + TypeOf(pre) + " is not supported (only ByteLevel)");
+  }
+  for (const char* key : {"add_prefix_space", "use_regex", "trim_offsets"}) {
+    if (pre.contains(key) && !pre[key].is_boolean()) {
+      fail(std::string("ByteLevel \"") + key + "\" is " + pre[key].dump().substr(0, 40) + ", not true or false");
+    }
   }
   if (pre.value("add_prefix_space", true) != false) fail("ByteLevel add_prefix_space is not supported");
   if (pre.value("use_regex", true) != true) fail("ByteLevel use_regex=false is not supported");
@@ -584,6 +591,18 @@ TokenizerData ParseTokenizerJson(std::string_view text, const std::string& name)
     data.merges.push_back(a + " " + b);
   }
   return data;
+}
+
+}  // namespace
+
+TokenizerData ParseTokenizerJson(std::string_view text, const std::string& name) {
+  // The checks above name each problem they expect; any other mistyped field that nlohmann's
+  // accessors trip over still becomes an error naming the file, never an escaped exception.
+  try {
+    return ParseTokenizerJsonUnchecked(text, name);
+  } catch (const json::exception& e) {
+    throw Error(name + ": malformed tokenizer.json (" + e.what() + ")");
+  }
 }
 
 TokenizerData ReadTokenizerJson(const std::string& path) {
