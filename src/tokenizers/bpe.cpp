@@ -252,7 +252,6 @@ class BpeTokenizer final : public Tokenizer {
     return DecodeTokens(tokens_, ids, "GPT-NeoX");
   }
 
-
  private:
   struct Symbol {
     int32_t id;
