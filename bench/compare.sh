@@ -12,7 +12,8 @@
 # Options:
 #   --version V         RWKV version of the models (default 7)
 #   --sizes "LxC ..."   layers x embedding (default "12x768 24x1024" = RWKV-7 0.1B, 0.4B)
-#   --types "T ..."     weight types (default "f16 q8_0 q5_1 q4_0")
+#   --types "T ..."     weight types (default "f16 q8_0 q5_1 q4_0"; q4_k, q5_k, q6_k run on
+#                       GGUF only: aviary and llama.cpp)
 #   --threads N         threads for every engine (default 2)
 #   --rounds R          interleaved rounds (default 3)
 #   --prompt N --gen N  tokens (default 512, 128)
@@ -124,6 +125,20 @@ for size in $sizes; do
   layers=${size%x*} embd=${size#*x}
   for type in $types; do
     bin=$dir/rwkv${version}-${layers}x${embd}-${type}.bin gguf=${bin%.bin}.gguf
+    kquant=0
+    [[ ${type,,} == *_k ]] && kquant=1
+    if ((kquant)); then
+      # rwkv.cpp's .bin has no K-quants: quantize the F16 model while converting to GGUF, and
+      # run aviary on that GGUF too (rwkv.cpp sits these out).
+      src=$dir/rwkv${version}-${layers}x${embd}-f16.bin
+      if [[ ! -s $src ]]; then
+        "$AVIARY_BIN" synth --version "$version" --layers "$layers" --embd "$embd" --type f16 -o "$src" >&2
+      fi
+      if [[ ! -s $gguf ]]; then
+        "$AVIARY_BIN" convert "$src" "$gguf" --type "$type" --tokenizer "$WORLD_VOCAB" >&2
+      fi
+      bin=$gguf
+    fi
     if [[ ! -s $bin ]]; then
       "$AVIARY_BIN" synth --version "$version" --layers "$layers" --embd "$embd" --type "$type" -o "$bin" >&2
     fi
@@ -132,6 +147,7 @@ for size in $sizes; do
     fi
     for ((round = 1; round <= rounds; round++)); do
       for engine in "${engines[@]}"; do
+        [[ $engine == rwkv.cpp ]] && ((kquant)) && continue
         busy=0
         wait_idle || busy=1
         bw=nan bytes=nan

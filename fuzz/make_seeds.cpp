@@ -1,6 +1,7 @@
 // Writes seed corpora for the fuzz targets (scripts/fuzz.sh runs it):
 //   make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR
-//   make_seeds --gguf MODEL_SEED_DIR GGUF_SEED_DIR   (each .bin seed written again as GGUF)
+//   make_seeds --gguf MODEL_SEED_DIR GGUF_SEED_DIR   (each .bin seed written again as GGUF, and
+//                                                     a 256-wide Q4_K one)
 // Model seeds: every stress model (../shared/models/stress) shrunk to a few KB -- width 16,
 // 2 heads of 8, FFN 32, vocabulary 16, 2 layers -- keeping its tensor names, types and the first
 // values of each tensor, plus a quantized variant of each (width 32, matrices in Q4_0..Q8_0
@@ -22,6 +23,7 @@
 #include "aviary/state.h"
 #include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
+#include "models/synth.h"
 
 namespace {
 
@@ -157,6 +159,27 @@ int MakeGgufSeeds(const std::string& bin_dir, const std::string& gguf_dir) {
     } catch (const aviary::Error& e) {
       std::fprintf(stderr, "make_seeds: %s\n", e.what());
     }
+  }
+  // The seeds above are 16-32 wide, too narrow for K-quants (rows of 256): one RWKV-7 layer of
+  // width 256 in Q4_K reaches their decoders.
+  try {
+    aviary::SynthOptions o;
+    o.n_layer = 1;
+    o.n_embd = 256;
+    o.n_vocab = 16;
+    o.n_ffn = 256;
+    const std::string bin = gguf_dir + "/k-seed.tmp";
+    aviary::WriteSynthModel(o, bin);
+    const Bytes bytes = ReadFile(bin);
+    std::filesystem::remove(bin);
+    const aviary::WeightFile wf = aviary::ReadWeightFile(bytes, bin);
+    auto model = aviary::Model::LoadFromMemory(bytes, bin);
+    aviary::GgufWriteOptions options;
+    options.type = aviary::DType::kQ4_K;
+    aviary::WriteGguf(wf, model->info(), options, gguf_dir + "/seed-7-Q4_K.gguf");
+    ++written;
+  } catch (const aviary::Error& e) {
+    std::fprintf(stderr, "make_seeds: %s\n", e.what());
   }
   std::printf("make_seeds: wrote %d GGUF seeds\n", written);
   return written > 0 ? 0 : 1;

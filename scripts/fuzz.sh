@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (fuzz/) with clang, ASan and UBSan in build-fuzz/, seeds their
-# corpora, and runs each target for FUZZ_SECONDS (default 60). Exits non-zero when a target
+# corpora, and runs each target for FUZZ_SECONDS (default 60). FUZZ_BUILD_DIR names another
+# build folder to use instead (scripts/test.sh passes its sanitized build, configured with
+# AVIARY_FUZZ=ON and the tests, so CI compiles the instrumented library once). Exits non-zero when a target
 # finds a crash, a leak, a timeout or an out-of-memory (the input is saved under
 # build-fuzz/artifacts/). Corpora persist in build-fuzz/corpus-* between runs.
 #
@@ -14,16 +16,21 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${AVIARY_SHARED_DIR:-$root/../shared}
 shared=$(cd "$shared" && pwd)
-build=$root/build-fuzz
+build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
+[[ $build == /* ]] || build=$root/$build
 seconds=${FUZZ_SECONDS:-60}
 targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf"}
 state_model=${AVIARY_FUZZ_MODEL:-$shared/models/stress/stress-rwkv-7v0-FP16.bin}
 
-echo "== configuring and building in $build"
 mkdir -p "$build"
-CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S "$root" -B "$build" -DAVIARY_FUZZ=ON \
-  -DAVIARY_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
-  { cat "$build/configure.log"; exit 1; }
+if grep -q '^AVIARY_FUZZ:BOOL=ON' "$build/CMakeCache.txt" 2>/dev/null; then
+  echo "== building in $build (configured with AVIARY_FUZZ=ON already)"
+else
+  echo "== configuring and building in $build"
+  CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S "$root" -B "$build" -DAVIARY_FUZZ=ON \
+    -DAVIARY_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+fi
 cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf make_seeds
 
 corpus_bin=$build/corpus-rwkvcpp-bin

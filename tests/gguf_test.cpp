@@ -20,6 +20,7 @@
 #include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
 #include "gguf_builder.h"
+#include "models/synth.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/quantize.h"
 #include "test_data.h"
@@ -187,7 +188,9 @@ TEST(GgufQuantize, BitExactWithGgmlReference) {
     const WeightFile q = ReadRwkvCppBin(q_bytes, s.quantized);
     const bool fused = s.quantized == fused_file;
     int tensors = 0;
-    for (const auto& [name, qt] : q.tensors) {
+    for (const auto& entry : q.tensors) {
+      const std::string& name = entry.first;  // not a structured binding: clang 14 cannot
+      const Tensor& qt = entry.second;        // capture those in the lambda below
       if (!IsQuantized(qt.type)) continue;
       const Tensor* ft = fp32.Find(name);
       ASSERT_NE(ft, nullptr) << name;
@@ -453,6 +456,68 @@ TEST(Gguf, QuantizedConversionsMatchRwkvCpp) {
         EXPECT_LE(d_ours, 1.25f * d_theirs + 1e-3f);
       }
     }
+  }
+}
+
+// K-quants: a synthetic v7 model of width 256 (whole super-blocks) converted from F32 to each
+// type. More bits move the logits less, and each K-quant moves them less than the 32-weight
+// type of its size class (Q4_K 4.5 bits/weight vs Q4_0 4.5; Q5_K 5.5 vs Q5_1 6).
+TEST(GgufQuantize, KQuantModelsBeatTheirSizeClass) {
+  aviary::SynthOptions o;
+  o.n_layer = 2;
+  o.n_embd = 256;
+  o.n_vocab = 300;
+  o.head_size = 64;
+  o.type = DType::kF32;
+  o.seed = 7;
+  const std::string path = TempPath("k.bin");
+  aviary::WriteSynthModel(o, path);
+  const std::vector<uint8_t> bin = ReadFileBytes(path);
+  std::remove(path.c_str());
+  const std::vector<float> want = Logits(*Model::LoadFromMemory(bin, "k.bin"), LongPrompt());
+  auto rms_change = [&](DType type) {
+    const std::vector<uint8_t> bytes = ConvertBytes(bin, "k.bin", type);
+    const gguf::File f = gguf::Parse(bytes, "k.gguf");
+    for (const char* name : {"blk.0.time_mix_key.weight", "blk.1.channel_mix_value.weight"}) {
+      const gguf::TensorInfo* t = f.FindTensor(name);
+      EXPECT_TRUE(t && t->type == type) << name << " " << DTypeName(type);
+    }
+    const std::vector<float> got = Logits(*Model::LoadFromMemory(bytes, "k.gguf"), LongPrompt());
+    double sum = 0, ref = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      sum += (got[i] - want[i]) * (got[i] - want[i]);
+      ref += want[i] * want[i];
+    }
+    std::printf("[ k-quants ] %s: rms logit change / rms logit = %.5f\n",
+                std::string(DTypeName(type)).c_str(), std::sqrt(sum / ref));
+    return std::sqrt(sum / ref);
+  };
+  const double q4_0 = rms_change(DType::kQ4_0), q4_k = rms_change(DType::kQ4_K);
+  const double q5_1 = rms_change(DType::kQ5_1), q5_k = rms_change(DType::kQ5_K);
+  const double q8_0 = rms_change(DType::kQ8_0), q6_k = rms_change(DType::kQ6_K);
+  EXPECT_LT(q4_k, q4_0);
+  EXPECT_LT(q5_k, q5_1);
+  EXPECT_LT(q5_k, q4_k);
+  EXPECT_LT(q6_k, q5_k);
+  EXPECT_LT(q8_0, q6_k);
+  EXPECT_LT(q4_k, 0.2);
+}
+
+// Rows that are no whole number of super-blocks (tiny v5.2: width 64) take llama.cpp's
+// fallbacks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0.
+TEST(GgufQuantize, KQuantFallsBackForShortRows) {
+  const char* m = "models/tiny-rwkv-5v2-730K-FP32.bin";
+  REQUIRE_SHARED(m);
+  const std::vector<uint8_t> bin = ReadFileBytes(SharedPath(m));
+  for (const auto& [type, fallback] : {std::pair{DType::kQ4_K, DType::kQ5_0},
+                                       std::pair{DType::kQ5_K, DType::kQ5_1},
+                                       std::pair{DType::kQ6_K, DType::kQ8_0}}) {
+    const std::vector<uint8_t> bytes = ConvertBytes(bin, m, type);
+    const gguf::File f = gguf::Parse(bytes, "fallback.gguf");
+    const gguf::TensorInfo* t = f.FindTensor("blk.0.time_mix_key.weight");
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->type, fallback) << DTypeName(type);
+    EXPECT_NO_THROW(Model::LoadFromMemory(bytes, "fallback.gguf"));
   }
 }
 
@@ -734,7 +799,8 @@ TEST_F(GgufMalformed, BadShapesTypesAndOffsets) {
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {}; }, "dimension count 0");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {128, 128, 1, 1, 1}; }, "dimension count 5");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {64, 256}; }, "has shape");  // model check
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 12; }, "Q4_K");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 10; }, "Q2_K");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 12; }, "not a multiple of the Q4_K block size");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 1000; }, "type 1000");
   mutate([&](GgufBuilder& b) { b.FindTensor("blk.0.time_mix_r_k.weight")->ne = {100}; }, "elements");
   mutate([&](GgufBuilder& b) {

@@ -31,7 +31,8 @@ namespace int8 = aviary::int8;
 using aviary::testing::MakeTensor;
 using aviary::testing::RandomMatrix;  // random quants (Q8_0 includes -128), scales of either sign
 
-const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
+const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
+                             DType::kQ4_K, DType::kQ5_K};
 
 struct Guard {
   Guard() : enabled(int8::Enabled()) {}
@@ -70,6 +71,8 @@ TEST(Int8MatMul, SwitchFollowsSetEnabledAndTheCpu) {
   int8::SetEnabled(true);
   EXPECT_EQ(int8::Enabled(), int8::CpuSupported());
   EXPECT_TRUE(int8::SupportsType(DType::kQ5_1));
+  EXPECT_TRUE(int8::SupportsType(DType::kQ4_K));
+  EXPECT_FALSE(int8::SupportsType(DType::kQ6_K));  // 16-weight sub-blocks: the float path
   EXPECT_FALSE(int8::SupportsType(DType::kF16));
   std::cout << "[ int8     ] AVX-512 VNNI " << (int8::CpuSupported() ? "present" : "absent")
             << ": the fast MatMul " << (int8::CpuSupported() ? "uses" : "cannot use")
@@ -127,7 +130,11 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
   int checked = 0;
   for (DType type : kQuantTypes) {
     for (int64_t rows : {1, 3, 4, 5, 13, 64, 101}) {
-      for (int64_t cols : {32, 64, 96, 544, 1024, 2592}) {
+      // K-quants: whole super-blocks; 768 and 2304 leave half a group of 16 blocks empty.
+      const std::vector<int64_t> col_list = aviary::Traits(type).block_elems == aviary::kQKBlock
+                                                ? std::vector<int64_t>{256, 768, 2304}
+                                                : std::vector<int64_t>{32, 64, 96, 544, 1024, 2592};
+      for (int64_t cols : col_list) {
         const std::vector<uint8_t> bytes = RandomMatrix(type, rows, cols, rng);
         const aviary::Tensor w = MakeTensor(type, rows, cols, bytes.data());
         std::vector<float> wf(static_cast<size_t>(rows * cols));

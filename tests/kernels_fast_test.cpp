@@ -46,7 +46,10 @@ using aviary::testing::MakeTensor;
 using aviary::testing::RandomMatrix;
 
 const DType kAllTypes[] = {DType::kF32,  DType::kF16,  DType::kBF16, DType::kQ4_0,
-                           DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
+                           DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
+                           DType::kQ4_K, DType::kQ5_K, DType::kQ6_K};
+
+bool IsK(DType type) { return aviary::Traits(type).block_elems == aviary::kQKBlock; }
 
 bool BitEqual(const float* a, const float* b, size_t n) {
   return std::memcmp(a, b, n * sizeof(float)) == 0;
@@ -118,7 +121,8 @@ TEST(ThreadPool, ManyShortLoopsInARow) {
 TEST(FastKernels, DequantizeRowIsBitIdenticalToReference) {
   std::mt19937 rng(11);
   for (DType type : kAllTypes) {
-    for (int64_t cols : {32, 64, 96, 160, 1024, 4096}) {
+    for (int64_t cols : {32, 64, 96, 160, 256, 768, 1024, 4096}) {
+      if (cols % aviary::Traits(type).block_elems != 0) continue;
       SCOPED_TRACE(std::string(aviary::DTypeName(type)) + " cols " + std::to_string(cols));
       const std::vector<uint8_t> bytes = RandomMatrix(type, 1, cols, rng);
       std::vector<float> ref(cols), fast(cols);
@@ -152,6 +156,7 @@ std::vector<MatMulCase> MatMulCases() {
   const int64_t rows[] = {1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 100, 257, 300};
   for (DType type : kAllTypes) {
     std::vector<int64_t> cols = {32, 64, 96, 160, 544};
+    if (IsK(type)) cols = {256, 768};
     if (!aviary::IsQuantized(type)) cols.insert(cols.end(), {1, 5, 17, 33, 47, 100, 257});
     for (int64_t r : rows) {
       for (int64_t c : cols) cases.push_back({type, r, c});

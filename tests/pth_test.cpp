@@ -278,7 +278,9 @@ std::vector<float> TransposeF(const std::vector<float>& v, int64_t a, int64_t b)
 std::vector<RawTensor> RawFromCanonical(const WeightFile& wf, Arch arch, Names names) {
   std::vector<RawTensor> out;
   const int64_t C = wf.Find("emb.weight")->shape[1];
-  for (const auto& [name, t] : wf.tensors) {
+  for (const auto& entry : wf.tensors) {
+    const std::string& name = entry.first;  // not a structured binding: clang 14 cannot
+    const Tensor& t = entry.second;         // capture those in the lambdas below
     std::vector<float> v(t.numel());
     DequantizeRow(t.type, t.data, v.data(), t.numel());
     std::vector<int64_t> shape = t.shape;

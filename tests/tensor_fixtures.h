@@ -1,6 +1,7 @@
 // Random weight matrices as stored bytes, and Tensor views of them, for the kernel tests.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -12,7 +13,8 @@
 namespace aviary::testing {
 
 // Random stored bytes for rows x cols of `type`: floats ~ N(0, 0.5); quantized blocks with
-// random quants, a scale of either sign and (Q4_1/Q5_1) an offset.
+// random quants, a scale of either sign and (Q4_1/Q5_1) an offset; K-quant super-blocks with
+// random sub-block scales (and minima) and super-block scales of either sign.
 inline std::vector<uint8_t> RandomMatrix(DType type, int64_t rows, int64_t cols, std::mt19937& rng) {
   const size_t bytes = StorageBytes(type, static_cast<uint64_t>(rows * cols));
   std::vector<uint8_t> data(bytes);
@@ -38,6 +40,18 @@ inline std::vector<uint8_t> RandomMatrix(DType type, int64_t rows, int64_t cols,
   }
   for (auto& b : data) b = static_cast<uint8_t>(rng());
   const int block = Traits(type).block_bytes;
+  if (Traits(type).block_elems == kQKBlock) {  // K-quants: super-block scales of either sign
+    const size_t d_at = type == DType::kQ6_K ? offsetof(BlockQ6_K, d) : 0;
+    for (size_t off = 0; off < bytes; off += block) {
+      const uint16_t d = F32ToF16(normal(rng) * (type == DType::kQ6_K ? 0.002f : 0.01f));
+      std::memcpy(&data[off + d_at], &d, 2);
+      if (type != DType::kQ6_K) {
+        const uint16_t dmin = F32ToF16(normal(rng) * 0.01f);
+        std::memcpy(&data[off + 2], &dmin, 2);
+      }
+    }
+    return data;
+  }
   const bool has_m = type == DType::kQ4_1 || type == DType::kQ5_1;
   for (size_t off = 0; off < bytes; off += block) {
     const uint16_t d = F32ToF16(normal(rng) * 0.1f);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <set>
 
@@ -48,6 +49,9 @@ uint32_t GgmlTypeOf(DType type) {
     case DType::kQ5_0: return 6;
     case DType::kQ5_1: return 7;
     case DType::kQ8_0: return 8;
+    case DType::kQ4_K: return 12;
+    case DType::kQ5_K: return 13;
+    case DType::kQ6_K: return 14;
     case DType::kBF16: return 30;
   }
   return 0;
@@ -62,6 +66,9 @@ std::optional<DType> DTypeFromGgml(uint32_t ggml_type) {
     case 6: return DType::kQ5_0;
     case 7: return DType::kQ5_1;
     case 8: return DType::kQ8_0;
+    case 12: return DType::kQ4_K;
+    case 13: return DType::kQ5_K;
+    case 14: return DType::kQ6_K;
     case 30: return DType::kBF16;
     default: return std::nullopt;
   }
@@ -88,14 +95,20 @@ uint32_t FileTypeOf(DType type) {
     case DType::kQ8_0: return 7;
     case DType::kQ5_0: return 8;
     case DType::kQ5_1: return 9;
+    case DType::kQ4_K: return 14;  // "Q4_K_S": aviary writes one type for all the matrices
+    case DType::kQ5_K: return 16;  // "Q5_K_S"
+    case DType::kQ6_K: return 18;
     case DType::kBF16: return 32;
   }
   return 0;
 }
 
 std::optional<DType> DTypeFromFileType(uint32_t file_type) {
+  if (file_type == 15) return DType::kQ4_K;  // "Q4_K_M": some matrices in Q6_K, most in Q4_K
+  if (file_type == 17) return DType::kQ5_K;  // "Q5_K_M"
   for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ4_0, DType::kQ4_1,
-                  DType::kQ5_0, DType::kQ5_1, DType::kQ8_0}) {
+                  DType::kQ5_0, DType::kQ5_1, DType::kQ8_0, DType::kQ4_K, DType::kQ5_K,
+                  DType::kQ6_K}) {
     if (FileTypeOf(t) == file_type) return t;
   }
   return std::nullopt;
@@ -430,8 +443,8 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
     if (!type) {
       f.Fail(where + " has type " + GgmlTypeName(t.ggml_type) + " (ggml type " +
              std::to_string(t.ggml_type) +
-             "), which aviary does not read (it reads F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, "
-             "Q4_0)");
+             "), which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
+             "Q5_0, Q4_K, Q4_1, Q4_0)");
     }
     t.type = *type;
     const int block = Traits(t.type).block_elems;
@@ -655,11 +668,13 @@ std::vector<uint8_t> ScaledByPowerOfTwo(const Tensor& t, int k) {
         std::memcpy(&out[i], &h, 2);
       }
       break;
-    default: {  // d first; the _1 types carry the minimum m right after it
+    default: {  // d first (Q6_K: last); the _1 types and Q4_K/Q5_K carry m or dmin after it
       const size_t block = Traits(t.type).block_bytes;
-      const bool has_min = t.type == DType::kQ4_1 || t.type == DType::kQ5_1;
+      const bool has_min = t.type == DType::kQ4_1 || t.type == DType::kQ5_1 ||
+                           t.type == DType::kQ4_K || t.type == DType::kQ5_K;
+      const size_t d_at = t.type == DType::kQ6_K ? offsetof(BlockQ6_K, d) : 0;
       for (size_t i = 0; i < out.size(); i += block) {
-        scale_f16(&out[i]);
+        scale_f16(&out[i + d_at]);
         if (has_min) scale_f16(&out[i + 2]);
       }
     }

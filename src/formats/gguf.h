@@ -36,10 +36,11 @@ std::string_view ValueTypeName(ValueType type);
 
 // ggml's tensor type codes for the types aviary stores.
 enum class GgmlType : uint32_t {
-  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kBF16 = 30,
+  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
 };
 uint32_t GgmlTypeOf(DType type);
-// nullopt for ggml types aviary does not read (K-quants, I-quants, integers...).
+// nullopt for ggml types aviary does not read (Q2_K, Q3_K, I-quants, integers...).
 std::optional<DType> DTypeFromGgml(uint32_t ggml_type);
 // "Q4_K", "IQ2_XS", ... or "type 123" for codes ggml does not define.
 std::string GgmlTypeName(uint32_t ggml_type);

@@ -1,16 +1,19 @@
 // GGUF writer: plan (names, shapes, types, offsets), metadata, then the tensors row by row.
 #include "formats/gguf_writer.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <memory>
 #include <set>
+#include <vector>
 
 #include "aviary/error.h"
 #include "formats/gguf.h"
 #include "formats/gguf_names.h"
 #include "tensor/quantize.h"
+#include "tensor/thread_pool.h"
 
 namespace aviary {
 namespace {
@@ -58,7 +61,13 @@ DType ChooseType(Role role, DType src, const std::optional<DType>& target, int64
     case Role::kEmbedHead:
       return block_target ? src : t;
     case Role::kMatrix:
-      if (block_target && row % Traits(t).block_elems != 0) return src;
+      if (block_target && row % Traits(t).block_elems != 0) {
+        // A row that is no whole number of K-quant super-blocks takes the 32-weight type
+        // llama.cpp falls back to (at least as many bits); failing that, its source type.
+        const DType fallback = t == DType::kQ4_K ? DType::kQ5_0 : t == DType::kQ5_K ? DType::kQ5_1
+                             : t == DType::kQ6_K ? DType::kQ8_0 : src;
+        return row % Traits(fallback).block_elems == 0 ? fallback : src;
+      }
       return t;
     case Role::kVector:
       break;
@@ -447,13 +456,12 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
   out.PadTo(gguf::kDefaultAlignment);
   const uint64_t data_start = out.written();
 
-  std::vector<float> row_f32;
-  std::vector<uint8_t> row_out;
+  std::vector<uint8_t> batch;
+  constexpr int64_t kBatchRows = 256;  // rows converted (in parallel) per write
   for (const OutTensor& t : tensors) {
     if (out.written() != data_start + t.offset) throw Error(path + ": internal error: offset mismatch");
     const int64_t cols = t.ne[0];
-    row_f32.resize(cols);
-    row_out.resize(StorageBytes(t.type, cols));
+    const size_t out_row = StorageBytes(t.type, cols);
     for (const Tensor* p : t.pieces) {
       const int64_t rows = p->numel() / cols;
       const size_t in_row = StorageBytes(p->type, cols);
@@ -461,10 +469,18 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
         out.Write(p->data, in_row * rows);
         continue;
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        DequantizeRow(p->type, p->data + r * in_row, row_f32.data(), cols);
-        QuantizeRow(t.type, row_f32.data(), row_out.data(), cols);
-        out.Write(row_out.data(), row_out.size());
+      // The K-quant encoders search scales: spread the rows over the thread pool. Each row's
+      // bytes depend only on the row, so the file is the same for any thread count.
+      for (int64_t r0 = 0; r0 < rows; r0 += kBatchRows) {
+        const int64_t n = std::min(kBatchRows, rows - r0);
+        batch.resize(static_cast<size_t>(n) * out_row);
+        ParallelFor(n, [&](int64_t i, int) {
+          thread_local std::vector<float> row_f32;
+          row_f32.resize(static_cast<size_t>(cols));
+          DequantizeRow(p->type, p->data + (r0 + i) * in_row, row_f32.data(), cols);
+          QuantizeRow(t.type, row_f32.data(), batch.data() + i * out_row, cols);
+        });
+        out.Write(batch.data(), batch.size());
       }
     }
     out.PadTo(gguf::kDefaultAlignment);

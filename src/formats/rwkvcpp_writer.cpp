@@ -26,10 +26,13 @@ int32_t RwkvCppTypeCode(DType type) {
     case DType::kQ5_0: return 7;
     case DType::kQ5_1: return 8;
     case DType::kQ8_0: return 9;
-    case DType::kBF16: break;
+    case DType::kBF16:
+    case DType::kQ4_K:
+    case DType::kQ5_K:
+    case DType::kQ6_K: break;
   }
   throw Error("rwkv.cpp's .bin format cannot store " + std::string(DTypeName(type)) +
-              " tensors (it has F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)");
+              " tensors (it has F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; write GGUF for the others)");
 }
 
 RwkvCppWriter::RwkvCppWriter(const std::string& path, int n_vocab, int n_embd, int n_layer,

@@ -15,7 +15,11 @@ const DTypeTraits& Traits(DType type) {
       {"Q5_0", kQBlock, sizeof(BlockQ5_0)},
       {"Q5_1", kQBlock, sizeof(BlockQ5_1)},
       {"Q8_0", kQBlock, sizeof(BlockQ8_0)},
+      {"Q4_K", kQKBlock, sizeof(BlockQ4_K)},
+      {"Q5_K", kQKBlock, sizeof(BlockQ5_K)},
+      {"Q6_K", kQKBlock, sizeof(BlockQ6_K)},
   };
+  static_assert(sizeof(kTraits) / sizeof(kTraits[0]) == kNumDTypes);
   return kTraits[static_cast<int>(type)];
 }
 
@@ -111,12 +115,46 @@ void DequantQ8_0(const BlockQ8_0* b, float* y) {
   for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(b->qs[j]) * d;
 }
 
+// Q4_K and Q5_K (Q4_K has no qh): sub-block j is x = d * sc_j * q - dmin * m_j.
+template <typename Block>
+void DequantQ45_K(const Block* b, float* y) {
+  const float d = F16ToF32(b->d), dmin = F16ToF32(b->dmin);
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, m;
+    ScaleMinK4(j, b->scales, &sc, &m);
+    const float dj = d * sc, mj = dmin * m;
+    const uint8_t* qs = b->qs + 32 * (j / 2);
+    for (int i = 0; i < 32; ++i) {
+      int q = (j & 1) ? qs[i] >> 4 : qs[i] & 0x0f;
+      if constexpr (sizeof(Block) == sizeof(BlockQ5_K)) q |= ((b->qh[i] >> j) & 1) << 4;
+      y[32 * j + i] = dj * static_cast<float>(q) - mj;
+    }
+  }
+}
+void DequantQ4_K(const BlockQ4_K* b, float* y) { DequantQ45_K(b, y); }
+void DequantQ5_K(const BlockQ5_K* b, float* y) { DequantQ45_K(b, y); }
+
+void DequantQ6_K(const BlockQ6_K* b, float* y) {
+  const float d = F16ToF32(b->d);
+  for (int h = 0; h < 2; ++h) {
+    for (int k = 0; k < 4; ++k) {
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t lo = b->ql[64 * h + l + 32 * (k & 1)];
+        const int q = ((k < 2 ? lo & 0x0f : lo >> 4) | (((b->qh[32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
+        const int e = 128 * h + 32 * k + l;
+        y[e] = d * static_cast<float>(b->scales[e / 16]) * static_cast<float>(q);
+      }
+    }
+  }
+}
+
 template <typename Block, void (*Dequant)(const Block*, float*)>
 void DequantBlocks(const uint8_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n / kQBlock; ++i) {
+  constexpr int kElems = sizeof(Block) >= sizeof(BlockQ4_K) ? kQKBlock : kQBlock;
+  for (int64_t i = 0; i < n / kElems; ++i) {
     Block b;  // copied: file data carries no alignment guarantee
     std::memcpy(&b, src + i * sizeof(Block), sizeof(Block));
-    Dequant(&b, dst + i * kQBlock);
+    Dequant(&b, dst + i * kElems);
   }
 }
 
@@ -146,6 +184,9 @@ void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n) {
     case DType::kQ5_0: return DequantBlocks<BlockQ5_0, DequantQ5_0>(src, dst, n);
     case DType::kQ5_1: return DequantBlocks<BlockQ5_1, DequantQ5_1>(src, dst, n);
     case DType::kQ8_0: return DequantBlocks<BlockQ8_0, DequantQ8_0>(src, dst, n);
+    case DType::kQ4_K: return DequantBlocks<BlockQ4_K, DequantQ4_K>(src, dst, n);
+    case DType::kQ5_K: return DequantBlocks<BlockQ5_K, DequantQ5_K>(src, dst, n);
+    case DType::kQ6_K: return DequantBlocks<BlockQ6_K, DequantQ6_K>(src, dst, n);
   }
 }
 

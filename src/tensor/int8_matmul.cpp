@@ -9,6 +9,7 @@
 // offset k and, for Q4_1/Q5_1, a minimum m, so that w = d_w * (u - k) + m:
 //   Q8_0: u = q + 128, k = 128     Q4_0: u = q, k = 8     Q5_0: u = q, k = 16
 //   Q4_1, Q5_1: u = q, k = 0, with m.
+//   Q4_K, Q5_K: per 32-weight sub-block j, u = q, k = 0, d_w = d sc_j, m = -dmin m_j.
 // One block's contribution to y = sum_c w_c x_c with x_c ~ d_x * q_c is then
 //   d_w * d_x * (sum u_c q_c - k * sum q_c)  +  m * d_x * sum q_c,
 // where the bracket is an exact int32 (vpdpbusd(u, q) starting from -k * sum q). The float
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -58,11 +60,20 @@ bool FromEnvironment() {
 constexpr int Offset(DType type) {
   return type == DType::kQ8_0 ? 128 : type == DType::kQ4_0 ? 8 : type == DType::kQ5_0 ? 16 : 0;
 }
-constexpr bool HasMin(DType type) { return type == DType::kQ4_1 || type == DType::kQ5_1; }
+constexpr bool IsK(DType type) { return type == DType::kQ4_K || type == DType::kQ5_K; }
+constexpr bool HasMin(DType type) {
+  return type == DType::kQ4_1 || type == DType::kQ5_1 || IsK(type);
+}
+// Bytes of one 32-weight block; for the K-quants, of one 256-weight super-block.
 constexpr size_t BlockBytes(DType type) {
   return type == DType::kQ4_0 ? sizeof(BlockQ4_0) : type == DType::kQ4_1 ? sizeof(BlockQ4_1)
        : type == DType::kQ5_0 ? sizeof(BlockQ5_0) : type == DType::kQ5_1 ? sizeof(BlockQ5_1)
+       : type == DType::kQ4_K ? sizeof(BlockQ4_K) : type == DType::kQ5_K ? sizeof(BlockQ5_K)
        : sizeof(BlockQ8_0);
+}
+// Bytes of 16 consecutive 32-weight blocks (a group of the kernels): 2 super-blocks for K.
+constexpr size_t GroupBytes(DType type) {
+  return IsK(type) ? 2 * BlockBytes(type) : 16 * BlockBytes(type);
 }
 
 // One block of x: its step d and the rounded values (the same numbers as the SIMD version).
@@ -88,7 +99,7 @@ float Half(const uint8_t* p) {
   std::memcpy(&h, p, 2);
   return F16ToF32(h);
 }
-WBlock UnpackScalar(DType type, const uint8_t* p) {
+WBlock UnpackBlockScalar(DType type, const uint8_t* p) {
   WBlock b;
   b.d = Half(p);
   const uint8_t* qs = nullptr;
@@ -108,6 +119,33 @@ WBlock UnpackScalar(DType type, const uint8_t* p) {
     b.u[i + 16] = static_cast<uint8_t>((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
   }
   return b;
+}
+
+// Q4_K / Q5_K sub-block j (of 8) of the super-block at p: w = d sc_j q - dmin m_j, so the
+// block's d_w = d * sc_j and m = -(dmin * m_j) (k = 0).
+void SubBlockScalesK(const uint8_t* p, int j, float* d, float* m) {
+  uint8_t sc, mn;
+  ScaleMinK4(j, p + 4, &sc, &mn);  // scales follow d and dmin in both layouts
+  *d = Half(p) * static_cast<float>(sc);
+  *m = -(Half(p + 2) * static_cast<float>(mn));
+}
+
+// 32-weight block b of a row, in the u, k, m form.
+WBlock UnpackScalar(DType type, const uint8_t* row, int64_t b) {
+  WBlock w;
+  if (IsK(type)) {
+    const uint8_t* p = row + (b / 8) * BlockBytes(type);
+    const int j = static_cast<int>(b % 8);
+    SubBlockScalesK(p, j, &w.d, &w.m);
+    const uint8_t* qs = p + (type == DType::kQ4_K ? offsetof(BlockQ4_K, qs) : offsetof(BlockQ5_K, qs));
+    for (int i = 0; i < 32; ++i) {
+      const uint8_t byte = qs[32 * (j / 2) + i];
+      w.u[i] = static_cast<uint8_t>((j & 1) ? byte >> 4 : byte & 0x0f);
+      if (type == DType::kQ5_K) w.u[i] |= static_cast<uint8_t>(((p[offsetof(BlockQ5_K, qh) + i] >> j) & 1) << 4);
+    }
+    return w;
+  }
+  return UnpackBlockScalar(type, row + b * BlockBytes(type));
 }
 
 #if AVIARY_HAVE_VNNI_CODE
@@ -154,6 +192,97 @@ AVIARY_VNNI __m512i UnpackPair(const uint8_t* p, bool half) {
     }
     return u;
   }
+}
+
+// ---- K-quants (Q4_K, Q5_K): blocks are the 32-weight sub-blocks of 256-weight super-blocks ----
+
+template <DType kType>
+constexpr size_t QsOffset() {
+  return kType == DType::kQ4_K ? offsetof(BlockQ4_K, qs) : offsetof(BlockQ5_K, qs);
+}
+
+// Q5_K: the fifth bits of sub-block j's 32 elements (bit i = element i), from qh.
+AVIARY_VNNI uint32_t FifthBitsK(__m256i qh, int j) {
+  return _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << j)));
+}
+
+// Sub-blocks 2c and 2c + 1 of the super-block at p as u bytes in element order (64 bytes).
+template <DType kType>
+AVIARY_VNNI __m512i UnpackPairK(const uint8_t* p, int c) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + QsOffset<kType>() + 32 * c));
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask)),
+                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
+  if constexpr (kType == DType::kQ5_K) {
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + offsetof(BlockQ5_K, qh)));
+    const __mmask64 bits = static_cast<__mmask64>(FifthBitsK(qh, 2 * c)) |
+                           (static_cast<__mmask64>(FifthBitsK(qh, 2 * c + 1)) << 32);
+    u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10)));
+  }
+  return u;
+}
+
+// Sub-blocks 4h .. 4h + 3 of the super-block at p as the two vectors of a quad (bytes 0..15 of
+// each block, then 16..31), like UnpackQuad. qs[32c ..] holds blocks 2c (low nibbles) and 2c+1
+// (high), so one 64-byte load has the 4 blocks' nibbles; two permutes put them in quad order.
+template <DType kType>
+AVIARY_VNNI void UnpackQuadK(const uint8_t* p, int h, __m512i* lo, __m512i* hi) {
+  const __m512i v = _mm512_loadu_si512(p + QsOffset<kType>() + 64 * h);
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i low = _mm512_and_si512(v, mask), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+  // 128-bit lanes of v: [c0 bytes 0..15, c0 16..31, c1 0..15, c1 16..31]; blocks 4h + 0..3
+  // are low(c0), high(c0), low(c1), high(c1).
+  *lo = _mm512_permutex2var_epi64(low, _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high);
+  *hi = _mm512_permutex2var_epi64(low, _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15), high);
+  if constexpr (kType == DType::kQ5_K) {
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + offsetof(BlockQ5_K, qh)));
+    uint64_t bits_lo = 0, bits_hi = 0;
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t b = FifthBitsK(qh, 4 * h + i);
+      bits_lo |= static_cast<uint64_t>(b & 0xffff) << (16 * i);
+      bits_hi |= static_cast<uint64_t>(b >> 16) << (16 * i);
+    }
+    const __m512i five = _mm512_set1_epi8(0x10);
+    *lo = _mm512_or_si512(*lo, _mm512_maskz_mov_epi8(bits_lo, five));
+    *hi = _mm512_or_si512(*hi, _mm512_maskz_mov_epi8(bits_hi, five));
+  }
+}
+
+// The 8 six-bit scales and 8 minima of a super-block (ScaleMinK4 for j = 0..7) as 16 bytes
+// [sc_0 .. sc_7, m_0 .. m_7], with a few word operations on the 12 packed bytes: word w holds
+// bytes 4w .. 4w + 3, and j >= 4 takes its low bits from byte j + 4, its top two from byte j - 4
+// (scale) or j (minimum).
+AVIARY_VNNI __m128i ScalesMinsK(const uint8_t* packed) {
+  uint32_t w[3];
+  std::memcpy(w, packed, 12);
+  constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
+  const uint32_t sc03 = w[0] & kLow6, m03 = w[1] & kLow6;
+  const uint32_t sc47 = (w[2] & kLow4) | (((w[0] >> 6) & kLow2) << 4);
+  const uint32_t m47 = ((w[2] >> 4) & kLow4) | (((w[1] >> 6) & kLow2) << 4);
+  return _mm_setr_epi32(static_cast<int>(sc03), static_cast<int>(sc47), static_cast<int>(m03),
+                        static_cast<int>(m47));
+}
+
+// d_w = d sc_j and m = -(dmin m_j) of a group's 16 blocks (n present, 8 or 16; the rest 0),
+// the same float operations as SubBlockScalesK.
+template <DType kType>
+AVIARY_VNNI void GroupScalesK(const uint8_t* p, int64_t n, __m512* d, __m512* m) {
+  const uint8_t* p1 = p + BlockBytes(kType);
+  const bool second = n > 8;
+  const __m128i sm0 = ScalesMinsK(p + 4), sm1 = second ? ScalesMinsK(p1 + 4) : _mm_setzero_si128();
+  const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(sm0, sm1)));
+  const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(sm0, sm1)));
+  uint32_t h0, h1 = 0;  // d and dmin of each super-block as one word
+  std::memcpy(&h0, p, 4);
+  if (second) std::memcpy(&h1, p1, 4);
+  // Halves [d0, dmin0, d1, dmin1]: lanes 0..7 take super-block 0's, 8..15 super-block 1's.
+  const __m256i words = _mm256_castsi128_si256(_mm_setr_epi32(static_cast<int>(h0), static_cast<int>(h1), 0, 0));
+  const __m512 super_d = _mm512_cvtph_ps(_mm256_permutexvar_epi16(
+      _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), words));
+  const __m512 super_dmin = _mm512_cvtph_ps(_mm256_permutexvar_epi16(
+      _mm256_setr_epi16(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), words));
+  *d = _mm512_mul_ps(super_d, sc);
+  *m = _mm512_xor_ps(_mm512_mul_ps(super_dmin, mn), _mm512_set1_ps(-0.0f));  // exact negation
 }
 
 // The f16 scales d (and minima m) of 16 consecutive blocks (n present, the rest 0) as floats.
@@ -383,9 +512,10 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   // Rows are short streams (see kernels.cpp): prefetch the next R rows at our pace.
   const uint8_t* next = w + R * row_bytes;
+  constexpr size_t kGB = GroupBytes(kType);
   for (int64_t g = 0; g < groups; ++g) {
-    for (size_t line = 0; line < 16 * R * kB; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + g * 16 * R * kB + line), _MM_HINT_T0);
+    for (size_t line = 0; line < R * kGB; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + g * R * kGB + line), _MM_HINT_T0);
     }
     // x and the offsets of this group's 4 quads serve all R rows. x goes to quad order like
     // the weights (UnpackQuad): bytes 0..15 of 4 blocks, then 16..31.
@@ -400,16 +530,28 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
     const __m512 dx = _mm512_loadu_ps(a.d_at(0) + 16 * g), ds = _mm512_loadu_ps(a.ds_at(0) + 16 * g);
     const int64_t present = std::min<int64_t>(16, a.blocks - 16 * g);
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blocks = w + r * row_bytes + 16 * g * kB;
+      const uint8_t* blocks = w + r * row_bytes + g * kGB;
       __m512i isum[4];
       for (int qd = 0; qd < 4; ++qd) {
         __m512i lo, hi;
         const int n = static_cast<int>(std::clamp<int64_t>(present - 4 * qd, 0, 4));
-        UnpackQuad<kType>(blocks + 4 * qd * kB, n, &lo, &hi);
+        if constexpr (IsK(kType)) {  // whole super-blocks: n is 4 or 0
+          if (n > 0) {
+            UnpackQuadK<kType>(blocks + (qd / 2) * kB, qd % 2, &lo, &hi);
+          } else {
+            lo = hi = _mm512_setzero_si512();
+          }
+        } else {
+          UnpackQuad<kType>(blocks + 4 * qd * kB, n, &lo, &hi);
+        }
         isum[qd] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init[qd], lo, x[2 * qd]), hi, x[2 * qd + 1]);
       }
       __m512 dw, m;
-      GroupScales<kType>(blocks, present, &dw, &m);
+      if constexpr (IsK(kType)) {
+        GroupScalesK<kType>(blocks, present, &dw, &m);
+      } else {
+        GroupScales<kType>(blocks, present, &dw, &m);
+      }
       acc[r] = Accumulate<kType>(acc[r], FoldQuads(isum), dx, dw, m, ds);
     }
   }
@@ -436,13 +578,24 @@ AVIARY_VNNI void UnpackRow(const uint8_t* row, const Activations& a, RowBuffer* 
   constexpr size_t kB = BlockBytes(kType);
   const int64_t nbp = a.padded_blocks, pairs = (a.blocks + 1) / 2;
   for (int64_t p = 0; p < nbp / 2; ++p) {
-    const __m512i u = p < pairs ? UnpackPair<kType>(row + 2 * p * kB, 2 * p + 1 >= a.blocks)
-                                : _mm512_setzero_si512();
+    __m512i u = _mm512_setzero_si512();
+    if (p < pairs) {
+      if constexpr (IsK(kType)) {  // 4 pairs per super-block (blocks is a multiple of 8)
+        u = UnpackPairK<kType>(row + (p / 4) * kB, static_cast<int>(p % 4));
+      } else {
+        u = UnpackPair<kType>(row + 2 * p * kB, 2 * p + 1 >= a.blocks);
+      }
+    }
     _mm512_storeu_si512(buf->natural.data() + p * 64, u);
   }
   for (int64_t g = 0; g < nbp / 16; ++g) {
     __m512 d, m;
-    GroupScales<kType>(row + 16 * g * kB, std::min<int64_t>(16, a.blocks - 16 * g), &d, &m);
+    const int64_t present = std::min<int64_t>(16, a.blocks - 16 * g);
+    if constexpr (IsK(kType)) {
+      GroupScalesK<kType>(row + g * GroupBytes(kType), present, &d, &m);
+    } else {
+      GroupScales<kType>(row + 16 * g * kB, present, &d, &m);
+    }
     _mm512_storeu_ps(buf->d.data() + i * nbp + 16 * g, d);
     _mm512_storeu_ps(buf->m.data() + i * nbp + 16 * g, m);
   }
@@ -623,6 +776,8 @@ void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, in
     case DType::kQ5_0: return MatMulRowsT<DType::kQ5_0>(w, row_bytes, rows, r0, r1, a, y);
     case DType::kQ5_1: return MatMulRowsT<DType::kQ5_1>(w, row_bytes, rows, r0, r1, a, y);
     case DType::kQ8_0: return MatMulRowsT<DType::kQ8_0>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ4_K: return MatMulRowsT<DType::kQ4_K>(w, row_bytes, rows, r0, r1, a, y);
+    case DType::kQ5_K: return MatMulRowsT<DType::kQ5_K>(w, row_bytes, rows, r0, r1, a, y);
     default: break;
   }
 #endif
@@ -632,7 +787,6 @@ void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, in
 
 void ReferenceMatMul(const Tensor& w, const float* x, int T, float* y) {
   const int64_t rows = w.rows(), cols = w.cols(), blocks = cols / 32;
-  const size_t kB = static_cast<size_t>(Traits(w.type).block_bytes);
   const int k = Offset(w.type);
   std::vector<int8_t> q(static_cast<size_t>(cols));
   std::vector<float> d(static_cast<size_t>(blocks));
@@ -646,7 +800,7 @@ void ReferenceMatMul(const Tensor& w, const float* x, int T, float* y) {
     for (int64_t r = 0; r < rows; ++r) {
       float acc = 0, mterm = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        const WBlock wb = UnpackScalar(w.type, w.row(r) + b * kB);
+        const WBlock wb = UnpackScalar(w.type, w.row(r), b);
         int32_t isum = -k * sums[b];
         for (int i = 0; i < 32; ++i) isum += static_cast<int32_t>(wb.u[i]) * q[b * 32 + i];
         acc += static_cast<float>(isum) * d[b] * wb.d;

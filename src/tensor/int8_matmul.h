@@ -1,9 +1,9 @@
-// Integer dot products for the quantized weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the
-// activations are rounded to 8 bits per block of 32 (scale = max|x| / 127, as ggml's Q8_0)
-// and each block's products are summed exactly in int32 with AVX-512 VNNI (vpdpbusd: 64
-// multiply-adds per instruction) before one float scale per block. This is what rwkv.cpp and
-// llama.cpp do for these types; it trades a bounded activation rounding error for 2-4x less
-// arithmetic per weight than widening to float.
+// Integer dot products for the quantized weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
+// K-quants Q4_K, Q5_K per 32-weight sub-block): the activations are rounded to 8 bits per block
+// of 32 (scale = max|x| / 127, as ggml's Q8_0) and each block's products are summed exactly
+// in int32 with AVX-512 VNNI (vpdpbusd: 64 multiply-adds per instruction) before one float
+// scale per block. This is what rwkv.cpp and llama.cpp do for these types; it trades a bounded
+// activation rounding error for 2-4x less arithmetic per weight than widening to float.
 //
 // Used by the fast MatMul (kernels.cpp) for quantized weights when the CPU has AVX-512 VNNI
 // and AVIARY_ACTIVATIONS is not "f32". Results still do not depend on T (tokens at once) or on
@@ -30,7 +30,9 @@ bool Enabled();
 void SetEnabled(bool enabled);
 // The CPU has what the kernels need (x86-64 with AVX-512 F/BW/VL/VNNI).
 bool CpuSupported();
-inline bool SupportsType(DType type) { return IsQuantized(type); }
+// Every block type whose weights are w = d_w * (u - k) + m per block of 32: all but Q6_K
+// (16-weight sub-blocks), which takes the float path.
+inline bool SupportsType(DType type) { return IsQuantized(type) && type != DType::kQ6_K; }
 
 // T tokens of activations, rounded to int8 per block of 32. Blocks are padded with zeros to a
 // multiple of 16 (the kernels scale 16 blocks' integer sums per 512-bit vector).

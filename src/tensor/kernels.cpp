@@ -21,10 +21,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensor/aligned.h"
@@ -100,8 +102,9 @@ HWY_INLINE hn::Vec<D> LoadBytes(D d, const uint8_t* p) {
 }
 
 // ---- decoders: stored bytes -> float vectors of kLanes lanes ----
-// A group shares one scale: a 32-weight block for quantized types, one vector for floats.
-// Scale(p) reads a group's header; Chunk(p, k, s) widens the k-th vector of the group.
+// A group shares its scales: a 32-weight block (a 256-weight super-block for the K-quants) for
+// quantized types, one vector for floats. Scale(p) reads a group's header; Chunk(p, k, s)
+// widens the k-th vector of the group.
 
 template <DType kType>
 struct Dec;
@@ -232,6 +235,75 @@ struct Dec<DType::kQ8_0> {
     const auto q = hn::PromoteTo(di32, hn::LoadU(di8, reinterpret_cast<const int8_t*>(p + 2) +
                                                           k * kLanes));
     return hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d));
+  }
+};
+
+// Bytes p[0..kLanes) widened to int32 lanes.
+HWY_INLINE hn::Vec<hn::RebindToSigned<DF>> WideBytes(const uint8_t* p) {
+  const hn::Rebind<uint8_t, DF> du8;
+  return hn::PromoteTo(hn::RebindToSigned<DF>(), hn::LoadU(du8, p));
+}
+
+// K-quants (dtype.h): a group is a whole super-block of 256; Scale() widens the sub-block
+// scales once (d * sc_j, dmin * m_j as DequantizeRow computes them), and a chunk never spans
+// two sub-blocks (kLanes <= 16).
+template <DType kType>
+struct DecK45 {
+  using Block = std::conditional_t<kType == DType::kQ4_K, BlockQ4_K, BlockQ5_K>;
+  static constexpr size_t kElems = kQKBlock, kBytes = sizeof(Block);
+  struct S { float d[8], m[8]; };
+  static HWY_INLINE S Scale(const uint8_t* p) {
+    S s;
+    const float d = HalfToFloat(p + offsetof(Block, d));
+    const float dmin = HalfToFloat(p + offsetof(Block, dmin));
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, m;
+      ScaleMinK4(j, p + offsetof(Block, scales), &sc, &m);
+      s.d[j] = d * sc;
+      s.m[j] = dmin * m;
+    }
+    return s;
+  }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, const S& s) {
+    const hn::RebindToSigned<DF> di32;
+    const int e = k * static_cast<int>(kLanes), j = e / 32, i = e % 32;
+    const auto v = WideBytes(p + offsetof(Block, qs) + 32 * (j / 2) + i);
+    auto q = (j & 1) ? hn::ShiftRight<4>(v) : hn::And(v, hn::Set(di32, 0x0f));
+    if constexpr (kType == DType::kQ5_K) {
+      const auto h = hn::And(hn::ShiftRightSame(WideBytes(p + offsetof(Block, qh) + i), j),
+                             hn::Set(di32, 1));
+      q = hn::Or(q, hn::ShiftLeft<4>(h));
+    }
+    return hn::Sub(hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d[j])), hn::Set(DF(), s.m[j]));
+  }
+};
+template <>
+struct Dec<DType::kQ4_K> : DecK45<DType::kQ4_K> {};
+template <>
+struct Dec<DType::kQ5_K> : DecK45<DType::kQ5_K> {};
+
+template <>
+struct Dec<DType::kQ6_K> {
+  static constexpr size_t kElems = kQKBlock, kBytes = sizeof(BlockQ6_K);
+  struct S { float d[16]; };
+  static HWY_INLINE S Scale(const uint8_t* p) {
+    S s;
+    const float d = HalfToFloat(p + offsetof(BlockQ6_K, d));
+    for (int j = 0; j < 16; ++j) {
+      s.d[j] = d * static_cast<float>(static_cast<int8_t>(p[offsetof(BlockQ6_K, scales) + j]));
+    }
+    return s;
+  }
+  static HWY_INLINE VF Chunk(const uint8_t* p, int k, const S& s) {
+    const hn::RebindToSigned<DF> di32;
+    const int e = k * static_cast<int>(kLanes), h = e / 128, part = (e % 128) / 32, l = e % 32;
+    const auto lo = WideBytes(p + offsetof(BlockQ6_K, ql) + 64 * h + l + 32 * (part & 1));
+    const auto nib = part < 2 ? hn::And(lo, hn::Set(di32, 0x0f)) : hn::ShiftRight<4>(lo);
+    const auto top = hn::And(hn::ShiftRightSame(WideBytes(p + offsetof(BlockQ6_K, qh) + 32 * h + l),
+                                                2 * part),
+                             hn::Set(di32, 3));
+    const auto q = hn::Sub(hn::Or(nib, hn::ShiftLeft<4>(top)), hn::Set(di32, 32));
+    return hn::Mul(hn::ConvertTo(DF(), q), hn::Set(DF(), s.d[e / 16]));
   }
 };
 
@@ -417,6 +489,9 @@ void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, in
     case DType::kQ5_0: return MatMulRowsT<DType::kQ5_0>(w, row_bytes, rows, cols, r0, r1, x, T, y);
     case DType::kQ5_1: return MatMulRowsT<DType::kQ5_1>(w, row_bytes, rows, cols, r0, r1, x, T, y);
     case DType::kQ8_0: return MatMulRowsT<DType::kQ8_0>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ4_K: return MatMulRowsT<DType::kQ4_K>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ5_K: return MatMulRowsT<DType::kQ5_K>(w, row_bytes, rows, cols, r0, r1, x, T, y);
+    case DType::kQ6_K: return MatMulRowsT<DType::kQ6_K>(w, row_bytes, rows, cols, r0, r1, x, T, y);
   }
 }
 
@@ -430,6 +505,9 @@ void DecodeRowAny(DType type, const uint8_t* src, float* dst, int64_t n) {
     case DType::kQ5_0: return DecodeRow<DType::kQ5_0>(src, n, dst);
     case DType::kQ5_1: return DecodeRow<DType::kQ5_1>(src, n, dst);
     case DType::kQ8_0: return DecodeRow<DType::kQ8_0>(src, n, dst);
+    case DType::kQ4_K: return DecodeRow<DType::kQ4_K>(src, n, dst);
+    case DType::kQ5_K: return DecodeRow<DType::kQ5_K>(src, n, dst);
+    case DType::kQ6_K: return DecodeRow<DType::kQ6_K>(src, n, dst);
   }
 }
 

@@ -21,7 +21,7 @@
 namespace aviary::cli {
 namespace {
 
-constexpr const char* kTypes = "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0";
+constexpr const char* kTypes = "f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0";
 
 struct ConvertOptions {
   std::string in, out, type, tokenizer;
@@ -29,8 +29,8 @@ struct ConvertOptions {
 
 DType ParseType(std::string name) {
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
-  for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ5_1, DType::kQ5_0,
-                  DType::kQ4_1, DType::kQ4_0}) {
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ6_K, DType::kQ5_K,
+                  DType::kQ5_1, DType::kQ5_0, DType::kQ4_K, DType::kQ4_1, DType::kQ4_0}) {
     std::string n(DTypeName(t));
     std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return std::tolower(c); });
     if (n == name) return t;

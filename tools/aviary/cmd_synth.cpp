@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "aviary/error.h"
@@ -23,14 +25,15 @@ DType ParseSynthType(std::string name) {
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   if (name == "fp32") name = "f32";
   if (name == "fp16") name = "f16";
-  for (DType t : {DType::kF32, DType::kF16, DType::kQ8_0, DType::kQ5_1, DType::kQ5_0,
-                  DType::kQ4_1, DType::kQ4_0}) {
+  for (DType t : {DType::kF32, DType::kF16, DType::kQ8_0, DType::kQ6_K, DType::kQ5_K,
+                  DType::kQ5_1, DType::kQ5_0, DType::kQ4_K, DType::kQ4_1, DType::kQ4_0}) {
     std::string n(DTypeName(t));
     std::transform(n.begin(), n.end(), n.begin(),
                    [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     if (n == name) return t;
   }
-  throw UsageError("unknown type '" + name + "' (choose one of f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0)");
+  throw UsageError("unknown type '" + name +
+                   "' (choose one of f32, f16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0)");
 }
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
@@ -60,7 +63,9 @@ void RegisterSynth(CLI::App& app) {
   cmd->add_option("--vocab", o->vocab, "Vocabulary size")->capture_default_str();
   cmd->add_option("--head-size", o->head_size, "Head size (v5, v6, v7)")->capture_default_str();
   cmd->add_option("--ffn", o->ffn, "Channel-mix width (0: the release default)")->capture_default_str();
-  cmd->add_option("--type", o->type, "f32, f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (rwkv.cpp's type policy)")
+  cmd->add_option("--type", o->type,
+                  "f32, f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (rwkv.cpp's type policy); q6_k, q5_k, q4_k "
+                  "(GGUF output only; rows that are no multiple of 256 fall back as in convert)")
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str();
   cmd->add_option("-o,--output", o->output,
@@ -76,6 +81,16 @@ void RegisterSynth(CLI::App& app) {
     s.head_size = o->head_size;
     s.n_ffn = o->ffn;
     s.type = ParseSynthType(o->type);
+    // rwkv.cpp's format has no K-quants: synthesize in F16, then quantize while writing GGUF.
+    std::optional<DType> gguf_type;
+    if (Traits(s.type).block_elems == kQKBlock) {
+      if (!EndsWith(o->output, ".gguf")) {
+        throw UsageError(std::string(DTypeName(s.type)) + " needs GGUF output (a name ending in .gguf): "
+                         "rwkv.cpp's .bin format has no K-quants");
+      }
+      gguf_type = s.type;
+      s.type = DType::kF16;
+    }
     s.seed = o->seed;
     std::error_code ec;
     if (std::filesystem::is_directory(o->output, ec)) throw UsageError(o->output + ": is a directory");
@@ -85,9 +100,11 @@ void RegisterSynth(CLI::App& app) {
     SynthReport report;
     uint64_t out_bytes = 0;
     std::string format;
+    std::map<std::string, int> types;
     try {
       report = WriteSynthModel(s, bin);
       out_bytes = report.file_bytes;
+      types = report.types;
       format = "rwkv.cpp ggmf v101";
       if (gguf) {
         // Through the GGUF writer, from the .bin just written (types kept; no tokenizer is
@@ -99,8 +116,10 @@ void RegisterSynth(CLI::App& app) {
           wf.backing = file;
           const std::unique_ptr<Model> model = Model::LoadFromMemory(file->bytes(), bin);
           GgufWriteOptions options;
+          options.type = gguf_type;
           const GgufWriteReport g = WriteGguf(wf, model->info(), options, gguf_tmp);
           out_bytes = g.file_bytes;
+          types = g.types_out;
           format = "GGUF (" + g.architecture + ")";
         }
         std::filesystem::remove(bin, ec);
@@ -117,7 +136,7 @@ void RegisterSynth(CLI::App& app) {
     std::printf("wrote %s: %s, RWKV %s, %d layers x %d, vocab %d, %.1f M parameters\n",
                 o->output.c_str(), format.c_str(), std::string(ArchName(s.arch)).c_str(),
                 s.n_layer, s.n_embd, s.n_vocab, report.n_params / 1e6);
-    std::printf("types: %s; %llu bytes (%.1f MiB) in %.1f s\n", Counts(report.types).c_str(),
+    std::printf("types: %s; %llu bytes (%.1f MiB) in %.1f s\n", Counts(types).c_str(),
                 static_cast<unsigned long long>(out_bytes), out_bytes / 1048576.0, seconds);
   });
 }
