@@ -504,6 +504,20 @@ std::vector<uint8_t> RandomMatrix(DType type, int rows, int cols, std::mt19937& 
   return bytes;
 }
 
+// Row r of the widened weights wf [rows, cols] times token t of x, in double; *mag gets the sum
+// of the products' magnitudes (the scale the tolerances are relative to).
+double DoubleDot(const std::vector<float>& wf, const std::vector<float>& x, int cols, int r, int t,
+                 double* mag) {
+  double sum = 0;
+  *mag = 0;
+  for (int c = 0; c < cols; ++c) {
+    const double p = static_cast<double>(wf[r * cols + c]) * x[t * cols + c];
+    sum += p;
+    *mag += std::fabs(p);
+  }
+  return sum;
+}
+
 TEST_P(KernelsTest, MatMulMatchesDoubleReferenceAndIsRowOrderIndependent) {
   std::mt19937 rng(42);
   struct Shape { int rows, cols; bool any_cols; };
@@ -532,12 +546,8 @@ TEST_P(KernelsTest, MatMulMatchesDoubleReferenceAndIsRowOrderIndependent) {
 
         for (int t = 0; t < T; ++t) {
           for (int r = 0; r < rows; ++r) {
-            double ref = 0, mag = 0;
-            for (int c = 0; c < cols; ++c) {
-              const double p = static_cast<double>(wf[r * cols + c]) * x[t * cols + c];
-              ref += p;
-              mag += std::fabs(p);
-            }
+            double mag;
+            const double ref = DoubleDot(wf, x, cols, r, t, &mag);
             const double err = std::fabs(y[t * rows + r] - ref);
             ASSERT_LE(err, 1e-5 * mag + 1e-7) << "t " << t << " r " << r << " ref " << ref;
             worst = std::max(worst, err / (mag + 1e-30));
@@ -591,12 +601,8 @@ TEST_P(KernelsTest, KQuantMatMulMatchesDoubleReference) {
         const double tolerance = int8 ? 2e-2 : 1e-5;
         for (int t = 0; t < T; ++t) {
           for (int r = 0; r < rows; ++r) {
-            double ref = 0, mag = 0;
-            for (int c = 0; c < cols; ++c) {
-              const double p = static_cast<double>(wf[r * cols + c]) * x[t * cols + c];
-              ref += p;
-              mag += std::fabs(p);
-            }
+            double mag;
+            const double ref = DoubleDot(wf, x, cols, r, t, &mag);
             ASSERT_LE(std::fabs(y[t * rows + r] - ref), tolerance * mag + 1e-7) << "t " << t << " r " << r;
           }
         }

@@ -405,29 +405,27 @@ void PackLowNibblesK(const uint8_t* levels, uint8_t* qs) {
   }
 }
 
-void Q4_K(const float* x, BlockQ4_K* y) {
-  const AffineKCode code = EncodeAffineK<15>(x);
+// Q4_K and Q5_K share everything but Q5_K's fifth bits.
+template <typename Block, int kMaxLevel>
+void AffineK(const float* x, Block* y) {
+  const AffineKCode code = EncodeAffineK<kMaxLevel>(x);
   y->d = code.d;
   y->dmin = code.dmin;
   std::memcpy(y->scales, code.scales, kKScaleBytes);
   PackLowNibblesK(code.levels, y->qs);
-}
-
-void Q5_K(const float* x, BlockQ5_K* y) {
-  const AffineKCode code = EncodeAffineK<31>(x);
-  y->d = code.d;
-  y->dmin = code.dmin;
-  std::memcpy(y->scales, code.scales, kKScaleBytes);
-  PackLowNibblesK(code.levels, y->qs);
-  // The fifth bit of element i of sub-block j is bit j of qh[i].
-  for (int i = 0; i < 32; ++i) {
-    uint8_t bits = 0;
-    for (int j = 0; j < 8; ++j) {
-      bits |= static_cast<uint8_t>(((code.levels[32 * j + i] >> 4) & 1) << j);
+  if constexpr (kMaxLevel == 31) {
+    // The fifth bit of element i of sub-block j is bit j of qh[i].
+    for (int i = 0; i < 32; ++i) {
+      uint8_t bits = 0;
+      for (int j = 0; j < 8; ++j) {
+        bits |= static_cast<uint8_t>(((code.levels[32 * j + i] >> 4) & 1) << j);
+      }
+      y->qh[i] = bits;
     }
-    y->qh[i] = bits;
   }
 }
+void Q4_K(const float* x, BlockQ4_K* y) { AffineK<BlockQ4_K, 15>(x, y); }
+void Q5_K(const float* x, BlockQ5_K* y) { AffineK<BlockQ5_K, 31>(x, y); }
 
 // Q6_K sub-block of 16: x ~ scale * q, integer q in [-32, 31] (scale of either sign).
 struct ScaleFit {
