@@ -248,6 +248,65 @@ TEST(FastKernels, MatMulDispatcherFollowsTheKernelChoice) {
   EXPECT_TRUE(BitEqual(y, fast));
 }
 
+// A batch of independent products (a layer stage: large matrices beside low-rank ones, of
+// mixed types, quantized ones on the int8 path where the CPU has it) gives every output bit
+// for bit as the products one by one, with any thread count and T; the dispatcher's reference
+// mode runs the reference product for each.
+TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
+  KernelGuard guard;
+  std::mt19937 rng(11);
+  struct Shape {
+    DType type;
+    int64_t rows, cols;
+  };
+  const Shape shapes[] = {{DType::kQ8_0, 300, 256}, {DType::kF16, 257, 256},
+                          {DType::kQ4_0, 64, 256},  {DType::kF16, 13, 256},
+                          {DType::kQ4_K, 100, 256}, {DType::kQ5_1, 5, 256},
+                          {DType::kF32, 256, 7}};  // the last reads only 7 columns of x
+  std::vector<std::vector<uint8_t>> bytes;
+  std::vector<aviary::Tensor> ws;
+  for (const Shape& s : shapes) bytes.push_back(RandomMatrix(s.type, s.rows, s.cols, rng));
+  for (size_t j = 0; j < std::size(shapes); ++j) {
+    ws.push_back(MakeTensor(shapes[j].type, shapes[j].rows, shapes[j].cols, bytes[j].data()));
+  }
+  for (bool int8 : {false, true}) {
+    aviary::int8::SetEnabled(int8);
+    for (int T : {1, 4}) {
+      const std::vector<float> x = RandomVector(static_cast<size_t>(T) * 256 * 2, rng);
+      std::vector<std::vector<float>> single, batch;
+      std::vector<aviary::MatMulJob> jobs;
+      for (size_t j = 0; j < ws.size(); ++j) {
+        const float* xj = x.data() + (j % 2) * T * 256;  // two different inputs
+        single.emplace_back(static_cast<size_t>(T) * ws[j].rows());
+        aviary::fast::MatMul(ws[j], xj, T, single.back().data(), 1);
+        batch.emplace_back(single.back().size());
+      }
+      for (size_t j = 0; j < ws.size(); ++j) {
+        jobs.push_back({ws[j], x.data() + (j % 2) * T * 256, batch[j].data()});
+      }
+      for (int threads : {1, 2, 3}) {
+        SCOPED_TRACE("int8 " + std::to_string(int8) + " T " + std::to_string(T) + " threads " +
+                     std::to_string(threads));
+        aviary::SetNumThreads(threads);
+        for (auto& b : batch) std::fill(b.begin(), b.end(), -1.0f);
+        aviary::fast::MatMulBatch(jobs.data(), static_cast<int>(jobs.size()), T);
+        for (size_t j = 0; j < ws.size(); ++j) EXPECT_TRUE(BitEqual(single[j], batch[j])) << j;
+        for (auto& b : batch) std::fill(b.begin(), b.end(), -1.0f);
+        aviary::MatMulBatch(jobs, T);  // the dispatcher, fast mode
+        for (size_t j = 0; j < ws.size(); ++j) EXPECT_TRUE(BitEqual(single[j], batch[j])) << j;
+      }
+      aviary::SetKernels(aviary::Kernels::kReference);
+      aviary::MatMulBatch(jobs, T);
+      for (size_t j = 0; j < ws.size(); ++j) {
+        std::vector<float> ref(single[j].size());
+        aviary::ref::MatMul(ws[j], jobs[j].x, T, ref.data());
+        EXPECT_TRUE(BitEqual(ref, batch[j])) << "reference mode, product " << j;
+      }
+      aviary::SetKernels(aviary::Kernels::kFast);
+    }
+  }
+}
+
 // Kernel buffers start on cache lines, small or large (glibc serves blocks from 128 KiB on
 // by mmap, 16 bytes past a page), and growing keeps it so.
 TEST(FastKernels, AlignedVectorsStartOnCacheLines) {

@@ -146,17 +146,24 @@ void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance
   Scratch& s = Scratch::ForThisThread();
   float* k = s.Take(T * F);
   float* v = s.Take(T * C);
-  MatMul(key, xk, T, k);
-  SquaredReluInPlace(k, T * F);
-  MatMul(value, k, T, v);
-  if (receptance) {
-    float* r = s.Take(T * C);
-    MatMul(*receptance, xr, T, r);
-    SigmoidInPlace(r, T * C);
-    for (size_t i = 0; i < T * C; ++i) x[i] += r[i] * v[i];
+  float* r = receptance ? s.Take(T * C) : nullptr;
+  if (receptance) {  // the receptance runs beside the key (v4-v6)
+    const MatMulJob kr[] = {{key, xk, k}, {*receptance, xr, r}};
+    MatMulBatch(kr, T);
   } else {
-    for (size_t i = 0; i < T * C; ++i) x[i] += v[i];
+    MatMul(key, xk, T, k);
   }
+  ForTokens(T, [&](int t0, int t1) { SquaredReluInPlace(k + t0 * F, (t1 - t0) * F); });
+  MatMul(value, k, T, v);
+  ForTokens(T, [&](int t0, int t1) {
+    const size_t b = t0 * C, e = t1 * C;
+    if (receptance) {
+      SigmoidInPlace(r + b, e - b);
+      for (size_t i = b; i < e; ++i) x[i] += r[i] * v[i];
+    } else {
+      for (size_t i = b; i < e; ++i) x[i] += v[i];
+    }
+  });
 }
 
 // ---- Model ----

@@ -2,6 +2,7 @@
 // parts every RWKV version has (embedding + ln0 in, ln_out + head out, token shift).
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <span>
 #include <string>
@@ -11,6 +12,7 @@
 #include "formats/weight_file.h"
 #include "tensor/aligned.h"
 #include "tensor/tensor.h"
+#include "tensor/thread_pool.h"
 
 namespace aviary {
 
@@ -63,6 +65,19 @@ class RwkvModel : public Model {
   Tensor emb_, head_;
   std::vector<float> ln0_w_, ln0_b_, ln_out_w_, ln_out_b_;
 };
+
+// fn(t0, t1) over token ranges that cover [0, T): spread over the thread pool for a long
+// prompt, inline for a few tokens (generation pays no hand-off). Only for work in which each
+// token's results depend on that token's inputs alone, so the split changes no result.
+template <typename F>
+void ForTokens(int T, F&& fn) {
+  constexpr int kTokensPerTask = 8;
+  if (T < 2 * kTokensPerTask) return fn(0, T);
+  ParallelFor((T + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task, int) {
+    const int t0 = static_cast<int>(task) * kTokensPerTask;
+    fn(t0, std::min(T, t0 + kTokensPerTask));
+  });
+}
 
 // prev[t] = the input before xx[t]: `last` for t = 0, then xx[t-1]; `last` becomes xx[T-1].
 void TokenShift(const float* xx, int T, int C, float* last, float* prev);

@@ -83,9 +83,8 @@ class Rwkv4 final : public RwkvModel {
       MixLerp(xx, prev, L.att_mix_k.data(), T, n, xk);
       MixLerp(xx, prev, L.att_mix_v.data(), T, n, xv);
       MixLerp(xx, prev, L.att_mix_r.data(), T, n, xr);
-      MatMul(L.att_key, xk, T, k);
-      MatMul(L.att_value, xv, T, v);
-      MatMul(L.att_receptance, xr, T, r);
+      const MatMulJob kvr[] = {{L.att_key, xk, k}, {L.att_value, xv, v}, {L.att_receptance, xr, r}};
+      MatMulBatch(kvr, T);
       Wkv4Seq(T, n, k, v, L.time_first.data(), L.time_decay.data(), aa, bb, pp, out);
       SigmoidInPlace(r, TC);
       for (size_t i = 0; i < TC; ++i) out[i] *= r[i];

@@ -106,14 +106,13 @@ class Rwkv5 final : public RwkvModel {
       MixLerp(xx, prev, L.att_mix_k.data(), T, n, xk);
       MixLerp(xx, prev, L.att_mix_v.data(), T, n, xv);
       MixLerp(xx, prev, L.att_mix_r.data(), T, n, xr);
-      MatMul(L.att_key, xk, T, k);
-      MatMul(L.att_value, xv, T, v);
-      MatMul(L.att_receptance, xr, T, r);
-      if (L.has_gate) {
-        MixLerp(xx, prev, L.att_mix_g.data(), T, n, xg);
-        MatMul(L.att_gate, xg, T, g);
-        SiluInPlace(g, TC);
-      }
+      if (L.has_gate) MixLerp(xx, prev, L.att_mix_g.data(), T, n, xg);
+      const MatMulJob kvrg[] = {{L.att_key, xk, k},
+                                {L.att_value, xv, v},
+                                {L.att_receptance, xr, r},
+                                {L.att_gate, xg, g}};  // v5.2 only
+      MatMulBatch(std::span(kvrg, L.has_gate ? 4 : 3), T);
+      if (L.has_gate) SiluInPlace(g, TC);
       Wkv5Seq(T, H, N, r, k, v, L.decay.data(), /*decay_per_token=*/false, L.first.data(), S,
               wkv);
       for (int t = 0; t < T; ++t) {

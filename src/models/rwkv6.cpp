@@ -127,12 +127,13 @@ class Rwkv6 final : public RwkvModel {
         }
       }
       const float *xw = xs[0], *xk = xs[1], *xv = xs[2], *xr = xs[3], *xg = xs[4];
-      MatMul(L.att_receptance, xr, T, r);
-      MatMul(L.att_key, xk, T, k);
-      MatMul(L.att_value, xv, T, v);
-      MatMul(L.att_gate, xg, T, g);
+      const MatMulJob rkvgw[] = {{L.att_receptance, xr, r},
+                                 {L.att_key, xk, k},
+                                 {L.att_value, xv, v},
+                                 {L.att_gate, xg, g},
+                                 {L.decay_w1, xw, slot_in}};
+      MatMulBatch(rkvgw, T);
       SiluInPlace(g, TC);
-      MatMul(L.decay_w1, xw, T, slot_in);
       TanhInPlace(slot_in, static_cast<size_t>(T) * Dd);
       MatMul(L.decay_w2, slot_in, T, w);
       for (int t = 0; t < T; ++t) {  // w = exp(-exp(w + time_decay))

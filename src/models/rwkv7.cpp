@@ -84,15 +84,6 @@ class Rwkv7 final : public RwkvModel {
     return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
   }
 
-  // y = W2 f(W1 x) over T rows, through the scratch `low` buffer; f is an in-place
-  // element-wise activation from kernels.h, or null for none.
-  static void LowRank(const Tensor& w1, const Tensor& w2, const float* x, int T, float* low,
-                      float* y, void (*f)(float*, size_t)) {
-    MatMul(w1, x, T, low);
-    if (f) f(low, static_cast<size_t>(T) * w1.rows());
-    MatMul(w2, low, T, y);
-  }
-
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                bool all_positions) const override {
     const int T = static_cast<int>(tokens.size()), n = C();
@@ -104,7 +95,11 @@ class Rwkv7 final : public RwkvModel {
     float* prev = s.Take(TC);
     float* xs[kSlots];
     for (auto& p : xs) p = s.Take(TC);
-    float* low = s.Take(static_cast<size_t>(T) * max_rank_);
+    const size_t low_size = static_cast<size_t>(T) * max_rank_;
+    float* low_w = s.Take(low_size);
+    float* low_a = s.Take(low_size);
+    float* low_g = s.Take(low_size);
+    float* low_v = s.Take(low_size);
     float* r = s.Take(TC);
     float* w = s.Take(TC);
     float* k = s.Take(TC);
@@ -123,74 +118,93 @@ class Rwkv7 final : public RwkvModel {
       float* st = state + l * StateFloatsPerLayer();
       float *att_x = st, *S = st + n, *ffn_x = st + n + static_cast<size_t>(n) * N;
 
-      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
+      // Per-token work runs in token ranges (ForTokens: in parallel for a long prompt).
+      auto row = [n](float* p, int t) { return p + static_cast<size_t>(t) * n; };
+      ForTokens(T, [&](int t0, int t1) {
+        LayerNormRows(row(x, t0), L.ln1_w, L.ln1_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
+      });
       TokenShift(xx, T, n, att_x, prev);
-      for (int slot = 0; slot < kSlots; ++slot) {
-        MixAdd(xx, prev, L.x_rwkvag.data() + slot * n, T, n, xs[slot]);
-      }
-      MatMul(L.att_receptance, xs[kR], T, r);
-      MatMul(L.att_key, xs[kK], T, k);
-      MatMul(L.att_value, xs[kV], T, v);
-      LowRank(L.w1, L.w2, xs[kW], T, low, w, TanhInPlace);
-      LowRank(L.a1, L.a2, xs[kA], T, low, a, nullptr);
-      LowRank(L.g1, L.g2, xs[kG], T, low, g, SigmoidInPlace);
-      if (l > 0) {
-        LowRank(L.v1, L.v2, xs[kV], T, low, vmix, nullptr);
-      }
-      // w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a), the v mix sigmoid(v0 + vmix):
-      // the transcendental parts in whole-array (SIMD) passes.
-      for (int t = 0; t < T; ++t) {
-        for (int c = 0; c < n; ++c) {
-          const size_t i = static_cast<size_t>(t) * n + c;
+      ForTokens(T, [&](int t0, int t1) {
+        for (int slot = 0; slot < kSlots; ++slot) {
+          MixAdd(row(xx, t0), row(prev, t0), L.x_rwkvag.data() + slot * n, t1 - t0, n,
+                 row(xs[slot], t0));
+        }
+      });
+      // Two parallel loops: every product of the mixed inputs (the low-rank first halves run
+      // beside r, k, v), then the low-rank second halves. Layer 0 has no v mix.
+      const int v_jobs = l > 0 ? 1 : 0;
+      const MatMulJob first[] = {{L.att_receptance, xs[kR], r}, {L.att_key, xs[kK], k},
+                                 {L.att_value, xs[kV], v},       {L.w1, xs[kW], low_w},
+                                 {L.a1, xs[kA], low_a},          {L.g1, xs[kG], low_g},
+                                 {L.v1, xs[kV], low_v}};
+      MatMulBatch(std::span(first, 6 + v_jobs), T);
+      TanhInPlace(low_w, static_cast<size_t>(T) * L.w1.rows());
+      SigmoidInPlace(low_g, static_cast<size_t>(T) * L.g1.rows());
+      const MatMulJob second[] = {
+          {L.w2, low_w, w}, {L.a2, low_a, a}, {L.g2, low_g, g}, {L.v2, low_v, vmix}};
+      MatMulBatch(std::span(second, 3 + v_jobs), T);
+      ForTokens(T, [&](int t0, int t1) {
+        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
+        // w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a), the v mix
+        // sigmoid(v0 + vmix): the transcendental parts in whole-range (SIMD) passes.
+        for (size_t i = b; i < e; ++i) {
+          const size_t c = i % n;
           w[i] = L.w0[c] + w[i];
           a[i] = L.a0[c] + a[i];
           if (l > 0) vmix[i] = L.v0[c] + vmix[i];
         }
-      }
-      SigmoidInPlace(w, TC);
-      for (size_t i = 0; i < TC; ++i) w[i] = -decay_scale * w[i];
-      ExpInPlace(w, TC);
-      SigmoidInPlace(a, TC);
-      if (l > 0) SigmoidInPlace(vmix, TC);
-      for (int t = 0; t < T; ++t) {
-        for (int c = 0; c < n; ++c) {
-          const size_t i = static_cast<size_t>(t) * n + c;
-          kk[i] = k[i] * L.k_k[c];
-          k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
-          if (l == 0) {
-            v_first[i] = v[i];
-          } else {
-            v[i] += (v_first[i] - v[i]) * vmix[i];
+        SigmoidInPlace(w + b, e - b);
+        for (size_t i = b; i < e; ++i) w[i] = -decay_scale * w[i];
+        ExpInPlace(w + b, e - b);
+        SigmoidInPlace(a + b, e - b);
+        if (l > 0) SigmoidInPlace(vmix + b, e - b);
+        for (int t = t0; t < t1; ++t) {
+          for (int c = 0; c < n; ++c) {
+            const size_t i = static_cast<size_t>(t) * n + c;
+            kk[i] = k[i] * L.k_k[c];
+            k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
+            if (l == 0) {
+              v_first[i] = v[i];
+            } else {
+              v[i] += (v_first[i] - v[i]) * vmix[i];
+            }
+          }
+          for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
+            float* kh = row(kk, t) + h * N;
+            float norm = 0.0f;
+            for (int j = 0; j < N; ++j) norm += kh[j] * kh[j];
+            const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
+            for (int j = 0; j < N; ++j) kh[j] *= inv;
           }
         }
-        for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
-          float* kh = kk + static_cast<size_t>(t) * n + h * N;
-          float norm = 0.0f;
-          for (int j = 0; j < N; ++j) norm += kh[j] * kh[j];
-          const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
-          for (int j = 0; j < N; ++j) kh[j] *= inv;
-        }
-      }
+      });
       Wkv7Seq(T, H, N, r, w, k, v, kk, a, S, wkv);
-      for (int t = 0; t < T; ++t) {
-        const size_t o = static_cast<size_t>(t) * n;
-        GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-        for (int h = 0; h < H; ++h) {  // the r.k bonus, added after the norm
-          float bonus = 0.0f;
-          for (int j = 0; j < N; ++j) {
-            const size_t i = o + h * N + j;
-            bonus += r[i] * k[i] * L.r_k[h * N + j];
+      ForTokens(T, [&](int t0, int t1) {
+        for (int t = t0; t < t1; ++t) {
+          const size_t o = static_cast<size_t>(t) * n;
+          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
+          for (int h = 0; h < H; ++h) {  // the r.k bonus, added after the norm
+            float bonus = 0.0f;
+            for (int j = 0; j < N; ++j) {
+              const size_t i = o + h * N + j;
+              bonus += r[i] * k[i] * L.r_k[h * N + j];
+            }
+            for (int j = 0; j < N; ++j) out[o + h * N + j] += bonus * v[o + h * N + j];
           }
-          for (int j = 0; j < N; ++j) out[o + h * N + j] += bonus * v[o + h * N + j];
+          for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
         }
-      }
-      for (size_t i = 0; i < TC; ++i) out[i] *= g[i];
+      });
       MatMul(L.att_output, out, T, r);
-      for (size_t i = 0; i < TC; ++i) x[i] += r[i];
-
-      LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
+      ForTokens(T, [&](int t0, int t1) {
+        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
+          x[i] += r[i];
+        }
+        LayerNormRows(row(x, t0), L.ln2_w, L.ln2_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
+      });
       TokenShift(xx, T, n, ffn_x, prev);
-      MixAdd(xx, prev, L.ffn_x_k.data(), T, n, xs[kK]);
+      ForTokens(T, [&](int t0, int t1) {
+        MixAdd(row(xx, t0), row(prev, t0), L.ffn_x_k.data(), t1 - t0, n, row(xs[kK], t0));
+      });
       ChannelMix(L.ffn_key, L.ffn_value, nullptr, xs[kK], nullptr, T, x);
     }
     if (logits) Head(x, T, logits, all_positions);

@@ -34,6 +34,8 @@
 #include <cstring>
 #include <string>
 
+#include "tensor/thread_pool.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AVIARY_HAVE_VNNI_CODE 1
 #include <immintrin.h>
@@ -423,8 +425,8 @@ AVIARY_VNNI __m512i FoldQuads(const __m512i* v) {
 
 using lane_sums::FinalSums;  // every output's last float steps (lane_sums.h)
 
-AVIARY_VNNI_FN void QuantizeVnni(const float* x, int T, int64_t cols, Activations* a) {
-  for (int t = 0; t < T; ++t) {
+AVIARY_VNNI_FN void QuantizeVnni(const float* x, int t0, int t1, int64_t cols, Activations* a) {
+  for (int t = t0; t < t1; ++t) {
     int8_t* q = a->q.data() + t * a->padded_blocks * 32;
     float* d = a->d.data() + t * a->padded_blocks;
     int32_t* sums = a->sums.data() + t * a->padded_blocks;
@@ -493,8 +495,8 @@ AVIARY_VNNI void Regroup(const uint8_t* natural, uint8_t* grouped, int64_t group
   }
 }
 
-AVIARY_VNNI_FN void RegroupActivations(Activations* a) {
-  for (int t = 0; t < a->T; ++t) {
+AVIARY_VNNI_FN void RegroupActivations(Activations* a, int t0, int t1) {
+  for (int t = t0; t < t1; ++t) {
     Regroup(reinterpret_cast<const uint8_t*>(a->q_at(t)),
             reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32), a->padded_blocks / 16);
   }
@@ -741,30 +743,39 @@ void Quantize(const float* x, int T, int64_t cols, Activations* out) {
     out->sums.resize(total);
     out->ds.resize(total);
   }
-  for (int t = 0; t < T; ++t) {  // padding blocks are zero: they add nothing
-    std::fill(out->q.begin() + (t * nbp + nb) * 32, out->q.begin() + (t + 1) * nbp * 32, 0);
-    std::fill(out->d.begin() + t * nbp + nb, out->d.begin() + (t + 1) * nbp, 0.0f);
-    std::fill(out->sums.begin() + t * nbp + nb, out->sums.begin() + (t + 1) * nbp, 0);
-    std::fill(out->ds.begin() + t * nbp + nb, out->ds.begin() + (t + 1) * nbp, 0.0f);
-  }
-#if AVIARY_HAVE_VNNI_CODE
-  if (CpuSupported()) {
-    QuantizeVnni(x, T, cols, out);
-    if (T > 1) RegroupActivations(out);
-    return;
-  }
-#endif
-  for (int t = 0; t < T; ++t) {
-    for (int64_t b = 0; b < nb; ++b) {
-      int8_t* q = out->q.data() + (t * nbp + b) * 32;
-      const float d = QuantizeBlockScalar(x + t * cols + b * 32, q);
-      int32_t sum = 0;
-      for (int i = 0; i < 32; ++i) sum += q[i];
-      out->d[t * nbp + b] = d;
-      out->sums[t * nbp + b] = sum;
-      out->ds[t * nbp + b] = d * static_cast<float>(sum);
+  // Tokens are independent: a long prompt's are rounded in parallel (16 tokens a task).
+  auto tokens = [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) {  // padding blocks are zero: they add nothing
+      std::fill(out->q.begin() + (t * nbp + nb) * 32, out->q.begin() + (t + 1) * nbp * 32, 0);
+      std::fill(out->d.begin() + t * nbp + nb, out->d.begin() + (t + 1) * nbp, 0.0f);
+      std::fill(out->sums.begin() + t * nbp + nb, out->sums.begin() + (t + 1) * nbp, 0);
+      std::fill(out->ds.begin() + t * nbp + nb, out->ds.begin() + (t + 1) * nbp, 0.0f);
     }
-  }
+#if AVIARY_HAVE_VNNI_CODE
+    if (CpuSupported()) {
+      QuantizeVnni(x, t0, t1, cols, out);
+      if (T > 1) RegroupActivations(out, t0, t1);
+      return;
+    }
+#endif
+    for (int t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        int8_t* q = out->q.data() + (t * nbp + b) * 32;
+        const float d = QuantizeBlockScalar(x + t * cols + b * 32, q);
+        int32_t sum = 0;
+        for (int i = 0; i < 32; ++i) sum += q[i];
+        out->d[t * nbp + b] = d;
+        out->sums[t * nbp + b] = sum;
+        out->ds[t * nbp + b] = d * static_cast<float>(sum);
+      }
+    }
+  };
+  constexpr int kTokensPerTask = 16;
+  if (T < 2 * kTokensPerTask) return tokens(0, T);
+  ParallelFor((T + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task, int) {
+    const int t0 = static_cast<int>(task) * kTokensPerTask;
+    tokens(t0, std::min(T, t0 + kTokensPerTask));
+  });
 }
 
 void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t /*cols*/,

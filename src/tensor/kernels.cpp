@@ -648,31 +648,58 @@ const char* KernelTarget() {
 namespace fast {
 
 void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads) {
-  const int64_t rows = w.rows(), cols = w.cols();
-  const size_t row_bytes = w.row_bytes();
+  const MatMulJob job{w, x, y};
+  MatMulBatch(&job, 1, T, max_threads);
+}
+
+void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads) {
   const auto kernel = HWY_DYNAMIC_DISPATCH(MatMulRows);
-  // Quantized weights: 8-bit activations and integer dot products where the CPU has them.
-  // x is rounded once here, before the rows are split, so every thread sees the same numbers.
-  const bool int8 = int8::SupportsType(w.type) && int8::Enabled();
-  thread_local int8::Activations caller_act;
-  const int8::Activations& act = caller_act;  // a name the workers' lambda can capture
-  if (int8) int8::Quantize(x, T, cols, &caller_act);
-  const int64_t macs = rows * cols * T;
+  // How each product is cut into tasks of whole 4-row tiles. Quantized weights take 8-bit
+  // activations and integer dot products where the CPU has them; each x is rounded once here,
+  // before the rows are split, so every thread sees the same numbers.
+  struct Plan {
+    bool int8;
+    int64_t tiles_per_task, first_task;
+  };
+  thread_local std::vector<int8::Activations> caller_acts;  // one per product, kept for reuse
+  thread_local std::vector<Plan> plans;
+  if (caller_acts.size() < static_cast<size_t>(n_jobs)) caller_acts.resize(n_jobs);
+  plans.resize(n_jobs);
+  const int8::Activations* acts = caller_acts.data();  // what the workers' lambda reads
+  int64_t macs = 0;
+  for (int j = 0; j < n_jobs; ++j) macs += jobs[j].w.rows() * jobs[j].w.cols() * T;
   int threads = max_threads > 0 ? max_threads : NumThreads();
   if (macs < kMinParallelMacs) threads = 1;
-  // Tasks of whole 4-row tiles, about 8 per thread (dynamic hand-out evens out a busy core),
-  // and at least 16 rows so each task streams a useful amount of memory.
-  const int64_t tiles = (rows + 3) / 4;
-  int64_t tiles_per_task = threads == 1 ? tiles : std::max<int64_t>(4, tiles / (8 * threads));
-  tiles_per_task = std::max<int64_t>(1, std::min(tiles_per_task, tiles));
-  const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
+  int64_t tasks = 0;
+  for (int j = 0; j < n_jobs; ++j) {
+    const Tensor& w = jobs[j].w;
+    Plan& p = plans[j];
+    p.int8 = int8::SupportsType(w.type) && int8::Enabled();
+    if (p.int8) int8::Quantize(jobs[j].x, T, w.cols(), &caller_acts[j]);
+    // About 8 tasks per thread and product (dynamic hand-out evens out a busy core), each of at
+    // least 16 rows so it streams a useful amount of memory; a product too small to be worth
+    // splitting (a low-rank matrix) is one task, run beside the others.
+    const int64_t tiles = (w.rows() + 3) / 4;
+    int64_t per_task = tiles;
+    if (threads > 1 && w.rows() * w.cols() * T >= kMinParallelMacs) {
+      per_task = std::max<int64_t>(4, tiles / (8 * threads));
+    }
+    p.tiles_per_task = std::max<int64_t>(1, std::min(per_task, tiles));
+    p.first_task = tasks;
+    tasks += (tiles + p.tiles_per_task - 1) / p.tiles_per_task;
+  }
+  const Plan* plan = plans.data();  // the caller's plans, read by the workers
   auto run = [&](int64_t task, int) {
-    const int64_t r0 = task * tiles_per_task * 4;
-    const int64_t r1 = std::min(rows, r0 + tiles_per_task * 4);
-    if (int8) {
-      int8::MatMulRows(w.type, w.data, row_bytes, rows, cols, r0, r1, act, y);
+    int j = n_jobs - 1;
+    while (plan[j].first_task > task) --j;  // a handful of products: a scan is enough
+    const Tensor& w = jobs[j].w;
+    const int64_t rows = w.rows();
+    const int64_t r0 = (task - plan[j].first_task) * plan[j].tiles_per_task * 4;
+    const int64_t r1 = std::min(rows, r0 + plan[j].tiles_per_task * 4);
+    if (plan[j].int8) {
+      int8::MatMulRows(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, acts[j], jobs[j].y);
     } else {
-      kernel(w.type, w.data, row_bytes, rows, cols, r0, r1, x, T, y);
+      kernel(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, jobs[j].x, T, jobs[j].y);
     }
   };
   if (threads == 1 || tasks == 1) {
@@ -711,6 +738,14 @@ void SquaredRelu(float* x, size_t n) { HWY_DYNAMIC_DISPATCH(SquaredReluF)(x, n);
 void MatMul(const Tensor& w, const float* x, int T, float* y) {
   if (Reference()) return ref::MatMul(w, x, T, y);
   fast::MatMul(w, x, T, y);
+}
+
+void MatMulBatch(std::span<const MatMulJob> jobs, int T) {
+  if (Reference()) {
+    for (const MatMulJob& j : jobs) ref::MatMul(j.w, j.x, T, j.y);
+    return;
+  }
+  fast::MatMulBatch(jobs.data(), static_cast<int>(jobs.size()), T);
 }
 
 void GatherRow(const Tensor& table, int64_t row, float* y) {

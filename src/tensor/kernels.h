@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "tensor/tensor.h"
 
@@ -32,6 +33,17 @@ const char* KernelTarget();
 // read once for all T tokens; x is [T, cols], y is [T, rows]. Each output is computed by the
 // same code whatever T is and whatever the thread count, so results agree bit for bit.
 void MatMul(const Tensor& w, const float* x, int T, float* y);
+
+// One product of a batch: y = W x over the batch's T tokens, shapes as for MatMul.
+struct MatMulJob {
+  const Tensor& w;
+  const float* x;
+  float* y;
+};
+// Independent products (no job reads another's y) run as one parallel loop: one thread
+// hand-off for all of them, and the small ones (low-rank matrices) run beside the large ones
+// instead of alone on the calling thread. Every output is the same as from MatMul.
+void MatMulBatch(std::span<const MatMulJob> jobs, int T);
 
 // Row `row` of `table` (e.g. the embedding) widened to float.
 void GatherRow(const Tensor& table, int64_t row, float* y);
@@ -56,6 +68,7 @@ void SquaredReluInPlace(float* x, size_t n);  // max(x, 0)^2 (channel mix)
 // reference in reference.h). `max_threads` 0 = the pool's thread count.
 namespace fast {
 void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads = 0);
+void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads = 0);
 void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n);
 void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
                float* y);
