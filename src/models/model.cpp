@@ -119,25 +119,31 @@ void TokenShift(const float* xx, int T, int C, float* last, float* prev) {
 
 void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
                    int T, int C, float eps, float* y) {
-  for (int t = 0; t < T; ++t) LayerNorm(x + t * C, w.data(), b.data(), C, eps, y + t * C);
+  ForTokens(T, [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) LayerNorm(x + t * C, w.data(), b.data(), C, eps, y + t * C);
+  });
 }
 
 void MixLerp(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
-  for (int t = 0; t < T; ++t) {
-    for (int c = 0; c < C; ++c) {
-      const int i = t * C + c;
-      out[i] = xx[i] * m[c] + prev[i] * (1.0f - m[c]);
+  ForTokens(T, [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const int i = t * C + c;
+        out[i] = xx[i] * m[c] + prev[i] * (1.0f - m[c]);
+      }
     }
-  }
+  });
 }
 
 void MixAdd(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
-  for (int t = 0; t < T; ++t) {
-    for (int c = 0; c < C; ++c) {
-      const int i = t * C + c;
-      out[i] = xx[i] + (prev[i] - xx[i]) * m[c];
+  ForTokens(T, [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const int i = t * C + c;
+        out[i] = xx[i] + (prev[i] - xx[i]) * m[c];
+      }
     }
-  }
+  });
 }
 
 void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,

@@ -81,7 +81,7 @@ void ForTokens(int T, F&& fn) {
 
 // prev[t] = the input before xx[t]: `last` for t = 0, then xx[t-1]; `last` becomes xx[T-1].
 void TokenShift(const float* xx, int T, int C, float* last, float* prev);
-// LayerNorm applied to each of T rows of width C.
+// LayerNorm applied to each of T rows of width C. This and the mixes run in ForTokens ranges.
 void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
                    int T, int C, float eps, float* y);
 

@@ -86,10 +86,17 @@ class Rwkv4 final : public RwkvModel {
       const MatMulJob kvr[] = {{L.att_key, xk, k}, {L.att_value, xv, v}, {L.att_receptance, xr, r}};
       MatMulBatch(kvr, T);
       Wkv4Seq(T, n, k, v, L.time_first.data(), L.time_decay.data(), aa, bb, pp, out);
-      SigmoidInPlace(r, TC);
-      for (size_t i = 0; i < TC; ++i) out[i] *= r[i];
+      ForTokens(T, [&](int t0, int t1) {  // in parallel for a long prompt
+        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
+        SigmoidInPlace(r + b, e - b);
+        for (size_t i = b; i < e; ++i) out[i] *= r[i];
+      });
       MatMul(L.att_output, out, T, v);
-      for (size_t i = 0; i < TC; ++i) x[i] += v[i];
+      ForTokens(T, [&](int t0, int t1) {
+        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
+          x[i] += v[i];
+        }
+      });
 
       LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
       TokenShift(xx, T, n, ffn_x, prev);

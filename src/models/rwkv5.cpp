@@ -112,18 +112,24 @@ class Rwkv5 final : public RwkvModel {
                                 {L.att_receptance, xr, r},
                                 {L.att_gate, xg, g}};  // v5.2 only
       MatMulBatch(std::span(kvrg, L.has_gate ? 4 : 3), T);
-      if (L.has_gate) SiluInPlace(g, TC);
       Wkv5Seq(T, H, N, r, k, v, L.decay.data(), /*decay_per_token=*/false, L.first.data(), S,
               wkv);
-      for (int t = 0; t < T; ++t) {
-        const size_t o = static_cast<size_t>(t) * n;
-        GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-      }
-      if (L.has_gate) {
-        for (size_t i = 0; i < TC; ++i) out[i] *= g[i];
-      }
+      ForTokens(T, [&](int t0, int t1) {  // in parallel for a long prompt
+        for (int t = t0; t < t1; ++t) {
+          const size_t o = static_cast<size_t>(t) * n;
+          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
+          if (L.has_gate) {
+            SiluInPlace(g + o, n);
+            for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
+          }
+        }
+      });
       MatMul(L.att_output, out, T, v);
-      for (size_t i = 0; i < TC; ++i) x[i] += v[i];
+      ForTokens(T, [&](int t0, int t1) {
+        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
+          x[i] += v[i];
+        }
+      });
 
       LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
       TokenShift(xx, T, n, ffn_x, prev);

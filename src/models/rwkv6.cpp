@@ -89,8 +89,11 @@ class Rwkv6 final : public RwkvModel {
     float* sx = s.Take(TC);
     float* mixed = s.Take(TC);
     float* low = s.Take(static_cast<size_t>(T) * kSlots * D);
-    float* slot_in = s.Take(static_cast<size_t>(T) * std::max(D, Dd));
-    float* slot_out = s.Take(TC);
+    float* slot_in[kSlots];  // each slot's rows of `low`, contiguous for its MatMul
+    for (auto& p : slot_in) p = s.Take(static_cast<size_t>(T) * D);
+    float* slot_out[kSlots];
+    for (auto& p : slot_out) p = s.Take(TC);
+    float* decay_low = s.Take(static_cast<size_t>(T) * Dd);
     float* xs[kSlots];
     for (auto& p : xs) p = s.Take(TC);
     float* r = s.Take(TC);
@@ -106,55 +109,83 @@ class Rwkv6 final : public RwkvModel {
       float* st = state + l * StateFloatsPerLayer();
       float *att_x = st, *S = st + n, *ffn_x = st + n + static_cast<size_t>(n) * N;
 
+      // Per-token work runs in token ranges (ForTokens: in parallel for a long prompt).
+      auto row = [n](float* p, int t) { return p + static_cast<size_t>(t) * n; };
       LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
       TokenShift(xx, T, n, att_x, prev);
-      for (size_t i = 0; i < TC; ++i) sx[i] = prev[i] - xx[i];
-      for (int t = 0; t < T; ++t) {
-        for (int c = 0; c < n; ++c) mixed[t * n + c] = xx[t * n + c] + sx[t * n + c] * L.maa_x[c];
-      }
+      ForTokens(T, [&](int t0, int t1) {
+        for (int t = t0; t < t1; ++t) {
+          for (int c = 0; c < n; ++c) {
+            const size_t i = static_cast<size_t>(t) * n + c;
+            sx[i] = prev[i] - xx[i];
+            mixed[i] = xx[i] + sx[i] * L.maa_x[c];
+          }
+        }
+      });
       MatMul(L.maa_w1, mixed, T, low);
       TanhInPlace(low, static_cast<size_t>(T) * kSlots * D);
       for (int slot = 0; slot < kSlots; ++slot) {
         for (int t = 0; t < T; ++t) {
-          std::copy_n(low + (static_cast<size_t>(t) * kSlots + slot) * D, D, slot_in + t * D);
-        }
-        MatMul(L.maa_w2.Slice(slot), slot_in, T, slot_out);
-        for (int t = 0; t < T; ++t) {
-          for (int c = 0; c < n; ++c) {
-            const size_t i = static_cast<size_t>(t) * n + c;
-            xs[slot][i] = xx[i] + sx[i] * (L.maa[slot][c] + slot_out[i]);
-          }
+          std::copy_n(low + (static_cast<size_t>(t) * kSlots + slot) * D, D, slot_in[slot] + t * D);
         }
       }
+      const Tensor maa_w2[kSlots] = {L.maa_w2.Slice(0), L.maa_w2.Slice(1), L.maa_w2.Slice(2),
+                                     L.maa_w2.Slice(3), L.maa_w2.Slice(4)};
+      MatMulJob slot_jobs[kSlots] = {{maa_w2[0], slot_in[0], slot_out[0]},
+                                     {maa_w2[1], slot_in[1], slot_out[1]},
+                                     {maa_w2[2], slot_in[2], slot_out[2]},
+                                     {maa_w2[3], slot_in[3], slot_out[3]},
+                                     {maa_w2[4], slot_in[4], slot_out[4]}};
+      MatMulBatch(slot_jobs, T);
+      ForTokens(T, [&](int t0, int t1) {
+        for (int slot = 0; slot < kSlots; ++slot) {
+          for (int t = t0; t < t1; ++t) {
+            for (int c = 0; c < n; ++c) {
+              const size_t i = static_cast<size_t>(t) * n + c;
+              xs[slot][i] = xx[i] + sx[i] * (L.maa[slot][c] + slot_out[slot][i]);
+            }
+          }
+        }
+      });
       const float *xw = xs[0], *xk = xs[1], *xv = xs[2], *xr = xs[3], *xg = xs[4];
       const MatMulJob rkvgw[] = {{L.att_receptance, xr, r},
                                  {L.att_key, xk, k},
                                  {L.att_value, xv, v},
                                  {L.att_gate, xg, g},
-                                 {L.decay_w1, xw, slot_in}};
+                                 {L.decay_w1, xw, decay_low}};
       MatMulBatch(rkvgw, T);
-      SiluInPlace(g, TC);
-      TanhInPlace(slot_in, static_cast<size_t>(T) * Dd);
-      MatMul(L.decay_w2, slot_in, T, w);
-      for (int t = 0; t < T; ++t) {  // w = exp(-exp(w + time_decay))
-        for (int c = 0; c < n; ++c) w[t * n + c] += L.decay[c];
-      }
-      ExpInPlace(w, TC);
-      for (size_t i = 0; i < TC; ++i) w[i] = -w[i];
-      ExpInPlace(w, TC);
+      TanhInPlace(decay_low, static_cast<size_t>(T) * Dd);
+      MatMul(L.decay_w2, decay_low, T, w);
+      ForTokens(T, [&](int t0, int t1) {
+        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
+        SiluInPlace(g + b, e - b);
+        for (int t = t0; t < t1; ++t) {  // w = exp(-exp(w + decay))
+          for (int c = 0; c < n; ++c) w[static_cast<size_t>(t) * n + c] += L.decay[c];
+        }
+        ExpInPlace(w + b, e - b);
+        for (size_t i = b; i < e; ++i) w[i] = -w[i];
+        ExpInPlace(w + b, e - b);
+      });
       Wkv5Seq(T, H, N, r, k, v, w, /*decay_per_token=*/true, L.first.data(), S, wkv);
-      for (int t = 0; t < T; ++t) {
-        const size_t o = static_cast<size_t>(t) * n;
-        GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-      }
-      for (size_t i = 0; i < TC; ++i) out[i] *= g[i];
+      ForTokens(T, [&](int t0, int t1) {
+        for (int t = t0; t < t1; ++t) {
+          const size_t o = static_cast<size_t>(t) * n;
+          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
+          for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
+        }
+      });
       MatMul(L.att_output, out, T, v);
-      for (size_t i = 0; i < TC; ++i) x[i] += v[i];
-
-      LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
+      ForTokens(T, [&](int t0, int t1) {
+        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
+          x[i] += v[i];
+        }
+        LayerNormRows(row(x, t0), L.ln2_w, L.ln2_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
+      });
       TokenShift(xx, T, n, ffn_x, prev);
-      MixAdd(xx, prev, L.ffn_maa_k.data(), T, n, xs[1]);
-      MixAdd(xx, prev, L.ffn_maa_r.data(), T, n, xs[3]);
+      ForTokens(T, [&](int t0, int t1) {
+        MixAdd(row(xx, t0), row(prev, t0), L.ffn_maa_k.data(), t1 - t0, n, row(xs[1], t0));
+        MixAdd(row(xx, t0), row(prev, t0), L.ffn_maa_r.data(), t1 - t0, n, row(xs[3], t0));
+      });
       ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, xs[1], xs[3], T, x);
     }
     if (logits) Head(x, T, logits, all_positions);

@@ -120,9 +120,7 @@ class Rwkv7 final : public RwkvModel {
 
       // Per-token work runs in token ranges (ForTokens: in parallel for a long prompt).
       auto row = [n](float* p, int t) { return p + static_cast<size_t>(t) * n; };
-      ForTokens(T, [&](int t0, int t1) {
-        LayerNormRows(row(x, t0), L.ln1_w, L.ln1_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
-      });
+      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
       TokenShift(xx, T, n, att_x, prev);
       ForTokens(T, [&](int t0, int t1) {
         for (int slot = 0; slot < kSlots; ++slot) {
@@ -147,11 +145,13 @@ class Rwkv7 final : public RwkvModel {
         const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
         // w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a), the v mix
         // sigmoid(v0 + vmix): the transcendental parts in whole-range (SIMD) passes.
-        for (size_t i = b; i < e; ++i) {
-          const size_t c = i % n;
-          w[i] = L.w0[c] + w[i];
-          a[i] = L.a0[c] + a[i];
-          if (l > 0) vmix[i] = L.v0[c] + vmix[i];
+        for (int t = t0; t < t1; ++t) {
+          for (int c = 0; c < n; ++c) {
+            const size_t i = static_cast<size_t>(t) * n + c;
+            w[i] = L.w0[c] + w[i];
+            a[i] = L.a0[c] + a[i];
+            if (l > 0) vmix[i] = L.v0[c] + vmix[i];
+          }
         }
         SigmoidInPlace(w + b, e - b);
         for (size_t i = b; i < e; ++i) w[i] = -decay_scale * w[i];
@@ -202,9 +202,7 @@ class Rwkv7 final : public RwkvModel {
         LayerNormRows(row(x, t0), L.ln2_w, L.ln2_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
       });
       TokenShift(xx, T, n, ffn_x, prev);
-      ForTokens(T, [&](int t0, int t1) {
-        MixAdd(row(xx, t0), row(prev, t0), L.ffn_x_k.data(), t1 - t0, n, row(xs[kK], t0));
-      });
+      MixAdd(xx, prev, L.ffn_x_k.data(), T, n, xs[kK]);
       ChannelMix(L.ffn_key, L.ffn_value, nullptr, xs[kK], nullptr, T, x);
     }
     if (logits) Head(x, T, logits, all_positions);
