@@ -131,11 +131,11 @@ class Rwkv6 final : public RwkvModel {
       }
       const Tensor maa_w2[kSlots] = {L.maa_w2.Slice(0), L.maa_w2.Slice(1), L.maa_w2.Slice(2),
                                      L.maa_w2.Slice(3), L.maa_w2.Slice(4)};
-      MatMulJob slot_jobs[kSlots] = {{maa_w2[0], slot_in[0], slot_out[0]},
-                                     {maa_w2[1], slot_in[1], slot_out[1]},
-                                     {maa_w2[2], slot_in[2], slot_out[2]},
-                                     {maa_w2[3], slot_in[3], slot_out[3]},
-                                     {maa_w2[4], slot_in[4], slot_out[4]}};
+      const MatMulJob slot_jobs[kSlots] = {{maa_w2[0], slot_in[0], slot_out[0]},
+                                           {maa_w2[1], slot_in[1], slot_out[1]},
+                                           {maa_w2[2], slot_in[2], slot_out[2]},
+                                           {maa_w2[3], slot_in[3], slot_out[3]},
+                                           {maa_w2[4], slot_in[4], slot_out[4]}};
       MatMulBatch(slot_jobs, T);
       ForTokens(T, [&](int t0, int t1) {
         for (int slot = 0; slot < kSlots; ++slot) {
