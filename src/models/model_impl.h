@@ -2,7 +2,6 @@
 // parts every RWKV version has (embedding + ln0 in, ln_out + head out, token shift).
 #pragma once
 
-#include <algorithm>
 #include <memory>
 #include <span>
 #include <string>
@@ -71,11 +70,8 @@ class RwkvModel : public Model {
 // token's results depend on that token's inputs alone, so the split changes no result.
 template <typename F>
 void ForTokens(int T, F&& fn) {
-  constexpr int kTokensPerTask = 8;
-  if (T < 2 * kTokensPerTask) return fn(0, T);
-  ParallelFor((T + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task, int) {
-    const int t0 = static_cast<int>(task) * kTokensPerTask;
-    fn(t0, std::min(T, t0 + kTokensPerTask));
+  ParallelForRanges(T, /*chunk=*/8, [&](int64_t t0, int64_t t1) {
+    fn(static_cast<int>(t0), static_cast<int>(t1));
   });
 }
 

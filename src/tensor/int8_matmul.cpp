@@ -770,11 +770,8 @@ void Quantize(const float* x, int T, int64_t cols, Activations* out) {
       }
     }
   };
-  constexpr int kTokensPerTask = 16;
-  if (T < 2 * kTokensPerTask) return tokens(0, T);
-  ParallelFor((T + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task, int) {
-    const int t0 = static_cast<int>(task) * kTokensPerTask;
-    tokens(t0, std::min(T, t0 + kTokensPerTask));
+  ParallelForRanges(T, /*chunk=*/16, [&](int64_t t0, int64_t t1) {
+    tokens(static_cast<int>(t0), static_cast<int>(t1));
   });
 }
 

@@ -8,6 +8,7 @@
 // no worker threads at all.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -40,6 +41,17 @@ void ParallelFor(int64_t n_tasks, F&& fn, int max_threads = 0) {
   };
   detail::ParallelForImpl(n_tasks, call, const_cast<void*>(static_cast<const void*>(&fn)),
                           max_threads);
+}
+
+// fn(begin, end) over consecutive ranges of `chunk` items that cover [0, n), spread over the
+// pool; fewer than two chunks run inline on the caller (no hand-off for small work).
+template <typename F>
+void ParallelForRanges(int64_t n, int64_t chunk, F&& fn) {
+  if (n < 2 * chunk) return fn(int64_t{0}, n);
+  ParallelFor((n + chunk - 1) / chunk, [&](int64_t task, int) {
+    const int64_t begin = task * chunk;
+    fn(begin, std::min(n, begin + chunk));
+  });
 }
 
 }  // namespace aviary
