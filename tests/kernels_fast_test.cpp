@@ -64,16 +64,15 @@ std::string Sci(double v) {
   return os.str();
 }
 
-// Restores the kernel choice, the 8-bit activation switch and the thread count after a test.
+// Restores the kernel choice, the rounded-activation switches and the thread count after a test.
 struct KernelGuard {
-  KernelGuard() : kernels(aviary::ActiveKernels()), int8(aviary::int8::Enabled()) {}
+  KernelGuard() : kernels(aviary::ActiveKernels()) {}
   ~KernelGuard() {
     aviary::SetKernels(kernels);
-    aviary::int8::SetEnabled(int8);
     aviary::SetNumThreads(0);
   }
   aviary::Kernels kernels;
-  bool int8;
+  aviary::testing::RoundedActivations rounding{aviary::int8::Enabled()};
 };
 
 std::vector<float> RandomVector(size_t n, std::mt19937& rng, float scale = 1.0f) {
@@ -167,7 +166,8 @@ std::vector<MatMulCase> MatMulCases() {
 
 TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
   KernelGuard guard;
-  aviary::int8::SetEnabled(false);  // float activations here; int8_matmul_test has the other
+  // Float activations here; int8_matmul_test and bf16_matmul_test have the rounded paths.
+  aviary::testing::RoundedActivations::Set(false);
   std::mt19937 rng(42);
   double worst = 0;
   int checked = 0;
@@ -249,7 +249,7 @@ TEST(FastKernels, MatMulDispatcherFollowsTheKernelChoice) {
 }
 
 // A batch of independent products (a layer stage: large matrices beside low-rank ones, of
-// mixed types, quantized ones on the int8 path where the CPU has it) gives every output bit
+// mixed types, on the rounded-activation paths where the CPU has them) gives every output bit
 // for bit as the products one by one, with any thread count and T; the dispatcher's reference
 // mode runs the reference product for each.
 TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
@@ -269,8 +269,8 @@ TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
   for (size_t j = 0; j < std::size(shapes); ++j) {
     ws.push_back(MakeTensor(shapes[j].type, shapes[j].rows, shapes[j].cols, bytes[j].data()));
   }
-  for (bool int8 : {false, true}) {
-    aviary::int8::SetEnabled(int8);
+  for (bool rounded : {false, true}) {
+    aviary::testing::RoundedActivations::Set(rounded);
     for (int T : {1, 4}) {
       const std::vector<float> x = RandomVector(static_cast<size_t>(T) * 256 * 2, rng);
       std::vector<std::vector<float>> single, batch;
@@ -285,7 +285,7 @@ TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
         jobs.push_back({ws[j], x.data() + (j % 2) * T * 256, batch[j].data()});
       }
       for (int threads : {1, 2, 3}) {
-        SCOPED_TRACE("int8 " + std::to_string(int8) + " T " + std::to_string(T) + " threads " +
+        SCOPED_TRACE("rounded " + std::to_string(rounded) + " T " + std::to_string(T) + " threads " +
                      std::to_string(threads));
         aviary::SetNumThreads(threads);
         for (auto& b : batch) std::fill(b.begin(), b.end(), -1.0f);
@@ -506,12 +506,14 @@ TEST(FastKernels, Wkv4MatchesReference) {
 
 // ---- whole models ----
 
-// 8-bit activations vs the float reference over 40 tokens of odd bytes, relative to each row's
-// largest |logit|. The rounding of activations (half a step of max|x|/127 per block) is
-// amplified along the recurrence on these out-of-distribution inputs: measured worst 0.35
-// (tiny 6v0 Q5_0), typically 0.003-0.1. A wrong kernel gives garbage (>= 1). The tight checks
-// are int8_matmul_test (kernel vs definition) and model_test (0.15 on the 3-token prompt).
-constexpr double kInt8RelativeBound = 0.5;
+// Rounded activations (8-bit for quantized matrices, bfloat16 for F16 ones) vs the float
+// reference over 40 tokens of odd bytes, relative to each row's largest |logit|. The rounding
+// (half a step of max|x|/127 per block; 2^-9 of each bfloat16 factor) is amplified along the
+// recurrence on these out-of-distribution inputs: measured worst 0.35 (tiny 6v0 Q5_0),
+// typically 0.003-0.1. A wrong kernel gives garbage (>= 1). The tight checks are
+// int8_matmul_test / bf16_matmul_test (kernel vs definition) and model_test (the per-type
+// tolerance on the 3-token prompt).
+constexpr double kRoundedRelativeBound = 0.5;
 
 class FastModelTest : public ::testing::TestWithParam<aviary::testing::ModelCase> {};
 
@@ -532,9 +534,9 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   const auto model = aviary::Model::Load(aviary::testing::SharedPath(c.model));
   std::vector<int32_t> tokens;
   for (int i = 0; i < 40; ++i) tokens.push_back((i * 37 + 11) % model->info().n_vocab);
-  auto eval = [&](aviary::Kernels k, int threads, bool one_by_one, bool int8 = false) {
+  auto eval = [&](aviary::Kernels k, int threads, bool one_by_one, bool rounded = false) {
     aviary::SetKernels(k);
-    aviary::int8::SetEnabled(int8);
+    aviary::testing::RoundedActivations::Set(rounded);
     aviary::SetNumThreads(threads);
     aviary::State state = model->NewState();
     std::vector<float> logits, row;
@@ -577,19 +579,22 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   EXPECT_TRUE(BitEqual(fast, eval(aviary::Kernels::kFast, 2, true))) << "sequence vs one-by-one";
   for (float f : fast) ASSERT_TRUE(std::isfinite(f));
 
-  // 8-bit activations (quantized matrices only; the default where the CPU has VNNI): the same
+  // Rounded activations (the default where the CPU has AVX-512 VNNI / BF16): the same
   // independence of threads and mode, and a bound from the activation rounding.
-  if (!aviary::int8::CpuSupported()) return;
+  if (!aviary::testing::RoundedActivations::CpuSupported()) return;
   const std::vector<float> q = eval(aviary::Kernels::kFast, 2, false, true);
   compare(q, &d, &rel);
-  std::cout << "[ int8/ref ] " << std::left << std::setw(40) << c.model << " max " << Sci(d)
+  std::cout << "[ rnd/ref  ] " << std::left << std::setw(40) << c.model << " max " << Sci(d)
             << "  relative to the row's max |logit| " << Sci(rel) << "\n";
-  bool has_quantized = false;
-  for (const auto& [type, count] : model->info().tensor_types) has_quantized |= type[0] == 'Q';
-  if (!has_quantized) {
-    EXPECT_TRUE(BitEqual(q, fast)) << "no quantized matrix, yet int8 changed it";
+  bool has_rounded = false;  // a matrix that a rounded path multiplies on this CPU
+  for (const auto& [type, count] : model->info().tensor_types) {
+    has_rounded |= (type[0] == 'Q' && aviary::int8::CpuSupported()) ||
+                   ((type == "F16" || type == "BF16") && aviary::bf16::CpuSupported());
   }
-  EXPECT_LE(rel, kInt8RelativeBound);
+  if (!has_rounded) {
+    EXPECT_TRUE(BitEqual(q, fast)) << "no matrix of a rounded type, yet rounding changed it";
+  }
+  EXPECT_LE(rel, kRoundedRelativeBound);
   EXPECT_TRUE(BitEqual(q, eval(aviary::Kernels::kFast, 1, false, true))) << "threads 1 vs 2";
   EXPECT_TRUE(BitEqual(q, eval(aviary::Kernels::kFast, 2, true, true))) << "sequence vs one-by-one";
   for (float f : q) ASSERT_TRUE(std::isfinite(f));

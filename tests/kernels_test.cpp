@@ -21,6 +21,7 @@
 #include "aviary/sampler.h"
 #include "aviary/tokenizer.h"
 #include "tensor/dtype.h"
+#include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/tensor.h"
@@ -464,21 +465,24 @@ TEST(Dequantize, PlainFloatTypes) {
 // ---- kernels that exist in two implementations (fast SIMD and scalar reference) ----
 
 // Runs a test once with each implementation selected (kernels.h), restoring the choice after.
-// Float activations throughout: these are the exact-arithmetic definitions (the 8-bit path has
-// its own test, int8_matmul_test).
+// Float activations throughout: these are the exact-arithmetic definitions (the 8-bit and
+// bfloat16 paths have their own tests, int8_matmul_test and bf16_matmul_test).
 class KernelsTest : public ::testing::TestWithParam<aviary::Kernels> {
  protected:
   void SetUp() override {
     saved_ = aviary::ActiveKernels();
     saved_int8_ = aviary::int8::Enabled();
+    saved_bf16_ = aviary::bf16::Enabled();
     aviary::SetKernels(GetParam());
     aviary::int8::SetEnabled(false);
+    aviary::bf16::SetEnabled(false);
   }
   void TearDown() override {
     aviary::SetKernels(saved_);
     aviary::int8::SetEnabled(saved_int8_);
+    aviary::bf16::SetEnabled(saved_bf16_);
   }
-  bool saved_int8_ = false;
+  bool saved_int8_ = false, saved_bf16_ = false;
 
  private:
   aviary::Kernels saved_ = aviary::Kernels::kFast;

@@ -260,11 +260,11 @@ TEST_P(ModelFileTest, LogitsMatchExpected) {
   const std::vector<float> expected = ReadFloats(SharedPath(c.expected));
   ASSERT_EQ(expected.size(), static_cast<size_t>(kVocab));
   const std::vector<int32_t>& prompt = ExpectedPrompt();
-  const bool int8_default = aviary::int8::Enabled();
+  aviary::testing::RoundedActivations restore(aviary::int8::Enabled());
 
   // Max |logit - expected| after the prompt, in sequence mode and one token at a time.
-  auto run = [&](bool int8, double* d_seq, double* d_one) {
-    aviary::int8::SetEnabled(int8);
+  auto run = [&](bool rounded, double* d_seq, double* d_one) {
+    aviary::testing::RoundedActivations::Set(rounded);
     State seq_state = model.NewState();
     std::vector<float> seq;
     model.Eval(prompt, seq_state, &seq);
@@ -287,21 +287,20 @@ TEST_P(ModelFileTest, LogitsMatchExpected) {
   RecordProperty("max_abs_diff_sequence", Sci(d_seq));
   RecordProperty("max_abs_diff_one_by_one", Sci(d_one));
   // fp32 activations times exactly dequantized weights reproduce the float64 reference far
-  // more closely than the per-type tolerance (which allows for 8-bit activations).
+  // more closely than the per-type tolerance (which allows for rounded activations).
   EXPECT_LE(d_seq, 1e-4);
   EXPECT_LE(d_one, 1e-4);
 
-  // 8-bit activations for the quantized matrices (the default where the CPU has AVX-512
-  // VNNI): held to the per-type tolerance.
-  if (aviary::int8::CpuSupported()) {
+  // Rounded activations (the default where the CPU has them): 8-bit for the quantized
+  // matrices (AVX-512 VNNI), bfloat16 for F16 ones (AVX512_BF16); held to the rounded bound.
+  if (aviary::testing::RoundedActivations::CpuSupported()) {
     run(true, &d_seq, &d_one);
-    std::cout << "[ int8     ] " << std::left << std::setw(32) << BaseName(c.model)
+    std::cout << "[ rounded  ] " << std::left << std::setw(32) << BaseName(c.model)
               << " sequence " << Sci(d_seq) << "  one-by-one " << Sci(d_one) << "\n";
-    RecordProperty("int8_max_abs_diff", Sci(std::max(d_seq, d_one)));
-    EXPECT_LE(d_seq, c.tolerance);
-    EXPECT_LE(d_one, c.tolerance);
+    RecordProperty("rounded_max_abs_diff", Sci(std::max(d_seq, d_one)));
+    EXPECT_LE(d_seq, c.rounded_tolerance());
+    EXPECT_LE(d_one, c.rounded_tolerance());
   }
-  aviary::int8::SetEnabled(int8_default);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, ModelFileTest,

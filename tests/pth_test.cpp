@@ -132,10 +132,18 @@ TEST_P(SharedCheckpointTest, LoadsAndMatchesExpectedLogits) {
   const std::vector<float> expected =
       ReadFloats(SharedPath(kPthDir + "expected-logits-" + c.file + ".bin"));
   ASSERT_EQ(expected.size(), 256u);
-  const double diff = MaxAbsDiff(Logits(*model, ExpectedPrompt()), expected);
+  double diff = 0;
+  {  // BF16 weights widened exactly, float products: as close as FP32
+    aviary::testing::RoundedActivations exact(false);
+    diff = MaxAbsDiff(Logits(*model, ExpectedPrompt()), expected);
+  }
+  // The default: bfloat16 products for BF16 matrices where the CPU has them (model_test's bound).
+  const double rounded = MaxAbsDiff(Logits(*model, ExpectedPrompt()), expected);
   RecordProperty("max_abs_diff", std::to_string(diff));
-  std::printf("  %s: max |logit - expected| = %.3g\n", c.file.c_str(), diff);
+  std::printf("  %s: max |logit - expected| = %.3g (default activations %.3g)\n", c.file.c_str(),
+              diff, rounded);
   EXPECT_LE(diff, 1e-4);
+  EXPECT_LE(rounded, 0.15);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -618,6 +626,8 @@ Bytes CanonicalBin(const std::vector<RawTensor>& raw, const Rwkv7Shape& s) {
 }
 
 TEST(GeneratedRwkv7, PthSafetensorsBinAndReferenceAgree) {
+  // Float products everywhere: the BF16 files must give the F32 file's logits bit for bit.
+  aviary::testing::RoundedActivations exact(false);
   const Rwkv7Shape s;  // 2 layers x 256, 4 heads of 64, vocab 1000
   const std::vector<RawTensor> raw = GenerateRwkv7(s, 42, /*round_bf16=*/true);
   const std::vector<int32_t> tokens = {17, 998, 3, 512, 17};

@@ -20,6 +20,7 @@
 #include "models/synth.h"
 #include "tensor/dtype.h"
 #include "tensor/quantize.h"
+#include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
 #include "test_data.h"
 
@@ -217,14 +218,24 @@ TEST(SynthCli, SynthThenBench) {
                           "\"threads\": 2", "\"arch\": \"v7.0\""}) {
     EXPECT_NE(r.output.find(key), std::string::npos) << key << " in " << r.output;
   }
-  // The activation mode is reported and follows AVIARY_ACTIVATIONS (int8 only where the CPU can).
+  // The activation modes are reported and follow AVIARY_ACTIVATIONS (int8 and bf16 only where
+  // the CPU can; "int8" keeps F16/BF16 matrices in float, "f32" everything).
   const std::string want_int8 = aviary::int8::CpuSupported() ? "\"activations\": \"int8\""
                                                               : "\"activations\": \"f32\"";
+  const std::string want_bf16 = aviary::bf16::CpuSupported() ? "\"activations_f16\": \"bf16\""
+                                                              : "\"activations_f16\": \"f32\"";
   EXPECT_NE(r.output.find(want_int8), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(want_bf16), std::string::npos) << r.output;
   r = aviary::testing::RunCommand("AVIARY_ACTIVATIONS=f32 " + cli + " bench --model " + f.path +
                                   " --prompt-tokens 8 --gen-tokens 2 --repeat 1 --json 2>&1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("\"activations\": \"f32\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"activations_f16\": \"f32\""), std::string::npos) << r.output;
+  r = aviary::testing::RunCommand("AVIARY_ACTIVATIONS=int8 " + cli + " bench --model " + f.path +
+                                  " --prompt-tokens 8 --gen-tokens 2 --repeat 1 --json 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find(want_int8), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"activations_f16\": \"f32\""), std::string::npos) << r.output;
   r = aviary::testing::RunCommand(cli + " bench --model " + f.path +
                                   " --prompt-tokens 8 --gen-tokens 2 --repeat 1 2>&1");
   ASSERT_EQ(r.exit_code, 0) << r.output;

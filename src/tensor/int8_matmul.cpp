@@ -52,9 +52,10 @@ std::atomic<int> g_enabled{-1};  // -1: not decided yet
 
 bool FromEnvironment() {
   const char* env = std::getenv("AVIARY_ACTIVATIONS");
-  if (!env || !*env || std::string(env) == "int8") return true;
+  if (!env || !*env || std::string(env) == "auto" || std::string(env) == "int8") return true;
   if (std::string(env) == "f32") return false;
-  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'int8' or 'f32'; using int8\n", env);
+  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'auto', 'int8' or 'f32'; using auto\n",
+               env);
   return true;
 }
 

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "tensor/aligned.h"
+#include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/lane_sums.h"
@@ -655,17 +656,23 @@ void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads) {
 void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads) {
   const auto kernel = HWY_DYNAMIC_DISPATCH(MatMulRows);
   // How each product is cut into tasks of whole 4-row tiles. Quantized weights take 8-bit
-  // activations and integer dot products where the CPU has them; each x is rounded once here,
-  // before the rows are split, so every thread sees the same numbers.
+  // activations and integer dot products where the CPU has them, F16/BF16 weights bfloat16
+  // ones; each x is rounded once here, before the rows are split, so every thread sees the
+  // same numbers.
+  enum class Path : uint8_t { kFloat, kInt8, kBf16 };
   struct Plan {
-    bool int8;
+    Path path;
     int64_t tiles_per_task, first_task;
   };
-  thread_local std::vector<int8::Activations> caller_acts;  // one per product, kept for reuse
+  // One rounded x per product, kept for reuse (no allocation once they have grown).
+  thread_local std::vector<int8::Activations> caller_acts;
+  thread_local std::vector<bf16::Activations> caller_bf16;
   thread_local std::vector<Plan> plans;
   if (caller_acts.size() < static_cast<size_t>(n_jobs)) caller_acts.resize(n_jobs);
+  if (caller_bf16.size() < static_cast<size_t>(n_jobs)) caller_bf16.resize(n_jobs);
   plans.resize(n_jobs);
   const int8::Activations* acts = caller_acts.data();  // what the workers' lambda reads
+  const bf16::Activations* acts_bf16 = caller_bf16.data();
   int64_t macs = 0;
   for (int j = 0; j < n_jobs; ++j) macs += jobs[j].w.rows() * jobs[j].w.cols() * T;
   int threads = max_threads > 0 ? max_threads : NumThreads();
@@ -674,8 +681,11 @@ void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads) {
   for (int j = 0; j < n_jobs; ++j) {
     const Tensor& w = jobs[j].w;
     Plan& p = plans[j];
-    p.int8 = int8::SupportsType(w.type) && int8::Enabled();
-    if (p.int8) int8::Quantize(jobs[j].x, T, w.cols(), &caller_acts[j]);
+    p.path = int8::SupportsType(w.type) && int8::Enabled()   ? Path::kInt8
+             : bf16::SupportsType(w.type) && bf16::Enabled() ? Path::kBf16
+                                                             : Path::kFloat;
+    if (p.path == Path::kInt8) int8::Quantize(jobs[j].x, T, w.cols(), &caller_acts[j]);
+    if (p.path == Path::kBf16) bf16::RoundActivations(jobs[j].x, T, w.cols(), &caller_bf16[j]);
     // About 8 tasks per thread and product (dynamic hand-out evens out a busy core), each of at
     // least 16 rows so it streams a useful amount of memory; a product too small to be worth
     // splitting (a low-rank matrix) is one task, run beside the others.
@@ -696,10 +706,17 @@ void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads) {
     const int64_t rows = w.rows();
     const int64_t r0 = (task - plan[j].first_task) * plan[j].tiles_per_task * 4;
     const int64_t r1 = std::min(rows, r0 + plan[j].tiles_per_task * 4);
-    if (plan[j].int8) {
-      int8::MatMulRows(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, acts[j], jobs[j].y);
-    } else {
-      kernel(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, jobs[j].x, T, jobs[j].y);
+    switch (plan[j].path) {
+      case Path::kInt8:
+        int8::MatMulRows(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, acts[j], jobs[j].y);
+        break;
+      case Path::kBf16:
+        bf16::MatMulRows(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, acts_bf16[j],
+                         jobs[j].y);
+        break;
+      case Path::kFloat:
+        kernel(w.type, w.data, w.row_bytes(), rows, w.cols(), r0, r1, jobs[j].x, T, jobs[j].y);
+        break;
     }
   };
   if (threads == 1 || tasks == 1) {

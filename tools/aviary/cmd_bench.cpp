@@ -18,6 +18,7 @@
 #include "cli_common.h"
 #include "formats/mapped_file.h"
 #include "formats/weight_file.h"
+#include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/thread_pool.h"
@@ -181,9 +182,11 @@ void RegisterBench(CLI::App& app) {
     const std::string kernels =
         ActiveKernels() == Kernels::kReference ? "reference" : "fast";
     const std::string target = KernelTarget();
-    // What quantized matrices multiply: 8-bit activations with integer dot products, or floats.
-    const std::string activations =
-        ActiveKernels() == Kernels::kFast && int8::Enabled() ? "int8" : "f32";
+    // What quantized matrices multiply: 8-bit activations with integer dot products, or floats;
+    // and F16/BF16 ones: bfloat16 activations with bfloat16 dot products, or floats.
+    const bool fast = ActiveKernels() == Kernels::kFast;
+    const std::string activations = fast && int8::Enabled() ? "int8" : "f32";
+    const std::string activations_16 = fast && bf16::Enabled() ? "bf16" : "f32";
 
     // Measured after the model runs, so that its buffer does not count in the peak RSS.
     double bandwidth = 0;
@@ -253,7 +256,8 @@ void RegisterBench(CLI::App& app) {
       std::printf("{\"model\": %s, \"arch\": \"%s\", \"layers\": %d, \"embd\": %d, \"vocab\": %d, "
                   "\"type\": \"%s\", \"file_bytes\": %llu, \"weight_bytes_per_token\": %llu, "
                   "\"macs_per_token\": %llu, \"threads\": %d, \"kernels\": \"%s\", "
-                  "\"target\": \"%s\", \"activations\": \"%s\", \"repeat\": %d, \"load_ms\": %.3f, "
+                  "\"target\": \"%s\", \"activations\": \"%s\", \"activations_f16\": \"%s\", "
+                  "\"repeat\": %d, \"load_ms\": %.3f, "
                   "\"load_ms_all\": %s, \"prompt_tokens\": %d, \"prompt_tok_s\": %.3f, "
                   "\"prompt_tok_s_all\": %s, \"prompt_gflop_s\": %.2f, \"gen_tokens\": %d, "
                   "\"gen_tok_s\": %.3f, \"gen_tok_s_all\": %s, \"peak_rss_bytes\": %llu",
@@ -262,7 +266,7 @@ void RegisterBench(CLI::App& app) {
                   static_cast<unsigned long long>(info.file_size),
                   static_cast<unsigned long long>(ws.bytes_per_token),
                   static_cast<unsigned long long>(ws.macs_per_token), threads, kernels.c_str(),
-                  target.c_str(), activations.c_str(), o->repeat, load, JsonList(load_ms).c_str(), o->prompt_tokens,
+                  target.c_str(), activations.c_str(), activations_16.c_str(), o->repeat, load, JsonList(load_ms).c_str(), o->prompt_tokens,
                   pp, JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg,
                   JsonList(gen_tps).c_str(), static_cast<unsigned long long>(rss));
       if (bandwidth > 0) {
@@ -277,9 +281,10 @@ void RegisterBench(CLI::App& app) {
     std::printf("             RWKV %s, %d layers x %d, vocab %d, %s, %.1f MiB\n",
                 std::string(ArchName(info.arch)).c_str(), info.n_layer, info.n_embd,
                 info.n_vocab, info.main_type.c_str(), info.file_size / 1048576.0);
-    std::printf("kernels:     %s (%s), %d thread%s, %s activations for quantized matrices\n",
+    std::printf("kernels:     %s (%s), %d thread%s, %s activations for quantized matrices, %s for "
+                "F16/BF16\n",
                 kernels.c_str(), target.c_str(), threads, threads == 1 ? "" : "s",
-                activations.c_str());
+                activations.c_str(), activations_16.c_str());
     std::printf("load:        %.2f ms (median of %d)\n", load, o->repeat);
     std::printf("prompt:      %.2f tok/s (%d tokens, median of %d; %.1f GFLOP/s)\n", pp,
                 o->prompt_tokens, o->repeat, gflops_pp);
