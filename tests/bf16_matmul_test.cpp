@@ -181,26 +181,29 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
 }
 
 // A long sequence-mode product (T = 64, the models' chunk) over every tile path: 6-row tiles
-// with 1-5 rows left, 4-token tiles with 1-3 tokens left.
+// with 1-5 rows left, 4-token tiles with 1-3 tokens left, and rows longer than 2048 columns,
+// which are walked in spans of 2048 with the accumulators carried between them (4100 columns:
+// two whole spans and a last one of 4 columns, zero-padded).
 TEST(Bf16MatMul, LongChunksEqualOneTokenAtATime) {
   Guard guard;
   if (!bf16::CpuSupported()) GTEST_SKIP() << "no AVX512_BF16 on this CPU: the float path runs";
   bf16::SetEnabled(true);
   std::mt19937 rng(9);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (int64_t rows : {48, 52, 53, 71}) {
-    for (int T : {64, 63, 62, 61}) {
-      const int64_t cols = 96;
-      const std::vector<uint8_t> bytes = RandomMatrix(DType::kF16, rows, cols, rng);
-      const aviary::Tensor w = MakeTensor(DType::kF16, rows, cols, bytes.data());
-      std::vector<float> x(static_cast<size_t>(T) * cols);
-      for (auto& v : x) v = normal(rng);
-      std::vector<float> all(static_cast<size_t>(T) * rows), single(all.size());
-      aviary::fast::MatMul(w, x.data(), T, all.data(), 2);
-      for (int t = 0; t < T; ++t) {
-        aviary::fast::MatMul(w, x.data() + t * cols, 1, single.data() + t * rows, 1);
+  for (int64_t cols : {96, 4100}) {
+    for (int64_t rows : {48, 52, 53, 71}) {
+      for (int T : {64, 63, 62, 61}) {
+        const std::vector<uint8_t> bytes = RandomMatrix(DType::kF16, rows, cols, rng);
+        const aviary::Tensor w = MakeTensor(DType::kF16, rows, cols, bytes.data());
+        std::vector<float> x(static_cast<size_t>(T) * cols);
+        for (auto& v : x) v = normal(rng);
+        std::vector<float> all(static_cast<size_t>(T) * rows), single(all.size());
+        aviary::fast::MatMul(w, x.data(), T, all.data(), 2);
+        for (int t = 0; t < T; ++t) {
+          aviary::fast::MatMul(w, x.data() + t * cols, 1, single.data() + t * rows, 1);
+        }
+        EXPECT_TRUE(BitEqual(all, single)) << rows << " x " << cols << ", T " << T;
       }
-      EXPECT_TRUE(BitEqual(all, single)) << rows << " rows, T " << T;
     }
   }
 }

@@ -146,23 +146,35 @@ AVIARY_BF16 void RoundWeightsRow(const uint8_t* row, int64_t cols, int64_t padde
   for (; c < padded; c += kChunk) _mm512_store_si512(out + c, _mm512_setzero_si512());
 }
 
+// Columns [c0, c1) for tokens t0 .. t0 + TT. The accumulators start at zero on the first span
+// and from `carry` ([R][TT][16]) on the others, and go back to `carry` or, after the last
+// span, through the lane sums into y: a float stored and reloaded is the same float, so the
+// spans change no result.
 template <int R, int TT>
 AVIARY_BF16 void GemmTile(const uint16_t* wbuf, int64_t ws, const Activations& a, int t0,
-                          float* y, int64_t rows) {
+                          int64_t c0, int64_t c1, float* carry, float* y, int64_t rows) {
   __m512 acc[R][TT];
   for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < TT; ++t) {
+      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(carry + (r * TT + t) * 16);
+    }
   }
   const uint16_t* x = a.at(t0);
   const int64_t xs = a.padded_cols;
 #pragma GCC unroll 2
-  for (int64_t c = 0; c < a.padded_cols; c += kChunk) {
+  for (int64_t c = c0; c < c1; c += kChunk) {
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_load_si512(wbuf + r * ws + c);
     for (int t = 0; t < TT; ++t) {
       const __m512bh xv = (__m512bh)_mm512_load_si512(x + t * xs + c);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
     }
+  }
+  if (c1 < a.padded_cols) {
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < TT; ++t) _mm512_store_ps(carry + (r * TT + t) * 16, acc[r][t]);
+    }
+    return;
   }
   float sums[32];
   FinalSums(&acc[0][0], std::min(16, R * TT), sums);
@@ -173,17 +185,31 @@ AVIARY_BF16 void GemmTile(const uint16_t* wbuf, int64_t ws, const Activations& a
 }
 
 constexpr int kTileTokens = 4;
+// One core, T = 64, F16, GMAC/s without spans -> spans of 1024 / 2048 / 4096: 2048 x 8192
+// 105 -> 126 / 127 / 101; 1024 x 4096 102 -> 128 / 137 / 105; 768 x 3072 124 -> 155 / 160 /
+// 132; rows of 2048 or fewer columns take no spans (splitting them measured no gain).
+constexpr int64_t kSpanCols = 2048;
 
+// All tokens over R rounded rows. Long rows are walked in spans of kSpanCols columns, every
+// token per span, so that a chunk's activations for one span stay in L2 (64 tokens x 2048
+// columns x 2 bytes = 256 KB; a whole 8192-column chunk is 1 MB).
 template <int R>
-AVIARY_BF16 void GemmRows(const uint16_t* wbuf, int64_t ws, const Activations& a, float* y,
-                          int64_t rows) {
-  int t = 0;
-  for (; t + kTileTokens <= a.T; t += kTileTokens) GemmTile<R, kTileTokens>(wbuf, ws, a, t, y, rows);
-  switch (a.T - t) {
-    case 3: GemmTile<R, 3>(wbuf, ws, a, t, y, rows); break;
-    case 2: GemmTile<R, 2>(wbuf, ws, a, t, y, rows); break;
-    case 1: GemmTile<R, 1>(wbuf, ws, a, t, y, rows); break;
-    default: break;
+AVIARY_BF16 void GemmRows(const uint16_t* wbuf, int64_t ws, const Activations& a, float* carry,
+                          float* y, int64_t rows) {
+  const int64_t n = a.padded_cols, span = n > kSpanCols ? kSpanCols : n;
+  for (int64_t c0 = 0; c0 < n; c0 += span) {
+    const int64_t c1 = std::min(n, c0 + span);
+    int t = 0;
+    for (; t + kTileTokens <= a.T; t += kTileTokens) {
+      GemmTile<R, kTileTokens>(wbuf, ws, a, t, c0, c1, carry + t * R * 16, y, rows);
+    }
+    float* c = carry + t * R * 16;
+    switch (a.T - t) {
+      case 3: GemmTile<R, 3>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
+      case 2: GemmTile<R, 2>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
+      case 1: GemmTile<R, 1>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
+      default: break;
+    }
   }
 }
 
@@ -208,10 +234,13 @@ AVIARY_BF16_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows
     }
     return;
   }
-  // Per-thread buffer of kTileRows rounded rows; grows to the widest matrix once.
+  // Per-thread buffers of kTileRows rounded rows and of the accumulators carried between
+  // column spans; they grow to the widest matrix and the longest chunk once.
   thread_local AlignedVector<uint16_t> buf;
+  thread_local AlignedVector<float> carry;
   const int64_t ws = a.padded_cols;
   if (buf.size() < static_cast<size_t>(kTileRows * ws)) buf.resize(kTileRows * ws);
+  if (carry.size() < static_cast<size_t>(a.T) * kTileRows * 16) carry.resize(a.T * kTileRows * 16);
   for (int64_t r = r0; r < r1; r += kTileRows) {
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - r));
     for (int i = 0; i < n; ++i) {
@@ -219,12 +248,12 @@ AVIARY_BF16_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows
     }
     float* yr = y + r;
     switch (n) {
-      case 6: GemmRows<6>(buf.data(), ws, a, yr, rows); break;
-      case 5: GemmRows<5>(buf.data(), ws, a, yr, rows); break;
-      case 4: GemmRows<4>(buf.data(), ws, a, yr, rows); break;
-      case 3: GemmRows<3>(buf.data(), ws, a, yr, rows); break;
-      case 2: GemmRows<2>(buf.data(), ws, a, yr, rows); break;
-      default: GemmRows<1>(buf.data(), ws, a, yr, rows); break;
+      case 6: GemmRows<6>(buf.data(), ws, a, carry.data(), yr, rows); break;
+      case 5: GemmRows<5>(buf.data(), ws, a, carry.data(), yr, rows); break;
+      case 4: GemmRows<4>(buf.data(), ws, a, carry.data(), yr, rows); break;
+      case 3: GemmRows<3>(buf.data(), ws, a, carry.data(), yr, rows); break;
+      case 2: GemmRows<2>(buf.data(), ws, a, carry.data(), yr, rows); break;
+      default: GemmRows<1>(buf.data(), ws, a, carry.data(), yr, rows); break;
     }
   }
 }
