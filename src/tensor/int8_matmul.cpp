@@ -19,9 +19,9 @@
 //  - T = 1 unpacks four blocks per pair of vectors in registers (bytes 0..15 of each, then
 //    16..31: 4 lanes per block) and folds the lanes of 16 blocks into one vector of block
 //    sums (integer adds: exact);
-//  - T > 1 unpacks 8 rows once into a buffer regrouped so that each 32-bit lane walks one
+//  - T > 1 unpacks 4 rows once into a buffer regrouped so that each 32-bit lane walks one
 //    block (Activations::qt has x the same way): 8 vpdpbusd give 16 finished block sums, with
-//    no folding, and an 8-row x 3-token tile of them runs over the buffer.
+//    no folding, and a 4-row x 3-token tile of them runs over the buffer.
 // The float operations per output are the same in the same order: results agree bit for bit.
 #include "tensor/int8_matmul.h"
 
@@ -563,12 +563,16 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
   for (int r = 0; r < R; ++r) y[r] = out[r];
 }
 
-// ---- T > 1: up to 8 rows unpacked once into `buf`, R rows x TT tokens of sums ----
+// ---- T > 1: up to 4 rows unpacked once into `buf`, R rows x TT tokens of sums ----
 
-// Rows unpacked per pass. 8 rows x 3 tokens: each activation vector loaded (from L2 for long
-// rows) serves 8 vpdpbusd, and the 24 sums plus 3 activations and 1 weight vector fill 28
-// of the 32 registers; the float accumulators live in L1 between groups.
-constexpr int kPassRows = 8;
+// Rows unpacked per pass. 4 rows x 3 tokens: the 12 integer sums, the 12 float accumulators,
+// 3 activation vectors and 1 weight vector fill 28 of the 32 registers, so nothing goes
+// through memory between groups. 8 x 3 (each activation load serving 8 vpdpbusd, the float
+// accumulators spilled to L1) measured slower for every type, one core, T = 64, GMAC/s for
+// 768 x 3072 / 3072 x 768: Q4_0 146-154 / 88-105 -> 173-197 / 155-173, Q8_0 198-203 /
+// 140-144 -> 213-217 / 164-170, Q5_1 171-174 / 109-121 -> 210-221 / 146-169, Q4_K 178-181 /
+// 81-101 -> 213-214 / 109-111.
+constexpr int kPassRows = 4;
 
 struct RowBuffer {
   AlignedVector<uint8_t> natural;  // one row, element order
@@ -613,7 +617,7 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, 
   const uint8_t* u0 = buf.u.data() + row0 * nbp * 32;
   const float* d0 = buf.d.data() + row0 * nbp;
   const float* m0 = buf.m.data() + row0 * nbp;
-  __m512 acc[R][TT];  // spilled to the stack (L1) for 8 x 3; the sums keep the registers
+  __m512 acc[R][TT];
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
