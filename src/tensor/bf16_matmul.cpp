@@ -18,12 +18,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "tensor/kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AVIARY_HAVE_BF16_CODE 1
@@ -39,13 +37,7 @@ namespace {
 
 std::atomic<int> g_enabled{-1};  // -1: not decided yet
 
-bool FromEnvironment() {
-  const char* env = std::getenv("AVIARY_ACTIVATIONS");
-  if (!env || !*env || std::string(env) == "auto") return true;
-  // "int8" keeps 16-bit float matrices in float (8-bit activations for quantized ones only).
-  if (std::string(env) == "int8" || std::string(env) == "f32") return false;
-  return true;  // int8_matmul.cpp has already warned about an unknown value
-}
+bool FromEnvironment() { return ActivationModeFromEnvironment() == ActivationMode::kAuto; }
 
 // The bfloat16 the kernels use for weight c of a row.
 uint16_t WeightBits(DType type, const uint8_t* row, int64_t c) {
@@ -293,7 +285,6 @@ bool Enabled() {
 void SetEnabled(bool enabled) { g_enabled.store(enabled ? 1 : 0); }
 
 void RoundActivations(const float* x, int T, int64_t cols, Activations* out) {
-  out->cols = cols;
   out->T = T;
   out->padded_cols = (cols + 31) / 32 * 32;
   const int64_t pc = out->padded_cols;

@@ -25,7 +25,7 @@
 namespace aviary::bf16 {
 
 // Whether F16/BF16 MatMuls use bfloat16 dot products: the CPU can (AVX512_BF16) and
-// AVIARY_ACTIVATIONS is unset or "auto", unless overridden below.
+// AVIARY_ACTIVATIONS is unset or "auto" (kernels.h), unless overridden below.
 bool Enabled();
 // Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
 void SetEnabled(bool enabled);
@@ -47,7 +47,7 @@ inline float Widen(uint16_t b) {
 // T tokens of activations rounded to bfloat16, each token padded with zeros to a multiple of
 // 32 columns (one vdpbf16ps step).
 struct Activations {
-  int64_t cols = 0, padded_cols = 0;
+  int64_t padded_cols = 0;
   int T = 0;
   AlignedVector<uint16_t> x;  // [T][padded_cols]
   const uint16_t* at(int t) const { return x.data() + t * padded_cols; }

@@ -29,11 +29,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstddef>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
+#include "tensor/kernels.h"
 #include "tensor/thread_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -50,14 +49,7 @@ namespace {
 
 std::atomic<int> g_enabled{-1};  // -1: not decided yet
 
-bool FromEnvironment() {
-  const char* env = std::getenv("AVIARY_ACTIVATIONS");
-  if (!env || !*env || std::string(env) == "auto" || std::string(env) == "int8") return true;
-  if (std::string(env) == "f32") return false;
-  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'auto', 'int8' or 'f32'; using auto\n",
-               env);
-  return true;
-}
+bool FromEnvironment() { return ActivationModeFromEnvironment() != ActivationMode::kF32; }
 
 // Offsets per type (see above).
 constexpr int Offset(DType type) {

@@ -24,7 +24,7 @@
 namespace aviary::int8 {
 
 // Whether quantized MatMuls use 8-bit activations: the CPU can (AVX-512 with VNNI) and
-// AVIARY_ACTIVATIONS is unset or "int8" ("f32" turns it off), unless overridden below.
+// AVIARY_ACTIVATIONS is not "f32" (kernels.h), unless overridden below.
 bool Enabled();
 // Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
 void SetEnabled(bool enabled);

@@ -625,6 +625,16 @@ Kernels FromEnvironment() {
   return Kernels::kFast;
 }
 
+ActivationMode ReadActivationMode() {
+  const char* env = std::getenv("AVIARY_ACTIVATIONS");
+  if (!env || !*env || std::string(env) == "auto") return ActivationMode::kAuto;
+  if (std::string(env) == "int8") return ActivationMode::kInt8;
+  if (std::string(env) == "f32") return ActivationMode::kF32;
+  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'auto', 'int8' or 'f32'; using auto\n",
+               env);
+  return ActivationMode::kAuto;
+}
+
 inline bool Reference() {
   int k = g_kernels.load(std::memory_order_relaxed);
   if (k < 0) {
@@ -639,6 +649,11 @@ inline bool Reference() {
 constexpr int64_t kMinParallelMacs = 1 << 17;
 
 }  // namespace
+
+ActivationMode ActivationModeFromEnvironment() {
+  static const ActivationMode mode = ReadActivationMode();  // one warning, whoever asks first
+  return mode;
+}
 
 Kernels ActiveKernels() { return Reference() ? Kernels::kReference : Kernels::kFast; }
 void SetKernels(Kernels kernels) { g_kernels.store(static_cast<int>(kernels)); }

@@ -29,6 +29,13 @@ void SetKernels(Kernels kernels);
 // "AVX2"; "scalar" in reference mode.
 const char* KernelTarget();
 
+// AVIARY_ACTIVATIONS: which rounded-activation paths the fast MatMul may take, each only where
+// the CPU has it (int8_matmul.h, bf16_matmul.h). Unset, empty or "auto": 8-bit activations for
+// quantized matrices and bfloat16 for F16/BF16 ones; "int8": 8-bit only; "f32": neither.
+// Anything else: auto, with one warning on stderr. Read once.
+enum class ActivationMode { kAuto, kInt8, kF32 };
+ActivationMode ActivationModeFromEnvironment();
+
 // y[t, r] = sum_c w[r, c] * x[t, c] for t < T. `w` is [rows, cols] in its stored type and is
 // read once for all T tokens; x is [T, cols], y is [T, rows]. Each output is computed by the
 // same code whatever T is and whatever the thread count, so results agree bit for bit.
