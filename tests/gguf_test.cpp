@@ -366,12 +366,8 @@ TEST(Gguf, QuantizedConversionsOfStressModelsStayClose) {
   // The F16/BF16 rows measure their weights' rounding: keep bfloat16 activations out of them
   // (model_test holds the rounded paths to their own bounds). 8-bit activations stay on, as the
   // bounds of the quantized rows were measured with them.
-  const bool bf16_was = aviary::bf16::Enabled();
+  aviary::testing::RoundedActivations restore;
   aviary::bf16::SetEnabled(false);
-  struct Restore {
-    bool on;
-    ~Restore() { aviary::bf16::SetEnabled(on); }
-  } restore{bf16_was};
   struct Bound { DType type; double max_abs, mean_abs; };
   // About 2x the worst measured over the five models (docs/GGUF.md).
   const Bound bounds[] = {{DType::kF32, 0, 0},        {DType::kF16, 0.6, 0.004},

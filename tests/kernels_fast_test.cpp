@@ -72,7 +72,7 @@ struct KernelGuard {
     aviary::SetNumThreads(0);
   }
   aviary::Kernels kernels;
-  aviary::testing::RoundedActivations rounding{aviary::int8::Enabled()};
+  aviary::testing::RoundedActivations rounding;
 };
 
 std::vector<float> RandomVector(size_t n, std::mt19937& rng, float scale = 1.0f) {

@@ -21,12 +21,12 @@
 #include "aviary/sampler.h"
 #include "aviary/tokenizer.h"
 #include "tensor/dtype.h"
-#include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
 #include "tensor/kernels.h"
 #include "tensor/tensor.h"
 #include "tensor/wkv.h"
 #include "tensor_fixtures.h"
+#include "test_data.h"
 
 namespace {
 
@@ -471,21 +471,13 @@ class KernelsTest : public ::testing::TestWithParam<aviary::Kernels> {
  protected:
   void SetUp() override {
     saved_ = aviary::ActiveKernels();
-    saved_int8_ = aviary::int8::Enabled();
-    saved_bf16_ = aviary::bf16::Enabled();
     aviary::SetKernels(GetParam());
-    aviary::int8::SetEnabled(false);
-    aviary::bf16::SetEnabled(false);
   }
-  void TearDown() override {
-    aviary::SetKernels(saved_);
-    aviary::int8::SetEnabled(saved_int8_);
-    aviary::bf16::SetEnabled(saved_bf16_);
-  }
-  bool saved_int8_ = false, saved_bf16_ = false;
+  void TearDown() override { aviary::SetKernels(saved_); }
 
  private:
   aviary::Kernels saved_ = aviary::Kernels::kFast;
+  aviary::testing::RoundedActivations float_activations_{false};  // restored after the test
 };
 
 // ---- MatMul ----

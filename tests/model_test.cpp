@@ -260,7 +260,7 @@ TEST_P(ModelFileTest, LogitsMatchExpected) {
   const std::vector<float> expected = ReadFloats(SharedPath(c.expected));
   ASSERT_EQ(expected.size(), static_cast<size_t>(kVocab));
   const std::vector<int32_t>& prompt = ExpectedPrompt();
-  aviary::testing::RoundedActivations restore(aviary::int8::Enabled());
+  aviary::testing::RoundedActivations restore;
 
   // Max |logit - expected| after the prompt, in sequence mode and one token at a time.
   auto run = [&](bool rounded, double* d_seq, double* d_one) {

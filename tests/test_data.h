@@ -52,11 +52,13 @@ CommandResult RunCommand(const std::string& command);
 inline std::string CliPath() { return AVIARY_CLI; }
 
 // The rounded-activation paths of the fast MatMul (8-bit for quantized matrices, bfloat16 for
-// F16/BF16 ones; both on by default where the CPU has them), set together for a scope and
-// restored after: tests of the exact float kernels turn them off.
+// F16/BF16 ones; both on by default where the CPU has them): both switches are restored at the
+// end of the scope; the second constructor also sets them together (tests of the exact float
+// kernels turn them off).
 class RoundedActivations {
  public:
-  explicit RoundedActivations(bool on) : int8_(int8::Enabled()), bf16_(bf16::Enabled()) { Set(on); }
+  RoundedActivations() : int8_(int8::Enabled()), bf16_(bf16::Enabled()) {}
+  explicit RoundedActivations(bool on) : RoundedActivations() { Set(on); }
   ~RoundedActivations() {
     int8::SetEnabled(int8_);
     bf16::SetEnabled(bf16_);
