@@ -1,7 +1,7 @@
 // Fast WKV recurrences (Highway SIMD) and the switch to the scalar reference (reference.cpp).
 // v5/v6: SIMD over the value dimension j (state rows S[i][:] are contiguous), no reductions.
 // v7: state rows S[i][:] run over the key dimension; each row needs two dot products (S kk and
-// S r), done with vector accumulators and one horizontal sum each.
+// S r), done with vector accumulators, four rows' horizontal sums at once.
 // v4: SIMD over channels with Highway's exp (max error 1 ulp).
 // Heads (channels for v4) go to the thread pool in groups when the work is large enough; each
 // head's arithmetic is the same however the heads are grouped.
@@ -54,25 +54,68 @@ HWY_INLINE void Wkv5Head(D d, int N, const float* r, const float* k, const float
   }
 }
 
+// The sums of the lanes of a, b, c, e (out[0..3]), in a fixed order: two rounds of interleaves
+// add within each 128-bit block, then the blocks are added in turn. One call replaces four
+// horizontal sums (which each reduce a whole vector to one lane).
+template <class D, class V>
+HWY_INLINE void SumsOf4(D d, V a, V b, V c, V e, float* out) {
+#if HWY_TARGET == HWY_SCALAR  // one lane (Fits() keeps this target on the scalar code anyway)
+  out[0] = hn::GetLane(a), out[1] = hn::GetLane(b), out[2] = hn::GetLane(c), out[3] = hn::GetLane(e);
+  (void)d;
+#else
+  const hn::Repartition<uint64_t, D> du64;
+  // Per block: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], likewise for c, e.
+  const V ab = hn::Add(hn::InterleaveLower(d, a, b), hn::InterleaveUpper(d, a, b));
+  const V ce = hn::Add(hn::InterleaveLower(d, c, e), hn::InterleaveUpper(d, c, e));
+  const V lo = hn::BitCast(d, hn::InterleaveLower(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
+  const V hi = hn::BitCast(d, hn::InterleaveUpper(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
+  HWY_ALIGN float blocks[hn::MaxLanes(d)];
+  hn::Store(hn::Add(lo, hi), d, blocks);  // per block: [a, b, c, e]
+  const hn::Full128<float> d4;
+  auto sum = hn::Load(d4, blocks);
+  for (size_t i = 4; i < hn::Lanes(d); i += 4) sum = hn::Add(sum, hn::Load(d4, blocks + i));
+  hn::StoreU(sum, d4, out);
+#endif
+}
+
+// The longest head Wkv7Head takes (a stack buffer of kk * a); longer ones run the scalar code.
+constexpr int kMaxWkv7Head = 1024;
+
+// One head, one token, four state rows at a time (their dot products reduced together).
 template <class D>
 HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float* k,
                          const float* v, const float* kk, const float* a, float* s, float* out) {
   const int L = static_cast<int>(hn::Lanes(d));
-  for (int i = 0; i < N; ++i) {
-    float* si = s + static_cast<int64_t>(i) * N;
-    auto acc = hn::Zero(d);
-    for (int j = 0; j < N; j += L) acc = hn::MulAdd(hn::LoadU(d, si + j), hn::LoadU(d, kk + j), acc);
-    const auto sa = hn::Set(d, -hn::GetLane(hn::SumOfLanes(d, acc)));
-    const auto vi = hn::Set(d, v[i]);
-    auto o = hn::Zero(d);
+  HWY_ALIGN float kka[kMaxWkv7Head];
+  for (int j = 0; j < N; j += L) hn::Store(hn::Mul(hn::LoadU(d, kk + j), hn::LoadU(d, a + j)), d, kka + j);
+  for (int i = 0; i < N; i += 4) {
+    float* rows[4];
+    for (int q = 0; q < 4; ++q) rows[q] = s + static_cast<int64_t>(i + q) * N;
+    auto acc0 = hn::Zero(d), acc1 = hn::Zero(d), acc2 = hn::Zero(d), acc3 = hn::Zero(d);
     for (int j = 0; j < N; j += L) {
-      const auto kka = hn::Mul(hn::LoadU(d, kk + j), hn::LoadU(d, a + j));
-      const auto add = hn::MulAdd(sa, kka, hn::Mul(vi, hn::LoadU(d, k + j)));
-      const auto sn = hn::MulAdd(hn::LoadU(d, si + j), hn::LoadU(d, w + j), add);
-      hn::StoreU(sn, d, si + j);
-      o = hn::MulAdd(sn, hn::LoadU(d, r + j), o);
+      const auto kkj = hn::LoadU(d, kk + j);
+      acc0 = hn::MulAdd(hn::LoadU(d, rows[0] + j), kkj, acc0);
+      acc1 = hn::MulAdd(hn::LoadU(d, rows[1] + j), kkj, acc1);
+      acc2 = hn::MulAdd(hn::LoadU(d, rows[2] + j), kkj, acc2);
+      acc3 = hn::MulAdd(hn::LoadU(d, rows[3] + j), kkj, acc3);
     }
-    out[i] = hn::GetLane(hn::SumOfLanes(d, o));
+    float sa[4];  // S kk per row, negated below: the update adds -(S kk) (kk a)
+    SumsOf4(d, acc0, acc1, acc2, acc3, sa);
+    using V = decltype(hn::Zero(d));
+    V o[4] = {hn::Zero(d), hn::Zero(d), hn::Zero(d), hn::Zero(d)};
+    const V neg_sa[4] = {hn::Set(d, -sa[0]), hn::Set(d, -sa[1]), hn::Set(d, -sa[2]), hn::Set(d, -sa[3])};
+    const V vi[4] = {hn::Set(d, v[i]), hn::Set(d, v[i + 1]), hn::Set(d, v[i + 2]), hn::Set(d, v[i + 3])};
+    for (int j = 0; j < N; j += L) {
+      const V kkaj = hn::Load(d, kka + j), kj = hn::LoadU(d, k + j);
+      const V wj = hn::LoadU(d, w + j), rj = hn::LoadU(d, r + j);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const V sn = hn::MulAdd(hn::LoadU(d, rows[q] + j), wj, hn::MulAdd(neg_sa[q], kkaj, hn::Mul(vi[q], kj)));
+        hn::StoreU(sn, d, rows[q] + j);
+        o[q] = hn::MulAdd(sn, rj, o[q]);
+      }
+    }
+    SumsOf4(d, o[0], o[1], o[2], o[3], out + i);
   }
 }
 
@@ -80,7 +123,7 @@ HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float
 // when N is not a multiple of 4 or the target has no SIMD, and the scalar code runs.
 template <class D>
 HWY_INLINE bool Fits(D d, int N) {
-  return hn::Lanes(d) >= 4 && N % static_cast<int>(hn::Lanes(d)) == 0;
+  return hn::Lanes(d) >= 4 && N % static_cast<int>(hn::Lanes(d)) == 0 && N <= kMaxWkv7Head;
 }
 
 }  // namespace
@@ -114,10 +157,10 @@ void Wkv5Heads(int T, int C, int N, int h0, int h1, const float* r, const float*
 void Wkv7Heads(int T, int C, int N, int h0, int h1, const float* r, const float* decay,
                const float* k, const float* v, const float* kk, const float* a, float* S,
                float* out) {
-  for (int t = 0; t < T; ++t) {
-    const int64_t o = static_cast<int64_t>(t) * C;
-    for (int h = h0; h < h1; ++h) {
-      const int64_t c = o + h * N;
+  // Head by head, all tokens: the head's state (16 KB at N = 64) stays in L1 throughout.
+  for (int h = h0; h < h1; ++h) {
+    for (int t = 0; t < T; ++t) {
+      const int64_t c = static_cast<int64_t>(t) * C + h * N;
       float* s = S + static_cast<int64_t>(h) * N * N;
       const hn::CappedTag<float, 16> d16;
       const hn::CappedTag<float, 8> d8;
