@@ -132,10 +132,11 @@ HWY_INLINE bool Fits(D d, int N) {
 void Wkv5Heads(int T, int C, int N, int h0, int h1, const float* r, const float* k,
                const float* v, const float* decay, bool decay_per_token, const float* first,
                float* S, float* out) {
-  for (int t = 0; t < T; ++t) {
-    const int64_t o = static_cast<int64_t>(t) * C;
-    const float* w = decay + (decay_per_token ? o : 0);
-    for (int h = h0; h < h1; ++h) {
+  // Head by head, all tokens: the head's state stays in L1 throughout.
+  for (int h = h0; h < h1; ++h) {
+    for (int t = 0; t < T; ++t) {
+      const int64_t o = static_cast<int64_t>(t) * C;
+      const float* w = decay + (decay_per_token ? o : 0);
       const int c = h * N;
       float* s = S + static_cast<int64_t>(c) * N;
       const hn::CappedTag<float, 16> d16;
