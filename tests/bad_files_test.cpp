@@ -19,6 +19,7 @@
 #include <fstream>
 #include <map>
 #include <new>
+#include <random>
 #include <set>
 #include <span>
 #include <string>
@@ -26,6 +27,7 @@
 
 #include "aviary/error.h"
 #include "aviary/model.h"
+#include "formats/mapped_file.h"
 #include "aviary/state.h"
 #include "test_data.h"
 
@@ -581,6 +583,40 @@ TEST(BadModelPath, EmptyDirectoryMissingShortAndTruncatedFiles) {
   if (!SharedBytes(kV7).empty()) {
     expect_error(dir.Write("cut.bin", std::span(SharedBytes(kV7)).subspan(0, 1000)), "truncated");
   }
+}
+
+// Both ways of holding a file give its bytes, and refuse what cannot be held with the same
+// errors. Sizes around the readers' split and a huge page's 2 MiB.
+TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
+  TempDir dir;
+  std::mt19937 rng(5);
+  for (const size_t size : {size_t{1}, size_t{7}, size_t{4096}, (size_t{2} << 20) + 3, size_t{5000001}}) {
+    std::vector<uint8_t> bytes(size);
+    for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+    const std::string path = dir.Write("bytes-" + std::to_string(size) + ".bin", bytes);
+    for (const LoadMode mode : {LoadMode::kMap, LoadMode::kRead}) {
+      const MappedFile file(path, mode);
+      EXPECT_EQ(file.mode(), mode);
+      ASSERT_EQ(file.bytes().size(), size);
+      EXPECT_EQ(std::memcmp(file.bytes().data(), bytes.data(), size), 0) << LoadModeName(mode) << " " << size;
+    }
+  }
+  for (const LoadMode mode : {LoadMode::kMap, LoadMode::kRead}) {
+    auto expect_error = [&](const std::string& path, const std::string& keyword) {
+      try {
+        MappedFile file(path, mode);
+        ADD_FAILURE() << path << " opened";
+      } catch (const Error& e) {
+        EXPECT_TRUE(StartsWith(e.what(), path + ": ")) << e.what();
+        EXPECT_NE(std::string(e.what()).find(keyword), std::string::npos) << e.what();
+      }
+    };
+    expect_error(dir.Write("empty-" + std::string(LoadModeName(mode)), {}), "empty");
+    expect_error(dir.path(), "directory");
+    expect_error(dir.path() + "/does-not-exist.bin", "cannot open");
+  }
+  // Small files map unless AVIARY_LOAD says otherwise (unset in the test environment).
+  if (std::getenv("AVIARY_LOAD") == nullptr) EXPECT_EQ(ChooseLoadMode(kReadMinBytes - 1), LoadMode::kMap);
 }
 
 // ---- Memory and time bounds on crafted files ----

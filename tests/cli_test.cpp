@@ -1,6 +1,7 @@
 // The aviary command as a user runs it: outputs, files written, exit codes.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <regex>
 
@@ -94,6 +95,33 @@ TEST(Cli, LogitsMatchExpectedAndLibrary) {
   ASSERT_EQ(got.size(), 256u);
   ASSERT_EQ(want.size(), 256u);
   for (size_t i = 0; i < 256; ++i) EXPECT_NEAR(got[i], want[i], 1e-4) << i;
+}
+
+// AVIARY_LOAD: read (anonymous huge-page memory) and mmap give the same logits, bit for bit;
+// bench reports the mode; an unknown value warns and takes auto (mmap for a small file).
+TEST(Cli, LoadModesGiveTheSameLogits) {
+  REQUIRE_SHARED(kStress7);
+  const std::string model = Quote(SharedPath(kStress7));
+  std::vector<std::vector<float>> logits;
+  for (const char* mode : {"mmap", "read"}) {
+    const std::string out = TempFile(std::string("load-") + mode + ".f32");
+    const CommandResult r = RunCommand(std::string("AVIARY_LOAD=") + mode + " " +
+                                       Cli("logits --model " + model + " --prompt 'load' --output " + out) + " 2>&1");
+    ASSERT_EQ(r.exit_code, 0) << mode << "\n" << r.output;
+    logits.push_back(ReadFloats(out));
+    ASSERT_EQ(logits.back().size(), 256u);
+    const CommandResult b = RunCommand(std::string("AVIARY_LOAD=") + mode + " " +
+                                       Cli("bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
+    ASSERT_EQ(b.exit_code, 0) << b.output;
+    EXPECT_NE(b.output.find(std::string("\"load_mode\": \"") + mode + "\""), std::string::npos) << b.output;
+  }
+  EXPECT_EQ(std::memcmp(logits[0].data(), logits[1].data(), 256 * sizeof(float)), 0);
+  const CommandResult bogus = RunCommand("AVIARY_LOAD=bogus " + Cli("bench --model " + model +
+                                         " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json") + " 2>&1");
+  ASSERT_EQ(bogus.exit_code, 0) << bogus.output;
+  EXPECT_NE(bogus.output.find("AVIARY_LOAD=bogus is not 'auto', 'mmap' or 'read'; using auto"), std::string::npos)
+      << bogus.output;
+  EXPECT_NE(bogus.output.find("\"load_mode\": \"mmap\""), std::string::npos) << bogus.output;
 }
 
 TEST(Cli, AllPositionsAndOneByOneAgree) {

@@ -33,6 +33,9 @@ struct ModelInfo {
   std::map<std::string, int> tensor_types;  // data type name -> tensor count
   uint64_t n_params = 0;
   uint64_t file_size = 0;
+  // How the weights are held: "mmap" (mapped), "read" (read into huge pages; AVIARY_LOAD
+  // chooses, see Load) or "memory" (LoadFromMemory).
+  std::string load_mode;
   uint64_t fingerprint = 0;  // identifies these exact weights (used by saved states)
   std::shared_ptr<const TokenizerData> tokenizer_data;  // embedded in the file, if any
   std::vector<std::string> notes;  // what the reader converted on the fly
@@ -40,7 +43,9 @@ struct ModelInfo {
 
 class Model {
  public:
-  // Reads a model file (memory-mapped). Throws aviary::Error naming the file and the problem.
+  // Reads a model file: memory-mapped, or for files of 2 GiB and more, where the kernel offers
+  // transparent huge pages, read into them (faster generation; AVIARY_LOAD=mmap|read|auto
+  // overrides). Throws aviary::Error naming the file and the problem.
   static std::unique_ptr<Model> Load(const std::string& path);
   // Same from bytes in memory (the bytes must outlive the model). `name` is used in errors.
   static std::unique_ptr<Model> LoadFromMemory(std::span<const uint8_t> bytes, const std::string& name);

@@ -1,4 +1,11 @@
-// A read-only memory-mapped file.
+// A model file's bytes, read-only: memory-mapped, or read into anonymous memory that the kernel
+// backs with 2 MiB pages.
+//
+// Why two ways: mapping is instant and shares the page cache between processes. But streaming
+// a multi-GiB model through page-cache pages generates measurably slower than streaming it
+// from anonymous memory in 2 MiB pages: RWKV-7 1.5B F16 (2.9 GiB) a median 1.19x faster
+// read (6 interleaved pairs on the 2-core test VM), for 2.3 s more on the first load there
+// (the VM serves fresh memory slowly; 0.2-0.4 s once it has) (docs/PERFORMANCE.md).
 #pragma once
 
 #include <cstdint>
@@ -7,21 +14,39 @@
 
 namespace aviary {
 
+enum class LoadMode : uint8_t {
+  kMap,   // mmap: pages come in on first touch
+  kRead,  // read at once into anonymous memory advised for huge pages
+};
+
+// The mode for a file of `file_bytes`: AVIARY_LOAD=mmap or read forces one; auto (the default,
+// and any unknown value, which warns once) reads files of at least kReadMinBytes where the
+// kernel offers transparent huge pages, and maps the rest (0.4B F16 and 1.5B Q8_0, 0.8 and
+// 1.6 GiB, showed no gain from reading).
+LoadMode ChooseLoadMode(uint64_t file_bytes);
+constexpr uint64_t kReadMinBytes = uint64_t{2} << 30;
+const char* LoadModeName(LoadMode mode);  // "mmap" or "read"
+
 class MappedFile {
  public:
-  // Throws aviary::Error naming the path on any failure (missing, a directory, unreadable).
-  explicit MappedFile(const std::string& path);
+  // Throws aviary::Error naming the path on any failure (missing, a directory, unreadable,
+  // changed size while being read).
+  explicit MappedFile(const std::string& path, LoadMode mode = LoadMode::kMap);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const std::string& path() const { return path_; }
+  LoadMode mode() const { return mode_; }
 
  private:
   std::string path_;
+  LoadMode mode_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  void* region_ = nullptr;  // what munmap releases (kRead: the aligned buffer plus slack)
+  size_t region_bytes_ = 0;
 };
 
 }  // namespace aviary

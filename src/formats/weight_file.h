@@ -30,6 +30,7 @@ struct WeightFile {
   DType main_type = DType::kF32;
   std::map<std::string, Tensor> tensors;
   std::shared_ptr<const void> backing;  // keeps the mapped bytes alive
+  std::string load_mode = "memory";     // how the bytes got there: "mmap", "read" or "memory"
   // Buffers of tensors the reader had to build (transposed, stacked, transformed). Their data
   // pointers stay valid when the WeightFile is moved.
   std::vector<std::vector<uint8_t>> owned;

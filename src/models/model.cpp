@@ -2,6 +2,7 @@
 // running a model: token checks, chunking, embedding and head.
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <regex>
 #include <set>
 
@@ -258,6 +259,7 @@ ModelInfo DescribeFile(const WeightFile& wf) {
   info.path = wf.path;
   info.format = wf.format;
   info.file_size = wf.file_size;
+  info.load_mode = wf.load_mode;
   info.main_type = std::string(DTypeName(wf.main_type));
   info.tokenizer_data = wf.tokenizer;
   info.notes = wf.notes;
@@ -344,9 +346,12 @@ std::unique_ptr<Model> Model::LoadFromMemory(std::span<const uint8_t> bytes,
 }
 
 std::unique_ptr<Model> Model::Load(const std::string& path) {
-  auto file = std::make_shared<MappedFile>(path);
+  std::error_code ec;
+  const uint64_t size = std::filesystem::file_size(path, ec);  // on error MappedFile says why
+  auto file = std::make_shared<MappedFile>(path, ChooseLoadMode(ec ? 0 : size));
   WeightFile wf = ReadWeightFile(file->bytes(), path);
   wf.backing = file;
+  wf.load_mode = LoadModeName(file->mode());
   return Build(std::move(wf));
 }
 

@@ -107,7 +107,7 @@ struct WeightStats {
 
 // Every tensor is read once per token except the embedding, of which one row is.
 WeightStats StatsOf(const std::string& path) {
-  auto file = std::make_shared<MappedFile>(path);
+  auto file = std::make_shared<MappedFile>(path, LoadMode::kMap);  // headers only: never read
   const WeightFile wf = ReadWeightFile(file->bytes(), path);
   WeightStats s;
   for (const auto& [name, t] : wf.tensors) {
@@ -257,7 +257,7 @@ void RegisterBench(CLI::App& app) {
                   "\"type\": \"%s\", \"file_bytes\": %llu, \"weight_bytes_per_token\": %llu, "
                   "\"macs_per_token\": %llu, \"threads\": %d, \"kernels\": \"%s\", "
                   "\"target\": \"%s\", \"activations\": \"%s\", \"activations_f16\": \"%s\", "
-                  "\"repeat\": %d, \"load_ms\": %.3f, "
+                  "\"repeat\": %d, \"load_mode\": \"%s\", \"load_ms\": %.3f, "
                   "\"load_ms_all\": %s, \"prompt_tokens\": %d, \"prompt_tok_s\": %.3f, "
                   "\"prompt_tok_s_all\": %s, \"prompt_gflop_s\": %.2f, \"gen_tokens\": %d, "
                   "\"gen_tok_s\": %.3f, \"gen_tok_s_all\": %s, \"peak_rss_bytes\": %llu",
@@ -266,7 +266,7 @@ void RegisterBench(CLI::App& app) {
                   static_cast<unsigned long long>(info.file_size),
                   static_cast<unsigned long long>(ws.bytes_per_token),
                   static_cast<unsigned long long>(ws.macs_per_token), threads, kernels.c_str(),
-                  target.c_str(), activations.c_str(), activations_16.c_str(), o->repeat, load, JsonList(load_ms).c_str(), o->prompt_tokens,
+                  target.c_str(), activations.c_str(), activations_16.c_str(), o->repeat, info.load_mode.c_str(), load, JsonList(load_ms).c_str(), o->prompt_tokens,
                   pp, JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg,
                   JsonList(gen_tps).c_str(), static_cast<unsigned long long>(rss));
       if (bandwidth > 0) {
@@ -285,7 +285,8 @@ void RegisterBench(CLI::App& app) {
                 "F16/BF16\n",
                 kernels.c_str(), target.c_str(), threads, threads == 1 ? "" : "s",
                 activations.c_str(), activations_16.c_str());
-    std::printf("load:        %.2f ms (median of %d)\n", load, o->repeat);
+    std::printf("load:        %.2f ms (median of %d; %s)\n", load, o->repeat,
+                info.load_mode == "read" ? "read into huge pages" : "memory-mapped");
     std::printf("prompt:      %.2f tok/s (%d tokens, median of %d; %.1f GFLOP/s)\n", pp,
                 o->prompt_tokens, o->repeat, gflops_pp);
     if (o->gen_tokens > 0) {
