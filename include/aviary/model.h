@@ -43,7 +43,7 @@ struct ModelInfo {
 
 class Model {
  public:
-  // Reads a model file: memory-mapped, or for files of 2 GiB and more, where the kernel offers
+  // Reads a model file: memory-mapped, or for files of 512 MiB and more, where the kernel offers
   // transparent huge pages, read into them (faster generation; AVIARY_LOAD=mmap|read|auto
   // overrides). Throws aviary::Error naming the file and the problem.
   static std::unique_ptr<Model> Load(const std::string& path);

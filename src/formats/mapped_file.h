@@ -2,10 +2,12 @@
 // backs with 2 MiB pages.
 //
 // Why two ways: mapping is instant and shares the page cache between processes. But streaming
-// a multi-GiB model through page-cache pages generates measurably slower than streaming it
-// from anonymous memory in 2 MiB pages: RWKV-7 1.5B F16 (2.9 GiB) a median 1.19x faster
-// read (6 interleaved pairs on the 2-core test VM), for 2.3 s more on the first load there
-// (the VM serves fresh memory slowly; 0.2-0.4 s once it has) (docs/PERFORMANCE.md).
+// a large model through page-cache pages generates measurably slower than streaming it from
+// anonymous memory in 2 MiB pages. Generation, read / mapped, median of 4-6 interleaved pairs
+// on the 2-core test VM: RWKV-7 1.5B F16 (2.9 GiB) 1.19x, 1.5B Q8_0 (1.8 GiB) 1.38x, 0.4B F16
+// (0.85 GiB) 1.13x; 0.4B Q4_0 and 0.1B files (0.25-0.45 GiB) 1.03-1.04x, within the noise.
+// The cost is load time: the first load of 2.9 GiB takes 2.3 s there (the VM serves fresh
+// memory slowly; 0.2-0.4 s once it has), against 0.05-0.1 s mapped (docs/PERFORMANCE.md).
 #pragma once
 
 #include <cstdint>
@@ -21,10 +23,9 @@ enum class LoadMode : uint8_t {
 
 // The mode for a file of `file_bytes`: AVIARY_LOAD=mmap or read forces one; auto (the default,
 // and any unknown value, which warns once) reads files of at least kReadMinBytes where the
-// kernel offers transparent huge pages, and maps the rest (0.4B F16 and 1.5B Q8_0, 0.8 and
-// 1.6 GiB, showed no gain from reading).
+// kernel offers transparent huge pages, and maps the smaller ones (which gained too little).
 LoadMode ChooseLoadMode(uint64_t file_bytes);
-constexpr uint64_t kReadMinBytes = uint64_t{2} << 30;
+constexpr uint64_t kReadMinBytes = uint64_t{512} << 20;
 const char* LoadModeName(LoadMode mode);  // "mmap" or "read"
 
 class MappedFile {
