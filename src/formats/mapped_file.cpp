@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -78,7 +79,13 @@ const uint8_t* ReadAll(int fd, size_t size, const std::string& path, void** regi
     }
   };
   std::vector<std::thread> threads;
-  for (int i = 1; i < readers; ++i) threads.emplace_back(read_part, i);
+  for (int i = 1; i < readers; ++i) {
+    try {
+      threads.emplace_back(read_part, i);
+    } catch (const std::system_error&) {  // no thread to be had: read that part here
+      read_part(i);
+    }
+  }
   read_part(0);
   for (auto& t : threads) t.join();
   for (const std::string& why : errors) {

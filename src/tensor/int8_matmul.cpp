@@ -547,7 +547,7 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
           isum[qd] = init[qd];
           continue;
         }
-        if constexpr (IsK(kType)) {  // whole super-blocks: n is 4 or 0
+        if constexpr (IsK(kType)) {  // whole super-blocks: n is 4
           UnpackQuadK<kType>(blocks + (qd / 2) * kB, qd % 2, &lo, &hi);
         } else {
           UnpackQuad<kType>(blocks + 4 * qd * kB, n, &lo, &hi);
