@@ -480,31 +480,18 @@ AVIARY_VNNI void RegroupGroup(const __m512i* v, uint8_t* out) {
   }
 }
 
-// A last group with at most 8 blocks (768 columns: 24 blocks = 16 + 8) is packed into 4 steps
-// instead of 8, so that no vpdpbusd runs on padding: step k holds lanes 0..7 of the full
-// layout's steps 2k and 2k + 1 side by side (lane 8 + j: block j's bytes 8k + 4 .. 8k + 7).
-// The tile adds the two halves of its sums afterwards (integer adds: the same block sums).
-AVIARY_VNNI void PackHalfGroup(uint8_t* group) {
-  for (int k = 0; k < 4; ++k) {  // writes step k after reading steps 2k, 2k + 1 >= k
-    const __m512i a = _mm512_loadu_si512(group + 2 * k * 64), b = _mm512_loadu_si512(group + (2 * k + 1) * 64);
-    _mm512_storeu_si512(group + k * 64, _mm512_shuffle_i64x2(a, b, 0x44));  // a.lo, b.lo
-  }
-}
-
-AVIARY_VNNI void Regroup(const uint8_t* natural, uint8_t* grouped, int64_t groups, bool half_last) {
+AVIARY_VNNI void Regroup(const uint8_t* natural, uint8_t* grouped, int64_t groups) {
   for (int64_t g = 0; g < groups; ++g) {
     __m512i v[8];
     for (int p = 0; p < 8; ++p) v[p] = _mm512_loadu_si512(natural + g * 512 + p * 64);
     RegroupGroup(v, grouped + g * 512);
   }
-  if (half_last) PackHalfGroup(grouped + (groups - 1) * 512);
 }
 
 AVIARY_VNNI_FN void RegroupActivations(Activations* a, int t0, int t1) {
   for (int t = t0; t < t1; ++t) {
     Regroup(reinterpret_cast<const uint8_t*>(a->q_at(t)),
-            reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32), a->padded_blocks / 16,
-            a->HalfLastGroup());
+            reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32), a->padded_blocks / 16);
   }
 }
 
@@ -543,12 +530,12 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
       for (int qd = 0; qd < 4; ++qd) {
         __m512i lo, hi;
         const int n = static_cast<int>(std::clamp<int64_t>(present - 4 * qd, 0, 4));
-        if (n == 0) {  // padding: its sums are init's zeros
-          isum[qd] = init[qd];
-          continue;
-        }
-        if constexpr (IsK(kType)) {  // whole super-blocks: n is 4
-          UnpackQuadK<kType>(blocks + (qd / 2) * kB, qd % 2, &lo, &hi);
+        if constexpr (IsK(kType)) {  // whole super-blocks: n is 4 or 0
+          if (n > 0) {
+            UnpackQuadK<kType>(blocks + (qd / 2) * kB, qd % 2, &lo, &hi);
+          } else {
+            lo = hi = _mm512_setzero_si512();
+          }
         } else {
           UnpackQuad<kType>(blocks + 4 * qd * kB, n, &lo, &hi);
         }
@@ -611,46 +598,7 @@ AVIARY_VNNI void UnpackRow(const uint8_t* row, const Activations& a, RowBuffer* 
     _mm512_storeu_ps(buf->d.data() + i * nbp + 16 * g, d);
     _mm512_storeu_ps(buf->m.data() + i * nbp + 16 * g, m);
   }
-  Regroup(buf->natural.data(), buf->u.data() + i * nbp * 32, nbp / 16, a.HalfLastGroup());
-}
-
-// Group g's contribution to a tile's accumulators: kSteps vpdpbusd per row and token into
-// exact block sums (kSteps = 4: a packed half group, see PackHalfGroup, whose two halves are
-// then added), then the float step per block.
-template <DType kType, int R, int TT, int kSteps>
-AVIARY_VNNI void TileGroup(const uint8_t* u0, const float* d0, const float* m0, int64_t nbp,
-                           const Activations& a, int t0, int64_t g, __m512 (&acc)[R][TT]) {
-  __m512i isum[R][TT];
-  for (int t = 0; t < TT; ++t) {
-    const __m512i init = OffsetInit<kType, 1>(a.sums_at(t0 + t) + 16 * g);
-    for (int r = 0; r < R; ++r) isum[r][t] = init;
-  }
-#pragma GCC unroll 8  // GCC otherwise keeps a k loop and copies the 24 sums through memory
-  for (int k = 0; k < kSteps; ++k) {
-    __m512i xv[TT];
-    for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a.qt_at(t0 + t) + g * 512 + k * 64);
-    for (int r = 0; r < R; ++r) {
-      const __m512i u = _mm512_loadu_si512(u0 + r * nbp * 32 + g * 512 + k * 64);
-      for (int t = 0; t < TT; ++t) isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], u, xv[t]);
-    }
-  }
-  if constexpr (kSteps == 4) {  // lanes 8..15 hold the same blocks' other bytes; padding's sums stay 0
-    for (int r = 0; r < R; ++r) {
-      for (int t = 0; t < TT; ++t) {
-        const __m512i upper = _mm512_shuffle_i64x2(isum[r][t], isum[r][t], 0xee);
-        isum[r][t] = _mm512_maskz_add_epi32(0x00ff, isum[r][t], upper);
-      }
-    }
-  }
-  for (int t = 0; t < TT; ++t) {
-    const __m512 dx = _mm512_loadu_ps(a.d_at(t0 + t) + 16 * g);
-    const __m512 ds = HasMin(kType) ? _mm512_loadu_ps(a.ds_at(t0 + t) + 16 * g) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512 m = HasMin(kType) ? _mm512_loadu_ps(m0 + r * nbp + 16 * g) : _mm512_setzero_ps();
-      acc[r][t] = Accumulate<kType>(acc[r][t], isum[r][t], dx,
-                                    _mm512_loadu_ps(d0 + r * nbp + 16 * g), m, ds);
-    }
-  }
+  Regroup(buf->natural.data(), buf->u.data() + i * nbp * 32, nbp / 16);
 }
 
 // Rows row0 .. row0 + R of `buf` times tokens t0 .. t0 + TT: y[t, r] for each.
@@ -665,9 +613,31 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, 
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
-  const int64_t whole = a.HalfLastGroup() ? groups - 1 : groups;
-  for (int64_t g = 0; g < whole; ++g) TileGroup<kType, R, TT, 8>(u0, d0, m0, nbp, a, t0, g, acc);
-  if (whole < groups) TileGroup<kType, R, TT, 4>(u0, d0, m0, nbp, a, t0, whole, acc);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i isum[R][TT];
+    for (int t = 0; t < TT; ++t) {
+      const __m512i init = OffsetInit<kType, 1>(a.sums_at(t0 + t) + 16 * g);
+      for (int r = 0; r < R; ++r) isum[r][t] = init;
+    }
+#pragma GCC unroll 8  // GCC otherwise keeps a k loop and copies the 24 sums through memory
+    for (int k = 0; k < 8; ++k) {
+      __m512i xv[TT];
+      for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a.qt_at(t0 + t) + g * 512 + k * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i u = _mm512_loadu_si512(u0 + r * nbp * 32 + g * 512 + k * 64);
+        for (int t = 0; t < TT; ++t) isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], u, xv[t]);
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m512 dx = _mm512_loadu_ps(a.d_at(t0 + t) + 16 * g);
+      const __m512 ds = HasMin(kType) ? _mm512_loadu_ps(a.ds_at(t0 + t) + 16 * g) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m512 m = HasMin(kType) ? _mm512_loadu_ps(m0 + r * nbp + 16 * g) : _mm512_setzero_ps();
+        acc[r][t] = Accumulate<kType>(acc[r][t], isum[r][t], dx,
+                                      _mm512_loadu_ps(d0 + r * nbp + 16 * g), m, ds);
+      }
+    }
+  }
   // Final sums, 16 outputs per fold (token-major: t * R + r).
   __m512 all[R * TT];
   for (int t = 0; t < TT; ++t) {
