@@ -97,29 +97,30 @@ using lane_sums::FinalSums;
 
 // ---- T = 1: R rows streamed and rounded in registers ----
 
+// The rows are read one after the other, so memory is read in address order: the hardware
+// prefetchers see one long stream. Reading the R rows side by side (R short interleaved streams)
+// reached 20 GB/s on one core where this reads 29 (0.1B F16, all its matrices; 2 threads 1.3x).
+// Each row keeps its own accumulator, in column order as in the T > 1 tiles, and out-of-order
+// execution overlaps one row's chain of vdpbf16ps with the next row's. The row R rows ahead is
+// prefetched at our pace (over a page boundary, where the hardware prefetchers stop).
 template <DType kType, int R>
 AVIARY_BF16 void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const uint16_t* x,
                           float* y) {
   __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  // Short interleaved streams (see kernels.cpp): prefetch the next R rows at our pace.
-  const uint8_t* next = w + R * row_bytes;
-  int64_t c = 0;
-  for (; c + kChunk <= cols; c += kChunk) {
-    for (int line = 0; line < R; ++line) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + (c * 2) * R + 64 * line), _MM_HINT_T0);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    const char* ahead = reinterpret_cast<const char*>(row + R * row_bytes);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + kChunk <= cols; c += kChunk) {
+      _mm_prefetch(ahead + c * 2, _MM_HINT_T0);  // a chunk is one cache line of weights
+      sum = _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, kChunk), (__m512bh)_mm512_load_si512(x + c));
     }
-    const __m512bh xv = (__m512bh)_mm512_load_si512(x + c);
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_dpbf16_ps(acc[r], LoadWeights<kType>(w + r * row_bytes, c, kChunk), xv);
+    if (c < cols) {
+      const int n = static_cast<int>(cols - c);
+      sum = _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, n), (__m512bh)_mm512_load_si512(x + c));
     }
-  }
-  if (c < cols) {
-    const int n = static_cast<int>(cols - c);
-    const __m512bh xv = (__m512bh)_mm512_load_si512(x + c);
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_dpbf16_ps(acc[r], LoadWeights<kType>(w + r * row_bytes, c, n), xv);
-    }
+    acc[r] = sum;
   }
   float sums[16];
   FinalSums(acc, R, sums);

@@ -505,7 +505,10 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
   const int32_t* sums = a.sums_at(0);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  // Rows are short streams (see kernels.cpp): prefetch the next R rows at our pace.
+  // The R rows are read side by side (R short streams; prefetch the next R rows at our pace),
+  // unlike the float and bfloat16 kernels, which read rows one after the other: here each
+  // group's x layout serves R rows, and re-reading it per row (x laid out once per span of
+  // groups) measured no faster for Q8_0 and 8% slower for Q4_0 (0.1B, one core).
   const uint8_t* next = w + R * row_bytes;
   constexpr size_t kGB = GroupBytes(kType);
   for (int64_t g = 0; g < groups; ++g) {

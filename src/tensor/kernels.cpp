@@ -348,23 +348,29 @@ HWY_INLINE void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const
   const DF df;
   constexpr int kChunks = static_cast<int>(D::kElems / kLanes);
   const int64_t groups = cols / static_cast<int64_t>(D::kElems);
+  // The rows are read one after the other, so memory is read in address order and the
+  // hardware prefetchers see one long stream (R rows side by side are R short streams, which
+  // read 1.3-1.4x slower: bf16_matmul.cpp). Each row keeps its own accumulator and out-of-order
+  // execution overlaps the rows' chains. The row R rows ahead is prefetched at our pace (over a
+  // page boundary, where the hardware prefetchers stop). Prefetches never fault, and change no
+  // result.
   VF acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = hn::Zero(df);
-  // The R rows are read as R interleaved streams, each only one row long (816 bytes for a
-  // Q8_0 row of 768): too short for the hardware prefetcher to lock on. The next R rows are
-  // contiguous after these, so fetch them at the rate these are consumed (R * kBytes per
-  // group). Prefetches never fault, and change no result.
-  const uint8_t* next = w + R * row_bytes;
-  constexpr size_t kStep = R * D::kBytes;
-  for (int64_t g = 0; g < groups; ++g) {
-    for (size_t line = 0; line < kStep; line += 64) hwy::Prefetch(next + g * kStep + line);
-    const uint8_t* p = w + g * D::kBytes;
-    typename D::S s[R];
-    for (int r = 0; r < R; ++r) s[r] = D::Scale(p + r * row_bytes);
-    for (int k = 0; k < kChunks; ++k) {
-      const VF xv = hn::LoadU(df, x + g * D::kElems + k * kLanes);
-      for (int r = 0; r < R; ++r) acc[r] = hn::MulAdd(D::Chunk(p + r * row_bytes, k, s[r]), xv, acc[r]);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    const uint8_t* ahead = row + R * row_bytes;
+    VF sum = hn::Zero(df);
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = row + g * D::kBytes;
+      hwy::Prefetch(ahead + g * D::kBytes);
+      if constexpr (D::kBytes > 64) {
+        for (size_t line = 64; line < D::kBytes; line += 64) hwy::Prefetch(ahead + g * D::kBytes + line);
+      }
+      const typename D::S s = D::Scale(p);
+      for (int k = 0; k < kChunks; ++k) {
+        sum = hn::MulAdd(D::Chunk(p, k, s), hn::LoadU(df, x + g * D::kElems + k * kLanes), sum);
+      }
     }
+    acc[r] = sum;
   }
   float sums[16];
   LaneSums(acc, R, sums);
