@@ -123,7 +123,7 @@ HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float
 // when N is not a multiple of 4 or the target has no SIMD, and the scalar code runs.
 template <class D>
 HWY_INLINE bool Fits(D d, int N) {
-  return hn::Lanes(d) >= 4 && N % static_cast<int>(hn::Lanes(d)) == 0 && N <= kMaxWkv7Head;
+  return hn::Lanes(d) >= 4 && N % static_cast<int>(hn::Lanes(d)) == 0;
 }
 
 }  // namespace
@@ -166,7 +166,9 @@ void Wkv7Heads(int T, int C, int N, int h0, int h1, const float* r, const float*
       const hn::CappedTag<float, 16> d16;
       const hn::CappedTag<float, 8> d8;
       const hn::CappedTag<float, 4> d4;
-      if (Fits(d16, N)) {
+      if (N > kMaxWkv7Head) {  // longer than Wkv7Head's stack buffer
+        ref::Wkv7(1, N, r + c, decay + c, k + c, v + c, kk + c, a + c, s, out + c);
+      } else if (Fits(d16, N)) {
         Wkv7Head(d16, N, r + c, decay + c, k + c, v + c, kk + c, a + c, s, out + c);
       } else if (Fits(d8, N)) {
         Wkv7Head(d8, N, r + c, decay + c, k + c, v + c, kk + c, a + c, s, out + c);
