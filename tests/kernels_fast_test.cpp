@@ -13,6 +13,7 @@
 //  - models, 40 tokens: |fast - ref| <= 2e-5 * max(1, max |logit| of the row) (model_test
 //    holds both paths to 1e-4 of the float64 logits on its 3-token prompt).
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <algorithm>
 #include <atomic>
@@ -228,6 +229,60 @@ TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
   std::cout << "[ matmul   ] " << checked << " cases, worst |fast - ref| / sum|w x| = "
             << Sci(worst) << " (" << aviary::KernelTarget() << ")\n";
   RecordProperty("worst_relative_error", Sci(worst));
+}
+
+// The same checks on every SIMD target compiled in that this CPU runs (AVX-512, AVX2, SSE4,
+// ... as Highway's dispatch would pick on older CPUs), with float activations: the machines
+// that build and test aviary mostly have AVX-512, its users mostly AVX2.
+TEST(FastKernels, MatMulMatchesReferenceOnEveryCompiledTarget) {
+  KernelGuard guard;
+  aviary::testing::RoundedActivations::Set(false);
+  std::mt19937 rng(43);
+  const std::vector<int64_t> targets = hwy::SupportedAndGeneratedTargets();
+  ASSERT_FALSE(targets.empty());
+  struct ResetTargets {  // back to what the CPU supports, also after a failed assertion
+    ~ResetTargets() { hwy::SetSupportedTargetsForTest(0); }
+  } reset;
+  std::string seen;
+  for (int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    const std::string name = aviary::KernelTarget();
+    SCOPED_TRACE(name);
+    EXPECT_EQ(name, hwy::TargetName(target)) << "dispatch did not follow the target";
+    seen.append(name).append(" ");
+    for (DType type : kAllTypes) {
+      std::vector<int64_t> cols = {32, 96, 544};
+      if (IsK(type)) cols = {256, 768};
+      if (!aviary::IsQuantized(type)) cols.insert(cols.end(), {1, 17, 257});
+      for (int64_t rows : {1, 5, 13}) {
+        for (int64_t c : cols) {
+          SCOPED_TRACE(std::string(aviary::DTypeName(type)) + " " + std::to_string(rows) + "x" +
+                       std::to_string(c));
+          const std::vector<uint8_t> bytes = RandomMatrix(type, rows, c, rng);
+          const aviary::Tensor w = MakeTensor(type, rows, c, bytes.data());
+          std::vector<float> wf(static_cast<size_t>(rows * c));
+          for (int64_t r = 0; r < rows; ++r) aviary::DequantizeRow(type, w.row(r), &wf[r * c], c);
+          const int T = 3;
+          const std::vector<float> x = RandomVector(static_cast<size_t>(T) * c, rng);
+          std::vector<float> ref(static_cast<size_t>(T) * rows), fast(ref.size()), single(ref.size());
+          aviary::ref::MatMul(w, x.data(), T, ref.data());
+          aviary::fast::MatMul(w, x.data(), T, fast.data(), 2);
+          for (int t = 0; t < T; ++t) {
+            aviary::fast::MatMul(w, x.data() + t * c, 1, single.data() + t * rows, 1);
+          }
+          ASSERT_TRUE(BitEqual(fast, single)) << "result depends on T or the thread count";
+          for (size_t i = 0; i < ref.size(); ++i) {
+            const int64_t t = static_cast<int64_t>(i) / rows, r = static_cast<int64_t>(i) % rows;
+            double mag = 0;
+            for (int64_t k = 0; k < c; ++k) mag += std::fabs(static_cast<double>(wf[r * c + k]) * x[t * c + k]);
+            ASSERT_LE(std::fabs(static_cast<double>(fast[i]) - ref[i]), 1e-5 * mag + 1e-30)
+                << "t " << t << " r " << r;
+          }
+        }
+      }
+    }
+  }
+  std::cout << "[ targets  ] " << seen << "\n";
 }
 
 TEST(FastKernels, MatMulDispatcherFollowsTheKernelChoice) {
