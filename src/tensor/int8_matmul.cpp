@@ -506,9 +506,10 @@ AVIARY_VNNI void GemvRows(const uint8_t* w, size_t row_bytes, const Activations&
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   // The R rows are read side by side (R short streams; prefetch the next R rows at our pace),
-  // unlike the float and bfloat16 kernels, which read rows one after the other: here each
-  // group's x layout serves R rows, and re-reading it per row (x laid out once per span of
-  // groups) measured no faster for Q8_0 and 8% slower for Q4_0 (0.1B, one core).
+  // unlike the bfloat16 kernel (and the float one for float weights on AVX-512), which reads
+  // rows one after the other: here each group's x layout serves R rows, and re-reading it per
+  // row (x laid out once per span of groups) measured no faster for Q8_0 and 8% slower for
+  // Q4_0 (0.1B, one core).
   const uint8_t* next = w + R * row_bytes;
   constexpr size_t kGB = GroupBytes(kType);
   for (int64_t g = 0; g < groups; ++g) {
