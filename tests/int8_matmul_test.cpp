@@ -205,6 +205,52 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
   EXPECT_GT(checked, 0);
 }
 
+// Rows longer than one span of the T > 1 kernel (8 groups of 16 blocks = 4096 columns) are
+// walked span by span with the accumulators parked between spans: the results must still be
+// the one-token kernel's (which never splits a row) bit for bit, and the definition's within
+// float rounding. 5 rows: one full pass of 4 and a pass with 1 valid row.
+TEST(Int8MatMul, LongRowsInSpansMatchOneTokenAtATime) {
+  Guard guard;
+  if (!int8::CpuSupported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU: the float path runs";
+  int8::SetEnabled(true);
+  aviary::SetNumThreads(2);
+  std::mt19937 rng(34);
+  const int64_t rows = 5;
+  for (DType type : kQuantTypes) {
+    // 9 groups (a span and a one-group rest) and 17 (two spans and a rest, the last part-empty).
+    const std::vector<int64_t> col_list = aviary::Traits(type).block_elems == aviary::kQKBlock
+                                              ? std::vector<int64_t>{4352, 8448}
+                                              : std::vector<int64_t>{4128, 8224};
+    for (int64_t cols : col_list) {
+      SCOPED_TRACE(std::string(aviary::DTypeName(type)) + " cols " + std::to_string(cols));
+      const std::vector<uint8_t> bytes = RandomMatrix(type, rows, cols, rng);
+      const aviary::Tensor w = MakeTensor(type, rows, cols, bytes.data());
+      const int T = 7;
+      const std::vector<float> x = Activations(T, cols, rng);
+      std::vector<float> def(static_cast<size_t>(T) * rows), fast(def.size()), single(def.size());
+      int8::ReferenceMatMul(w, x.data(), T, def.data());
+      aviary::fast::MatMul(w, x.data(), T, fast.data(), 2);
+      for (int t = 0; t < T; ++t) {
+        aviary::fast::MatMul(w, x.data() + t * cols, 1, single.data() + t * rows, 1);
+      }
+      ASSERT_TRUE(BitEqual(fast, single)) << "result depends on T";
+      int8::Activations a;
+      int8::Quantize(x.data(), T, cols, &a);
+      std::vector<float> wf(static_cast<size_t>(cols));
+      for (int64_t r = 0; r < rows; ++r) {
+        aviary::DequantizeRow(type, w.row(r), wf.data(), cols);
+        for (int t = 0; t < T; ++t) {
+          double mag = 0;
+          for (int64_t c = 0; c < cols; ++c) mag += std::fabs(wf[c] * a.q_at(t)[c] * a.d_at(t)[c / 32]);
+          const size_t i = static_cast<size_t>(t) * rows + r;
+          ASSERT_LE(std::fabs(static_cast<double>(fast[i]) - def[i]), 1e-5 * mag + 1e-30)
+              << "t " << t << " r " << r << " def " << def[i] << " fast " << fast[i];
+        }
+      }
+    }
+  }
+}
+
 TEST(Int8MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   Guard guard;
   if (!int8::CpuSupported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU: the float path runs";

@@ -574,6 +574,7 @@ struct RowBuffer {
   AlignedVector<uint8_t> natural;  // one row, element order
   AlignedVector<uint8_t> u;        // [kPassRows][padded_blocks * 32], regrouped like Activations::qt
   AlignedVector<float> d, m;       // [kPassRows][padded_blocks]
+  AlignedVector<float> carry;      // [T][kPassRows][16]: accumulators between column spans
 };
 
 template <DType kType>
@@ -605,19 +606,32 @@ AVIARY_VNNI void UnpackRow(const uint8_t* row, const Activations& a, RowBuffer* 
   Regroup(buf->natural.data(), buf->u.data() + i * nbp * 32, nbp / 16);
 }
 
-// Rows row0 .. row0 + R of `buf` times tokens t0 .. t0 + TT: y[t, r] for each.
-template <DType kType, int R, int TT>
-AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, int t0,
-                          int64_t rows, float* y) {
-  const int64_t nbp = a.padded_blocks, groups = nbp / 16;
-  const uint8_t* u0 = buf.u.data() + row0 * nbp * 32;
-  const float* d0 = buf.d.data() + row0 * nbp;
-  const float* m0 = buf.m.data() + row0 * nbp;
+// Groups per column span of the T > 1 tiles on long rows. A tile walks its 4 rows and 3
+// tokens over all groups before the next tile starts; at 64 groups (8192 columns) the 32 KB
+// of rows and 24 KB of tokens overflow the 48 KB L1, and a 2048 x 8192 product ran at 2/3
+// of a 2048 x 2048 one per multiply-add. Rows longer than kSpanGroups are walked a span at a
+// time instead, the accumulators parked in `carry` between spans. (Spans of 4 groups measured
+// slower than 8, and slower than the whole row where it fits.)
+constexpr int64_t kSpanGroups = 8;
+
+// The kPassRows rows of `buf` times tokens t0 .. t0 + TT over groups [g0, g1). The float
+// accumulators start at zero (`first`) or in `carry` and end in `carry`, or (`last`) as
+// y[t, row0 + r] for the `valid` rows. Each accumulator sees the same steps in the same
+// order however the row is cut into spans.
+template <DType kType, int TT>
+AVIARY_VNNI void GemmTile(const RowBuffer& buf, const Activations& a, int t0, int64_t g0,
+                          int64_t g1, bool first, bool last, __m512* carry, int valid,
+                          int64_t rows, int64_t row0, float* y) {
+  constexpr int R = kPassRows;
+  const int64_t nbp = a.padded_blocks;
+  const uint8_t* u0 = buf.u.data();
+  const float* d0 = buf.d.data();
+  const float* m0 = buf.m.data();
   __m512 acc[R][TT];
   for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < TT; ++t) acc[r][t] = first ? _mm512_setzero_ps() : carry[t * R + r];
   }
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     __m512i isum[R][TT];
     for (int t = 0; t < TT; ++t) {
       const __m512i init = OffsetInit<kType, 1>(a.sums_at(t0 + t) + 16 * g);
@@ -642,6 +656,12 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, 
       }
     }
   }
+  if (!last) {
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < TT; ++t) carry[t * R + r] = acc[r][t];
+    }
+    return;
+  }
   // Final sums, 16 outputs per fold (token-major: t * R + r).
   __m512 all[R * TT];
   for (int t = 0; t < TT; ++t) {
@@ -650,20 +670,34 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, int row0, const Activations& a, 
   for (int i = 0; i < R * TT; i += 16) {
     float out[16];
     FinalSums(all + i, std::min(16, R * TT - i), out);
-    for (int j = i; j < std::min(i + 16, R * TT); ++j) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+    if (valid == R) {
+      for (int j = i; j < std::min(i + 16, R * TT); ++j) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+    } else {
+      for (int j = i; j < std::min(i + 16, R * TT); ++j) {
+        if (j % R < valid) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+      }
+    }
   }
 }
 
-template <DType kType, int R>
-AVIARY_VNNI void GemmRows(const RowBuffer& buf, int row0, const Activations& a, int64_t rows,
-                          float* y) {
+// y[t, row0 .. row0 + valid) for all tokens from the rows in `buf`, span by span.
+template <DType kType>
+AVIARY_VNNI void GemmRows(const RowBuffer& buf, const Activations& a, __m512* carry, int valid,
+                          int64_t rows, int64_t row0, float* y) {
   constexpr int kTT = 3;
-  int t = 0;
-  for (; t + kTT <= a.T; t += kTT) GemmTile<kType, R, kTT>(buf, row0, a, t, rows, y);
-  switch (a.T - t) {
-    case 2: GemmTile<kType, R, 2>(buf, row0, a, t, rows, y); break;
-    case 1: GemmTile<kType, R, 1>(buf, row0, a, t, rows, y); break;
-    default: break;
+  const int64_t groups = a.padded_blocks / 16;
+  for (int64_t g0 = 0; g0 < groups; g0 += kSpanGroups) {
+    const int64_t g1 = std::min(groups, g0 + kSpanGroups);
+    const bool first = g0 == 0, last = g1 == groups;
+    int t = 0;
+    for (; t + kTT <= a.T; t += kTT) {
+      GemmTile<kType, kTT>(buf, a, t, g0, g1, first, last, carry + t * kPassRows, valid, rows, row0, y);
+    }
+    switch (a.T - t) {
+      case 2: GemmTile<kType, 2>(buf, a, t, g0, g1, first, last, carry + t * kPassRows, valid, rows, row0, y); break;
+      case 1: GemmTile<kType, 1>(buf, a, t, g0, g1, first, last, carry + t * kPassRows, valid, rows, row0, y); break;
+      default: break;
+    }
   }
 }
 
@@ -676,7 +710,10 @@ AVIARY_VNNI_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows
     for (; r < r1; ++r) GemvRows<kType, 1>(w + r * row_bytes, row_bytes, a, y + r);
     return;
   }
-  // Per-thread buffer of kPassRows unpacked rows; grows to the widest matrix once.
+  // Per-thread buffer of kPassRows unpacked rows; grows to the widest matrix once. A last
+  // pass of fewer rows still computes kPassRows (the others hold earlier rows or zeros) and
+  // stores only its own: one tile shape instead of four, which also keeps the sanitized
+  // build's compile of this file at 1.5 instead of 11 minutes.
   thread_local RowBuffer buf;
   const size_t nbp = static_cast<size_t>(a.padded_blocks);
   if (buf.u.size() < kPassRows * nbp * 32) {
@@ -685,22 +722,14 @@ AVIARY_VNNI_FN void MatMulRowsT(const uint8_t* w, size_t row_bytes, int64_t rows
     buf.d.resize(kPassRows * nbp);
     buf.m.resize(kPassRows * nbp);
   }
+  if (buf.carry.size() < static_cast<size_t>(a.T) * kPassRows * 16) {
+    buf.carry.resize(static_cast<size_t>(a.T) * kPassRows * 16);
+  }
+  __m512* carry = reinterpret_cast<__m512*>(buf.carry.data());
   for (int64_t r = r0; r < r1; r += kPassRows) {
     const int n = static_cast<int>(std::min<int64_t>(kPassRows, r1 - r));
     for (int i = 0; i < n; ++i) UnpackRow<kType>(w + (r + i) * row_bytes, a, &buf, i);
-    float* yr = y + r;
-    if (n == kPassRows) {
-      GemmRows<kType, kPassRows>(buf, 0, a, rows, yr);
-      continue;
-    }
-    int i = 0;
-    for (; i + 4 <= n; i += 4) GemmRows<kType, 4>(buf, i, a, rows, yr);
-    switch (n - i) {
-      case 3: GemmRows<kType, 3>(buf, i, a, rows, yr); break;
-      case 2: GemmRows<kType, 2>(buf, i, a, rows, yr); break;
-      case 1: GemmRows<kType, 1>(buf, i, a, rows, yr); break;
-      default: break;
-    }
+    GemmRows<kType>(buf, a, carry, n, rows, r, y);
   }
 }
 #endif  // AVIARY_HAVE_VNNI_CODE
