@@ -206,8 +206,9 @@ void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<floa
   }
   const size_t V = info_.n_vocab;
   if (logits) logits->assign(all_positions ? tokens.size() * V : V, 0.0f);
-  for (size_t start = 0; start < tokens.size(); start += kMaxChunk) {
-    const size_t n = std::min<size_t>(kMaxChunk, tokens.size() - start);
+  const size_t chunk = static_cast<size_t>(ChunkTokens());
+  for (size_t start = 0; start < tokens.size(); start += chunk) {
+    const size_t n = std::min(chunk, tokens.size() - start);
     const bool last_chunk = start + n == tokens.size();
     float* out = nullptr;
     if (logits && all_positions) out = logits->data() + start * V;
