@@ -219,10 +219,12 @@ void RegisterBench(CLI::App& app) {
     const WeightStats ws = StatsOf(path);
     const std::vector<int32_t> prompt = BenchTokens(o->prompt_tokens, info.n_vocab);
 
-    {  // warm-up: pages the weights in and sizes every scratch buffer once
+    {  // warm-up: pages the weights in and sizes every scratch buffer once (a whole chunk:
+       // a shorter warm-up left the first timed prompt growing buffers and faulting pages in)
       State s = model->NewState();
       std::vector<float> logits;
-      model->Eval(std::span<const int32_t>(prompt.data(), std::min<size_t>(prompt.size(), 64)),
+      model->Eval(std::span<const int32_t>(prompt.data(),
+                                           std::min<size_t>(prompt.size(), Model::kMaxChunk)),
                   s, &logits);
       const int32_t t = ArgMax(logits);
       model->Eval(std::span<const int32_t>(&t, 1), s, &logits);
