@@ -69,8 +69,8 @@ class Model {
  protected:
   explicit Model(ModelInfo info) : info_(std::move(info)) {}
 
-  // Per-version forward over tokens[0..T) with T <= ChunkTokens() <= kMaxChunk. `logits` is nullptr or has
-  // room for `T` rows (all_positions) or one row (last token only).
+  // Per-version forward over tokens[0..T) with T <= ChunkTokens() (<= kMaxChunk). `logits` is
+  // nullptr or has room for `T` rows (all_positions) or one row (last token only).
   virtual void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                        bool all_positions) const = 0;
   // Floats of recurrent state per layer, and its initial value (zero except v4's pp = -1e30).
