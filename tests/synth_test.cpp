@@ -9,6 +9,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "aviary/model.h"
 #include "formats/rwkvcpp_writer.h"
 #include "formats/weight_file.h"
+#include "models/model_impl.h"
 #include "models/synth.h"
 #include "tensor/dtype.h"
 #include "tensor/quantize.h"
@@ -202,6 +204,39 @@ TEST(Synth, IsDeterministicAndFollowsRwkvCppTypePolicy) {
   EXPECT_THROW(aviary::ParseArch("8"), aviary::UsageError);
   o.n_embd = 100;
   EXPECT_THROW(aviary::PlanSynthModel(o), aviary::UsageError);
+}
+
+// The scratch a sequence chunk needs must not grow with the number of layers: a helper that
+// runs once per layer (the channel mix) has to reuse its blocks. Checked on a fresh thread (the
+// scratch is per thread) for a version with and one without the channel mix's receptance.
+TEST(Synth, ScratchDoesNotGrowWithLayers) {
+  for (Arch arch : {Arch::kV7, Arch::kV4}) {
+    size_t held[2] = {0, 0};
+    const int layers[2] = {2, 5};
+    for (int i = 0; i < 2; ++i) {
+      aviary::SynthOptions o;
+      o.arch = arch;
+      o.n_layer = layers[i];
+      o.n_embd = 128;
+      o.n_vocab = 300;
+      o.head_size = 32;
+      o.type = DType::kF32;
+      TempFile f(TempPath("layers" + std::to_string(layers[i]) + ".bin"));
+      aviary::WriteSynthModel(o, f.path);
+      const auto model = aviary::Model::Load(f.path);
+      std::thread([&] {
+        std::vector<int32_t> tokens(40);
+        for (int t = 0; t < 40; ++t) tokens[t] = (t * 37 + 3) % 300;
+        aviary::State state = model->NewState();
+        std::vector<float> logits;
+        model->Eval(tokens, state, &logits);
+        held[i] = aviary::Scratch::ForThisThread().BytesHeld();
+      }).join();
+    }
+    EXPECT_GT(held[0], 0u);
+    EXPECT_EQ(held[0], held[1]) << "arch " << aviary::ArchName(arch) << ": 2 layers hold "
+                                << held[0] << " bytes of scratch, 5 layers " << held[1];
+  }
 }
 
 TEST(SynthCli, SynthThenBench) {

@@ -69,8 +69,8 @@ class Model {
  protected:
   explicit Model(ModelInfo info) : info_(std::move(info)) {}
 
-  // Per-version forward over tokens[0..T) with T <= ChunkTokens() (<= kMaxChunk). `logits` is
-  // nullptr or has room for `T` rows (all_positions) or one row (last token only).
+  // Per-version forward over tokens[0..T) with T <= kMaxChunk. `logits` is nullptr or has
+  // room for `T` rows (all_positions) or one row (last token only).
   virtual void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                        bool all_positions) const = 0;
   // Floats of recurrent state per layer, and its initial value (zero except v4's pp = -1e30).
@@ -78,13 +78,11 @@ class Model {
   virtual void InitLayerState(float* layer_state) const;
 
  public:
-  // Sequence mode processes at most ChunkTokens() tokens per forward pass; longer inputs are
-  // fed in chunks (same result, bounded scratch memory). Longer chunks hand work to the threads
-  // half as often: 128 tokens instead of 64 read 1.10-1.25x faster prompts at 768 and 1024
-  // channels (0.1B, 0.4B). Above 1024 channels the chunk stays 64: at 2048 (1.5B) the prompt
-  // speed did not change and peak memory grew 76 MiB.
+  // Sequence mode processes at most kMaxChunk tokens per forward pass; longer inputs are fed in
+  // chunks (same result, bounded scratch memory). Longer chunks hand work to the threads half
+  // as often: 128 tokens instead of 64 read 1.10-1.25x faster prompts at 0.1B and 0.4B and
+  // 1.02-1.07x at 1.5B (+16 MiB of scratch there); 256 was no faster.
   static constexpr int kMaxChunk = 128;
-  int ChunkTokens() const { return info_.n_embd <= 1024 ? kMaxChunk : kMaxChunk / 2; }
 
  protected:
   ModelInfo info_;

@@ -41,6 +41,12 @@ float* Scratch::Take(size_t n) {
   return blocks_[next_++].data();
 }
 
+size_t Scratch::BytesHeld() const {
+  size_t bytes = 0;
+  for (const auto& b : blocks_) bytes += b.size() * sizeof(float);
+  return bytes;
+}
+
 // ---- Weights ----
 
 void Weights::Fail(const std::string& problem) const { throw Error(wf_.path + ": " + problem); }
@@ -151,6 +157,7 @@ void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance
                 const float* xk, const float* xr, int T, float* x) {
   const size_t C = value.rows(), F = key.rows();
   Scratch& s = Scratch::ForThisThread();
+  Scratch::Scope scope(s);  // every layer reuses the same k, v, r blocks
   float* k = s.Take(T * F);
   float* v = s.Take(T * C);
   float* r = receptance ? s.Take(T * C) : nullptr;
@@ -206,7 +213,7 @@ void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<floa
   }
   const size_t V = info_.n_vocab;
   if (logits) logits->assign(all_positions ? tokens.size() * V : V, 0.0f);
-  const size_t chunk = static_cast<size_t>(ChunkTokens());
+  const size_t chunk = kMaxChunk;
   for (size_t start = 0; start < tokens.size(); start += chunk) {
     const size_t n = std::min(chunk, tokens.size() - start);
     const bool last_chunk = start + n == tokens.size();
