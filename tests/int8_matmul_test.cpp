@@ -8,6 +8,7 @@
 //  - the switch (AVIARY_ACTIVATIONS / SetEnabled) and its effect on the dispatching MatMul.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -123,6 +124,34 @@ TEST(Int8MatMul, QuantizeRoundsPerBlock) {
   }
 }
 
+// The kernels add the same exact integer block sums as the definition and differ only in the
+// order of the float scaling: |fast - def| <= 1e-5 sum_c |w_c q_c d_c| for every output, where
+// wf is the dequantized rows x cols matrix and q, d the activations' rounding of x. `worst`
+// (if given) keeps the largest |fast - def| / sum seen.
+::testing::AssertionResult WithinFloatRoundingOfDefinition(const std::vector<float>& wf,
+                                                           const int8::Activations& a, int T,
+                                                           int64_t rows, int64_t cols,
+                                                           const std::vector<float>& fast,
+                                                           const std::vector<float>& def,
+                                                           double* worst = nullptr) {
+  for (int t = 0; t < T; ++t) {
+    for (int64_t r = 0; r < rows; ++r) {
+      double mag = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        mag += std::fabs(static_cast<double>(wf[r * cols + c]) * a.q_at(t)[c] * a.d_at(t)[c / 32]);
+      }
+      const size_t i = static_cast<size_t>(t) * rows + r;
+      const double err = std::fabs(static_cast<double>(fast[i]) - def[i]);
+      if (err > 1e-5 * mag + 1e-30) {
+        return ::testing::AssertionFailure() << "t " << t << " r " << r << " def " << def[i]
+                                             << " fast " << fast[i] << " (sum " << mag << ")";
+      }
+      if (worst && mag > 0) *worst = std::max(*worst, err / mag);
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
   Guard guard;
   std::mt19937 rng(21);
@@ -173,20 +202,7 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
           aviary::fast::MatMul(w, x.data(), T, fast1.data(), 1);
           aviary::fast::MatMul(w, x.data(), T, fast2.data(), 2);
           ASSERT_TRUE(BitEqual(fast1, fast2)) << "result depends on the thread count";
-          for (int t = 0; t < T; ++t) {
-            for (int64_t r = 0; r < rows; ++r) {
-              double mag = 0;
-              for (int64_t c = 0; c < cols; ++c) {
-                mag += std::fabs(static_cast<double>(wf[r * cols + c]) *
-                                 a.q_at(t)[c] * a.d_at(t)[c / 32]);
-              }
-              const size_t i = static_cast<size_t>(t) * rows + r;
-              const double err = std::fabs(static_cast<double>(fast1[i]) - def[i]);
-              ASSERT_LE(err, 1e-5 * mag + 1e-30) << "t " << t << " r " << r << " def " << def[i]
-                                                 << " fast " << fast1[i];
-              if (mag > 0) worst_kernel = std::max(worst_kernel, err / mag);
-            }
-          }
+          ASSERT_TRUE(WithinFloatRoundingOfDefinition(wf, a, T, rows, cols, fast1, def, &worst_kernel));
           if (T > 1) {
             std::vector<float> single(def.size());
             for (int t = 0; t < T; ++t) {
@@ -236,17 +252,9 @@ TEST(Int8MatMul, LongRowsInSpansMatchOneTokenAtATime) {
       ASSERT_TRUE(BitEqual(fast, single)) << "result depends on T";
       int8::Activations a;
       int8::Quantize(x.data(), T, cols, &a);
-      std::vector<float> wf(static_cast<size_t>(cols));
-      for (int64_t r = 0; r < rows; ++r) {
-        aviary::DequantizeRow(type, w.row(r), wf.data(), cols);
-        for (int t = 0; t < T; ++t) {
-          double mag = 0;
-          for (int64_t c = 0; c < cols; ++c) mag += std::fabs(wf[c] * a.q_at(t)[c] * a.d_at(t)[c / 32]);
-          const size_t i = static_cast<size_t>(t) * rows + r;
-          ASSERT_LE(std::fabs(static_cast<double>(fast[i]) - def[i]), 1e-5 * mag + 1e-30)
-              << "t " << t << " r " << r << " def " << def[i] << " fast " << fast[i];
-        }
-      }
+      std::vector<float> wf(static_cast<size_t>(rows * cols));
+      for (int64_t r = 0; r < rows; ++r) aviary::DequantizeRow(type, w.row(r), &wf[r * cols], cols);
+      ASSERT_TRUE(WithinFloatRoundingOfDefinition(wf, a, T, rows, cols, fast, def));
     }
   }
 }
