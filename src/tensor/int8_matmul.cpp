@@ -697,8 +697,12 @@ AVIARY_VNNI void GemmTile(const RowBuffer& buf, const Activations& a, int t0, in
   for (int i = 0; i < R * TT; i += 16) {
     float out[16];
     FinalSums(all + i, std::min(16, R * TT - i), out);
-    for (int j = i; j < std::min(i + 16, R * TT); ++j) {
-      if (j % R < valid) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+    if (valid == R) {  // unchecked stores: one checked loop for both read 0.1B prompts 3.5% slower
+      for (int j = i; j < std::min(i + 16, R * TT); ++j) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+    } else {
+      for (int j = i; j < std::min(i + 16, R * TT); ++j) {
+        if (j % R < valid) y[(t0 + j / R) * rows + row0 + j % R] = out[j - i];
+      }
     }
   }
 }
