@@ -616,7 +616,9 @@ TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
     expect_error(dir.path() + "/does-not-exist.bin", "cannot open");
   }
   // Small files map unless AVIARY_LOAD says otherwise (unset in the test environment).
-  if (std::getenv("AVIARY_LOAD") == nullptr) EXPECT_EQ(ChooseLoadMode(kReadMinBytes - 1), LoadMode::kMap);
+  if (std::getenv("AVIARY_LOAD") == nullptr) {
+    EXPECT_EQ(ChooseLoadMode(kReadMinBytes - 1), LoadMode::kMap);
+  }
 }
 
 // ---- Memory and time bounds on crafted files ----
