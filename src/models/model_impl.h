@@ -27,7 +27,7 @@ class Scratch {
 
   // Blocks taken while a Scope lives are handed back when it ends, so a helper that runs once
   // per layer reuses one set of blocks instead of taking a new set for every layer (at 1.5B a
-  // 64-token chunk's channel mix would otherwise hold 24 x 2.5 MiB).
+  // 128-token chunk's channel mix would otherwise hold 24 x 5 MiB).
   class Scope {
    public:
     explicit Scope(Scratch& s) : scratch_(s), mark_(s.next_) {}
