@@ -1,5 +1,5 @@
 // The chat session: ChatRWKV's snapshots, commands and generation loops (v2/chat.py), with
-// its mistakes fixed (see docs/readme-chat.md, "Differences from ChatRWKV").
+// its mistakes fixed (see docs/CLI.md, "Differences from ChatRWKV").
 #include <algorithm>
 #include <chrono>
 #include <cmath>
