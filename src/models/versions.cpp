@@ -4,7 +4,9 @@
 #include "models/versions.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <iterator>
 #include <string>
 
 #include "aviary/error.h"
@@ -13,25 +15,33 @@ namespace aviary {
 namespace {
 
 using gguf::KeyWriter;
-using gguf::NameMap;
-using gguf::Role;
 using gguf::kHeadRows;
 using gguf::kHeadRowsInGguf;
 using gguf::kNotLayer0;
 using gguf::kOptional;
+using gguf::NameMap;
+using gguf::Role;
 
-// Every version's layer norms, r/k/v/output projections and FFN key/value.
-#define AVIARY_GGUF_COMMON_LAYER_NAMES                                       \
-  {"attn_norm.weight", "ln1.weight", Role::kVector},                         \
-      {"attn_norm.bias", "ln1.bias", Role::kVector},                         \
-      {"attn_norm_2.weight", "ln2.weight", Role::kVector},                   \
-      {"attn_norm_2.bias", "ln2.bias", Role::kVector},                       \
-      {"time_mix_key.weight", "att.key.weight", Role::kMatrix},              \
-      {"time_mix_value.weight", "att.value.weight", Role::kMatrix},          \
-      {"time_mix_receptance.weight", "att.receptance.weight", Role::kMatrix}, \
-      {"time_mix_output.weight", "att.output.weight", Role::kMatrix},        \
-      {"channel_mix_key.weight", "ffn.key.weight", Role::kMatrix},           \
-      {"channel_mix_value.weight", "ffn.value.weight", Role::kMatrix}
+// Every version's layer norms, r/k/v/output projections and FFN key/value, then `own`.
+template <size_t N>
+constexpr auto WithCommonLayerNames(const NameMap (&own)[N]) {
+  constexpr NameMap kCommon[] = {
+      {"attn_norm.weight", "ln1.weight", Role::kVector},
+      {"attn_norm.bias", "ln1.bias", Role::kVector},
+      {"attn_norm_2.weight", "ln2.weight", Role::kVector},
+      {"attn_norm_2.bias", "ln2.bias", Role::kVector},
+      {"time_mix_key.weight", "att.key.weight", Role::kMatrix},
+      {"time_mix_value.weight", "att.value.weight", Role::kMatrix},
+      {"time_mix_receptance.weight", "att.receptance.weight", Role::kMatrix},
+      {"time_mix_output.weight", "att.output.weight", Role::kMatrix},
+      {"channel_mix_key.weight", "ffn.key.weight", Role::kMatrix},
+      {"channel_mix_value.weight", "ffn.value.weight", Role::kMatrix},
+  };
+  std::array<NameMap, std::size(kCommon) + N> all{};
+  std::copy(std::begin(kCommon), std::end(kCommon), all.begin());
+  std::copy(own, own + N, all.begin() + std::size(kCommon));
+  return all;
+}
 
 float NegExp(float w) { return -std::exp(w); }
 float ExpNegExp(float w) { return std::exp(-std::exp(w)); }
@@ -49,8 +59,7 @@ int64_t Lora(int64_t C, double scale, double power) {
 constexpr std::string_view kV4Markers[] = {"time_first", "time_decay"};
 constexpr std::string_view kV4Aliases[] = {"4", "4.0"};
 
-constexpr NameMap kV4Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
+constexpr auto kV4Names = WithCommonLayerNames({
     {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
     {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
     {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
@@ -59,7 +68,7 @@ constexpr NameMap kV4Names[] = {
     {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
     {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
     {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
+});
 
 void V4FromBlinkDl(BlinkDlTensors& t) {
   const int n = t.Map("att.time_decay", NegExp, false);
@@ -109,8 +118,7 @@ void V4SynthLayer(SynthLayer& s) { V4V5SynthLayer(s, Arch::kV4); }
 constexpr std::string_view kV51Markers[] = {"ln_x.weight"};
 constexpr std::string_view kV51Aliases[] = {"5.1"};
 
-constexpr NameMap kV51Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
+constexpr auto kV51Names = WithCommonLayerNames({
     {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
     {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
     {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
@@ -123,7 +131,7 @@ constexpr NameMap kV51Names[] = {
     {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
     {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
     {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
+});
 
 void V51FromBlinkDl(BlinkDlTensors& t) {
   const int n = t.Map("att.time_decay", ExpNegExp, false);
@@ -145,8 +153,7 @@ void V51SynthLayer(SynthLayer& s) { V4V5SynthLayer(s, Arch::kV5_1); }
 constexpr std::string_view kV52Markers[] = {"time_faaaa"};
 constexpr std::string_view kV52Aliases[] = {"5.2", "5"};
 
-constexpr NameMap kV52Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
+constexpr auto kV52Names = WithCommonLayerNames({
     {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
     {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
     {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
@@ -159,7 +166,7 @@ constexpr NameMap kV52Names[] = {
     {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
     {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
     {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
+});
 
 void V52FromBlinkDl(BlinkDlTensors& t) {
   const int n = t.Map("att.time_decay", ExpNegExp, true);
@@ -179,8 +186,7 @@ constexpr std::string_view kV6Aliases[] = {"6", "6.0"};
 
 // The five token-shift mixes (w, k, v, r, g) are one GGUF tensor, time_mix_lerp_fused
 // [5, 1, 1, C] (kV6Fused).
-constexpr NameMap kV6Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
+constexpr auto kV6Names = WithCommonLayerNames({
     {"time_mix_w1.weight", "att.time_maa_w1", Role::kDecayLora},
     {"time_mix_w2.weight", "att.time_maa_w2", Role::kDecayLora},
     {"time_mix_lerp_x.weight", "att.time_maa_x", Role::kVector},
@@ -194,14 +200,13 @@ constexpr NameMap kV6Names[] = {
     {"channel_mix_lerp_k.weight", "ffn.time_maa_k", Role::kVector},
     {"channel_mix_lerp_r.weight", "ffn.time_maa_r", Role::kVector},
     {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
-constexpr std::string_view kV6FusedSlots[] = {"att.time_maa_w", "att.time_maa_k",
-                                              "att.time_maa_v", "att.time_maa_r",
-                                              "att.time_maa_g"};
+});
+constexpr std::string_view kV6FusedSlots[] = {"att.time_maa_w", "att.time_maa_k", "att.time_maa_v",
+                                              "att.time_maa_r", "att.time_maa_g"};
 // Older llama.cpp files store them separately under these names.
-constexpr std::string_view kV6SeparateMixes[] = {
-    "time_mix_lerp_w.weight", "time_mix_lerp_k.weight", "time_mix_lerp_v.weight",
-    "time_mix_lerp_r.weight", "time_mix_lerp_g.weight"};
+constexpr std::string_view kV6SeparateMixes[] = {"time_mix_lerp_w.weight", "time_mix_lerp_k.weight",
+                                                 "time_mix_lerp_v.weight", "time_mix_lerp_r.weight",
+                                                 "time_mix_lerp_g.weight"};
 constexpr gguf::FusedMixes kV6Fused = {"time_mix_lerp_fused.weight", kV6FusedSlots,
                                        kV6SeparateMixes};
 
@@ -257,8 +262,7 @@ constexpr std::string_view kV7Aliases[] = {"7", "7.0"};
 // llama.cpp's rwkv7. time_mix_lerp_fused [6, 1, 1, C] is aviary's x_rwkvag [6, C] (r, w, k, v,
 // a, g); time_mix_r_k is flat [C] (aviary: [H, N]); layer 0's time_mix_v0/v1/v2 are unused
 // copies of a0/a1/a2 that llama.cpp requires.
-constexpr NameMap kV7Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
+constexpr auto kV7Names = WithCommonLayerNames({
     {"time_mix_lerp_fused.weight", "att.x_rwkvag", Role::kVector, 0, 6},
     {"time_mix_w0.weight", "att.w0", Role::kVector},
     {"time_mix_w1.weight", "att.w1", Role::kDecayLora},
@@ -277,7 +281,7 @@ constexpr NameMap kV7Names[] = {
     {"time_mix_ln.weight", "att.ln_x.weight", Role::kVector},
     {"time_mix_ln.bias", "att.ln_x.bias", Role::kVector},
     {"channel_mix_lerp_k.weight", "ffn.x_k", Role::kVector},
-};
+});
 
 void V7FromBlinkDl(BlinkDlTensors& t) {
   // blocks.0 has no value residual; official files carry unused v0/v1/v2 there.
@@ -294,8 +298,8 @@ void V7FromBlinkDl(BlinkDlTensors& t) {
          " layers)");
 
   int n = 0;
-  for (const char* s : {"att.w1", "att.a1", "att.v1", "att.g1", "att.w2", "att.a2", "att.v2",
-                        "att.g2"}) {
+  for (const char* s :
+       {"att.w1", "att.a1", "att.v1", "att.g1", "att.w2", "att.a2", "att.v2", "att.g2"}) {
     n += t.Transpose(s);
   }
   if (n) {
@@ -351,8 +355,6 @@ void V7SynthLayer(SynthLayer& s) {
   s.add("ffn.x_k", {1, 1, C}, s.mix);
 }
 
-#undef AVIARY_GGUF_COMMON_LAYER_NAMES
-
 // ---- The table, newest first ----
 
 const VersionSpec kVersions[] = {
@@ -365,7 +367,9 @@ const VersionSpec kVersions[] = {
         .gated_channel_mix = false,
         .make = MakeRwkv7,
         .from_blinkdl = V7FromBlinkDl,
-        .gguf = {.architecture = "rwkv7", .rwkv_version = "7.0", .layer_names = kV7Names,
+        .gguf = {.architecture = "rwkv7",
+                 .rwkv_version = "7.0",
+                 .layer_names = kV7Names,
                  .write_keys = V7Keys},
         .ffn_ratio = 4.0,
         .synth_layer = V7SynthLayer,
@@ -378,8 +382,12 @@ const VersionSpec kVersions[] = {
         .heads_from = "att.time_faaaa",
         .make = MakeRwkv6,
         .from_blinkdl = V6FromBlinkDl,
-        .gguf = {.architecture = "rwkv6", .rwkv_version = "6.0", .layer_names = kV6Names,
-                 .fused_mixes = kV6Fused, .undo_rescale = true, .write_keys = V6Keys},
+        .gguf = {.architecture = "rwkv6",
+                 .rwkv_version = "6.0",
+                 .layer_names = kV6Names,
+                 .fused_mixes = kV6Fused,
+                 .undo_rescale = true,
+                 .write_keys = V6Keys},
         .ffn_ratio = 3.5,
         .synth_layer = V6SynthLayer,
     },
@@ -391,7 +399,9 @@ const VersionSpec kVersions[] = {
         .heads_from = "att.time_faaaa",
         .make = MakeRwkv5,
         .from_blinkdl = V52FromBlinkDl,
-        .gguf = {.architecture = "aviary-rwkv5", .rwkv_version = "5.2", .layer_names = kV52Names,
+        .gguf = {.architecture = "aviary-rwkv5",
+                 .rwkv_version = "5.2",
+                 .layer_names = kV52Names,
                  .write_keys = V5Keys},
         .ffn_ratio = 3.5,
         .synth_layer = V52SynthLayer,
@@ -405,7 +415,9 @@ const VersionSpec kVersions[] = {
         .head_numel = true,
         .make = MakeRwkv5,
         .from_blinkdl = V51FromBlinkDl,
-        .gguf = {.architecture = "aviary-rwkv5", .rwkv_version = "5.1", .layer_names = kV51Names,
+        .gguf = {.architecture = "aviary-rwkv5",
+                 .rwkv_version = "5.1",
+                 .layer_names = kV51Names,
                  .write_keys = V5Keys},
         .ffn_ratio = 4.0,
         .synth_layer = V51SynthLayer,
@@ -418,7 +430,9 @@ const VersionSpec kVersions[] = {
         .all_markers = true,
         .make = MakeRwkv4,
         .from_blinkdl = V4FromBlinkDl,
-        .gguf = {.architecture = "aviary-rwkv4", .rwkv_version = "4", .layer_names = kV4Names,
+        .gguf = {.architecture = "aviary-rwkv4",
+                 .rwkv_version = "4",
+                 .layer_names = kV4Names,
                  .write_keys = V4Keys},
         .ffn_ratio = 4.0,
         .synth_layer = V4SynthLayer,

@@ -6,8 +6,8 @@
 
 #include <functional>
 #include <memory>
-#include <string>
 #include <span>
+#include <string>
 #include <string_view>
 
 #include "aviary/model.h"
