@@ -1,17 +1,9 @@
-// Raw BlinkDL checkpoints -> canonical layout. The conventions, checked against the reference
-// code (BlinkDL/ChatRWKV rwkv_pip_package/src/rwkv/model.py, BlinkDL/RWKV-LM
-// RWKV-v7/rwkv_v7_demo.py, RWKV/rwkv.cpp python/convert_pytorch_to_ggml.py):
-//   v4    time_decay -> -exp(w); time_first raw.
-//   v5.1  (ln_x, no time_faaaa; one decay per head, shape [H] or [H,1,1])
-//         time_decay -> exp(-exp(w)); time_first -> exp(u).
-//   v5.2  time_decay [H, N] -> exp(-exp(w)); time_faaaa [H, N] raw (the bonus u itself).
-//   v6    time_decay raw (the decay is data-dependent, the model applies exp(-exp(.)));
-//         time_faaaa raw; low-rank matrices are used as x @ W, so they are transposed to
-//         [out, in]: time_maa_w1 [C, 5D] -> [5D, C], time_maa_w2 [5, D, C] -> [5, C, D],
-//         time_decay_w1 [C, D] -> [D, C], time_decay_w2 [D, C] -> [C, D].
-//   v7    x_r, x_w, x_k, x_v, x_a, x_g ([1, 1, C] each) stacked as x_rwkvag [6, C];
-//         w1, a1, v1, g1 [C, D] -> [D, C]; w2, a2, v2, g2 [D, C] -> [C, D]; the unused
-//         blocks.0.att.v0/v1/v2 are dropped. Everything else is raw.
+// Raw BlinkDL checkpoints -> canonical layout: the names Hugging Face and flash-linear-attention
+// give the same parameters are mapped back to BlinkDL's, the version is detected, and its entry
+// in the version table (models/versions.cpp, from_blinkdl) says which values to transform. The
+// conventions were checked against the reference code (BlinkDL/ChatRWKV
+// rwkv_pip_package/src/rwkv/model.py, BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo.py, RWKV/rwkv.cpp
+// python/convert_pytorch_to_ggml.py).
 // The embedding is not pre-normalised (ChatRWKV folds ln0 into emb at load; the model code
 // applies blocks.0.ln0 itself), and nn.Linear weights are already [out, in].
 #include "formats/blinkdl.h"
@@ -24,6 +16,7 @@
 #include <string_view>
 
 #include "aviary/error.h"
+#include "models/versions.h"
 
 namespace aviary {
 namespace {
@@ -119,23 +112,14 @@ std::string FromFla(const std::string& name, bool* lowrank_canonical) {
   return "blocks." + layer + "." + part + "." + rest;
 }
 
-enum class Version { kV4, kV5_1, kV5_2, kV6, kV7 };
-
-class Converter {
+class Converter final : public BlinkDlTensors {
  public:
   explicit Converter(WeightFile& wf) : wf_(wf) {}
 
   void Run(std::vector<Tensor> raw) {
     Rename(raw);
     RefuseVariants();
-    const Version v = DetectVersion();
-    switch (v) {
-      case Version::kV4: ConvertV4(); break;
-      case Version::kV5_1: ConvertV51(); break;
-      case Version::kV5_2: ConvertV52(); break;
-      case Version::kV6: ConvertV6(); break;
-      case Version::kV7: ConvertV7(); break;
-    }
+    Detect().from_blinkdl(*this);
     Squeeze();
     Finish();
   }
@@ -193,12 +177,9 @@ class Converter {
 
   bool Has(const std::string& name) const { return tensors_.count(name) != 0; }
 
-  Version DetectVersion() const {
-    if (Has("blocks.0.att.k_k") || Has("blocks.0.att.x_r")) return Version::kV7;
-    if (Has("blocks.0.att.time_maa_x")) return Version::kV6;
-    if (Has("blocks.0.att.time_faaaa")) return Version::kV5_2;
-    if (Has("blocks.0.att.ln_x.weight")) return Version::kV5_1;
-    if (Has("blocks.0.att.time_first") && Has("blocks.0.att.time_decay")) return Version::kV4;
+  const VersionSpec& Detect() const {
+    const VersionSpec* v = DetectVersion([&](const std::string& name) { return Has(name); });
+    if (v) return *v;
     std::string some;
     int n = 0;
     for (const auto& [name, t] : tensors_) {
@@ -209,11 +190,14 @@ class Converter {
          (tensors_.size() > 4 ? ", ..." : "") + ")");
   }
 
-  // Every tensor whose name ends in `suffix` (e.g. ".att.time_decay").
+  // Every layer's tensor blocks.N.<suffix>.
   std::vector<std::string> Named(std::string_view suffix) const {
     std::vector<std::string> out;
     for (const auto& [name, t] : tensors_) {
-      if (StartsWith(name, "blocks.") && EndsWith(name, suffix)) out.push_back(name);
+      if (StartsWith(name, "blocks.") && EndsWith(name, suffix) && name.size() > suffix.size() &&
+          name[name.size() - suffix.size() - 1] == '.') {
+        out.push_back(name);
+      }
     }
     return out;
   }
@@ -238,9 +222,7 @@ class Converter {
     tensors_[name] = std::move(t);
   }
 
-  // y = f(x) elementwise, flattened to 1-D unless `keep_shape`.
-  template <typename F>
-  int Map(std::string_view suffix, F f, bool keep_shape) {
+  int Map(std::string_view suffix, float (*f)(float), bool keep_shape) override {
     int n = 0;
     for (const std::string& name : Named(suffix)) {
       const Tensor& t = tensors_.at(name);
@@ -252,8 +234,7 @@ class Converter {
     return n;
   }
 
-  // [a, b] -> [b, a] as F32.
-  int Transpose(std::string_view suffix) {
+  int Transpose(std::string_view suffix) override {
     int n = 0;
     for (const std::string& name : Named(suffix)) {
       if (already_out_in_.count(name)) continue;
@@ -274,30 +255,13 @@ class Converter {
     return n;
   }
 
-  void ConvertV4() {
-    const int n = Map(".att.time_decay", [](float w) { return -std::exp(w); }, false);
-    notes_.push_back("time_decay = -exp(w) (" + std::to_string(n) + " layers)");
-  }
-
-  void ConvertV51() {
-    const int n = Map(".att.time_decay", [](float w) { return std::exp(-std::exp(w)); }, false);
-    Map(".att.time_first", [](float u) { return std::exp(u); }, false);
-    notes_.push_back("time_decay = exp(-exp(w)), time_first = exp(u) (" + std::to_string(n) +
-                     " layers)");
-  }
-
-  void ConvertV52() {
-    const int n = Map(".att.time_decay", [](float w) { return std::exp(-std::exp(w)); }, true);
-    notes_.push_back("time_decay = exp(-exp(w)) (" + std::to_string(n) + " layers)");
-  }
-
-  void ConvertV6() {
-    int n = Transpose(".att.time_maa_w1") + Transpose(".att.time_decay_w1") +
-            Transpose(".att.time_decay_w2");
-    for (const std::string& name : Named(".att.time_maa_w2")) {  // [S, D, C] -> [S, C, D]
+  int TransposeInner(std::string_view suffix, std::string_view expected) override {
+    int n = 0;
+    for (const std::string& name : Named(suffix)) {
       const Tensor& t = tensors_.at(name);
       if (t.shape.size() != 3) {
-        Fail("tensor '" + name + "' has shape " + ShapeString(t.shape) + ", expected [5, D, C]");
+        Fail("tensor '" + name + "' has shape " + ShapeString(t.shape) + ", expected " +
+             std::string(expected));
       }
       const int64_t S = t.shape[0], D = t.shape[1], C = t.shape[2];
       const std::vector<float> v = Floats(t);
@@ -310,53 +274,38 @@ class Converter {
       Own(name, {S, C, D}, out);
       ++n;
     }
-    notes_.push_back("transposed " + std::to_string(n) +
-                     " low-rank matrices (time_maa_w1/w2, time_decay_w1/w2) to [out, in], F32");
+    return n;
   }
 
-  void ConvertV7() {
-    // blocks.0 has no value residual; official files carry unused v0/v1/v2 there.
-    int dropped = 0;
-    for (const char* s : {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}) {
-      dropped += static_cast<int>(tensors_.erase(s));
-    }
-    if (dropped) notes_.push_back("dropped the unused blocks.0.att.v0/v1/v2");
+  int Drop(const std::string& name) override { return static_cast<int>(tensors_.erase(name)); }
 
+  int Stack(std::span<const std::string_view> parts, std::string_view into) override {
     int stacked = 0;
-    static const char* kMixes[] = {"x_r", "x_w", "x_k", "x_v", "x_a", "x_g"};
-    for (const std::string& first : Named(".att.x_r")) {
-      const std::string prefix = first.substr(0, first.size() - 3);  // "blocks.N.att."
+    for (const std::string& first : Named(parts.front())) {
+      const std::string prefix = first.substr(0, first.size() - parts.front().size());
       std::vector<float> stack;
       int64_t C = 0;
-      for (const char* m : kMixes) {
-        auto it = tensors_.find(prefix + m);
-        if (it == tensors_.end()) Fail("missing tensor '" + prefix + m + "'");
+      for (std::string_view part : parts) {
+        const std::string name = prefix + std::string(part);
+        auto it = tensors_.find(name);
+        if (it == tensors_.end()) Fail("missing tensor '" + name + "'");
         const Tensor& t = it->second;
         if (C == 0) C = t.numel();
         if (t.numel() != C || C == 0) {
           Fail("tensor '" + t.name + "' has shape " + ShapeString(t.shape) + ", expected " +
-               std::to_string(C) + " elements like " + prefix + "x_r");
+               std::to_string(C) + " elements like " + first);
         }
         const std::vector<float> v = Floats(t);
         stack.insert(stack.end(), v.begin(), v.end());
       }
-      for (const char* m : kMixes) tensors_.erase(prefix + m);
-      Own(prefix + "x_rwkvag", {6, C}, stack);
+      for (std::string_view part : parts) tensors_.erase(prefix + std::string(part));
+      Own(prefix + std::string(into), {static_cast<int64_t>(parts.size()), C}, stack);
       ++stacked;
     }
-    notes_.push_back("stacked x_r, x_w, x_k, x_v, x_a, x_g as x_rwkvag [6, C] (" +
-                     std::to_string(stacked) + " layers)");
-
-    int n = 0;
-    for (const char* s : {".att.w1", ".att.a1", ".att.v1", ".att.g1", ".att.w2", ".att.a2",
-                          ".att.v2", ".att.g2"}) {
-      n += Transpose(s);
-    }
-    if (n) {
-      notes_.push_back("transposed " + std::to_string(n) +
-                       " low-rank matrices (w1/w2, a1/a2, v1/v2, g1/g2) to [out, in], F32");
-    }
+    return stacked;
   }
+
+  void Note(std::string note) override { notes_.push_back(std::move(note)); }
 
   // [1, ..., 1, C] -> [C] for the per-channel vectors, as rwkv.cpp's converter does. Not for
   // r_k and time_faaaa: their first dimension is the head count the model reads.

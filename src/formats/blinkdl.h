@@ -11,11 +11,35 @@
 // wf.owned. wf.notes says what was converted.
 #pragma once
 
+#include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "formats/weight_file.h"
 
 namespace aviary {
+
+// What a version's conversion (VersionSpec::from_blinkdl in models/versions.cpp) does to a
+// checkpoint's tensors. A `suffix` such as "att.time_decay" names that tensor in every layer
+// (blocks.N.<suffix>); each step returns how many tensors it changed. Rebuilt tensors are F32.
+class BlinkDlTensors {
+ public:
+  // y = f(x) elementwise, flattened to 1-D unless `keep_shape`.
+  virtual int Map(std::string_view suffix, float (*f)(float), bool keep_shape) = 0;
+  // [a, b] -> [b, a] (x @ W weights to [out, in]; skips those the file already stores so).
+  virtual int Transpose(std::string_view suffix) = 0;
+  // [S, a, b] -> [S, b, a]; `expected` names the shape in the error for any other rank.
+  virtual int TransposeInner(std::string_view suffix, std::string_view expected) = 0;
+  virtual int Drop(const std::string& name) = 0;
+  // Per layer, blocks.N.<parts...> (equal sizes) -> blocks.N.<into> [parts, C].
+  virtual int Stack(std::span<const std::string_view> parts, std::string_view into) = 0;
+  // Tells the user what was converted (WeightFile::notes).
+  virtual void Note(std::string note) = 0;
+
+ protected:
+  ~BlinkDlTensors() = default;
+};
 
 // `raw` tensors carry their names in Tensor::name. wf.path names errors; wf.format,
 // file_size and backing are left as the caller set them. Throws aviary::Error

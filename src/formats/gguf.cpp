@@ -1,5 +1,6 @@
 // GGUF reader: the container (gguf::Parse) and its mapping to aviary's canonical WeightFile
-// (ReadGguf) for llama.cpp's rwkv6/rwkv7 and aviary's aviary-rwkv4/aviary-rwkv5 files.
+// (ReadGguf) for llama.cpp's rwkv6/rwkv7 and aviary's aviary-rwkv4/aviary-rwkv5 files, as the
+// version table (models/versions.cpp) names their tensors.
 // Tensors are views into the mapped bytes; only llama.cpp's rwkv6 rescaled layers are copied.
 #include "formats/gguf.h"
 #include "formats/printable.h"
@@ -14,6 +15,7 @@
 #include "aviary/error.h"
 #include "formats/gguf_names.h"
 #include "formats/weight_file.h"
+#include "models/versions.h"
 #include "tensor/quantize.h"
 
 namespace aviary {
@@ -40,38 +42,14 @@ std::string_view ValueTypeName(ValueType type) {
   return "?";
 }
 
-uint32_t GgmlTypeOf(DType type) {
-  switch (type) {
-    case DType::kF32: return 0;
-    case DType::kF16: return 1;
-    case DType::kQ4_0: return 2;
-    case DType::kQ4_1: return 3;
-    case DType::kQ5_0: return 6;
-    case DType::kQ5_1: return 7;
-    case DType::kQ8_0: return 8;
-    case DType::kQ4_K: return 12;
-    case DType::kQ5_K: return 13;
-    case DType::kQ6_K: return 14;
-    case DType::kBF16: return 30;
-  }
-  return 0;
-}
+uint32_t GgmlTypeOf(DType type) { return static_cast<uint32_t>(Traits(type).ggml_type); }
 
 std::optional<DType> DTypeFromGgml(uint32_t ggml_type) {
-  switch (ggml_type) {
-    case 0: return DType::kF32;
-    case 1: return DType::kF16;
-    case 2: return DType::kQ4_0;
-    case 3: return DType::kQ4_1;
-    case 6: return DType::kQ5_0;
-    case 7: return DType::kQ5_1;
-    case 8: return DType::kQ8_0;
-    case 12: return DType::kQ4_K;
-    case 13: return DType::kQ5_K;
-    case 14: return DType::kQ6_K;
-    case 30: return DType::kBF16;
-    default: return std::nullopt;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    const DType t = static_cast<DType>(i);
+    if (Traits(t).ggml_type == static_cast<int>(ggml_type)) return t;
   }
+  return std::nullopt;
 }
 
 std::string GgmlTypeName(uint32_t ggml_type) {
@@ -86,30 +64,14 @@ std::string GgmlTypeName(uint32_t ggml_type) {
   return "type " + std::to_string(ggml_type);
 }
 
-uint32_t FileTypeOf(DType type) {
-  switch (type) {
-    case DType::kF32: return 0;
-    case DType::kF16: return 1;
-    case DType::kQ4_0: return 2;
-    case DType::kQ4_1: return 3;
-    case DType::kQ8_0: return 7;
-    case DType::kQ5_0: return 8;
-    case DType::kQ5_1: return 9;
-    case DType::kQ4_K: return 14;  // "Q4_K_S": aviary writes one type for all the matrices
-    case DType::kQ5_K: return 16;  // "Q5_K_S"
-    case DType::kQ6_K: return 18;
-    case DType::kBF16: return 32;
-  }
-  return 0;
-}
+uint32_t FileTypeOf(DType type) { return static_cast<uint32_t>(Traits(type).gguf_file_type); }
 
 std::optional<DType> DTypeFromFileType(uint32_t file_type) {
   if (file_type == 15) return DType::kQ4_K;  // "Q4_K_M": some matrices in Q6_K, most in Q4_K
   if (file_type == 17) return DType::kQ5_K;  // "Q5_K_M"
-  for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ4_0, DType::kQ4_1,
-                  DType::kQ5_0, DType::kQ5_1, DType::kQ8_0, DType::kQ4_K, DType::kQ5_K,
-                  DType::kQ6_K}) {
-    if (FileTypeOf(t) == file_type) return t;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    const DType t = static_cast<DType>(i);
+    if (Traits(t).gguf_file_type == static_cast<int>(file_type)) return t;
   }
   return std::nullopt;
 }
@@ -744,34 +706,42 @@ std::shared_ptr<const TokenizerData> ReadTokenizer(const File& f, std::vector<st
   return data;
 }
 
-struct ArchSpec {
-  Arch arch;
-  std::string name;  // general.architecture
-};
-
-ArchSpec DetectGgufArch(const File& f) {
+const VersionSpec& DetectGgufVersion(const File& f) {
   const std::string arch = f.GetString("general.architecture");
-  if (arch == gguf::kArchRwkv6) return {Arch::kV6, arch};
-  if (arch == gguf::kArchRwkv7) return {Arch::kV7, arch};
-  if (arch == gguf::kArchRwkv4) return {Arch::kV4, arch};
-  if (arch == gguf::kArchRwkv5) {
-    const std::string version = f.GetString(gguf::kKeyRwkvVersion);
-    if (version == "5.1") return {Arch::kV5_1, arch};
-    if (version == "5.2") return {Arch::kV5_2, arch};
-    f.Fail("aviary-rwkv5 file with " + std::string(gguf::kKeyRwkvVersion) + " '" + version +
-           "' (expected 5.1 or 5.2)");
+  std::vector<const VersionSpec*> candidates;
+  std::vector<std::string_view> known;
+  for (const VersionSpec& v : Versions()) {
+    if (v.gguf.architecture == arch) candidates.push_back(&v);
+    if (std::find(known.begin(), known.end(), v.gguf.architecture) == known.end()) {
+      known.push_back(v.gguf.architecture);
+    }
   }
-  f.Fail("architecture '" + arch +
-         "' is not one aviary runs (it reads rwkv6, rwkv7, aviary-rwkv4 and aviary-rwkv5)");
+  if (candidates.size() == 1) return *candidates.front();
+  if (candidates.empty()) {
+    std::string list;
+    for (size_t i = 0; i < known.size(); ++i) {
+      list += (i == 0 ? "" : i + 1 == known.size() ? " and " : ", ") + std::string(known[i]);
+    }
+    f.Fail("architecture '" + arch + "' is not one aviary runs (it reads " + list + ")");
+  }
+  // Versions sharing an architecture name are told apart by aviary.rwkv_version.
+  const std::string version = f.GetString(gguf::kKeyRwkvVersion);
+  std::string expected;
+  for (size_t i = candidates.size(); i-- > 0;) {  // oldest first
+    if (candidates[i]->gguf.rwkv_version == version) return *candidates[i];
+    expected += std::string(candidates[i]->gguf.rwkv_version) + (i == 0 ? "" : " or ");
+  }
+  f.Fail(arch + " file with " + std::string(gguf::kKeyRwkvVersion) + " '" + version +
+         "' (expected " + expected + ")");
 }
 
 }  // namespace
 
 WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
   const File f = gguf::Parse(bytes, name);
-  const ArchSpec spec = DetectGgufArch(f);
-  const Arch arch = spec.arch;
-  const std::string& a = spec.name;
+  const VersionSpec& version = DetectGgufVersion(f);
+  const GgufVersion& spec = version.gguf;
+  const std::string a(spec.architecture);
 
   WeightFile wf;
   wf.path = name;
@@ -789,7 +759,8 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
   const int64_t C = static_cast<int64_t>(n_embd);
   // Head size: needed to give the per-head tensors aviary's [heads, head_size] shape.
   int64_t head_size = 0;
-  if (arch != Arch::kV4 && arch != Arch::kV5_1) {
+  if (std::any_of(spec.layer_names.begin(), spec.layer_names.end(),
+                  [](const NameMap& m) { return m.flags & gguf::kHeadRows; })) {
     const uint64_t n = f.GetUint(a + ".wkv.head_size");
     if (n < 1 || n > n_embd || n_embd % n != 0) {
       f.Fail(a + ".wkv.head_size " + std::to_string(n) + " does not divide the width " +
@@ -830,7 +801,7 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
   for (uint64_t l = 0; l < n_layer; ++l) {
     const std::string blk = "blk." + std::to_string(l) + ".";
     const std::string blocks = "blocks." + std::to_string(l) + ".";
-    for (const NameMap& m : gguf::LayerNames(arch)) {
+    for (const NameMap& m : spec.layer_names) {
       const std::string gguf_name = blk + std::string(m.gguf);
       const std::string canonical = blocks + std::string(m.canonical);
       if ((m.flags & gguf::kNotLayer0) && l == 0) {
@@ -839,43 +810,52 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
       }
       const TensorInfo* info = (m.flags & gguf::kOptional) ? find(gguf_name) : &require(gguf_name);
       if (!info) continue;
-      if (m.canonical == "att.x_rwkvag") {  // [6, 1, 1, C] -> [6, C]
-        if (info->ne[0] != C || info->nbytes != 6 * StorageBytes(info->type, C)) {
-          f.Fail("tensor '" + gguf_name + "' must hold 6 rows of " + std::to_string(C));
+      if (m.stacked_rows > 0) {  // [rows, 1, 1, C] -> [rows, C]
+        const int64_t rows = m.stacked_rows;
+        if (info->ne[0] != C || info->nbytes != rows * StorageBytes(info->type, C)) {
+          f.Fail("tensor '" + gguf_name + "' must hold " + std::to_string(rows) + " rows of " +
+                 std::to_string(C));
         }
         Tensor t = ViewOf(*info, canonical);
-        t.shape = {6, C};
+        t.shape = {rows, C};
         add(std::move(t));
-      } else if (m.canonical == "att.r_k" ||
-                 (m.canonical == "att.time_faaaa" && arch != Arch::kV5_1)) {
+      } else if (m.flags & gguf::kHeadRows) {
         add(per_head(*info, canonical));
       } else {
         add(ViewOf(*info, canonical));
       }
     }
-    if (arch == Arch::kV5_1 || arch == Arch::kV5_2) {
-      const bool gate = wf.Find(blocks + "att.gate.weight"), mix = wf.Find(blocks + "att.time_mix_g");
-      if (gate != mix) {
-        f.Fail("layer " + std::to_string(l) + " has only one of time_mix_gate and time_mix_lerp_g");
-      }
+    // A layer has all of its optional tensors or none.
+    std::string present, absent;
+    for (const NameMap& m : spec.layer_names) {
+      if (!(m.flags & gguf::kOptional)) continue;
+      std::string& list = wf.Find(blocks + std::string(m.canonical)) ? present : absent;
+      list += (list.empty() ? "" : ", ") + std::string(m.gguf);
     }
-    if (arch == Arch::kV6) {  // the five token-shift mixes: fused (current) or separate (old)
-      if (const TensorInfo* fused = find(blk + "time_mix_lerp_fused.weight")) {
-        const size_t row = StorageBytes(fused->type, C);
-        if (fused->ne[0] != C || fused->nbytes != 5 * row) {
-          f.Fail("tensor '" + fused->name + "' must hold 5 rows of " + std::to_string(C));
+    if (!present.empty() && !absent.empty()) {
+      f.Fail("layer " + std::to_string(l) + " has " + present + " but not " + absent +
+             " (all or none)");
+    }
+    const gguf::FusedMixes& fused = spec.fused_mixes;
+    if (!fused.slots.empty()) {  // one tensor (current llama.cpp) or one per mix (older files)
+      const int64_t n = static_cast<int64_t>(fused.slots.size());
+      if (const TensorInfo* rows = find(blk + std::string(fused.gguf))) {
+        const size_t row = StorageBytes(rows->type, C);
+        if (rows->ne[0] != C || rows->nbytes != n * row) {
+          f.Fail("tensor '" + rows->name + "' must hold " + std::to_string(n) + " rows of " +
+                 std::to_string(C));
         }
-        for (int s = 0; s < 5; ++s) {
-          Tensor t = ViewOf(*fused, blocks + std::string(gguf::kRwkv6FusedSlots[s]));
+        for (int64_t s = 0; s < n; ++s) {
+          Tensor t = ViewOf(*rows, blocks + std::string(fused.slots[s]));
           t.shape = {C};
-          t.data = fused->data + s * row;
+          t.data = rows->data + s * row;
           t.nbytes = row;
           add(std::move(t));
         }
       } else {
-        for (int s = 0; s < 5; ++s) {
-          add(ViewOf(require(blk + std::string(gguf::kRwkv6SeparateLerps[s])),
-                     blocks + std::string(gguf::kRwkv6FusedSlots[s])));
+        for (int64_t s = 0; s < n; ++s) {
+          add(ViewOf(require(blk + std::string(fused.separate[s])),
+                     blocks + std::string(fused.slots[s])));
         }
       }
     }
@@ -890,7 +870,7 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
   // llama.cpp's converter divides layer l's time_mix_output and channel_mix_value by
   // 2^(l / n) for Hugging Face rwkv6 checkpoints and halves the residual every n layers
   // instead; aviary runs the undivided weights.
-  if (arch == Arch::kV6) {
+  if (spec.undo_rescale) {
     const uint64_t every = f.GetUintOr(a + ".rescale_every_n_layers").value_or(0);
     if (every > 0) {
       int scaled = 0;

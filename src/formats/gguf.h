@@ -55,11 +55,8 @@ enum TokenType : int32_t {
   kTokenUnused = 5, kTokenByte = 6,
 };
 
-// Architecture names (general.architecture).
-constexpr std::string_view kArchRwkv4 = "aviary-rwkv4";  // aviary's own (llama.cpp has none)
-constexpr std::string_view kArchRwkv5 = "aviary-rwkv5";  // aviary's own; 5.1 and 5.2
-constexpr std::string_view kArchRwkv6 = "rwkv6";         // llama.cpp's
-constexpr std::string_view kArchRwkv7 = "rwkv7";         // llama.cpp's
+// Architecture names (general.architecture) are in the version table (models/versions.cpp):
+// llama.cpp's rwkv6 and rwkv7, aviary's own aviary-rwkv4 and aviary-rwkv5 (5.1 and 5.2).
 // "4", "5.1", "5.2", "6.0" or "7.0"; written in every file aviary makes, required in
 // aviary-rwkv5 files (it tells 5.1 from 5.2).
 constexpr std::string_view kKeyRwkvVersion = "aviary.rwkv_version";

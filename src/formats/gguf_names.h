@@ -1,9 +1,12 @@
-// GGUF tensor names <-> aviary's canonical names (formats/weight_file.h), per architecture.
-// v6 and v7 use llama.cpp's names, shapes and value conventions (its convert_hf_to_gguf.py and
-// llama-model.cpp); v4 and v5 use aviary's own architectures in the same naming style. Shared
-// by the reader and the writer so that both directions use one table. See docs/GGUF.md.
+// How GGUF tensor names map to aviary's canonical names (formats/weight_file.h): the types of
+// the per-version tables, which live in the version table (models/versions.cpp), and the names
+// every version shares. v6 and v7 use llama.cpp's names, shapes and value conventions (its
+// convert_hf_to_gguf.py and llama-model.cpp); v4 and v5 use aviary's own architectures in the
+// same naming style. The reader and the writer share these tables so that both directions
+// agree. See docs/GGUF.md.
 #pragma once
 
+#include <cstdint>
 #include <span>
 #include <string_view>
 
@@ -23,8 +26,15 @@ enum class Role {
 
 enum NameFlags : unsigned {
   kRequired = 0,
-  kOptional = 1,      // v5 gate (and its mix) may be absent
-  kNotLayer0 = 2,     // v7 v0/v1/v2: layer 0 has none (llama.cpp stores unused copies of a0..a2)
+  // May be absent (v5's gate and its mix); a layer has all of its optional tensors or none.
+  kOptional = 1,
+  // Layer 0 has none (v7 v0/v1/v2); llama.cpp still wants the tensor there, so the writer
+  // stores a copy of `layer0_stand_in` and the reader drops it.
+  kNotLayer0 = 2,
+  // A per-head vector the model reads as [heads, head_size]: the reader reshapes it so.
+  kHeadRows = 4,
+  // Stored as [head_size, heads] (ggml order) rather than flat [C] in GGUF.
+  kHeadRowsInGguf = 8,
 };
 
 struct NameMap {
@@ -32,6 +42,10 @@ struct NameMap {
   std::string_view canonical;  // without "blocks.N." for layer tensors
   Role role;
   unsigned flags = kRequired;
+  // > 0: `stacked_rows` vectors of C stacked as one tensor, [rows, C] in aviary and
+  // [rows, 1, 1, C] in GGUF (v7's x_rwkvag).
+  int stacked_rows = 0;
+  std::string_view layer0_stand_in = {};  // with kNotLayer0
 };
 
 // Tensors outside the layers (all architectures).
@@ -44,148 +58,28 @@ inline constexpr NameMap kGlobalNames[] = {
     {"output.weight", "head.weight", Role::kEmbedHead},
 };
 
-#define AVIARY_GGUF_COMMON_LAYER_NAMES                                       \
-  {"attn_norm.weight", "ln1.weight", Role::kVector},                         \
-      {"attn_norm.bias", "ln1.bias", Role::kVector},                         \
-      {"attn_norm_2.weight", "ln2.weight", Role::kVector},                   \
-      {"attn_norm_2.bias", "ln2.bias", Role::kVector},                       \
-      {"time_mix_key.weight", "att.key.weight", Role::kMatrix},              \
-      {"time_mix_value.weight", "att.value.weight", Role::kMatrix},          \
-      {"time_mix_receptance.weight", "att.receptance.weight", Role::kMatrix}, \
-      {"time_mix_output.weight", "att.output.weight", Role::kMatrix},        \
-      {"channel_mix_key.weight", "ffn.key.weight", Role::kMatrix},           \
-      {"channel_mix_value.weight", "ffn.value.weight", Role::kMatrix}
-
-inline constexpr NameMap kRwkv4Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
-    {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
-    {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
-    {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
-    {"time_mix_first.weight", "att.time_first", Role::kVector},
-    {"time_mix_decay.weight", "att.time_decay", Role::kVector},
-    {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
-    {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
-    {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
+// The GGUF name of several canonical vectors stored as the rows of one tensor
+// ([rows, 1, 1, C]; llama.cpp's rwkv6 time_mix_lerp_fused). `separate` are the names older
+// files store them under, one tensor each.
+struct FusedMixes {
+  std::string_view gguf = {};
+  std::span<const std::string_view> slots = {};     // canonical names, in row order
+  std::span<const std::string_view> separate = {};  // GGUF names, in the same order
 };
 
-inline constexpr NameMap kRwkv5_1Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
-    {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
-    {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
-    {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
-    {"time_mix_lerp_g.weight", "att.time_mix_g", Role::kVector, kOptional},
-    {"time_mix_gate.weight", "att.gate.weight", Role::kMatrix, kOptional},
-    {"time_mix_first.weight", "att.time_first", Role::kVector},
-    {"time_mix_decay.weight", "att.time_decay", Role::kVector},
-    {"time_mix_ln.weight", "att.ln_x.weight", Role::kVector},
-    {"time_mix_ln.bias", "att.ln_x.bias", Role::kVector},
-    {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
-    {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
-    {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
+// Where a version writes its own metadata keys (VersionSpec::gguf.write_keys). Keys are given
+// without the "<architecture>." prefix.
+class KeyWriter {
+ public:
+  virtual const ModelInfo& info() const = 0;
+  virtual void U32(std::string_view key, uint32_t value) = 0;
+  virtual void F32(std::string_view key, float value) = 0;
+  // rows / divisor of blocks.N.<suffix>, which must be the same in every layer from
+  // first_layer on: llama.cpp's rwkv6/rwkv7 keep one low-rank size per kind.
+  virtual uint32_t UniformRank(const char* suffix, int first_layer, int64_t divisor) const = 0;
+
+ protected:
+  ~KeyWriter() = default;
 };
-
-inline constexpr NameMap kRwkv5_2Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
-    {"time_mix_lerp_k.weight", "att.time_mix_k", Role::kVector},
-    {"time_mix_lerp_v.weight", "att.time_mix_v", Role::kVector},
-    {"time_mix_lerp_r.weight", "att.time_mix_r", Role::kVector},
-    {"time_mix_lerp_g.weight", "att.time_mix_g", Role::kVector, kOptional},
-    {"time_mix_gate.weight", "att.gate.weight", Role::kMatrix, kOptional},
-    {"time_mix_first.weight", "att.time_faaaa", Role::kVector},
-    {"time_mix_decay.weight", "att.time_decay", Role::kVector},
-    {"time_mix_ln.weight", "att.ln_x.weight", Role::kVector},
-    {"time_mix_ln.bias", "att.ln_x.bias", Role::kVector},
-    {"channel_mix_lerp_k.weight", "ffn.time_mix_k", Role::kVector},
-    {"channel_mix_lerp_r.weight", "ffn.time_mix_r", Role::kVector},
-    {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
-
-// llama.cpp's rwkv6. The five token-shift mixes (w, k, v, r, g) are one tensor,
-// time_mix_lerp_fused [5, 1, 1, C], handled by the reader and writer beside this table.
-inline constexpr NameMap kRwkv6Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
-    {"time_mix_w1.weight", "att.time_maa_w1", Role::kDecayLora},
-    {"time_mix_w2.weight", "att.time_maa_w2", Role::kDecayLora},
-    {"time_mix_lerp_x.weight", "att.time_maa_x", Role::kVector},
-    {"time_mix_first.weight", "att.time_faaaa", Role::kVector},
-    {"time_mix_decay.weight", "att.time_decay", Role::kVector},
-    {"time_mix_decay_w1.weight", "att.time_decay_w1", Role::kDecayLora},
-    {"time_mix_decay_w2.weight", "att.time_decay_w2", Role::kDecayLora},
-    {"time_mix_gate.weight", "att.gate.weight", Role::kMatrix},
-    {"time_mix_ln.weight", "att.ln_x.weight", Role::kVector},
-    {"time_mix_ln.bias", "att.ln_x.bias", Role::kVector},
-    {"channel_mix_lerp_k.weight", "ffn.time_maa_k", Role::kVector},
-    {"channel_mix_lerp_r.weight", "ffn.time_maa_r", Role::kVector},
-    {"channel_mix_receptance.weight", "ffn.receptance.weight", Role::kMatrix},
-};
-// The slots of rwkv6's time_mix_lerp_fused, in order.
-inline constexpr std::string_view kRwkv6FusedSlots[] = {"att.time_maa_w", "att.time_maa_k",
-                                                        "att.time_maa_v", "att.time_maa_r",
-                                                        "att.time_maa_g"};
-// Older llama.cpp files store them separately under these names.
-inline constexpr std::string_view kRwkv6SeparateLerps[] = {
-    "time_mix_lerp_w.weight", "time_mix_lerp_k.weight", "time_mix_lerp_v.weight",
-    "time_mix_lerp_r.weight", "time_mix_lerp_g.weight"};
-
-// llama.cpp's rwkv7. time_mix_lerp_fused [6, 1, 1, C] is aviary's x_rwkvag [6, C] (r, w, k, v,
-// a, g); time_mix_r_k is flat [C] (aviary: [H, N]); layer 0's time_mix_v0/v1/v2 are unused
-// copies of a0/a1/a2 that llama.cpp requires.
-inline constexpr NameMap kRwkv7Names[] = {
-    AVIARY_GGUF_COMMON_LAYER_NAMES,
-    {"time_mix_lerp_fused.weight", "att.x_rwkvag", Role::kVector},
-    {"time_mix_w0.weight", "att.w0", Role::kVector},
-    {"time_mix_w1.weight", "att.w1", Role::kDecayLora},
-    {"time_mix_w2.weight", "att.w2", Role::kDecayLora},
-    {"time_mix_a0.weight", "att.a0", Role::kVector},
-    {"time_mix_a1.weight", "att.a1", Role::kLora},
-    {"time_mix_a2.weight", "att.a2", Role::kLora},
-    {"time_mix_v0.weight", "att.v0", Role::kVector, kNotLayer0},
-    {"time_mix_v1.weight", "att.v1", Role::kLora, kNotLayer0},
-    {"time_mix_v2.weight", "att.v2", Role::kLora, kNotLayer0},
-    {"time_mix_g1.weight", "att.g1", Role::kLora},
-    {"time_mix_g2.weight", "att.g2", Role::kLora},
-    {"time_mix_k_k.weight", "att.k_k", Role::kVector},
-    {"time_mix_k_a.weight", "att.k_a", Role::kVector},
-    {"time_mix_r_k.weight", "att.r_k", Role::kVector},
-    {"time_mix_ln.weight", "att.ln_x.weight", Role::kVector},
-    {"time_mix_ln.bias", "att.ln_x.bias", Role::kVector},
-    {"channel_mix_lerp_k.weight", "ffn.x_k", Role::kVector},
-};
-
-#undef AVIARY_GGUF_COMMON_LAYER_NAMES
-
-inline std::span<const NameMap> LayerNames(Arch arch) {
-  switch (arch) {
-    case Arch::kV4: return kRwkv4Names;
-    case Arch::kV5_1: return kRwkv5_1Names;
-    case Arch::kV5_2: return kRwkv5_2Names;
-    case Arch::kV6: return kRwkv6Names;
-    case Arch::kV7: return kRwkv7Names;
-  }
-  return {};
-}
-
-inline std::string_view ArchitectureName(Arch arch) {
-  switch (arch) {
-    case Arch::kV4: return "aviary-rwkv4";
-    case Arch::kV5_1:
-    case Arch::kV5_2: return "aviary-rwkv5";
-    case Arch::kV6: return "rwkv6";
-    case Arch::kV7: return "rwkv7";
-  }
-  return "";
-}
-
-// "4", "5.1", "5.2", "6.0", "7.0" (the value of aviary.rwkv_version).
-inline std::string_view RwkvVersionString(Arch arch) {
-  switch (arch) {
-    case Arch::kV4: return "4";
-    case Arch::kV5_1: return "5.1";
-    case Arch::kV5_2: return "5.2";
-    case Arch::kV6: return "6.0";
-    case Arch::kV7: return "7.0";
-  }
-  return "";
-}
 
 }  // namespace aviary::gguf

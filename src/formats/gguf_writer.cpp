@@ -12,6 +12,7 @@
 #include "aviary/error.h"
 #include "formats/gguf.h"
 #include "formats/gguf_names.h"
+#include "models/versions.h"
 #include "tensor/quantize.h"
 #include "tensor/thread_pool.h"
 
@@ -81,7 +82,7 @@ class Planner {
       : wf_(wf), info_(info), options_(options) {}
 
   std::vector<OutTensor> Plan() {
-    const Arch arch = info_.arch;
+    const GgufVersion& spec = Version(info_.arch).gguf;
     auto global = [&](size_t i) {
       const NameMap& m = gguf::kGlobalNames[i];
       Add(std::string(m.gguf), m.role, {&Get(std::string(m.canonical))});
@@ -92,24 +93,28 @@ class Planner {
     for (int l = 0; l < info_.n_layer; ++l) {
       const std::string blk = "blk." + std::to_string(l) + ".";
       const std::string blocks = "blocks." + std::to_string(l) + ".";
-      for (const NameMap& m : gguf::LayerNames(arch)) {
+      for (const NameMap& m : spec.layer_names) {
         std::string canonical = blocks + std::string(m.canonical);
         if ((m.flags & gguf::kNotLayer0) && l == 0) {
-          // llama.cpp's rwkv7 wants v0/v1/v2 in layer 0 too, shaped like a0/a1/a2 (unused):
-          // its converter writes copies of those.
-          canonical = blocks + "att.a" + std::string(m.canonical.substr(5));
+          // llama.cpp wants the tensor in layer 0 too, though unused there: its converter
+          // writes a copy of the stand-in.
+          canonical = blocks + std::string(m.layer0_stand_in);
         }
         const Tensor* t = wf_.Find(canonical);
         if (!t) {
           if (m.flags & gguf::kOptional) continue;
           Fail("missing tensor '" + canonical + "'");
         }
-        Add(blk + std::string(m.gguf), m.role, {t});
+        const bool vector = m.role == Role::kVector;
+        Add(blk + std::string(m.gguf), m.role, {t}, vector ? VectorShape(m, *t) : std::vector<int64_t>{});
       }
-      if (arch == Arch::kV6) {
+      if (!spec.fused_mixes.slots.empty()) {
         std::vector<const Tensor*> slots;
-        for (std::string_view s : gguf::kRwkv6FusedSlots) slots.push_back(&Get(blocks + std::string(s)));
-        Add(blk + "time_mix_lerp_fused.weight", Role::kVector, slots, {C(), 1, 1, 5});
+        for (std::string_view s : spec.fused_mixes.slots) {
+          slots.push_back(&Get(blocks + std::string(s)));
+        }
+        const int64_t rows = static_cast<int64_t>(slots.size());
+        Add(blk + std::string(spec.fused_mixes.gguf), Role::kVector, slots, {C(), 1, 1, rows});
       }
     }
     global(3);  // output_norm.weight
@@ -131,18 +136,11 @@ class Planner {
     return *t;
   }
 
-  // The GGUF shape of a vector-like tensor (docs/GGUF.md).
-  std::vector<int64_t> VectorShape(const std::string& gguf_name, const Tensor& t) const {
+  // The GGUF shape of a layer's vector-like tensor (docs/GGUF.md).
+  std::vector<int64_t> VectorShape(const NameMap& m, const Tensor& t) const {
     const int64_t n = t.numel();
-    const Arch arch = info_.arch;
-    const auto ends_with = [&](std::string_view s) {
-      return gguf_name.size() >= s.size() && gguf_name.compare(gguf_name.size() - s.size(), s.size(), s) == 0;
-    };
-    if (arch == Arch::kV7 && ends_with("time_mix_lerp_fused.weight")) return {C(), 1, 1, n / C()};
-    const bool per_head = (arch == Arch::kV6 && ends_with("time_mix_first.weight")) ||
-                          (arch == Arch::kV5_2 && (ends_with("time_mix_first.weight") ||
-                                                   ends_with("time_mix_decay.weight")));
-    if (per_head && n == C()) return {info_.head_size, info_.n_head};
+    if (m.stacked_rows > 0) return {C(), 1, 1, n / C()};
+    if ((m.flags & gguf::kHeadRowsInGguf) && n == C()) return {info_.head_size, info_.n_head};
     return {n};
   }
 
@@ -154,7 +152,9 @@ class Planner {
     o.role = role;
     o.pieces = std::move(pieces);
     const Tensor& first = *o.pieces.front();
-    if (ne.empty()) ne = role == Role::kVector ? VectorShape(name, first) : ReversedShape(first);
+    if (ne.empty()) {
+      ne = role == Role::kVector ? std::vector<int64_t>{first.numel()} : ReversedShape(first);
+    }
     o.ne = std::move(ne);
     int64_t total = 0;
     for (const Tensor* p : o.pieces) {
@@ -232,7 +232,7 @@ uint32_t UniformRank(const WeightFile& wf, const ModelInfo& info, const char* su
     if (rank >= 0 && r != rank) {
       throw Error(wf.path + ": '" + name + "' has rank " + std::to_string(r) + " but layer " +
                   std::to_string(first_layer) + " has " + std::to_string(rank) +
-                  "; llama.cpp's " + std::string(gguf::ArchitectureName(info.arch)) +
+                  "; llama.cpp's " + std::string(Version(info.arch).gguf.architecture) +
                   " needs the same rank in every layer");
     }
     rank = r;
@@ -307,47 +307,44 @@ void WriteTokenizer(Meta& m, const TokenizerData& tok, int n_vocab, const std::s
   if (bpe && !tok.normalizer.empty()) m.String(gguf::kKeyTokenizerNormalizer, tok.normalizer);
 }
 
+// A version's own keys, written under "<architecture>.".
+class ArchKeys final : public gguf::KeyWriter {
+ public:
+  ArchKeys(Meta& m, const WeightFile& wf, const ModelInfo& info, std::string prefix)
+      : m_(m), wf_(wf), info_(info), prefix_(std::move(prefix)) {}
+  const ModelInfo& info() const override { return info_; }
+  void U32(std::string_view key, uint32_t value) override {
+    m_.U32(prefix_ + std::string(key), value);
+  }
+  void F32(std::string_view key, float value) override {
+    m_.F32(prefix_ + std::string(key), value);
+  }
+  uint32_t UniformRank(const char* suffix, int first_layer, int64_t divisor) const override {
+    return aviary::UniformRank(wf_, info_, suffix, first_layer, divisor);
+  }
+
+ private:
+  Meta& m_;
+  const WeightFile& wf_;
+  const ModelInfo& info_;
+  std::string prefix_;
+};
+
 void WriteMetadata(Meta& m, const WeightFile& wf, const ModelInfo& info, DType main_type,
                    const GgufWriteOptions& options) {
-  const std::string a(gguf::ArchitectureName(info.arch));
+  const GgufVersion& spec = Version(info.arch).gguf;
+  const std::string a(spec.architecture);
   m.String("general.architecture", a);
   m.U32("general.file_type", gguf::FileTypeOf(main_type));
   m.U32("general.quantization_version", 2);
-  m.String(gguf::kKeyRwkvVersion, gguf::RwkvVersionString(info.arch));
+  m.String(gguf::kKeyRwkvVersion, spec.rwkv_version);
   m.U32(a + ".context_length", 1048576);  // RWKV has no context limit; llama.cpp wants a value
   m.U32(a + ".embedding_length", info.n_embd);
   m.U32(a + ".block_count", info.n_layer);
   m.U32(a + ".feed_forward_length", info.n_ffn);
   m.F32(a + ".attention.layer_norm_epsilon", 1e-5f);
-  switch (info.arch) {
-    case Arch::kV4:
-      m.U32(a + ".attention.head_count", 1);
-      break;
-    case Arch::kV5_1:
-    case Arch::kV5_2:
-      m.U32(a + ".attention.head_count", info.n_head);
-      m.U32(a + ".wkv.head_size", info.head_size);
-      m.F32(a + ".attention.group_norm_epsilon", 1e-5f);
-      break;
-    case Arch::kV6:
-      m.U32(a + ".rescale_every_n_layers", 0);
-      m.U32(a + ".wkv.head_size", info.head_size);
-      m.U32(a + ".time_mix_extra_dim", UniformRank(wf, info, "att.time_maa_w1", 0, 5));
-      m.U32(a + ".time_decay_extra_dim", UniformRank(wf, info, "att.time_decay_w1", 0));
-      m.U32(a + ".attention.head_count", 0);  // llama.cpp: "required, unused"
-      break;
-    case Arch::kV7: {
-      m.U32(a + ".wkv.head_size", info.head_size);
-      const uint32_t iclr = UniformRank(wf, info, "att.a1", 0);
-      m.U32(a + ".attention.decay_lora_rank", UniformRank(wf, info, "att.w1", 0));
-      m.U32(a + ".attention.iclr_lora_rank", iclr);
-      m.U32(a + ".attention.value_residual_mix_lora_rank",
-            info.n_layer > 1 ? UniformRank(wf, info, "att.v1", 1) : iclr);
-      m.U32(a + ".attention.gate_lora_rank", UniformRank(wf, info, "att.g1", 0));
-      m.U32(a + ".attention.head_count", 0);
-      break;
-    }
-  }
+  ArchKeys keys(m, wf, info, a + ".");
+  spec.write_keys(keys);
   if (options.tokenizer) WriteTokenizer(m, *options.tokenizer, info.n_vocab, wf.path);
 }
 
@@ -387,10 +384,7 @@ class OutFile {
 
 std::vector<OutTensor> PlanAll(const WeightFile& wf, const ModelInfo& info,
                                const GgufWriteOptions& options) {
-  if (info.arch != Arch::kV4 && info.arch != Arch::kV5_1 && info.arch != Arch::kV5_2 &&
-      info.arch != Arch::kV6 && info.arch != Arch::kV7) {
-    throw Error(wf.path + ": unknown architecture");
-  }
+  if (!FindVersion(info.arch)) throw Error(wf.path + ": unknown architecture");
   return Planner(wf, info, options).Plan();
 }
 
@@ -407,7 +401,7 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
                           const GgufWriteOptions& options, const std::string& path) {
   std::vector<OutTensor> tensors = PlanAll(wf, info, options);
   GgufWriteReport report;
-  report.architecture = std::string(gguf::ArchitectureName(info.arch));
+  report.architecture = std::string(Version(info.arch).gguf.architecture);
 
   DType main_type = DType::kF32;
   int dequantized = 0, requantized = 0;

@@ -18,18 +18,16 @@ constexpr int kMaxDims = 4;
 constexpr int kMaxNameLength = 1024;
 constexpr int64_t kMaxDim = int64_t{1} << 32;
 
-// rwkv.cpp's data type codes. 4..6 are old Q4 variants it no longer supports.
+// rwkv.cpp's data type codes (DTypeTraits::rwkvcpp_type). 4..6 are old Q4 variants it no
+// longer supports.
 bool DTypeFromCode(int32_t code, DType* out) {
-  switch (code) {
-    case 0: *out = DType::kF32; return true;
-    case 1: *out = DType::kF16; return true;
-    case 2: *out = DType::kQ4_0; return true;
-    case 3: *out = DType::kQ4_1; return true;
-    case 7: *out = DType::kQ5_0; return true;
-    case 8: *out = DType::kQ5_1; return true;
-    case 9: *out = DType::kQ8_0; return true;
-    default: return false;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    if (Traits(static_cast<DType>(i)).rwkvcpp_type == code) {
+      *out = static_cast<DType>(i);
+      return true;
+    }
   }
+  return false;
 }
 
 class Cursor {

@@ -18,21 +18,14 @@ constexpr size_t kChunkBytes = 16 << 20;  // floats generated and converted per 
 }  // namespace
 
 int32_t RwkvCppTypeCode(DType type) {
-  switch (type) {
-    case DType::kF32: return 0;
-    case DType::kF16: return 1;
-    case DType::kQ4_0: return 2;
-    case DType::kQ4_1: return 3;
-    case DType::kQ5_0: return 7;
-    case DType::kQ5_1: return 8;
-    case DType::kQ8_0: return 9;
-    case DType::kBF16:
-    case DType::kQ4_K:
-    case DType::kQ5_K:
-    case DType::kQ6_K: break;
+  if (Traits(type).rwkvcpp_type >= 0) return Traits(type).rwkvcpp_type;
+  std::string storable;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    const DTypeTraits& t = Traits(static_cast<DType>(i));
+    if (t.rwkvcpp_type >= 0) storable += (storable.empty() ? "" : ", ") + std::string(t.name);
   }
   throw Error("rwkv.cpp's .bin format cannot store " + std::string(DTypeName(type)) +
-              " tensors (it has F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; write GGUF for the others)");
+              " tensors (it has " + storable + "; write GGUF for the others)");
 }
 
 RwkvCppWriter::RwkvCppWriter(const std::string& path, int n_vocab, int n_embd, int n_layer,

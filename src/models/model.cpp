@@ -1,5 +1,5 @@
-// Loading (format -> architecture -> per-version model) and the version-independent parts of
-// running a model: token checks, chunking, embedding and head.
+// Loading (format -> version, from the version table in versions.cpp -> per-version model) and
+// the version-independent parts of running a model: token checks, chunking, embedding and head.
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -9,20 +9,10 @@
 #include "aviary/error.h"
 #include "formats/mapped_file.h"
 #include "models/model_impl.h"
+#include "models/versions.h"
 #include "tensor/kernels.h"
 
 namespace aviary {
-
-std::string_view ArchName(Arch arch) {
-  switch (arch) {
-    case Arch::kV4: return "v4";
-    case Arch::kV5_1: return "v5.1";
-    case Arch::kV5_2: return "v5.2";
-    case Arch::kV6: return "v6.0";
-    case Arch::kV7: return "v7.0";
-  }
-  return "unknown";
-}
 
 // ---- Scratch ----
 
@@ -230,14 +220,10 @@ void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<floa
 
 namespace {
 
-Arch DetectArch(const WeightFile& wf) {
-  auto has = [&](const char* n) { return wf.Find(std::string("blocks.0.att.") + n) != nullptr; };
-  if (has("x_rwkvag") || has("k_k")) return Arch::kV7;
-  if (has("time_maa_x")) return Arch::kV6;
-  if (has("time_faaaa")) return Arch::kV5_2;
-  if (has("ln_x.weight")) return Arch::kV5_1;
-  if (has("time_first") && has("time_decay")) return Arch::kV4;
-  throw Error(wf.path + ": unrecognised architecture (no known blocks.0.att tensors)");
+const VersionSpec& DetectArch(const WeightFile& wf) {
+  const VersionSpec* v = DetectVersion([&](const std::string& name) { return wf.Find(name); });
+  if (!v) throw Error(wf.path + ": unrecognised architecture (no known blocks.0.att tensors)");
+  return *v;
 }
 
 uint64_t Fnv1a(uint64_t h, const void* data, size_t n) {
@@ -271,7 +257,8 @@ ModelInfo DescribeFile(const WeightFile& wf) {
   info.main_type = std::string(DTypeName(wf.main_type));
   info.tokenizer_data = wf.tokenizer;
   info.notes = wf.notes;
-  info.arch = DetectArch(wf);
+  const VersionSpec& version = DetectArch(wf);
+  info.arch = version.arch;
   Weights w(wf);
   const Tensor& emb = w.Get("emb.weight");
   if (emb.shape.size() != 2) w.Fail("tensor 'emb.weight' must be 2-D");
@@ -307,23 +294,10 @@ ModelInfo DescribeFile(const WeightFile& wf) {
   }
   info.n_ffn = static_cast<int>(w.Get("blocks.0.ffn.key.weight").shape[0]);
   const int C = info.n_embd;
-  switch (info.arch) {
-    case Arch::kV4:
-      info.n_head = 1;
-      info.head_size = C;
-      break;
-    case Arch::kV5_1:
-      info.n_head = static_cast<int>(w.Get("blocks.0.att.time_decay").numel());
-      break;
-    case Arch::kV5_2:
-    case Arch::kV6: {
-      const Tensor& u = w.Get("blocks.0.att.time_faaaa");
-      info.n_head = static_cast<int>(u.shape[0]);
-      break;
-    }
-    case Arch::kV7:
-      info.n_head = static_cast<int>(w.Get("blocks.0.att.r_k").shape[0]);
-      break;
+  info.n_head = 1;
+  if (!version.heads_from.empty()) {
+    const Tensor& t = w.Get("blocks.0." + std::string(version.heads_from));
+    info.n_head = static_cast<int>(version.head_numel ? t.numel() : t.shape[0]);
   }
   if (info.n_head <= 0 || C % info.n_head != 0) {
     w.Fail("cannot split width " + std::to_string(C) + " into " + std::to_string(info.n_head) +
@@ -336,14 +310,8 @@ ModelInfo DescribeFile(const WeightFile& wf) {
 
 std::unique_ptr<Model> Build(WeightFile wf) {
   ModelInfo info = DescribeFile(wf);
-  switch (info.arch) {
-    case Arch::kV4: return MakeRwkv4(std::move(wf), std::move(info));
-    case Arch::kV5_1:
-    case Arch::kV5_2: return MakeRwkv5(std::move(wf), std::move(info));
-    case Arch::kV6: return MakeRwkv6(std::move(wf), std::move(info));
-    case Arch::kV7: return MakeRwkv7(std::move(wf), std::move(info));
-  }
-  throw Error(wf.path + ": unsupported architecture");
+  const ModelFactory make = Version(info.arch).make;
+  return make(std::move(wf), std::move(info));
 }
 
 }  // namespace

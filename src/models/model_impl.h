@@ -108,9 +108,4 @@ void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance
 
 constexpr float kLayerNormEps = 1e-5f;
 
-std::unique_ptr<Model> MakeRwkv4(WeightFile wf, ModelInfo info);
-std::unique_ptr<Model> MakeRwkv5(WeightFile wf, ModelInfo info);  // v5.1 and v5.2
-std::unique_ptr<Model> MakeRwkv6(WeightFile wf, ModelInfo info);
-std::unique_ptr<Model> MakeRwkv7(WeightFile wf, ModelInfo info);
-
 }  // namespace aviary

@@ -5,22 +5,13 @@
 
 #include "aviary/error.h"
 #include "formats/rwkvcpp_writer.h"
+#include "models/versions.h"
 #include "tensor/thread_pool.h"
 
 namespace aviary {
 namespace {
 
-// How a tensor's values are drawn, then transformed into rwkv.cpp's prepared form.
-struct Init {
-  enum Dist { kNormal, kUniform } dist = kNormal;
-  float a = 0, b = 0;  // normal: mean a, std b; uniform: [a, b)
-  enum Post { kNone, kNegExp, kExpNegExp, kExp } post = kNone;
-};
-
-Init Normal(float mean, float std) { return {Init::kNormal, mean, std, Init::kNone}; }
-Init Uniform(float lo, float hi, Init::Post post = Init::kNone) {
-  return {Init::kUniform, lo, hi, post};
-}
+using Init = SynthInit;
 
 struct Spec {
   SynthTensor tensor;
@@ -57,23 +48,15 @@ DType StoredType(const SynthOptions& o, const std::string& name,
   return converted;
 }
 
-// BlinkDL's low-rank sizes: max(32, round(scale * C^power / 32) * 32).
-int64_t Lora(int C, double scale, double power) {
-  const double v = std::round(scale * std::pow(static_cast<double>(C), power) / 32.0) * 32.0;
-  return std::max<int64_t>(32, static_cast<int64_t>(v));
-}
-
 int DefaultFfn(const SynthOptions& o) {
-  if (o.arch == Arch::kV5_2 || o.arch == Arch::kV6) {
-    return static_cast<int>(static_cast<int64_t>(o.n_embd * 3.5) / 32 * 32);
-  }
-  return 4 * o.n_embd;
+  return static_cast<int>(static_cast<int64_t>(o.n_embd * Version(o.arch).ffn_ratio) / 32 * 32);
 }
 
 std::vector<Spec> Specs(const SynthOptions& o) {
   const int64_t C = o.n_embd, V = o.n_vocab, L = o.n_layer;
   const int64_t F = o.n_ffn > 0 ? o.n_ffn : DefaultFfn(o);
-  const int64_t N = o.arch == Arch::kV4 ? C : o.head_size, H = C / N;
+  const VersionSpec& version = Version(o.arch);
+  const int64_t N = version.heads_from.empty() ? C : o.head_size, H = C / N;
   const float sc = 1.0f / std::sqrt(static_cast<float>(C));
   const float sf = 1.0f / std::sqrt(static_cast<float>(F));
   std::vector<Spec> specs;
@@ -94,94 +77,22 @@ std::vector<Spec> Specs(const SynthOptions& o) {
       add(b + "ln0.weight", {C}, ln_w);
       add(b + "ln0.bias", {C}, ln_b);
     }
-    switch (o.arch) {
-      case Arch::kV4:
-      case Arch::kV5_1:
-      case Arch::kV5_2: {
-        const bool v52 = o.arch == Arch::kV5_2;
-        add(b + "att.time_mix_k", {C}, mix);
-        add(b + "att.time_mix_v", {C}, mix);
-        add(b + "att.time_mix_r", {C}, mix);
-        if (v52) add(b + "att.time_mix_g", {C}, mix);
-        if (o.arch == Arch::kV4) {
-          add(b + "att.time_decay", {C}, Uniform(-5.0f, 2.0f, Init::kNegExp));  // -exp(w)
-          add(b + "att.time_first", {C}, Uniform(-1.0f, 1.0f));
-        } else if (v52) {
-          add(b + "att.time_decay", {H, N, 1}, Uniform(-6.0f, -1.0f, Init::kExpNegExp));
-          add(b + "att.time_faaaa", {H, N, 1}, Normal(0.0f, 0.3f));
-        } else {
-          add(b + "att.time_decay", {H, 1, 1}, Uniform(-6.0f, -1.0f, Init::kExpNegExp));
-          add(b + "att.time_first", {H, 1, 1}, Uniform(-1.0f, 0.5f, Init::kExp));
-        }
-        add(b + "att.key.weight", {C, C}, proj);
-        add(b + "att.value.weight", {C, C}, proj);
-        add(b + "att.receptance.weight", {C, C}, proj);
-        if (v52) add(b + "att.gate.weight", {C, C}, proj);
-        add(b + "att.output.weight", {C, C}, out_proj);
-        if (o.arch != Arch::kV4) {
-          add(b + "att.ln_x.weight", {C}, ln_w);
-          add(b + "att.ln_x.bias", {C}, ln_b);
-        }
-        add(b + "ffn.time_mix_k", {C}, mix);
-        add(b + "ffn.time_mix_r", {C}, mix);
-        break;
-      }
-      case Arch::kV6: {
-        const int64_t D = C >= 4096 ? 64 : 32, Dd = C >= 4096 ? 128 : 64;
-        for (const char* s : {"x", "w", "k", "v", "r", "g"}) add(b + "att.time_maa_" + s, {C}, mix);
-        add(b + "att.time_maa_w1", {5 * D, C}, Normal(0.0f, 0.5f * sc));
-        add(b + "att.time_maa_w2", {5, C, D}, Normal(0.0f, 0.1f / std::sqrt(static_cast<float>(D))));
-        add(b + "att.time_decay", {H, N, 1}, Uniform(-6.0f, -1.0f));
-        add(b + "att.time_decay_w1", {Dd, C}, Normal(0.0f, 0.5f * sc));
-        add(b + "att.time_decay_w2", {C, Dd}, Normal(0.0f, 0.1f / std::sqrt(static_cast<float>(Dd))));
-        add(b + "att.time_faaaa", {H, N, 1}, Normal(0.0f, 0.3f));
-        add(b + "att.receptance.weight", {C, C}, proj);
-        add(b + "att.key.weight", {C, C}, proj);
-        add(b + "att.value.weight", {C, C}, proj);
-        add(b + "att.output.weight", {C, C}, out_proj);
-        add(b + "att.gate.weight", {C, C}, proj);
-        add(b + "att.ln_x.weight", {C}, ln_w);
-        add(b + "att.ln_x.bias", {C}, ln_b);
-        add(b + "ffn.time_maa_k", {C}, mix);
-        add(b + "ffn.time_maa_r", {C}, mix);
-        break;
-      }
-      case Arch::kV7: {
-        const int64_t Dw = Lora(static_cast<int>(C), 1.8, 0.5), Da = Dw;
-        const int64_t Dv = Lora(static_cast<int>(C), 1.3, 0.5), Dg = Lora(static_cast<int>(C), 0.6, 0.8);
-        auto lora_in = [&](int64_t, float gain) { return Normal(0.0f, gain * sc); };
-        auto lora_out = [&](int64_t D, float gain) {
-          return Normal(0.0f, gain / std::sqrt(static_cast<float>(D)));
-        };
-        add(b + "att.x_rwkvag", {6, 1, C}, mix);
-        add(b + "att.w1", {Dw, C}, lora_in(Dw, 0.5f));
-        add(b + "att.w2", {C, Dw}, lora_out(Dw, 0.1f));
-        add(b + "att.w0", {1, 1, C}, Uniform(-6.5f, -1.5f));
-        add(b + "att.a1", {Da, C}, lora_in(Da, 0.5f));
-        add(b + "att.a2", {C, Da}, lora_out(Da, 0.2f));
-        add(b + "att.a0", {1, 1, C}, Normal(0.0f, 0.3f));
-        if (l > 0) {
-          add(b + "att.v1", {Dv, C}, lora_in(Dv, 0.5f));
-          add(b + "att.v2", {C, Dv}, lora_out(Dv, 0.2f));
-          add(b + "att.v0", {1, 1, C}, Normal(1.0f, 0.2f));
-        }
-        add(b + "att.g1", {Dg, C}, lora_in(Dg, 1.0f));
-        add(b + "att.g2", {C, Dg}, lora_out(Dg, 1.0f));
-        add(b + "att.k_k", {1, 1, C}, Normal(0.85f, 0.05f));
-        add(b + "att.k_a", {1, 1, C}, Normal(1.0f, 0.05f));
-        add(b + "att.r_k", {H, N}, Normal(0.0f, 0.3f));
-        add(b + "att.receptance.weight", {C, C}, proj);
-        add(b + "att.key.weight", {C, C}, proj);
-        add(b + "att.value.weight", {C, C}, proj);
-        add(b + "att.output.weight", {C, C}, out_proj);
-        add(b + "att.ln_x.weight", {C}, ln_w);
-        add(b + "att.ln_x.bias", {C}, ln_b);
-        add(b + "ffn.x_k", {1, 1, C}, mix);
-        break;
-      }
-    }
+    SynthLayer layer;
+    layer.layer = l;
+    layer.C = C;
+    layer.H = H;
+    layer.N = N;
+    layer.proj = proj;
+    layer.out_proj = out_proj;
+    layer.mix = mix;
+    layer.ln_w = ln_w;
+    layer.ln_b = ln_b;
+    layer.add = [&](std::string_view name, std::vector<int64_t> shape, Init init) {
+      add(b + std::string(name), std::move(shape), init);
+    };
+    version.synth_layer(layer);
     add(b + "ffn.key.weight", {F, C}, proj);
-    if (o.arch != Arch::kV7) add(b + "ffn.receptance.weight", {C, C}, proj);
+    if (version.gated_channel_mix) add(b + "ffn.receptance.weight", {C, C}, proj);
     add(b + "ffn.value.weight", {C, F}, Normal(0.0f, 0.5f * sf));
   }
   add("ln_out.weight", {C}, ln_w);
@@ -198,7 +109,7 @@ void Validate(const SynthOptions& o) {
     fail("--embd must be a multiple of 32 in 32..65536");
   }
   if (o.n_vocab < 1 || o.n_vocab > (1 << 22)) fail("--vocab must be 1..4194304");
-  if (o.arch != Arch::kV4 && (o.head_size < 1 || o.n_embd % o.head_size != 0)) {
+  if (!Version(o.arch).heads_from.empty() && (o.head_size < 1 || o.n_embd % o.head_size != 0)) {
     fail("--embd " + std::to_string(o.n_embd) + " is not a multiple of the head size " +
          std::to_string(o.head_size));
   }
@@ -251,14 +162,14 @@ void FillRow(const Init& init, uint64_t stream, int64_t n, float* out) {
 }  // namespace
 
 Arch ParseArch(const std::string& version) {
-  std::string v = version;
-  if (!v.empty() && (v[0] == 'v' || v[0] == 'V')) v.erase(0, 1);
-  if (v == "4" || v == "4.0") return Arch::kV4;
-  if (v == "5.1") return Arch::kV5_1;
-  if (v == "5" || v == "5.2") return Arch::kV5_2;
-  if (v == "6" || v == "6.0") return Arch::kV6;
-  if (v == "7" || v == "7.0") return Arch::kV7;
-  throw UsageError("unknown RWKV version '" + version + "' (expected 4, 5.1, 5.2, 6 or 7)");
+  if (const VersionSpec* v = FindVersionByName(version)) return v->arch;
+  std::string expected;
+  const std::span<const VersionSpec> all = Versions();
+  for (size_t i = all.size(); i-- > 0;) {  // oldest first
+    expected += all[i].aliases.front();
+    expected += i == 1 ? " or " : i > 1 ? ", " : "";
+  }
+  throw UsageError("unknown RWKV version '" + version + "' (expected " + expected + ")");
 }
 
 std::vector<SynthTensor> PlanSynthModel(const SynthOptions& options) {

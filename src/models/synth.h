@@ -9,8 +9,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "aviary/model.h"
@@ -36,6 +38,28 @@ struct SynthTensor {
   std::string name;
   std::vector<int64_t> shape;  // outermost first
   DType type;
+};
+
+// How a synthetic tensor's values are drawn, then transformed into rwkv.cpp's prepared form.
+struct SynthInit {
+  enum Dist { kNormal, kUniform } dist = kNormal;
+  float a = 0, b = 0;  // normal: mean a, std b; uniform: [a, b)
+  enum Post { kNone, kNegExp, kExpNegExp, kExp } post = kNone;
+};
+inline SynthInit Normal(float mean, float std) {
+  return {SynthInit::kNormal, mean, std, SynthInit::kNone};
+}
+inline SynthInit Uniform(float lo, float hi, SynthInit::Post post = SynthInit::kNone) {
+  return {SynthInit::kUniform, lo, hi, post};
+}
+
+// One layer as a version's synth_layer (models/versions.cpp) sees it: the sizes, the usual
+// initialisations, and `add` for each of its tensors (name without "blocks.N.", shape
+// outermost first, in the order rwkv.cpp's converter writes them).
+struct SynthLayer {
+  int64_t layer = 0, C = 0, H = 1, N = 0;  // N: head size; H heads of N make C
+  SynthInit proj, out_proj, mix, ln_w, ln_b;  // matrices ~ N(0, 1/C), output ones halved
+  std::function<void(std::string_view name, std::vector<int64_t> shape, SynthInit init)> add;
 };
 
 // The tensors WriteSynthModel writes, in order. Throws UsageError on an impossible shape.

@@ -6,18 +6,21 @@
 namespace aviary {
 
 const DTypeTraits& Traits(DType type) {
+  // GGUF file types 14 and 16 are llama.cpp's "_S" mixes: aviary writes one type for all the
+  // matrices, which is what they name.
   static const DTypeTraits kTraits[] = {
-      {"F32", 1, 4},
-      {"F16", 1, 2},
-      {"BF16", 1, 2},
-      {"Q4_0", kQBlock, sizeof(BlockQ4_0)},
-      {"Q4_1", kQBlock, sizeof(BlockQ4_1)},
-      {"Q5_0", kQBlock, sizeof(BlockQ5_0)},
-      {"Q5_1", kQBlock, sizeof(BlockQ5_1)},
-      {"Q8_0", kQBlock, sizeof(BlockQ8_0)},
-      {"Q4_K", kQKBlock, sizeof(BlockQ4_K)},
-      {"Q5_K", kQKBlock, sizeof(BlockQ5_K)},
-      {"Q6_K", kQKBlock, sizeof(BlockQ6_K)},
+      // name   block elems  block bytes          ggml gguf_ft rwkv.cpp
+      {"F32", 1, 4, 0, 0, 0},
+      {"F16", 1, 2, 1, 1, 1},
+      {"BF16", 1, 2, 30, 32, -1},
+      {"Q4_0", kQBlock, sizeof(BlockQ4_0), 2, 2, 2},
+      {"Q4_1", kQBlock, sizeof(BlockQ4_1), 3, 3, 3},
+      {"Q5_0", kQBlock, sizeof(BlockQ5_0), 6, 8, 7},
+      {"Q5_1", kQBlock, sizeof(BlockQ5_1), 7, 9, 8},
+      {"Q8_0", kQBlock, sizeof(BlockQ8_0), 8, 7, 9},
+      {"Q4_K", kQKBlock, sizeof(BlockQ4_K), 12, 14, -1},
+      {"Q5_K", kQKBlock, sizeof(BlockQ5_K), 13, 16, -1},
+      {"Q6_K", kQKBlock, sizeof(BlockQ6_K), 14, 18, -1},
   };
   static_assert(sizeof(kTraits) / sizeof(kTraits[0]) == kNumDTypes);
   return kTraits[static_cast<int>(type)];

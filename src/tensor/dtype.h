@@ -13,10 +13,16 @@ enum class DType : uint8_t {
 };
 constexpr int kNumDTypes = 11;
 
+// Everything about a weight type that is data: its name, its block layout and its codes in the
+// file formats that can store it (-1: that format cannot). The code that differs per type
+// (dequantizing, quantizing, the matrix kernels) switches on DType; docs/DEVELOPING.md lists it.
 struct DTypeTraits {
   std::string_view name;
-  int block_elems;  // elements per block (1 for plain floats)
-  int block_bytes;  // bytes per block
+  int block_elems;     // elements per block (1 for plain floats)
+  int block_bytes;     // bytes per block
+  int ggml_type;       // ggml's tensor type (GGUF tensor infos)
+  int gguf_file_type;  // llama.cpp's general.file_type for a file mostly of this type
+  int rwkvcpp_type;    // rwkv.cpp's .bin data type
 };
 
 const DTypeTraits& Traits(DType type);
