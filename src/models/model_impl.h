@@ -27,8 +27,9 @@ class Scratch {
   size_t BytesHeld() const;
 
   // Blocks taken while a Scope lives are handed back when it ends, so a helper that runs once
-  // per layer reuses one set of blocks instead of taking a new set for every layer (at 1.5B a
-  // 128-token chunk's channel mix would otherwise hold 24 x 5 MiB).
+  // per layer reuses one set of blocks instead of taking a new set for every layer (the scratch
+  // of a chunk would otherwise grow with the layer count: the channel mix's hidden activations
+  // alone are T x n_ffn floats per layer).
   class Scope {
    public:
     explicit Scope(Scratch& s) : scratch_(s), mark_(s.next_) {}

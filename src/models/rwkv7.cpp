@@ -101,9 +101,7 @@ class Rwkv7 final : public RwkvModel {
   // matrix; each low-rank buffer holds (T, D_s) for its own width D_s <= D.
   struct Acts {
     Acts(Scratch& s, size_t T, size_t C, size_t D) {
-      x = s.Take(T * C);
-      xx = s.Take(T * C);
-      prev = s.Take(T * C);
+      for (float** p : {&x, &xx, &prev}) *p = s.Take(T * C);
       for (auto& p : xs) p = s.Take(T * C);
       for (float** p : {&w_low, &a_low, &g_low, &v_low}) *p = s.Take(T * D);
       for (float** p : {&r, &w, &k, &v, &a, &g, &kk, &v_first, &v_mix, &wkv, &out, &dx}) {
@@ -121,7 +119,7 @@ class Rwkv7 final : public RwkvModel {
     float *r, *w, *k, *v;  // (T, C) receptance, decay, key, value
     float* a;           // (T, C) in-context learning rate
     float* g;           // (T, C) output gate
-    float* kk;          // (T, C) normalised k k_k: the key whose value the state replaces
+    float* kk;          // (T, C) normalised k k_k: the key whose old value the state removes
     float* v_first;     // (T, C) layer 0's v, mixed into the v of every later layer
     float* v_mix;       // (T, C) how much of v_first a later layer's v takes
     float* wkv;         // (T, C) wkv7 output
@@ -141,14 +139,15 @@ class Rwkv7 final : public RwkvModel {
   void RunLayer(int l, const LayerState& s, Acts& acts, int T) const {
     const Layer& L = layers_[l];
     const int n = C(), H = info_.n_head, N = info_.head_size;
+    const bool first_layer = l == 0;
     // Time mix: x += Wo ((GroupNorm(wkv7(r, w, k, v, kk, a)) + bonus) g).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
     TokenShift(acts.xx, T, n, s.att_x, acts.prev);
     MixInputs(L, n, T, acts);
-    Projections(L, /*first_layer=*/l == 0, T, acts);
+    Projections(L, first_layer, T, acts);
     ForTokens(T, [&](int t0, int t1) {
-      DecayAndGates(L, l == 0, n, t0, t1, acts);
-      KeysAndValues(L, l == 0, H, N, t0, t1, acts);
+      DecayAndGates(L, first_layer, n, t0, t1, acts);
+      KeysAndValues(L, first_layer, H, N, t0, t1, acts);
     });
     Wkv7Seq(T, H, N, acts.r, acts.w, acts.k, acts.v, acts.kk, acts.a, s.S, acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
