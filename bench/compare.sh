@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Compares aviary with rwkv.cpp and llama.cpp on the same synthetic models (aviary synth), run
-# interleaved (engine A, B, C, A, B, C, ...), each run gated on a short compute probe that shows
-# every core we use free. Prints one table: medians over rounds and ratios to aviary.
+# Compares aviary with rwkv.cpp and llama.cpp, or with another aviary build, on the same
+# synthetic models (aviary synth), run interleaved (engine A, B, C, A, B, C, ...), each run gated
+# on a short compute probe that shows every core we use free. Prints one table: medians over
+# rounds and ratios to aviary.
 #
 # This script never builds a peer. Point it at binaries you built yourself:
 #   AVIARY_BIN       aviary (default: build/aviary)
+#   AVIARY_BASE_BIN  a second aviary build (e.g. before a change), run as engine "aviary-base";
+#                    it and aviary swap places every other round, so neither always runs first
 #   RWKV_CPP_BIN     bench/rwkvcpp_bench.c compiled against rwkv.cpp (see the top of that file)
 #   LLAMA_BENCH_BIN  llama.cpp's llama-bench (a build with RWKV-7 support)
 #   WORLD_VOCAB      World vocabulary embedded in the GGUF files llama.cpp needs
@@ -37,7 +40,7 @@ while (($#)); do
     --gen) gen=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --no-probe) probe=0; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -47,10 +50,12 @@ if [[ -z $AVIARY_BIN ]]; then
   for b in build/aviary; do [[ -x $b ]] && AVIARY_BIN=$b && break; done
 fi
 [[ -x ${AVIARY_BIN:-} ]] || { echo "compare.sh: no aviary binary (set AVIARY_BIN)" >&2; exit 2; }
+AVIARY_BASE_BIN=${AVIARY_BASE_BIN:-}
 RWKV_CPP_BIN=${RWKV_CPP_BIN:-}
 LLAMA_BENCH_BIN=${LLAMA_BENCH_BIN:-}
 WORLD_VOCAB=${WORLD_VOCAB:-../shared/tokenizers/rwkv_vocab_v20230424.txt}
 engines=(aviary)
+[[ -n $AVIARY_BASE_BIN ]] && { [[ -x $AVIARY_BASE_BIN ]] || { echo "AVIARY_BASE_BIN=$AVIARY_BASE_BIN is not executable" >&2; exit 2; }; engines+=(aviary-base); }
 [[ -n $RWKV_CPP_BIN ]] && { [[ -x $RWKV_CPP_BIN ]] || { echo "RWKV_CPP_BIN=$RWKV_CPP_BIN is not executable" >&2; exit 2; }; engines+=(rwkv.cpp); }
 [[ -n $LLAMA_BENCH_BIN ]] && { [[ -x $LLAMA_BENCH_BIN ]] || { echo "LLAMA_BENCH_BIN=$LLAMA_BENCH_BIN is not executable" >&2; exit 2; }; engines+=(llama.cpp); }
 mkdir -p "$dir"
@@ -99,10 +104,11 @@ d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d[sys.argv[1]])' 
 }
 
 run_engine() {  # run_engine ENGINE BIN_MODEL GGUF_MODEL -> "pp tg"
-  local engine=$1 bin=$2 gguf=$3 out
+  local engine=$1 bin=$2 gguf=$3 out exe=$AVIARY_BIN
   case "$engine" in
-    aviary)
-      out=$("$AVIARY_BIN" bench --model "$bin" --threads "$threads" --prompt-tokens "$prompt" \
+    aviary|aviary-base)
+      [[ $engine == aviary-base ]] && exe=$AVIARY_BASE_BIN
+      out=$("$exe" bench --model "$bin" --threads "$threads" --prompt-tokens "$prompt" \
             --gen-tokens "$gen" --repeat 1 --json)
       echo "$(json_field prompt_tok_s <<<"$out") $(json_field gen_tok_s <<<"$out") $(json_field weight_bytes_per_token <<<"$out")" ;;
     rwkv.cpp)
@@ -146,7 +152,11 @@ for size in $sizes; do
       "$AVIARY_BIN" convert "$bin" "$gguf" --tokenizer "$WORLD_VOCAB" >&2
     fi
     for ((round = 1; round <= rounds; round++)); do
-      for engine in "${engines[@]}"; do
+      order=("${engines[@]}")
+      if [[ ${order[1]:-} == aviary-base ]] && ((round % 2 == 0)); then
+        order[0]=aviary-base order[1]=aviary
+      fi
+      for engine in "${order[@]}"; do
         [[ $engine == rwkv.cpp ]] && ((kquant)) && continue
         busy=0
         wait_idle || busy=1

@@ -1,7 +1,6 @@
 // Loading (format -> version, from the version table in versions.cpp -> per-version model) and
 // the version-independent parts of running a model: token checks, chunking, embedding and head.
 #include <algorithm>
-#include <cstring>
 #include <filesystem>
 #include <regex>
 #include <set>
@@ -9,6 +8,7 @@
 #include "aviary/error.h"
 #include "formats/mapped_file.h"
 #include "models/model_impl.h"
+#include "models/stages.h"
 #include "models/versions.h"
 #include "tensor/kernels.h"
 
@@ -106,68 +106,6 @@ void RwkvModel::Head(const float* x, int T, float* logits, bool all_positions) c
   LayerNormRows(x + static_cast<size_t>(first) * C(), ln_out_w_, ln_out_b_, rows, C(),
                 kLayerNormEps, normed);
   MatMul(head_, normed, rows, logits);
-}
-
-void TokenShift(const float* xx, int T, int C, float* last, float* prev) {
-  std::memcpy(prev, last, C * sizeof(float));
-  if (T > 1) std::memcpy(prev + C, xx, static_cast<size_t>(T - 1) * C * sizeof(float));
-  std::memcpy(last, xx + static_cast<size_t>(T - 1) * C, C * sizeof(float));
-}
-
-void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
-                   int T, int C, float eps, float* y) {
-  ForTokens(T, [&](int t0, int t1) {
-    for (int t = t0; t < t1; ++t) LayerNorm(x + t * C, w.data(), b.data(), C, eps, y + t * C);
-  });
-}
-
-void MixLerp(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
-  ForTokens(T, [&](int t0, int t1) {
-    for (int t = t0; t < t1; ++t) {
-      for (int c = 0; c < C; ++c) {
-        const int i = t * C + c;
-        out[i] = xx[i] * m[c] + prev[i] * (1.0f - m[c]);
-      }
-    }
-  });
-}
-
-void MixAdd(const float* xx, const float* prev, const float* m, int T, int C, float* out) {
-  ForTokens(T, [&](int t0, int t1) {
-    for (int t = t0; t < t1; ++t) {
-      for (int c = 0; c < C; ++c) {
-        const int i = t * C + c;
-        out[i] = xx[i] + (prev[i] - xx[i]) * m[c];
-      }
-    }
-  });
-}
-
-void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
-                const float* xk, const float* xr, int T, float* x) {
-  const size_t C = value.rows(), F = key.rows();
-  Scratch& s = Scratch::ForThisThread();
-  Scratch::Scope scope(s);  // every layer reuses the same k, v, r blocks
-  float* k = s.Take(T * F);
-  float* v = s.Take(T * C);
-  float* r = receptance ? s.Take(T * C) : nullptr;
-  if (receptance) {  // the receptance runs beside the key (v4-v6)
-    const MatMulJob kr[] = {{key, xk, k}, {*receptance, xr, r}};
-    MatMulBatch(kr, T);
-  } else {
-    MatMul(key, xk, T, k);
-  }
-  ForTokens(T, [&](int t0, int t1) { SquaredReluInPlace(k + t0 * F, (t1 - t0) * F); });
-  MatMul(value, k, T, v);
-  ForTokens(T, [&](int t0, int t1) {
-    const size_t b = t0 * C, e = t1 * C;
-    if (receptance) {
-      SigmoidInPlace(r + b, e - b);
-      for (size_t i = b; i < e; ++i) x[i] += r[i] * v[i];
-    } else {
-      for (size_t i = b; i < e; ++i) x[i] += v[i];
-    }
-  });
 }
 
 // ---- Model ----

@@ -1,5 +1,6 @@
-// Shared by the per-version model files: shape-checked weight access, scratch memory, and the
-// parts every RWKV version has (embedding + ln0 in, ln_out + head out, token shift).
+// Shared by the per-version model files: shape-checked weight access, scratch memory, the
+// token-range loop, and the parts every RWKV version has (embedding + ln0 in, ln_out + head
+// out). The stages of a layer are in stages.h.
 #pragma once
 
 #include <memory>
@@ -26,8 +27,9 @@ class Scratch {
   size_t BytesHeld() const;
 
   // Blocks taken while a Scope lives are handed back when it ends, so a helper that runs once
-  // per layer reuses one set of blocks instead of taking a new set for every layer (at 1.5B a
-  // 128-token chunk's channel mix would otherwise hold 24 x 5 MiB).
+  // per layer reuses one set of blocks instead of taking a new set for every layer (the scratch
+  // of a chunk would otherwise grow with the layer count: the channel mix's hidden activations
+  // alone are T x n_ffn floats per layer).
   class Scope {
    public:
     explicit Scope(Scratch& s) : scratch_(s), mark_(s.next_) {}
@@ -91,20 +93,6 @@ void ForTokens(int T, F&& fn) {
     fn(static_cast<int>(t0), static_cast<int>(t1));
   });
 }
-
-// prev[t] = the input before xx[t]: `last` for t = 0, then xx[t-1]; `last` becomes xx[T-1].
-void TokenShift(const float* xx, int T, int C, float* last, float* prev);
-// LayerNorm applied to each of T rows of width C. This and the mixes run in ForTokens ranges.
-void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
-                   int T, int C, float eps, float* y);
-
-// Token mixes. v4/v5: out = xx m + prev (1 - m).  v6/v7: out = xx + (prev - xx) m.
-void MixLerp(const float* xx, const float* prev, const float* m, int T, int C, float* out);
-void MixAdd(const float* xx, const float* prev, const float* m, int T, int C, float* out);
-// Channel mix (FFN): x += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), or without the receptance
-// gate when `receptance` is null (v7).
-void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
-                const float* xk, const float* xr, int T, float* x);
 
 constexpr float kLayerNormEps = 1e-5f;
 

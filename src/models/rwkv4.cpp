@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "models/model_impl.h"
+#include "models/stages.h"
 #include "tensor/kernels.h"
 #include "tensor/wkv.h"
 
@@ -57,54 +58,74 @@ class Rwkv4 final : public RwkvModel {
     std::fill_n(s + 3 * C(), C(), -1e30f);  // pp: log of the (empty) denominator
   }
 
+  // One layer's part of the state, each (C).
+  struct LayerState {
+    float* att_x;       // the time mix's normed input at the last token
+    float *aa, *bb;     // wkv4's numerator and denominator, scaled by e^-pp
+    float* pp;          // wkv4's running exponent
+    float* ffn_x;       // the channel mix's normed input at the last token
+  };
+  LayerState StateOfLayer(float* state, int layer) const {
+    float* st = state + layer * StateFloatsPerLayer();
+    const int n = C();
+    return {st, st + n, st + 2 * n, st + 3 * n, st + 4 * n};
+  }
+
+  // The activations of one chunk of T tokens, reused by every layer.
+  struct Acts {
+    Acts(Scratch& s, size_t T, size_t C) {
+      for (float** p : {&x, &xx, &prev, &xk, &xv, &xr, &k, &v, &r, &out, &dx}) {
+        *p = s.Take(T * C);
+      }
+    }
+    float* x;             // (T, C) the residual stream
+    float* xx;            // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;          // (T, C) xx one token back
+    float *xk, *xv, *xr;  // (T, C) xx m + prev (1 - m), one m per input
+    float *k, *v, *r;     // (T, C) key, value, receptance
+    float* out;           // (T, C) wkv4(k, v), then times sigmoid(r): the input of Wo
+    float* dx;            // (T, C) Wo out: what the time mix adds to x
+  };
+
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                bool all_positions) const override {
-    const int T = static_cast<int>(tokens.size()), n = C();
-    const size_t TC = static_cast<size_t>(T) * n;
-    Scratch& s = Scratch::ForThisThread();
-    float* x = s.Take(TC);
-    float* xx = s.Take(TC);
-    float* prev = s.Take(TC);
-    float* xk = s.Take(TC);
-    float* xv = s.Take(TC);
-    float* xr = s.Take(TC);
-    float* k = s.Take(TC);
-    float* v = s.Take(TC);
-    float* r = s.Take(TC);
-    float* out = s.Take(TC);
-    Embed(tokens, x);
-    for (int l = 0; l < info_.n_layer; ++l) {
-      const Layer& L = layers_[l];
-      float* st = state + l * StateFloatsPerLayer();
-      float *att_x = st, *aa = st + n, *bb = st + 2 * n, *pp = st + 3 * n, *ffn_x = st + 4 * n;
+    const int T = static_cast<int>(tokens.size());
+    Acts acts(Scratch::ForThisThread(), T, C());
+    Embed(tokens, acts.x);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(layers_[l], StateOfLayer(state, l), acts, T);
+    if (logits) Head(acts.x, T, logits, all_positions);
+  }
 
-      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, att_x, prev);
-      MixLerp(xx, prev, L.att_mix_k.data(), T, n, xk);
-      MixLerp(xx, prev, L.att_mix_v.data(), T, n, xv);
-      MixLerp(xx, prev, L.att_mix_r.data(), T, n, xr);
-      const MatMulJob kvr[] = {{L.att_key, xk, k}, {L.att_value, xv, v}, {L.att_receptance, xr, r}};
-      MatMulBatch(kvr, T);
-      Wkv4Seq(T, n, k, v, L.time_first.data(), L.time_decay.data(), aa, bb, pp, out);
-      ForTokens(T, [&](int t0, int t1) {  // in parallel for a long prompt
-        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
-        SigmoidInPlace(r + b, e - b);
-        for (size_t i = b; i < e; ++i) out[i] *= r[i];
-      });
-      MatMul(L.att_output, out, T, v);
-      ForTokens(T, [&](int t0, int t1) {
-        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
-          x[i] += v[i];
-        }
-      });
-
-      LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, ffn_x, prev);
-      MixLerp(xx, prev, L.ffn_mix_k.data(), T, n, xk);
-      MixLerp(xx, prev, L.ffn_mix_r.data(), T, n, xr);
-      ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, xk, xr, T, x);
-    }
-    if (logits) Head(x, T, logits, all_positions);
+  void RunLayer(const Layer& L, const LayerState& s, Acts& acts, int T) const {
+    const int n = C();
+    // Time mix: x += Wo (sigmoid(r) wkv4(k, v)).
+    LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
+    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
+      MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
+      MixLerp(acts.xx, acts.prev, L.att_mix_r.data(), n, t0, t1, acts.xr);
+    });
+    const MatMulJob kvr[] = {{L.att_key, acts.xk, acts.k},
+                             {L.att_value, acts.xv, acts.v},
+                             {L.att_receptance, acts.xr, acts.r}};
+    MatMulBatch(kvr, T);
+    Wkv4Seq(T, n, acts.k, acts.v, L.time_first.data(), L.time_decay.data(), s.aa, s.bb, s.pp,
+            acts.out);
+    ForTokens(T, [&](int t0, int t1) {
+      const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
+      SigmoidInPlace(acts.r + b, e - b);
+      Gate(acts.r, n, t0, t1, acts.out);
+    });
+    MatMul(L.att_output, acts.out, T, acts.dx);
+    AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
+    // Channel mix: x += sigmoid(Wr xr) (Wv relu(Wk xk)^2).
+    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
+      MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);
+    });
+    ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, acts.xk, acts.xr, T, acts.x);
   }
 
   std::vector<Layer> layers_;

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "models/model_impl.h"
+#include "models/stages.h"
 #include "tensor/kernels.h"
 #include "tensor/wkv.h"
 
@@ -76,68 +77,81 @@ class Rwkv5 final : public RwkvModel {
     return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
   }
 
+  // One layer's part of the state.
+  struct LayerState {
+    float* att_x;  // (C) the time mix's normed input at the last token
+    float* S;      // (H, N, N) the wkv state, per head [key, value]
+    float* ffn_x;  // (C) the channel mix's normed input at the last token
+  };
+  LayerState StateOfLayer(float* state, int layer) const {
+    float* st = state + layer * StateFloatsPerLayer();
+    const size_t n = C();
+    return {st, st + n, st + n + n * info_.head_size};
+  }
+
+  // The activations of one chunk of T tokens, reused by every layer.
+  struct Acts {
+    Acts(Scratch& s, size_t T, size_t C) {
+      for (float** p : {&x, &xx, &prev, &xk, &xv, &xr, &xg, &k, &v, &r, &g, &wkv, &out, &dx}) {
+        *p = s.Take(T * C);
+      }
+    }
+    float* x;                // (T, C) the residual stream
+    float* xx;               // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;             // (T, C) xx one token back
+    float *xk, *xv, *xr;     // (T, C) xx m + prev (1 - m), one m per input
+    float* xg;               // (T, C) likewise, v5.2 only
+    float *k, *v, *r;        // (T, C) key, value, receptance
+    float* g;                // (T, C) the output gate Wg xg, then silu of it (v5.2 only)
+    float* wkv;              // (T, C) wkv5 output
+    float* out;              // (T, C) GroupNorm(wkv) (* g): the input of Wo
+    float* dx;               // (T, C) Wo out: what the time mix adds to x
+  };
+
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                bool all_positions) const override {
-    const int T = static_cast<int>(tokens.size()), n = C();
-    const int H = info_.n_head, N = info_.head_size;
-    const size_t TC = static_cast<size_t>(T) * n;
-    Scratch& s = Scratch::ForThisThread();
-    float* x = s.Take(TC);
-    float* xx = s.Take(TC);
-    float* prev = s.Take(TC);
-    float* xk = s.Take(TC);
-    float* xv = s.Take(TC);
-    float* xr = s.Take(TC);
-    float* xg = s.Take(TC);
-    float* k = s.Take(TC);
-    float* v = s.Take(TC);
-    float* r = s.Take(TC);
-    float* g = s.Take(TC);
-    float* wkv = s.Take(TC);
-    float* out = s.Take(TC);
-    Embed(tokens, x);
-    for (int l = 0; l < info_.n_layer; ++l) {
-      const Layer& L = layers_[l];
-      float* st = state + l * StateFloatsPerLayer();
-      float *att_x = st, *S = st + n, *ffn_x = st + n + static_cast<size_t>(n) * N;
+    const int T = static_cast<int>(tokens.size());
+    Acts acts(Scratch::ForThisThread(), T, C());
+    Embed(tokens, acts.x);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(layers_[l], StateOfLayer(state, l), acts, T);
+    if (logits) Head(acts.x, T, logits, all_positions);
+  }
 
-      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, att_x, prev);
-      MixLerp(xx, prev, L.att_mix_k.data(), T, n, xk);
-      MixLerp(xx, prev, L.att_mix_v.data(), T, n, xv);
-      MixLerp(xx, prev, L.att_mix_r.data(), T, n, xr);
-      if (L.has_gate) MixLerp(xx, prev, L.att_mix_g.data(), T, n, xg);
-      const MatMulJob kvrg[] = {{L.att_key, xk, k},
-                                {L.att_value, xv, v},
-                                {L.att_receptance, xr, r},
-                                {L.att_gate, xg, g}};  // v5.2 only
-      MatMulBatch(std::span(kvrg, L.has_gate ? 4 : 3), T);
-      Wkv5Seq(T, H, N, r, k, v, L.decay.data(), /*decay_per_token=*/false, L.first.data(), S,
-              wkv);
-      ForTokens(T, [&](int t0, int t1) {  // in parallel for a long prompt
-        for (int t = t0; t < t1; ++t) {
-          const size_t o = static_cast<size_t>(t) * n;
-          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-          if (L.has_gate) {
-            SiluInPlace(g + o, n);
-            for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
-          }
-        }
-      });
-      MatMul(L.att_output, out, T, v);
-      ForTokens(T, [&](int t0, int t1) {
-        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
-          x[i] += v[i];
-        }
-      });
-
-      LayerNormRows(x, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, ffn_x, prev);
-      MixLerp(xx, prev, L.ffn_mix_k.data(), T, n, xk);
-      MixLerp(xx, prev, L.ffn_mix_r.data(), T, n, xr);
-      ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, xk, xr, T, x);
-    }
-    if (logits) Head(x, T, logits, all_positions);
+  void RunLayer(const Layer& L, const LayerState& s, Acts& acts, int T) const {
+    const int n = C(), H = info_.n_head, N = info_.head_size;
+    // Time mix: x += Wo (GroupNorm(wkv5(r, k, v)) (* silu(g))).
+    LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
+    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
+      MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
+      MixLerp(acts.xx, acts.prev, L.att_mix_r.data(), n, t0, t1, acts.xr);
+      if (L.has_gate) MixLerp(acts.xx, acts.prev, L.att_mix_g.data(), n, t0, t1, acts.xg);
+    });
+    const MatMulJob kvrg[] = {{L.att_key, acts.xk, acts.k},
+                              {L.att_value, acts.xv, acts.v},
+                              {L.att_receptance, acts.xr, acts.r},
+                              {L.att_gate, acts.xg, acts.g}};  // v5.2 only
+    MatMulBatch(std::span(kvrg, L.has_gate ? 4 : 3), T);
+    Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, L.decay.data(), /*decay_per_token=*/false,
+            L.first.data(), s.S, acts.wkv);
+    ForTokens(T, [&](int t0, int t1) {
+      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
+      if (L.has_gate) {
+        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
+        SiluInPlace(acts.g + b, e - b);
+        Gate(acts.g, n, t0, t1, acts.out);
+      }
+    });
+    MatMul(L.att_output, acts.out, T, acts.dx);
+    AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
+    // Channel mix: as v4's.
+    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
+      MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);
+    });
+    ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, acts.xk, acts.xr, T, acts.x);
   }
 
   std::vector<Layer> layers_;

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "models/model_impl.h"
+#include "models/stages.h"
 #include "tensor/kernels.h"
 #include "tensor/wkv.h"
 
@@ -16,7 +17,7 @@ namespace aviary {
 namespace {
 
 constexpr float kGroupNormEps = 64e-5f;
-constexpr int kSlots = 5;  // w, k, v, r, g
+enum Slot { kW, kK, kV, kR, kG, kSlots };
 
 class Rwkv6 final : public RwkvModel {
  public:
@@ -77,118 +78,148 @@ class Rwkv6 final : public RwkvModel {
     return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
   }
 
+  // One layer's part of the state.
+  struct LayerState {
+    float* att_x;  // (C) the time mix's normed input at the last token
+    float* S;      // (H, N, N) the wkv state, per head [key, value]
+    float* ffn_x;  // (C) the channel mix's normed input at the last token
+  };
+  LayerState StateOfLayer(float* state, int layer) const {
+    float* st = state + layer * StateFloatsPerLayer();
+    const size_t n = C();
+    return {st, st + n, st + n + n * info_.head_size};
+  }
+
+  // The activations of one chunk of T tokens, reused by every layer. D = the token shift's
+  // low-rank width per slot, Dd = the decay's.
+  struct Acts {
+    Acts(Scratch& s, size_t T, size_t C, size_t D, size_t Dd) {
+      for (float** p : {&x, &xx, &prev, &sx, &mixed}) *p = s.Take(T * C);
+      mix_low = s.Take(T * kSlots * D);
+      for (auto& p : slot_low) p = s.Take(T * D);
+      for (auto& p : slot_mix) p = s.Take(T * C);
+      decay_low = s.Take(T * Dd);
+      for (auto& p : xs) p = s.Take(T * C);
+      for (float** p : {&r, &k, &v, &g, &w, &wkv, &out, &dx}) *p = s.Take(T * C);
+    }
+    float* x;                 // (T, C) the residual stream
+    float* xx;                // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;              // (T, C) xx one token back
+    float* sx;                // (T, C) prev - xx
+    float* mixed;             // (T, C) xx + sx maa_x: the input of the shift's low-rank product
+    float* mix_low;           // (T, 5 D) tanh(mixed W1), each token's five slots side by side
+    float* slot_low[kSlots];  // (T, D) one slot's columns of mix_low, contiguous for W2_s
+    float* slot_mix[kSlots];  // (T, C) slot_low W2_s: the data-dependent part of each mix
+    float* xs[kSlots];        // (T, C) xx + sx (maa_s + slot_mix_s) for s in w, k, v, r, g
+    float* decay_low;         // (T, Dd) tanh(xw decay_w1)
+    float *r, *k, *v;         // (T, C) receptance, key, value
+    float* g;                 // (T, C) the output gate silu(Wg xg)
+    float* w;                 // (T, C) the decay exp(-exp(decay + decay_low decay_w2))
+    float* wkv;               // (T, C) wkv5 output
+    float* out;               // (T, C) GroupNorm(wkv) g: the input of Wo
+    float* dx;                // (T, C) Wo out: what the time mix adds to x
+  };
+
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                bool all_positions) const override {
-    const int T = static_cast<int>(tokens.size()), n = C();
-    const int H = info_.n_head, N = info_.head_size, D = mix_rank_, Dd = decay_rank_;
-    const size_t TC = static_cast<size_t>(T) * n;
-    Scratch& s = Scratch::ForThisThread();
-    float* x = s.Take(TC);
-    float* xx = s.Take(TC);
-    float* prev = s.Take(TC);
-    float* sx = s.Take(TC);
-    float* mixed = s.Take(TC);
-    float* low = s.Take(static_cast<size_t>(T) * kSlots * D);
-    float* slot_in[kSlots];  // each slot's rows of `low`, contiguous for its MatMul
-    for (auto& p : slot_in) p = s.Take(static_cast<size_t>(T) * D);
-    float* slot_out[kSlots];
-    for (auto& p : slot_out) p = s.Take(TC);
-    float* decay_low = s.Take(static_cast<size_t>(T) * Dd);
-    float* xs[kSlots];
-    for (auto& p : xs) p = s.Take(TC);
-    float* r = s.Take(TC);
-    float* k = s.Take(TC);
-    float* v = s.Take(TC);
-    float* g = s.Take(TC);
-    float* w = s.Take(TC);
-    float* wkv = s.Take(TC);
-    float* out = s.Take(TC);
-    Embed(tokens, x);
-    for (int l = 0; l < info_.n_layer; ++l) {
-      const Layer& L = layers_[l];
-      float* st = state + l * StateFloatsPerLayer();
-      float *att_x = st, *S = st + n, *ffn_x = st + n + static_cast<size_t>(n) * N;
+    const int T = static_cast<int>(tokens.size());
+    Acts acts(Scratch::ForThisThread(), T, C(), mix_rank_, decay_rank_);
+    Embed(tokens, acts.x);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(layers_[l], StateOfLayer(state, l), acts, T);
+    if (logits) Head(acts.x, T, logits, all_positions);
+  }
 
-      // Per-token work runs in token ranges (ForTokens: in parallel for a long prompt).
-      auto row = [n](float* p, int t) { return p + static_cast<size_t>(t) * n; };
-      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, att_x, prev);
-      ForTokens(T, [&](int t0, int t1) {
-        for (int t = t0; t < t1; ++t) {
-          for (int c = 0; c < n; ++c) {
-            const size_t i = static_cast<size_t>(t) * n + c;
-            sx[i] = prev[i] - xx[i];
-            mixed[i] = xx[i] + sx[i] * L.maa_x[c];
-          }
-        }
-      });
-      MatMul(L.maa_w1, mixed, T, low);
-      TanhInPlace(low, static_cast<size_t>(T) * kSlots * D);
-      for (int slot = 0; slot < kSlots; ++slot) {
-        for (int t = 0; t < T; ++t) {
-          std::copy_n(low + (static_cast<size_t>(t) * kSlots + slot) * D, D, slot_in[slot] + t * D);
+  void RunLayer(const Layer& L, const LayerState& s, Acts& acts, int T) const {
+    const int n = C(), H = info_.n_head, N = info_.head_size;
+    // Time mix: x += Wo (GroupNorm(wkv5(r, k, v, w, u)) g).
+    LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
+    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    MixInputs(L, n, mix_rank_, T, acts);
+    Projections(L, decay_rank_, T, acts);
+    ForTokens(T, [&](int t0, int t1) { DecayAndGate(L, n, t0, t1, acts); });
+    Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, acts.w, /*decay_per_token=*/true, L.first.data(),
+            s.S, acts.wkv);
+    ForTokens(T, [&](int t0, int t1) {
+      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
+      Gate(acts.g, n, t0, t1, acts.out);
+    });
+    MatMul(L.att_output, acts.out, T, acts.dx);
+    AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
+    // Channel mix: as v4's, with xk, xr = xx + (prev - xx) maa_k, maa_r.
+    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixAdd(acts.xx, acts.prev, L.ffn_maa_k.data(), n, t0, t1, acts.xs[kK]);
+      MixAdd(acts.xx, acts.prev, L.ffn_maa_r.data(), n, t0, t1, acts.xs[kR]);
+    });
+    ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, acts.xs[kK], acts.xs[kR], T, acts.x);
+  }
+
+  // The data-dependent token shift: xx, prev (T, C) -> xs[s] (T, C) = xx + sx (maa_s + m_s)
+  // with sx = prev - xx and m = tanh((xx + sx maa_x) W1) W2, W1 (5 D, C), W2 (5, C, D).
+  static void MixInputs(const Layer& L, int C, int D, int T, Acts& acts) {
+    const float *xx = acts.xx, *prev = acts.prev;
+    float *sx = acts.sx, *mixed = acts.mixed;
+    ForTokens(T, [&](int t0, int t1) {
+      for (int t = t0; t < t1; ++t) {
+        for (int c = 0; c < C; ++c) {
+          const size_t i = static_cast<size_t>(t) * C + c;
+          sx[i] = prev[i] - xx[i];
+          mixed[i] = xx[i] + sx[i] * L.maa_x[c];
         }
       }
-      const Tensor maa_w2[kSlots] = {L.maa_w2.Slice(0), L.maa_w2.Slice(1), L.maa_w2.Slice(2),
-                                     L.maa_w2.Slice(3), L.maa_w2.Slice(4)};
-      const MatMulJob slot_jobs[kSlots] = {{maa_w2[0], slot_in[0], slot_out[0]},
-                                           {maa_w2[1], slot_in[1], slot_out[1]},
-                                           {maa_w2[2], slot_in[2], slot_out[2]},
-                                           {maa_w2[3], slot_in[3], slot_out[3]},
-                                           {maa_w2[4], slot_in[4], slot_out[4]}};
-      MatMulBatch(slot_jobs, T);
-      ForTokens(T, [&](int t0, int t1) {
-        for (int slot = 0; slot < kSlots; ++slot) {
-          for (int t = t0; t < t1; ++t) {
-            for (int c = 0; c < n; ++c) {
-              const size_t i = static_cast<size_t>(t) * n + c;
-              xs[slot][i] = xx[i] + sx[i] * (L.maa[slot][c] + slot_out[slot][i]);
-            }
+    });
+    MatMul(L.maa_w1, mixed, T, acts.mix_low);
+    TanhInPlace(acts.mix_low, static_cast<size_t>(T) * kSlots * D);
+    for (int slot = 0; slot < kSlots; ++slot) {
+      for (int t = 0; t < T; ++t) {
+        std::copy_n(acts.mix_low + (static_cast<size_t>(t) * kSlots + slot) * D, D,
+                    acts.slot_low[slot] + t * D);
+      }
+    }
+    const Tensor maa_w2[kSlots] = {L.maa_w2.Slice(0), L.maa_w2.Slice(1), L.maa_w2.Slice(2),
+                                   L.maa_w2.Slice(3), L.maa_w2.Slice(4)};
+    const MatMulJob slot_jobs[kSlots] = {{maa_w2[0], acts.slot_low[0], acts.slot_mix[0]},
+                                         {maa_w2[1], acts.slot_low[1], acts.slot_mix[1]},
+                                         {maa_w2[2], acts.slot_low[2], acts.slot_mix[2]},
+                                         {maa_w2[3], acts.slot_low[3], acts.slot_mix[3]},
+                                         {maa_w2[4], acts.slot_low[4], acts.slot_mix[4]}};
+    MatMulBatch(slot_jobs, T);
+    ForTokens(T, [&](int t0, int t1) {
+      for (int slot = 0; slot < kSlots; ++slot) {
+        for (int t = t0; t < t1; ++t) {
+          for (int c = 0; c < C; ++c) {
+            const size_t i = static_cast<size_t>(t) * C + c;
+            acts.xs[slot][i] = xx[i] + sx[i] * (L.maa[slot][c] + acts.slot_mix[slot][i]);
           }
         }
-      });
-      const float *xw = xs[0], *xk = xs[1], *xv = xs[2], *xr = xs[3], *xg = xs[4];
-      const MatMulJob rkvgw[] = {{L.att_receptance, xr, r},
-                                 {L.att_key, xk, k},
-                                 {L.att_value, xv, v},
-                                 {L.att_gate, xg, g},
-                                 {L.decay_w1, xw, decay_low}};
-      MatMulBatch(rkvgw, T);
-      TanhInPlace(decay_low, static_cast<size_t>(T) * Dd);
-      MatMul(L.decay_w2, decay_low, T, w);
-      ForTokens(T, [&](int t0, int t1) {
-        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
-        SiluInPlace(g + b, e - b);
-        for (int t = t0; t < t1; ++t) {  // w = exp(-exp(w + decay))
-          for (int c = 0; c < n; ++c) w[static_cast<size_t>(t) * n + c] += L.decay[c];
-        }
-        ExpInPlace(w + b, e - b);
-        for (size_t i = b; i < e; ++i) w[i] = -w[i];
-        ExpInPlace(w + b, e - b);
-      });
-      Wkv5Seq(T, H, N, r, k, v, w, /*decay_per_token=*/true, L.first.data(), S, wkv);
-      ForTokens(T, [&](int t0, int t1) {
-        for (int t = t0; t < t1; ++t) {
-          const size_t o = static_cast<size_t>(t) * n;
-          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-          for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
-        }
-      });
-      MatMul(L.att_output, out, T, v);
-      ForTokens(T, [&](int t0, int t1) {
-        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
-          x[i] += v[i];
-        }
-        LayerNormRows(row(x, t0), L.ln2_w, L.ln2_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
-      });
-      TokenShift(xx, T, n, ffn_x, prev);
-      ForTokens(T, [&](int t0, int t1) {
-        MixAdd(row(xx, t0), row(prev, t0), L.ffn_maa_k.data(), t1 - t0, n, row(xs[1], t0));
-        MixAdd(row(xx, t0), row(prev, t0), L.ffn_maa_r.data(), t1 - t0, n, row(xs[3], t0));
-      });
-      ChannelMix(L.ffn_key, L.ffn_value, &L.ffn_receptance, xs[1], xs[3], T, x);
+      }
+    });
+  }
+
+  // xs (T, C) -> r, k, v, g (T, C) = W xr, W xk, W xv, Wg xg, and w (T, C) = tanh(xw Wd1) Wd2
+  // before its offset: the decay's first half runs beside the four large products.
+  static void Projections(const Layer& L, int Dd, int T, Acts& acts) {
+    const MatMulJob rkvgw[] = {{L.att_receptance, acts.xs[kR], acts.r},
+                               {L.att_key, acts.xs[kK], acts.k},
+                               {L.att_value, acts.xs[kV], acts.v},
+                               {L.att_gate, acts.xs[kG], acts.g},
+                               {L.decay_w1, acts.xs[kW], acts.decay_low}};
+    MatMulBatch(rkvgw, T);
+    TanhInPlace(acts.decay_low, static_cast<size_t>(T) * Dd);
+    MatMul(L.decay_w2, acts.decay_low, T, acts.w);
+  }
+
+  // Row stage: g = silu(g), w = exp(-exp(decay + w)) (T, C).
+  static void DecayAndGate(const Layer& L, int C, int t0, int t1, Acts& acts) {
+    float *g = acts.g, *w = acts.w;
+    const size_t b = static_cast<size_t>(t0) * C, e = static_cast<size_t>(t1) * C;
+    SiluInPlace(g + b, e - b);
+    for (int t = t0; t < t1; ++t) {
+      for (int c = 0; c < C; ++c) w[static_cast<size_t>(t) * C + c] += L.decay[c];
     }
-    if (logits) Head(x, T, logits, all_positions);
+    ExpInPlace(w + b, e - b);
+    for (size_t i = b; i < e; ++i) w[i] = -w[i];
+    ExpInPlace(w + b, e - b);
   }
 
   int mix_rank_ = 0, decay_rank_ = 0;

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "models/model_impl.h"
+#include "models/stages.h"
 #include "tensor/kernels.h"
 #include "tensor/wkv.h"
 
@@ -84,128 +85,183 @@ class Rwkv7 final : public RwkvModel {
     return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
   }
 
+  // One layer's part of the state.
+  struct LayerState {
+    float* att_x;  // (C) the time mix's normed input at the last token
+    float* S;      // (H, N, N) the wkv state, per head [value, key]
+    float* ffn_x;  // (C) the channel mix's normed input at the last token
+  };
+  LayerState StateOfLayer(float* state, int layer) const {
+    float* st = state + layer * StateFloatsPerLayer();
+    const size_t n = C();
+    return {st, st + n, st + n + n * info_.head_size};
+  }
+
+  // The activations of one chunk of T tokens, reused by every layer. D = the widest low-rank
+  // matrix; each low-rank buffer holds (T, D_s) for its own width D_s <= D.
+  struct Acts {
+    Acts(Scratch& s, size_t T, size_t C, size_t D) {
+      for (float** p : {&x, &xx, &prev}) *p = s.Take(T * C);
+      for (auto& p : xs) p = s.Take(T * C);
+      for (float** p : {&w_low, &a_low, &g_low, &v_low}) *p = s.Take(T * D);
+      for (float** p : {&r, &w, &k, &v, &a, &g, &kk, &v_first, &v_mix, &wkv, &out, &dx}) {
+        *p = s.Take(T * C);
+      }
+    }
+    float* x;           // (T, C) the residual stream
+    float* xx;          // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;        // (T, C) xx one token back
+    float* xs[kSlots];  // (T, C) xx + (prev - xx) x_rwkvag[s] for s in r, w, k, v, a, g
+    float* w_low;       // (T, Dw) tanh(xw w1)
+    float* a_low;       // (T, Da) xa a1
+    float* g_low;       // (T, Dg) sigmoid(xg g1)
+    float* v_low;       // (T, Dv) xv v1
+    float *r, *w, *k, *v;  // (T, C) receptance, decay, key, value
+    float* a;           // (T, C) in-context learning rate
+    float* g;           // (T, C) output gate
+    float* kk;          // (T, C) normalised k k_k: the key whose old value the state removes
+    float* v_first;     // (T, C) layer 0's v, mixed into the v of every later layer
+    float* v_mix;       // (T, C) how much of v_first a later layer's v takes
+    float* wkv;         // (T, C) wkv7 output
+    float* out;         // (T, C) (GroupNorm(wkv) + bonus) g: the input of Wo
+    float* dx;          // (T, C) Wo out: what the time mix adds to x
+  };
+
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
                bool all_positions) const override {
-    const int T = static_cast<int>(tokens.size()), n = C();
-    const int H = info_.n_head, N = info_.head_size;
-    const size_t TC = static_cast<size_t>(T) * n;
-    Scratch& s = Scratch::ForThisThread();
-    float* x = s.Take(TC);
-    float* xx = s.Take(TC);
-    float* prev = s.Take(TC);
-    float* xs[kSlots];
-    for (auto& p : xs) p = s.Take(TC);
-    const size_t low_size = static_cast<size_t>(T) * max_rank_;
-    float* low_w = s.Take(low_size);
-    float* low_a = s.Take(low_size);
-    float* low_g = s.Take(low_size);
-    float* low_v = s.Take(low_size);
-    float* r = s.Take(TC);
-    float* w = s.Take(TC);
-    float* k = s.Take(TC);
-    float* v = s.Take(TC);
-    float* a = s.Take(TC);
-    float* g = s.Take(TC);
-    float* kk = s.Take(TC);
-    float* v_first = s.Take(TC);
-    float* vmix = s.Take(TC);
-    float* wkv = s.Take(TC);
-    float* out = s.Take(TC);
-    const float decay_scale = std::exp(-0.5f);
-    Embed(tokens, x);
-    for (int l = 0; l < info_.n_layer; ++l) {
-      const Layer& L = layers_[l];
-      float* st = state + l * StateFloatsPerLayer();
-      float *att_x = st, *S = st + n, *ffn_x = st + n + static_cast<size_t>(n) * N;
+    const int T = static_cast<int>(tokens.size());
+    Acts acts(Scratch::ForThisThread(), T, C(), max_rank_);
+    Embed(tokens, acts.x);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(l, StateOfLayer(state, l), acts, T);
+    if (logits) Head(acts.x, T, logits, all_positions);
+  }
 
-      // Per-token work runs in token ranges (ForTokens: in parallel for a long prompt).
-      auto row = [n](float* p, int t) { return p + static_cast<size_t>(t) * n; };
-      LayerNormRows(x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, xx);
-      TokenShift(xx, T, n, att_x, prev);
-      ForTokens(T, [&](int t0, int t1) {
-        for (int slot = 0; slot < kSlots; ++slot) {
-          MixAdd(row(xx, t0), row(prev, t0), L.x_rwkvag.data() + slot * n, t1 - t0, n,
-                 row(xs[slot], t0));
-        }
-      });
-      // Two parallel loops: every product of the mixed inputs (the low-rank first halves run
-      // beside r, k, v), then the low-rank second halves. Layer 0 has no v mix.
-      const int v_jobs = l > 0 ? 1 : 0;
-      const MatMulJob first[] = {{L.att_receptance, xs[kR], r}, {L.att_key, xs[kK], k},
-                                 {L.att_value, xs[kV], v},       {L.w1, xs[kW], low_w},
-                                 {L.a1, xs[kA], low_a},          {L.g1, xs[kG], low_g},
-                                 {L.v1, xs[kV], low_v}};
-      MatMulBatch(std::span(first, 6 + v_jobs), T);
-      TanhInPlace(low_w, static_cast<size_t>(T) * L.w1.rows());
-      SigmoidInPlace(low_g, static_cast<size_t>(T) * L.g1.rows());
-      const MatMulJob second[] = {
-          {L.w2, low_w, w}, {L.a2, low_a, a}, {L.g2, low_g, g}, {L.v2, low_v, vmix}};
-      MatMulBatch(std::span(second, 3 + v_jobs), T);
-      ForTokens(T, [&](int t0, int t1) {
-        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
-        // w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a), the v mix
-        // sigmoid(v0 + vmix): the transcendental parts in whole-range (SIMD) passes.
-        for (int t = t0; t < t1; ++t) {
-          for (int c = 0; c < n; ++c) {
-            const size_t i = static_cast<size_t>(t) * n + c;
-            w[i] = L.w0[c] + w[i];
-            a[i] = L.a0[c] + a[i];
-            if (l > 0) vmix[i] = L.v0[c] + vmix[i];
-          }
-        }
-        SigmoidInPlace(w + b, e - b);
-        for (size_t i = b; i < e; ++i) w[i] = -decay_scale * w[i];
-        ExpInPlace(w + b, e - b);
-        SigmoidInPlace(a + b, e - b);
-        if (l > 0) SigmoidInPlace(vmix + b, e - b);
-        for (int t = t0; t < t1; ++t) {
-          for (int c = 0; c < n; ++c) {
-            const size_t i = static_cast<size_t>(t) * n + c;
-            kk[i] = k[i] * L.k_k[c];
-            k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
-            if (l == 0) {
-              v_first[i] = v[i];
-            } else {
-              v[i] += (v_first[i] - v[i]) * vmix[i];
-            }
-          }
-          for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
-            float* kh = row(kk, t) + h * N;
-            float norm = 0.0f;
-            for (int j = 0; j < N; ++j) norm += kh[j] * kh[j];
-            const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
-            for (int j = 0; j < N; ++j) kh[j] *= inv;
-          }
-        }
-      });
-      Wkv7Seq(T, H, N, r, w, k, v, kk, a, S, wkv);
-      ForTokens(T, [&](int t0, int t1) {
-        for (int t = t0; t < t1; ++t) {
-          const size_t o = static_cast<size_t>(t) * n;
-          GroupNorm(wkv + o, L.ln_x_w.data(), L.ln_x_b.data(), n, H, kGroupNormEps, out + o);
-          for (int h = 0; h < H; ++h) {  // the r.k bonus, added after the norm
-            float bonus = 0.0f;
-            for (int j = 0; j < N; ++j) {
-              const size_t i = o + h * N + j;
-              bonus += r[i] * k[i] * L.r_k[h * N + j];
-            }
-            for (int j = 0; j < N; ++j) out[o + h * N + j] += bonus * v[o + h * N + j];
-          }
-          for (int c = 0; c < n; ++c) out[o + c] *= g[o + c];
-        }
-      });
-      MatMul(L.att_output, out, T, r);
-      ForTokens(T, [&](int t0, int t1) {
-        for (size_t i = static_cast<size_t>(t0) * n; i < static_cast<size_t>(t1) * n; ++i) {
-          x[i] += r[i];
-        }
-        LayerNormRows(row(x, t0), L.ln2_w, L.ln2_b, t1 - t0, n, kLayerNormEps, row(xx, t0));
-      });
-      TokenShift(xx, T, n, ffn_x, prev);
-      MixAdd(xx, prev, L.ffn_x_k.data(), T, n, xs[kK]);
-      ChannelMix(L.ffn_key, L.ffn_value, nullptr, xs[kK], nullptr, T, x);
+  void RunLayer(int l, const LayerState& s, Acts& acts, int T) const {
+    const Layer& L = layers_[l];
+    const int n = C(), H = info_.n_head, N = info_.head_size;
+    const bool first_layer = l == 0;
+    // Time mix: x += Wo ((GroupNorm(wkv7(r, w, k, v, kk, a)) + bonus) g).
+    LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
+    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    MixInputs(L, n, T, acts);
+    Projections(L, first_layer, T, acts);
+    ForTokens(T, [&](int t0, int t1) {
+      DecayAndGates(L, first_layer, n, t0, t1, acts);
+      KeysAndValues(L, first_layer, H, N, t0, t1, acts);
+    });
+    Wkv7Seq(T, H, N, acts.r, acts.w, acts.k, acts.v, acts.kk, acts.a, s.S, acts.wkv);
+    ForTokens(T, [&](int t0, int t1) {
+      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
+      Bonus(L.r_k, H, N, t0, t1, acts);
+      Gate(acts.g, n, t0, t1, acts.out);
+    });
+    MatMul(L.att_output, acts.out, T, acts.dx);
+    AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
+    // Channel mix: x += Wv relu(Wk (xx + (prev - xx) x_k))^2.
+    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    ForTokens(T, [&](int t0, int t1) {
+      MixAdd(acts.xx, acts.prev, L.ffn_x_k.data(), n, t0, t1, acts.xs[kK]);
+    });
+    ChannelMix(L.ffn_key, L.ffn_value, nullptr, acts.xs[kK], nullptr, T, acts.x);
+  }
+
+  // xx, prev (T, C) -> xs[s] (T, C) for the six slots, in one pass over the tokens.
+  static void MixInputs(const Layer& L, int C, int T, Acts& acts) {
+    ForTokens(T, [&](int t0, int t1) {
+      for (int slot = 0; slot < kSlots; ++slot) {
+        MixAdd(acts.xx, acts.prev, L.x_rwkvag.data() + slot * C, C, t0, t1, acts.xs[slot]);
+      }
+    });
+  }
+
+  // xs (T, C) -> r, k, v (T, C) = W xr, W xk, W xv, and the low-rank products before their
+  // offsets: w = tanh(xw w1) w2, a = (xa a1) a2, g = sigmoid(xg g1) g2, v_mix = (xv v1) v2
+  // (T, C). Two parallel loops: the first halves beside r, k, v, then the second halves.
+  // Layer 0 has no v mix.
+  static void Projections(const Layer& L, bool first_layer, int T, Acts& acts) {
+    const int v_jobs = first_layer ? 0 : 1;
+    const MatMulJob first[] = {
+        {L.att_receptance, acts.xs[kR], acts.r}, {L.att_key, acts.xs[kK], acts.k},
+        {L.att_value, acts.xs[kV], acts.v},      {L.w1, acts.xs[kW], acts.w_low},
+        {L.a1, acts.xs[kA], acts.a_low},         {L.g1, acts.xs[kG], acts.g_low},
+        {L.v1, acts.xs[kV], acts.v_low}};
+    MatMulBatch(std::span(first, 6 + v_jobs), T);
+    TanhInPlace(acts.w_low, static_cast<size_t>(T) * L.w1.rows());
+    SigmoidInPlace(acts.g_low, static_cast<size_t>(T) * L.g1.rows());
+    const MatMulJob second[] = {{L.w2, acts.w_low, acts.w},
+                                {L.a2, acts.a_low, acts.a},
+                                {L.g2, acts.g_low, acts.g},
+                                {L.v2, acts.v_low, acts.v_mix}};
+    MatMulBatch(std::span(second, 3 + v_jobs), T);
+  }
+
+  // Row stage: w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a) and, after layer 0,
+  // v_mix = sigmoid(v0 + v_mix) (T, C): the offsets per channel, then the transcendental parts
+  // in whole-range (SIMD) passes.
+  static void DecayAndGates(const Layer& L, bool first_layer, int C, int t0, int t1,
+                            Acts& acts) {
+    float *w = acts.w, *a = acts.a, *v_mix = acts.v_mix;
+    const size_t b = static_cast<size_t>(t0) * C, e = static_cast<size_t>(t1) * C;
+    for (int t = t0; t < t1; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const size_t i = static_cast<size_t>(t) * C + c;
+        w[i] = L.w0[c] + w[i];
+        a[i] = L.a0[c] + a[i];
+        if (!first_layer) v_mix[i] = L.v0[c] + v_mix[i];
+      }
     }
-    if (logits) Head(x, T, logits, all_positions);
+    const float decay_scale = std::exp(-0.5f);
+    SigmoidInPlace(w + b, e - b);
+    for (size_t i = b; i < e; ++i) w[i] = -decay_scale * w[i];
+    ExpInPlace(w + b, e - b);
+    SigmoidInPlace(a + b, e - b);
+    if (!first_layer) SigmoidInPlace(v_mix + b, e - b);
+  }
+
+  // Row stage: kk = k k_k normalised per head (to at most 1/1e-12); k = k (1 + (a - 1) k_a);
+  // layer 0 keeps its v as v_first, later layers take v += (v_first - v) v_mix (T, C).
+  static void KeysAndValues(const Layer& L, bool first_layer, int H, int N, int t0, int t1,
+                            Acts& acts) {
+    float *k = acts.k, *v = acts.v, *kk = acts.kk, *v_first = acts.v_first;
+    const float *a = acts.a, *v_mix = acts.v_mix;
+    const int C = H * N;
+    for (int t = t0; t < t1; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const size_t i = static_cast<size_t>(t) * C + c;
+        kk[i] = k[i] * L.k_k[c];
+        k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
+        if (first_layer) {
+          v_first[i] = v[i];
+        } else {
+          v[i] += (v_first[i] - v[i]) * v_mix[i];
+        }
+      }
+      for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
+        float* kh = kk + static_cast<size_t>(t) * C + h * N;
+        float norm = 0.0f;
+        for (int j = 0; j < N; ++j) norm += kh[j] * kh[j];
+        const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
+        for (int j = 0; j < N; ++j) kh[j] *= inv;
+      }
+    }
+  }
+
+  // Row stage: out (T, C) += (sum over each head of r k r_k) v, r_k (C): the current token's
+  // bonus, added after the norm.
+  static void Bonus(const std::vector<float>& r_k, int H, int N, int t0, int t1, Acts& acts) {
+    const float *r = acts.r, *k = acts.k, *v = acts.v;
+    float* out = acts.out;
+    for (int t = t0; t < t1; ++t) {
+      const size_t o = static_cast<size_t>(t) * H * N;
+      for (int h = 0; h < H; ++h) {
+        float bonus = 0.0f;
+        for (int j = 0; j < N; ++j) {
+          const size_t i = o + h * N + j;
+          bonus += r[i] * k[i] * r_k[h * N + j];
+        }
+        for (int j = 0; j < N; ++j) out[o + h * N + j] += bonus * v[o + h * N + j];
+      }
+    }
   }
 
   int64_t max_rank_ = 1;
