@@ -119,7 +119,7 @@ void RegisterTokenize(CLI::App& app) {
   CLI::App* tok = app.add_subcommand("tokenize", "Print the token ids of a text");
   AddTokenizerOptions(tok, &t->tok);
   t->text_opt = tok->add_option("--text", t->text, "The text (raw bytes, as given)");
-  t->file_opt = tok->add_option("--file", t->file, "Read the text from a file (raw bytes)");
+  t->file_opt = tok->add_option("--file", t->file, "Read the text from a file (raw bytes; - for stdin)");
   tok->add_flag("--json", t->json, "Print a JSON array instead of ids separated by spaces");
   tok->callback([t] { RunTokenize(*t); });
 
