@@ -30,6 +30,7 @@
 
 #include "aviary/error.h"
 #include "aviary/model.h"
+#include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
 #include "pth_fixtures.h"
 #include "test_data.h"
@@ -623,6 +624,24 @@ Bytes CanonicalBin(const std::vector<RawTensor>& raw, const Rwkv7Shape& s) {
     out.insert(out.end(), data.begin(), data.end());
   }
   return out;
+}
+
+// A BF16 checkpoint converted to GGUF keeps its weights, so it gives the same logits in the
+// default mode too (rounded activations), where the kernel chosen for a matrix depends on
+// its stored type.
+TEST(GeneratedRwkv7, Bf16PthAndItsGgufGiveTheSameDefaultLogits) {
+  aviary::testing::RoundedActivations rounded(true);
+  const Rwkv7Shape s;
+  const std::vector<RawTensor> raw = GenerateRwkv7(s, 7, /*round_bf16=*/true);
+  const std::vector<int32_t> tokens = {17, 998, 3, 512, 17, 40, 41};
+  const Bytes pth_bytes = MakePth(raw, DType::kBF16, "rwkv7-gen");
+  auto pth = LoadBytes(pth_bytes, "gen.pth");
+  const WeightFile wf = ReadWeightFile(pth_bytes, "gen.pth");
+  const std::string path = aviary::testing::ProcessTempDir() + "bf16-pth.gguf";
+  WriteGguf(wf, pth->info(), GgufWriteOptions{}, path);
+  auto gguf = Model::Load(path);
+  EXPECT_EQ(Logits(*pth, tokens), Logits(*gguf, tokens));
+  std::remove(path.c_str());
 }
 
 TEST(GeneratedRwkv7, PthSafetensorsBinAndReferenceAgree) {

@@ -40,6 +40,7 @@ DType ParseType(std::string name) {
 // A tokenizer file as data: a Hugging Face tokenizer.json starts with '{', anything else is
 // read as a World vocabulary.
 TokenizerData ReadTokenizerFile(const std::string& path) {
+  LoadTokenizer(path);  // a vocabulary aviary could not use is refused now, naming the file
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open tokenizer file");
   char first = 0;
