@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -393,6 +394,66 @@ TEST(Cli, UnknownCommandIsNamed) {
   const CommandResult r = RunCommand(Cli("frobnicate --model x") + " 2>&1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("unknown command 'frobnicate'"), std::string::npos) << r.output;
+}
+
+// logits --all-positions streams its rows: 2,000 rows of 65,536 logits (500 MiB) pass through
+// a process that stays far smaller, and the bytes equal a one-row-at-a-time run's.
+TEST(Cli, AllPositionsStreamsItsRows) {
+  REQUIRE_SHARED("tokenizers/rwkv_vocab_v20230424.txt");
+  const std::string model = TempFile("wide-vocab.bin"), prompt = TempFile("long.txt");
+  ASSERT_EQ(RunCommand(Cli("synth --layers 1 --embd 64 --vocab 65536 -o " + model)).exit_code, 0);
+  std::string text;
+  const char* words[] = {"alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north"};
+  for (int i = 0; i < 2000; ++i) text += std::string(i ? " " : "") + words[(i * 7 + i / 3) % 8];
+  WriteFile(prompt, text);
+  const std::string common = "logits --model " + model + " --tokenizer " +
+                             Quote(SharedPath("tokenizers/rwkv_vocab_v20230424.txt")) +
+                             " --prompt-file " + prompt + " --all-positions --output ";
+  const CommandResult r = RunCommand(Cli(common + "/dev/null"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const double rows = NumberAfter(r.output, "wrote");
+  ASSERT_GE(rows, 1500) << r.output;
+  struct rusage usage {};
+  getrusage(RUSAGE_CHILDREN, &usage);
+  const double peak_bytes = usage.ru_maxrss * 1024.0;
+  EXPECT_LT(peak_bytes, rows * 65536 * sizeof(float) / 2) << "peak RSS " << peak_bytes / 1048576 << " MiB";
+  // Chunked rows are the rows of the whole sequence, bit for bit (compared on a shorter text).
+  WriteFile(prompt, text.substr(0, 3000));
+  const std::string seq = TempFile("stream-seq.f32"), one = TempFile("stream-one.f32");
+  ASSERT_EQ(RunCommand(Cli(common + seq)).exit_code, 0);
+  ASSERT_EQ(RunCommand(Cli(common + one + " --one-by-one")).exit_code, 0);
+  const std::vector<uint8_t> a = ReadFileBytes(seq), b = ReadFileBytes(one);
+  EXPECT_GT(a.size(), 256u * 65536 * sizeof(float));  // more than one chunk
+  EXPECT_TRUE(a == b);
+  for (const std::string& f : {model, seq, one}) std::remove(f.c_str());
+}
+
+// On a terminal, generate ends its text with a newline (the shell prompt starts a new line);
+// into a pipe the bytes are the continuation alone.
+TEST(Cli, GenerateEndsWithANewlineOnATerminal) {
+  REQUIRE_SHARED(kTiny52);
+  if (std::system("python3 -c 'import pty' 2>/dev/null") != 0) GTEST_SKIP() << "no python3 pty";
+  const std::string args = "generate --model " + Quote(SharedPath(kTiny52)) +
+                           " --prompt 'In the beginning' --tokens 12 --temperature 0";
+  const CommandResult piped = RunCommand(Cli(args));
+  ASSERT_EQ(piped.exit_code, 0);
+  ASSERT_EQ(piped.output.size(), 12u);
+  ASSERT_NE(piped.output.back(), '\n');
+  const std::string cli = CliPath() + " " + args;
+  const CommandResult tty = RunCommand(
+      "python3 -c 'import pty, sys; pty.spawn([\"sh\", \"-c\", sys.argv[1]])' " + Quote(cli));
+  ASSERT_EQ(tty.exit_code, 0) << tty.output;
+  // The terminal turns "\n" into "\r\n".
+  EXPECT_EQ(tty.output, piped.output + "\r\n");
+}
+
+// A bandwidth probe of no bytes is refused, not silently left out of the report.
+TEST(Cli, BenchRefusesAnEmptyBandwidthProbe) {
+  for (const char* mib : {"0", "-1"}) {
+    const CommandResult r = RunCommand(Cli(std::string("bench --bandwidth --bandwidth-mib ") + mib) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("--bandwidth-mib"), std::string::npos) << r.output;
+  }
 }
 
 // synth refuses a model the disk cannot hold before writing anything.

@@ -631,7 +631,13 @@ Bytes CanonicalBin(const std::vector<RawTensor>& raw, const Rwkv7Shape& s) {
 // its stored type.
 TEST(GeneratedRwkv7, Bf16PthAndItsGgufGiveTheSameDefaultLogits) {
   aviary::testing::RoundedActivations rounded(true);
-  const Rwkv7Shape s;
+  Rwkv7Shape s;  // 0.4B's width and low-rank sizes, 2 layers
+  s.width = 1024;
+  s.ffn = 4096;
+  s.d_decay = 64;
+  s.d_aaa = 64;
+  s.d_mv = 32;
+  s.d_gate = 128;
   const std::vector<RawTensor> raw = GenerateRwkv7(s, 7, /*round_bf16=*/true);
   const std::vector<int32_t> tokens = {17, 998, 3, 512, 17, 40, 41};
   const Bytes pth_bytes = MakePth(raw, DType::kBF16, "rwkv7-gen");
