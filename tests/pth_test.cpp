@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -206,11 +207,12 @@ TEST(PthInfo, NotesDescribeTheConversion) {
   EXPECT_NE(notes.find("x_rwkvag"), std::string::npos) << notes;
   // 12 layers x (w, a, g) pairs + 11 layers x the v pair (blocks.0 has none in this file).
   EXPECT_NE(notes.find("transposed 94 low-rank"), std::string::npos) << notes;
-  // Big matrices stay BF16 views; only the rebuilt small tensors are F32.
+  // Big matrices stay BF16 views; the transposed a/v/g pairs stay BF16 too; only the stacked
+  // mixes and the decay pair (F32 by GGUF's policy) are F32.
   const auto& types = model->info().tensor_types;
   ASSERT_TRUE(types.count("BF16"));
   ASSERT_TRUE(types.count("F32"));
-  EXPECT_EQ(types.at("F32"), 12 + 94);  // x_rwkvag per layer + the low-rank matrices
+  EXPECT_EQ(types.at("F32"), 12 + 12 * 2);  // x_rwkvag and w1/w2 per layer
 }
 
 // ---- every version: the stress .bin files turned back into raw checkpoints ----
@@ -626,9 +628,9 @@ Bytes CanonicalBin(const std::vector<RawTensor>& raw, const Rwkv7Shape& s) {
   return out;
 }
 
-// A BF16 checkpoint converted to GGUF keeps its weights, so it gives the same logits in the
-// default mode too (rounded activations), where the kernel chosen for a matrix depends on
-// its stored type.
+// A BF16 checkpoint converted to GGUF (types kept, or --type bf16: lossless either way) gives
+// the same logits in the default mode too (rounded activations), where the kernel chosen for
+// a matrix depends on its stored type: the low-rank matrices rebuilt from [in, out] keep it.
 TEST(GeneratedRwkv7, Bf16PthAndItsGgufGiveTheSameDefaultLogits) {
   aviary::testing::RoundedActivations rounded(true);
   Rwkv7Shape s;  // 0.4B's width and low-rank sizes, 2 layers
@@ -644,9 +646,14 @@ TEST(GeneratedRwkv7, Bf16PthAndItsGgufGiveTheSameDefaultLogits) {
   auto pth = LoadBytes(pth_bytes, "gen.pth");
   const WeightFile wf = ReadWeightFile(pth_bytes, "gen.pth");
   const std::string path = aviary::testing::ProcessTempDir() + "bf16-pth.gguf";
-  WriteGguf(wf, pth->info(), GgufWriteOptions{}, path);
-  auto gguf = Model::Load(path);
-  EXPECT_EQ(Logits(*pth, tokens), Logits(*gguf, tokens));
+  for (const std::optional<DType> type : {std::optional<DType>(), std::optional(DType::kBF16)}) {
+    SCOPED_TRACE(type ? "--type bf16" : "types kept");
+    GgufWriteOptions options;
+    options.type = type;
+    WriteGguf(wf, pth->info(), options, path);
+    auto gguf = Model::Load(path);
+    EXPECT_EQ(Logits(*pth, tokens), Logits(*gguf, tokens));
+  }
   std::remove(path.c_str());
 }
 

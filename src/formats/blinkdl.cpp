@@ -228,10 +228,16 @@ class Converter {
   void Own(const std::string& name, std::vector<int64_t> shape, const std::vector<float>& v) {
     std::vector<uint8_t> buf(v.size() * sizeof(float));
     if (!v.empty()) std::memcpy(buf.data(), v.data(), buf.size());
-    wf_.owned.push_back(std::move(buf));
+    OwnBytes(name, DType::kF32, std::move(shape), std::move(buf));
+  }
+
+  // Replaces (or adds) `name` with `type` data owned by the WeightFile.
+  void OwnBytes(const std::string& name, DType type, std::vector<int64_t> shape,
+                std::vector<uint8_t> bytes) {
+    wf_.owned.push_back(std::move(bytes));
     Tensor t;
     t.name = name;
-    t.type = DType::kF32;
+    t.type = type;
     t.shape = std::move(shape);
     t.data = wf_.owned.back().data();
     t.nbytes = wf_.owned.back().size();
@@ -252,8 +258,10 @@ class Converter {
     return n;
   }
 
-  // [a, b] -> [b, a] as F32.
-  int Transpose(std::string_view suffix) {
+  // [a, b] -> [b, a], as F32 (`keep_type` false) or in the stored type: F32, F16 and BF16
+  // elements are moved as they are, so a BF16 checkpoint's matrix stays BF16 and takes the
+  // same kernel as in any other container of the same weights (the kernels choose by type).
+  int Transpose(std::string_view suffix, bool keep_type = false) {
     int n = 0;
     for (const std::string& name : Named(suffix)) {
       if (already_out_in_.count(name)) continue;
@@ -263,12 +271,24 @@ class Converter {
              ", expected a 2-D low-rank matrix");
       }
       const int64_t a = t.shape[0], b = t.shape[1];
-      const std::vector<float> v = Floats(t);
-      std::vector<float> out(v.size());
-      for (int64_t i = 0; i < a; ++i) {
-        for (int64_t j = 0; j < b; ++j) out[j * a + i] = v[i * b + j];
+      const bool raw = keep_type && (t.type == DType::kF32 || t.type == DType::kF16 ||
+                                     t.type == DType::kBF16);
+      if (raw) {
+        const size_t size = t.type == DType::kF32 ? 4 : 2;
+        std::vector<uint8_t> out(static_cast<size_t>(a * b) * size);
+        const auto* in = static_cast<const uint8_t*>(t.data);
+        for (int64_t i = 0; i < a; ++i) {
+          for (int64_t j = 0; j < b; ++j) std::memcpy(&out[(j * a + i) * size], &in[(i * b + j) * size], size);
+        }
+        OwnBytes(name, t.type, {b, a}, std::move(out));
+      } else {
+        const std::vector<float> v = Floats(t);
+        std::vector<float> out(v.size());
+        for (int64_t i = 0; i < a; ++i) {
+          for (int64_t j = 0; j < b; ++j) out[j * a + i] = v[i * b + j];
+        }
+        Own(name, {b, a}, out);
       }
-      Own(name, {b, a}, out);
       ++n;
     }
     return n;
@@ -347,14 +367,17 @@ class Converter {
     notes_.push_back("stacked x_r, x_w, x_k, x_v, x_a, x_g as x_rwkvag [6, C] (" +
                      std::to_string(stacked) + " layers)");
 
-    int n = 0;
-    for (const char* s : {".att.w1", ".att.a1", ".att.v1", ".att.g1", ".att.w2", ".att.a2",
-                          ".att.v2", ".att.g2"}) {
-      n += Transpose(s);
+    // The decay pair becomes F32 as GGUF's type policy has it for float types (llama.cpp
+    // keeps them F32); the others keep their type: the same weights then take the same kernels
+    // from a .pth as from its GGUF conversion.
+    int n = Transpose(".att.w1") + Transpose(".att.w2");
+    for (const char* s : {".att.a1", ".att.v1", ".att.g1", ".att.a2", ".att.v2", ".att.g2"}) {
+      n += Transpose(s, /*keep_type=*/true);
     }
     if (n) {
       notes_.push_back("transposed " + std::to_string(n) +
-                       " low-rank matrices (w1/w2, a1/a2, v1/v2, g1/g2) to [out, in], F32");
+                       " low-rank matrices (w1/w2, a1/a2, v1/v2, g1/g2) to [out, in] (w1/w2 as "
+                       "F32, the others in their type)");
     }
   }
 
