@@ -366,7 +366,8 @@ TEST(Cli, NonFiniteLogitsAreNamed) {
     EXPECT_NE(r.output.find("NaN for token id 0"), std::string::npos) << r.output;
     EXPECT_EQ(r.output.find("perplexity:"), std::string::npos) << r.output;
   }
-  const CommandResult chat = RunCommand("echo '+gen hi' | " + Cli("chat --model " + model) + " 2>&1");
+  const CommandResult chat =
+      RunCommand("echo '+gen hi' | " + Cli("chat --model " + model) + " 2>&1");
   EXPECT_EQ(chat.exit_code, 1) << chat.output;
   EXPECT_NE(chat.output.find("logits are not finite"), std::string::npos) << chat.output;
 }
@@ -384,8 +385,9 @@ TEST(Cli, SeedsOutOfRangeAreRefused) {
                 std::string::npos) << r.output;
     }
   }
-  const CommandResult top = RunCommand(Cli("generate --model " + model +
-                                           " --prompt hi --tokens 1 -v --seed 18446744073709551615") + " 2>&1");
+  const CommandResult top = RunCommand(
+      Cli("generate --model " + model + " --prompt hi --tokens 1 -v --seed 18446744073709551615") +
+      " 2>&1");
   EXPECT_EQ(top.exit_code, 0) << top.output;
   EXPECT_NE(top.output.find("seed 18446744073709551615"), std::string::npos) << top.output;
 }
@@ -416,7 +418,8 @@ TEST(Cli, AllPositionsStreamsItsRows) {
   struct rusage usage {};
   getrusage(RUSAGE_CHILDREN, &usage);
   const double peak_bytes = usage.ru_maxrss * 1024.0;
-  EXPECT_LT(peak_bytes, rows * 65536 * sizeof(float) / 2) << "peak RSS " << peak_bytes / 1048576 << " MiB";
+  EXPECT_LT(peak_bytes, rows * 65536 * sizeof(float) / 2)
+      << "peak RSS " << peak_bytes / 1048576 << " MiB";
   // Chunked rows are the rows of the whole sequence, bit for bit (compared on a shorter text).
   WriteFile(prompt, text.substr(0, 3000));
   const std::string seq = TempFile("stream-seq.f32"), one = TempFile("stream-one.f32");
@@ -450,7 +453,8 @@ TEST(Cli, GenerateEndsWithANewlineOnATerminal) {
 // A bandwidth probe of no bytes is refused, not silently left out of the report.
 TEST(Cli, BenchRefusesAnEmptyBandwidthProbe) {
   for (const char* mib : {"0", "-1"}) {
-    const CommandResult r = RunCommand(Cli(std::string("bench --bandwidth --bandwidth-mib ") + mib) + " 2>&1");
+    const CommandResult r =
+        RunCommand(Cli(std::string("bench --bandwidth --bandwidth-mib ") + mib) + " 2>&1");
     EXPECT_EQ(r.exit_code, 2) << r.output;
     EXPECT_NE(r.output.find("--bandwidth-mib"), std::string::npos) << r.output;
   }

@@ -278,7 +278,9 @@ class Converter {
         std::vector<uint8_t> out(static_cast<size_t>(a * b) * size);
         const auto* in = static_cast<const uint8_t*>(t.data);
         for (int64_t i = 0; i < a; ++i) {
-          for (int64_t j = 0; j < b; ++j) std::memcpy(&out[(j * a + i) * size], &in[(i * b + j) * size], size);
+          for (int64_t j = 0; j < b; ++j) {
+            std::memcpy(&out[(j * a + i) * size], &in[(i * b + j) * size], size);
+          }
         }
         OwnBytes(name, t.type, {b, a}, std::move(out));
       } else {

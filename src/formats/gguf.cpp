@@ -444,8 +444,9 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
       // GgmlTypeName says "type N" for a number it has no name for.
       const std::string name = GgmlTypeName(t.ggml_type);
       const std::string number = "ggml type " + std::to_string(t.ggml_type);
-      f.Fail(where + " has " + (name.rfind("type ", 0) == 0 ? number : "type " + name + " (" + number + ")") +
-             ", which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
+      const std::string named =
+          name.rfind("type ", 0) == 0 ? number : "type " + name + " (" + number + ")";
+      f.Fail(where + " has " + named + ", which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
              "Q5_0, Q4_K, Q4_1, Q4_0)");
     }
     t.type = *type;
