@@ -143,6 +143,19 @@ TEST(ChatCommands, SettingsAreRemovedCompletely) {
   EXPECT_FALSE(p.had_settings);
 }
 
+// Settings are plain decimals: no sign (not even "-0"), no hex floats, no leading '+'.
+TEST(ChatCommands, SettingsArePlainDecimals) {
+  for (const char* line : {"-top_p=-0", "-top_p=-0.0", "-top_p=0x0.8p0", "-temp=0x1p0",
+                           "-temp=+1", "-top_p=+0.5", "-temp=1.0f", "-top_p=0.5 -temp=-1"}) {
+    const chat::ParsedLine p = chat::ParseLine(line, 1.2f, 0.5f);
+    EXPECT_EQ(p.errors.size(), 1u) << line;
+  }
+  const chat::ParsedLine ok = chat::ParseLine("-temp=1e0 -top_p=.25", 1.2f, 0.5f);
+  EXPECT_TRUE(ok.errors.empty());
+  EXPECT_EQ(ok.temperature, 1.0f);
+  EXPECT_EQ(ok.top_p, 0.25f);
+}
+
 TEST(ChatCommands, BadSettingsNameRangeAndValueInForce) {
   for (const char* line : {"-temp=9 hello", "-temp=0.1", "-temp=abc hi", "-temp=", "-temp=nan",
                            "-temp=1.2.3", "-top_p=1.5", "-top_p=-0.1 x", "-top_p=", "-top_p=inf",

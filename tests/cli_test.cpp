@@ -1,7 +1,11 @@
 // The aviary command as a user runs it: outputs, files written, exit codes.
+#include <sys/resource.h>
+
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <regex>
 
@@ -237,6 +241,233 @@ TEST(Cli, GenerateRejectsBadSettings) {
   const CommandResult empty = RunCommand(
       Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt ''") + " 2>&1");
   EXPECT_EQ(empty.exit_code, 2) << empty.output;
+}
+
+// Every command that writes a file refuses to write it over one of its inputs, whatever the
+// path it is reached by, and leaves the input as it was.
+TEST(Cli, OutputsNeverOverwriteInputs) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string model = TempFile("victim.bin");
+  std::filesystem::copy_file(SharedPath(kTiny52), model,
+                             std::filesystem::copy_options::overwrite_existing);
+  const std::vector<uint8_t> model_bytes = ReadFileBytes(model);
+  const std::string link = TempFile("victim-link.bin"), hard = TempFile("victim-hard.bin");
+  std::filesystem::remove(link);
+  std::filesystem::remove(hard);
+  std::filesystem::create_symlink(model, link);
+  std::filesystem::create_hard_link(model, hard);
+  const std::string prompt = TempFile("victim-prompt.txt");
+  WriteFile(prompt, "hello");
+  for (const std::string& out : {model, link, hard, ProcessTempDir() + "./aviary_cli_victim.bin"}) {
+    const CommandResult r = RunCommand(
+        Cli("logits --model " + Quote(model) + " --prompt hi --output " + Quote(out)) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << out << "\n" << r.output;
+    EXPECT_NE(r.output.find("refusing to overwrite the input file"), std::string::npos) << r.output;
+  }
+  CommandResult r = RunCommand(Cli("logits --model " + Quote(model) + " --prompt-file " +
+                                   Quote(prompt) + " --output " + Quote(prompt)) + " 2>&1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(ReadFileBytes(prompt).size(), 5u);
+  // convert: the tokenizer it embeds is an input too.
+  REQUIRE_SHARED("tokenizers/rwkv_vocab_v20230424.txt");
+  const std::string vocab = TempFile("victim-vocab.txt");
+  std::filesystem::copy_file(SharedPath("tokenizers/rwkv_vocab_v20230424.txt"), vocab,
+                             std::filesystem::copy_options::overwrite_existing);
+  const std::vector<uint8_t> vocab_bytes = ReadFileBytes(vocab);
+  r = RunCommand(Cli("convert " + Quote(model) + " " + Quote(vocab) + " --tokenizer " +
+                     Quote(vocab)) + " 2>&1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("refusing to overwrite the input file"), std::string::npos) << r.output;
+  EXPECT_EQ(ReadFileBytes(vocab), vocab_bytes);
+  // chat: +save over the model (or through a link to it) is refused; the chat goes on.
+  r = RunCommand("printf '+save " + model + "\\n+save " + link + "\\n+gen x\\n' | " +
+                 Cli("chat --model " + Quote(model) + " --gen-tokens 2") + " 2>&1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  size_t refusals = 0;
+  for (size_t at = 0; (at = r.output.find("refusing to overwrite", at)) != std::string::npos; ++at) {
+    ++refusals;
+  }
+  EXPECT_EQ(refusals, 2u) << r.output;
+  EXPECT_NE(r.output.find("(2 tokens"), std::string::npos) << r.output;
+  EXPECT_EQ(ReadFileBytes(model), model_bytes);
+  EXPECT_TRUE(std::filesystem::is_symlink(link));
+}
+
+// A write that fails part-way (here the file size limit) leaves the old output whole and no
+// temporary behind.
+TEST(Cli, FailedWriteLeavesTheOldFileWhole) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string out = TempFile("kept.f32");
+  WriteFile(out, "old contents");
+  const CommandResult r = RunCommand(
+      "trap '' XFSZ; ulimit -f 4; " +
+      Cli("logits --model " + Quote(SharedPath(kTiny52)) +
+          " --prompt 'a prompt of more than sixteen tokens' --all-positions --output " + Quote(out)) +
+      " 2>&1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find(out + ": write failed"), std::string::npos) << r.output;
+  const std::vector<uint8_t> kept = ReadFileBytes(out);
+  EXPECT_EQ(std::string(kept.begin(), kept.end()), "old contents");
+  EXPECT_FALSE(std::filesystem::exists(out + ".tmp"));
+}
+
+// "-" is stdout for logits' output and stdin for prompt files; both give the file's bytes.
+TEST(Cli, DashIsStdinAndStdout) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string model = Quote(SharedPath(kTiny52));
+  const std::string file = TempFile("dash.f32"), piped = TempFile("dash-piped.f32");
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt 'Dash' --all-positions --output " +
+                           file)).exit_code, 0);
+  const CommandResult r = RunCommand("printf Dash | " + Cli("logits --model " + model +
+                                     " --prompt-file - --all-positions --output - > " + piped));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ReadFileBytes(piped), ReadFileBytes(file));
+  EXPECT_EQ(ReadFileBytes(file).size(), 4u * 256 * sizeof(float));
+}
+
+// A failed write to stdout (a full disk) is an error, not a silent success.
+TEST(Cli, FailedStdoutExitsOne) {
+  REQUIRE_SHARED(kTiny52);
+  if (!std::filesystem::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  const std::string model = Quote(SharedPath(kTiny52));
+  const std::string text = TempFile("full.txt");
+  WriteFile(text, "Some text to measure.");
+  for (const std::string& args :
+       {"generate --model " + model + " --prompt hi --tokens 4", "tokenize --model " + model +
+        " --text hello", "detokenize --model " + model + " 65 66", "info --model " + model,
+        "perplexity --model " + model + " --text " + text,
+        "bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1"}) {
+    const CommandResult r = RunCommand(Cli(args) + " 2>&1 >/dev/full");
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("aviary: cannot write to stdout"), std::string::npos) << args << "\n"
+                                                                                   << r.output;
+  }
+  const CommandResult chat = RunCommand("echo '+gen hi' | " + Cli("chat --model " + model +
+                                        " --gen-tokens 2") + " 2>&1 >/dev/full");
+  EXPECT_EQ(chat.exit_code, 1) << chat.output;
+  EXPECT_NE(chat.output.find("cannot write to stdout"), std::string::npos) << chat.output;
+}
+
+// A model whose logits are NaN: the error says so and where, never "every token is banned".
+TEST(Cli, NonFiniteLogitsAreNamed) {
+  REQUIRE_SHARED(kTiny52);
+  std::vector<uint8_t> bytes = ReadFileBytes(SharedPath(kTiny52));
+  // The head [256, 64] is the file's last tensor: its first row (token 0) becomes NaN.
+  const size_t head = bytes.size() - 256 * 64 * sizeof(float);
+  std::fill(bytes.begin() + head, bytes.begin() + head + 64 * sizeof(float), 0xff);
+  const std::string model = TempFile("nan.bin"), text = TempFile("nan.txt");
+  WriteFile(model, std::string(bytes.begin(), bytes.end()));
+  WriteFile(text, "Some text");
+  for (const std::string& args : {"generate --model " + model + " --prompt hi --tokens 3",
+                                  "perplexity --model " + model + " --text " + text}) {
+    const CommandResult r = RunCommand(Cli(args) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("logits are not finite at token"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("NaN for token id 0"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("perplexity:"), std::string::npos) << r.output;
+  }
+  const CommandResult chat =
+      RunCommand("echo '+gen hi' | " + Cli("chat --model " + model) + " 2>&1");
+  EXPECT_EQ(chat.exit_code, 1) << chat.output;
+  EXPECT_NE(chat.output.find("logits are not finite"), std::string::npos) << chat.output;
+}
+
+TEST(Cli, SeedsOutOfRangeAreRefused) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string model = Quote(SharedPath(kTiny52));
+  for (const char* seed : {"-5", "12345678901234567890123456", "18446744073709551616", "1e3", "x"}) {
+    for (const std::string& args :
+         {"generate --model " + model + " --prompt hi --tokens 1 --seed " + seed,
+          "synth --layers 1 --embd 32 --vocab 16 -o " + TempFile("seed.bin") + " --seed " + seed}) {
+      const CommandResult r = RunCommand(Cli(args) + " 2>&1");
+      EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
+      EXPECT_NE(r.output.find("seed must be a whole number from 0 to 18446744073709551615"),
+                std::string::npos) << r.output;
+    }
+  }
+  const CommandResult top = RunCommand(
+      Cli("generate --model " + model + " --prompt hi --tokens 1 -v --seed 18446744073709551615") +
+      " 2>&1");
+  EXPECT_EQ(top.exit_code, 0) << top.output;
+  EXPECT_NE(top.output.find("seed 18446744073709551615"), std::string::npos) << top.output;
+}
+
+TEST(Cli, UnknownCommandIsNamed) {
+  const CommandResult r = RunCommand(Cli("frobnicate --model x") + " 2>&1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("unknown command 'frobnicate'"), std::string::npos) << r.output;
+}
+
+// logits --all-positions streams its rows: 2,000 rows of 65,536 logits (500 MiB) pass through
+// a process that stays far smaller, and the bytes equal a one-row-at-a-time run's.
+TEST(Cli, AllPositionsStreamsItsRows) {
+  REQUIRE_SHARED("tokenizers/rwkv_vocab_v20230424.txt");
+  const std::string model = TempFile("wide-vocab.bin"), prompt = TempFile("long.txt");
+  ASSERT_EQ(RunCommand(Cli("synth --layers 1 --embd 64 --vocab 65536 -o " + model)).exit_code, 0);
+  std::string text;
+  const char* words[] = {"alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north"};
+  for (int i = 0; i < 2000; ++i) text += std::string(i ? " " : "") + words[(i * 7 + i / 3) % 8];
+  WriteFile(prompt, text);
+  const std::string common = "logits --model " + model + " --tokenizer " +
+                             Quote(SharedPath("tokenizers/rwkv_vocab_v20230424.txt")) +
+                             " --prompt-file " + prompt + " --all-positions --output ";
+  const CommandResult r = RunCommand(Cli(common + "/dev/null"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const double rows = NumberAfter(r.output, "wrote");
+  ASSERT_GE(rows, 1500) << r.output;
+  struct rusage usage {};
+  getrusage(RUSAGE_CHILDREN, &usage);
+  const double peak_bytes = usage.ru_maxrss * 1024.0;
+  EXPECT_LT(peak_bytes, rows * 65536 * sizeof(float) / 2)
+      << "peak RSS " << peak_bytes / 1048576 << " MiB";
+  // Chunked rows are the rows of the whole sequence, bit for bit (compared on a shorter text).
+  WriteFile(prompt, text.substr(0, 3000));
+  const std::string seq = TempFile("stream-seq.f32"), one = TempFile("stream-one.f32");
+  ASSERT_EQ(RunCommand(Cli(common + seq)).exit_code, 0);
+  ASSERT_EQ(RunCommand(Cli(common + one + " --one-by-one")).exit_code, 0);
+  const std::vector<uint8_t> a = ReadFileBytes(seq), b = ReadFileBytes(one);
+  EXPECT_GT(a.size(), 256u * 65536 * sizeof(float));  // more than one chunk
+  EXPECT_TRUE(a == b);
+  for (const std::string& f : {model, seq, one}) std::remove(f.c_str());
+}
+
+// On a terminal, generate ends its text with a newline (the shell prompt starts a new line);
+// into a pipe the bytes are the continuation alone.
+TEST(Cli, GenerateEndsWithANewlineOnATerminal) {
+  REQUIRE_SHARED(kTiny52);
+  if (std::system("python3 -c 'import pty' 2>/dev/null") != 0) GTEST_SKIP() << "no python3 pty";
+  const std::string args = "generate --model " + Quote(SharedPath(kTiny52)) +
+                           " --prompt 'In the beginning' --tokens 12 --temperature 0";
+  const CommandResult piped = RunCommand(Cli(args));
+  ASSERT_EQ(piped.exit_code, 0);
+  ASSERT_EQ(piped.output.size(), 12u);
+  ASSERT_NE(piped.output.back(), '\n');
+  const std::string cli = CliPath() + " " + args;
+  const CommandResult tty = RunCommand(
+      "python3 -c 'import pty, sys; pty.spawn([\"sh\", \"-c\", sys.argv[1]])' " + Quote(cli));
+  ASSERT_EQ(tty.exit_code, 0) << tty.output;
+  // The terminal turns "\n" into "\r\n".
+  EXPECT_EQ(tty.output, piped.output + "\r\n");
+}
+
+// A bandwidth probe of no bytes is refused, not silently left out of the report.
+TEST(Cli, BenchRefusesAnEmptyBandwidthProbe) {
+  for (const char* mib : {"0", "-1"}) {
+    const CommandResult r =
+        RunCommand(Cli(std::string("bench --bandwidth --bandwidth-mib ") + mib) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("--bandwidth-mib"), std::string::npos) << r.output;
+  }
+}
+
+// synth refuses a model the disk cannot hold before writing anything.
+TEST(Cli, SynthChecksTheSizeFirst) {
+  const std::string out = TempFile("huge.bin");
+  const CommandResult r = RunCommand(Cli("synth --layers 1024 --embd 65536 -o " + out) + " 2>&1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("the model needs"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(out));
+  EXPECT_FALSE(std::filesystem::exists(out + ".tmp"));
 }
 
 }  // namespace

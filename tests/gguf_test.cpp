@@ -817,6 +817,16 @@ TEST_F(GgufMalformed, BadShapesTypesAndOffsets) {
   mutate([&](GgufBuilder& b) { b.tensors.back().name = std::string(2000, 'x'); }, "larger than");
 }
 
+// An unsupported tensor type is named once: by its ggml name and number, or by its number.
+TEST_F(GgufMalformed, UnsupportedTypeNamedOnce) {
+  GgufBuilder b = Builder();
+  b.FindTensor("blk.0.time_mix_key.weight")->type = 1000;
+  ExpectError(b.Build(), "has ggml type 1000, which aviary does not read");
+  b = Builder();
+  b.FindTensor("blk.0.time_mix_key.weight")->type = 10;
+  ExpectError(b.Build(), "has type Q2_K (ggml type 10), which aviary does not read");
+}
+
 TEST_F(GgufMalformed, BadMetadata) {
   auto mutate = [&](const std::function<void(GgufBuilder&)>& f, const std::string& needle) {
     GgufBuilder b = Builder();

@@ -24,12 +24,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "aviary/error.h"
 #include "aviary/model.h"
+#include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
 #include "pth_fixtures.h"
 #include "test_data.h"
@@ -205,11 +207,12 @@ TEST(PthInfo, NotesDescribeTheConversion) {
   EXPECT_NE(notes.find("x_rwkvag"), std::string::npos) << notes;
   // 12 layers x (w, a, g) pairs + 11 layers x the v pair (blocks.0 has none in this file).
   EXPECT_NE(notes.find("transposed 94 low-rank"), std::string::npos) << notes;
-  // Big matrices stay BF16 views; only the rebuilt small tensors are F32.
+  // Big matrices stay BF16 views; the transposed a/v/g pairs stay BF16 too; only the stacked
+  // mixes and the decay pair (F32 by GGUF's policy) are F32.
   const auto& types = model->info().tensor_types;
   ASSERT_TRUE(types.count("BF16"));
   ASSERT_TRUE(types.count("F32"));
-  EXPECT_EQ(types.at("F32"), 12 + 94);  // x_rwkvag per layer + the low-rank matrices
+  EXPECT_EQ(types.at("F32"), 12 + 12 * 2);  // x_rwkvag and w1/w2 per layer
 }
 
 // ---- every version: the stress .bin files turned back into raw checkpoints ----
@@ -623,6 +626,35 @@ Bytes CanonicalBin(const std::vector<RawTensor>& raw, const Rwkv7Shape& s) {
     out.insert(out.end(), data.begin(), data.end());
   }
   return out;
+}
+
+// A BF16 checkpoint converted to GGUF (types kept, or --type bf16: lossless either way) gives
+// the same logits in the default mode too (rounded activations), where the kernel chosen for
+// a matrix depends on its stored type: the low-rank matrices rebuilt from [in, out] keep it.
+TEST(GeneratedRwkv7, Bf16PthAndItsGgufGiveTheSameDefaultLogits) {
+  aviary::testing::RoundedActivations rounded(true);
+  Rwkv7Shape s;  // 0.4B's width and low-rank sizes, 2 layers
+  s.width = 1024;
+  s.ffn = 4096;
+  s.d_decay = 64;
+  s.d_aaa = 64;
+  s.d_mv = 32;
+  s.d_gate = 128;
+  const std::vector<RawTensor> raw = GenerateRwkv7(s, 7, /*round_bf16=*/true);
+  const std::vector<int32_t> tokens = {17, 998, 3, 512, 17, 40, 41};
+  const Bytes pth_bytes = MakePth(raw, DType::kBF16, "rwkv7-gen");
+  auto pth = LoadBytes(pth_bytes, "gen.pth");
+  const WeightFile wf = ReadWeightFile(pth_bytes, "gen.pth");
+  const std::string path = aviary::testing::ProcessTempDir() + "bf16-pth.gguf";
+  for (const std::optional<DType> type : {std::optional<DType>(), std::optional(DType::kBF16)}) {
+    SCOPED_TRACE(type ? "--type bf16" : "types kept");
+    GgufWriteOptions options;
+    options.type = type;
+    WriteGguf(wf, pth->info(), options, path);
+    auto gguf = Model::Load(path);
+    EXPECT_EQ(Logits(*pth, tokens), Logits(*gguf, tokens));
+  }
+  std::remove(path.c_str());
 }
 
 TEST(GeneratedRwkv7, PthSafetensorsBinAndReferenceAgree) {

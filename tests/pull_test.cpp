@@ -440,6 +440,18 @@ TEST_F(PullTest, UnreachableHostIsNamedWithOfflineAdvice) {
   }
 }
 
+// A vocabulary comes from the raw GitHub endpoint: its failure names that variable.
+TEST_F(PullTest, UnreachableVocabularyHostNamesItsVariable) {
+  try {
+    DownloadFile(hub::RawGithubEndpoint() + "/BlinkDL/vocab.txt", Path("vocab.txt"), Quiet());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_TRUE(Contains(e.what(), "cannot reach 127.0.0.1")) << e.what();
+    EXPECT_TRUE(Contains(e.what(), "AVIARY_RAW_GITHUB_ENDPOINT")) << e.what();
+    EXPECT_FALSE(Contains(e.what(), "AVIARY_HF_ENDPOINT")) << e.what();
+  }
+}
+
 TEST_F(PullTest, DiskFullIsReported) {
   Server server;
   const uint64_t huge = 1ull << 56;  // 64 PiB: no disk has that free

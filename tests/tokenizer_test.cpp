@@ -2,6 +2,7 @@
 // in tests/data (see tests/data/README.md), exact round trips for any bytes, the vocabulary
 // readers' errors, Utf8Stream, the tokenize/detokenize commands and the tokenizer choice.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -637,6 +638,70 @@ TEST(TokenizeCommand, RoundTripThroughPipe) {
                                          " " + Quote(out) + " && echo same");
       EXPECT_EQ(r.output, "same\n") << vocab << " " << name << ": " << pipe;
     }
+  }
+}
+
+// A vocabulary aviary cannot use is refused naming its file: a World vocabulary cut short
+// (no token for most single bytes), a tokenizer.json without a byte's token.
+TEST(TokenizeCommand, UnusableVocabulariesNameTheirFile) {
+  REQUIRE_SHARED(kWorldVocab);
+  REQUIRE_SHARED(kNeoxJson);
+  auto read_all = [](const std::string& path) {
+    const std::vector<uint8_t> bytes = ReadFileBytes(path);
+    return std::string(bytes.begin(), bytes.end());
+  };
+  const std::string world = read_all(SharedPath(kWorldVocab));
+  size_t cut = 0;
+  for (int line = 0; line < 100; ++line) cut = world.find('\n', cut) + 1;
+  const std::string short_vocab = ::testing::TempDir() + "aviary_short_vocab_" +
+                                  std::to_string(::getpid()) + ".txt";
+  std::ofstream(short_vocab, std::ios::binary) << world.substr(0, cut);
+  std::string json = read_all(SharedPath(kNeoxJson));
+  const size_t at = json.find("\"a\":");  // the single byte 'a'
+  ASSERT_NE(at, std::string::npos);
+  json.replace(at, 4, "\"a-not-a\":");
+  const std::string bad_json = ::testing::TempDir() + "aviary_gap_tokenizer_" +
+                               std::to_string(::getpid()) + ".json";
+  std::ofstream(bad_json, std::ios::binary) << json;
+  for (const std::string& file : {short_vocab, bad_json}) {
+    try {
+      LoadTokenizer(file);
+      ADD_FAILURE() << file << " loaded";
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(file + ": ", 0), 0u) << e.what();
+    }
+    const CommandResult r = RunCommand(Cli("tokenize --tokenizer " + Quote(file) + " --text hi") + " 2>&1");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_EQ(r.output.rfind("aviary: " + file + ": ", 0), 0u) << r.output;
+    // convert embeds a vocabulary: it refuses it before writing anything.
+    REQUIRE_SHARED(kTinyModel);
+    const std::string out = ::testing::TempDir() + "aviary_vocab_" + std::to_string(::getpid()) + ".gguf";
+    const CommandResult c = RunCommand(Cli("convert " + Quote(SharedPath(kTinyModel)) + " " + Quote(out) +
+                                           " --tokenizer " + Quote(file)) + " 2>&1");
+    EXPECT_EQ(c.exit_code, 1) << c.output;
+    EXPECT_NE(c.output.find("aviary: " + file + ": "), std::string::npos) << c.output;
+    EXPECT_FALSE(std::filesystem::exists(out));
+  }
+  std::remove(short_vocab.c_str());
+  std::remove(bad_json.c_str());
+}
+
+// A comma stands between two ids: an empty place is an error, not a skipped id.
+TEST(TokenizeCommand, CommasStandBetweenIds) {
+  REQUIRE_SHARED(kWorldVocab);
+  const std::string world = Quote(SharedPath(kWorldVocab));
+  for (const char* ids : {"'[1,2,,3]'", "'[,1]'", "'1,'", "'[1,2,]'", ", 5"}) {
+    const CommandResult r = RunCommand(Cli("detokenize --tokenizer " + world + " -- " + ids) + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << ids << "\n" << r.output;
+    EXPECT_NE(r.output.find("a comma without an id"), std::string::npos) << ids << "\n" << r.output;
+  }
+  const CommandResult s = RunCommand("echo '[66,,67]' | " + Cli("detokenize --tokenizer " + world) + " 2>&1");
+  EXPECT_EQ(s.exit_code, 1) << s.output;
+  EXPECT_NE(s.output.find("stdin: a comma without an id"), std::string::npos) << s.output;
+  for (const char* ids : {"'[66,67]'", "'66, 67'", "66, 67", "'[66, 67]'", "66 67"}) {
+    const CommandResult ok = RunCommand(Cli("detokenize --tokenizer " + world + " " + ids));
+    EXPECT_EQ(ok.exit_code, 0) << ids;
+    EXPECT_EQ(ok.output, "AB") << ids;
   }
 }
 

@@ -74,6 +74,8 @@ struct ChatOptions {
   int chat_len_long = 150;
   int max_reply_tokens = 999;  // a reply is cut here (then closed with "\n\n")
   int free_gen_tokens = 256;   // +gen/+i/+qa/+++/++ stop at the first character boundary after this
+  // Files +save refuses to write over (e.g. the tokenizer's); the model's file always is.
+  std::vector<std::string> protected_files;
 };
 
 // Settings ranges of the -temp= / -top_p= commands.

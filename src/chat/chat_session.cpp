@@ -13,6 +13,7 @@
 #include "aviary/chat.h"
 #include "aviary/error.h"
 #include "chat/commands.h"
+#include "formats/output_file.h"
 
 namespace aviary {
 namespace {
@@ -637,24 +638,10 @@ void ChatSession::Save(const std::string& path) const {
   w.Pod<uint8_t>(chat_pre_ ? 1 : 0);
   if (chat_pre_) w.Snap(*chat_pre_);
   w.Pod<uint64_t>(Fnv1a(w.bytes.data(), w.bytes.size()));
-  // Written beside the target and renamed over it: an old file is never left half-written.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(path + ": cannot write conversation file");
-    out.write(reinterpret_cast<const char*>(w.bytes.data()), static_cast<std::streamsize>(w.bytes.size()));
-    out.close();
-    if (!out) {
-      std::remove(tmp.c_str());
-      throw Error(path + ": error while writing conversation file");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot write conversation file (" + ec.message() + ")");
-  }
+  std::vector<std::string> inputs = options_.protected_files;
+  inputs.push_back(model_.info().path);
+  RefuseOverwritingInputs(path, inputs);
+  WriteFileAtomically(path, w.bytes);
 }
 
 std::string ChatSession::Load(const std::string& path) {

@@ -1,6 +1,8 @@
 #include "chat/commands.h"
 
 #include <cerrno>
+#include <cctype>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
@@ -27,12 +29,16 @@ std::string Num(float v) {
   return buf;
 }
 
+// A plain decimal: digits with an optional point and exponent ("0.5", ".5", "1e-1"). No sign
+// (the settings are never negative, and "-0" is no setting), no hex, no "inf" or "nan".
 std::optional<float> ParseFloat(const std::string& s) {
-  if (s.empty()) return std::nullopt;
-  errno = 0;
-  char* end = nullptr;
-  const float v = std::strtof(s.c_str(), &end);
-  if (errno != 0 || end != s.c_str() + s.size() || !std::isfinite(v)) return std::nullopt;
+  if (s.empty() || !(std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '.')) {
+    return std::nullopt;
+  }
+  float v = 0;
+  const char* end = s.data() + s.size();
+  const auto [p, ec] = std::from_chars(s.data(), end, v, std::chars_format::general);
+  if (ec != std::errc() || p != end || !std::isfinite(v)) return std::nullopt;
   return v;
 }
 

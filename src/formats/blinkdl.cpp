@@ -212,10 +212,16 @@ class Converter final : public BlinkDlTensors {
   void Own(const std::string& name, std::vector<int64_t> shape, const std::vector<float>& v) {
     std::vector<uint8_t> buf(v.size() * sizeof(float));
     if (!v.empty()) std::memcpy(buf.data(), v.data(), buf.size());
-    wf_.owned.push_back(std::move(buf));
+    OwnBytes(name, DType::kF32, std::move(shape), std::move(buf));
+  }
+
+  // Replaces (or adds) `name` with `type` data owned by the WeightFile.
+  void OwnBytes(const std::string& name, DType type, std::vector<int64_t> shape,
+                std::vector<uint8_t> bytes) {
+    wf_.owned.push_back(std::move(bytes));
     Tensor t;
     t.name = name;
-    t.type = DType::kF32;
+    t.type = type;
     t.shape = std::move(shape);
     t.data = wf_.owned.back().data();
     t.nbytes = wf_.owned.back().size();
@@ -234,7 +240,7 @@ class Converter final : public BlinkDlTensors {
     return n;
   }
 
-  int Transpose(std::string_view suffix) override {
+  int Transpose(std::string_view suffix, bool keep_type) override {
     int n = 0;
     for (const std::string& name : Named(suffix)) {
       if (already_out_in_.count(name)) continue;
@@ -244,12 +250,26 @@ class Converter final : public BlinkDlTensors {
              ", expected a 2-D low-rank matrix");
       }
       const int64_t a = t.shape[0], b = t.shape[1];
-      const std::vector<float> v = Floats(t);
-      std::vector<float> out(v.size());
-      for (int64_t i = 0; i < a; ++i) {
-        for (int64_t j = 0; j < b; ++j) out[j * a + i] = v[i * b + j];
+      const bool raw = keep_type && (t.type == DType::kF32 || t.type == DType::kF16 ||
+                                     t.type == DType::kBF16);
+      if (raw) {
+        const size_t size = t.type == DType::kF32 ? 4 : 2;
+        std::vector<uint8_t> out(static_cast<size_t>(a * b) * size);
+        const auto* in = static_cast<const uint8_t*>(t.data);
+        for (int64_t i = 0; i < a; ++i) {
+          for (int64_t j = 0; j < b; ++j) {
+            std::memcpy(&out[(j * a + i) * size], &in[(i * b + j) * size], size);
+          }
+        }
+        OwnBytes(name, t.type, {b, a}, std::move(out));
+      } else {
+        const std::vector<float> v = Floats(t);
+        std::vector<float> out(v.size());
+        for (int64_t i = 0; i < a; ++i) {
+          for (int64_t j = 0; j < b; ++j) out[j * a + i] = v[i * b + j];
+        }
+        Own(name, {b, a}, out);
       }
-      Own(name, {b, a}, out);
       ++n;
     }
     return n;

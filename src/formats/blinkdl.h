@@ -22,13 +22,17 @@ namespace aviary {
 
 // What a version's conversion (VersionSpec::from_blinkdl in models/versions.cpp) does to a
 // checkpoint's tensors. A `suffix` such as "att.time_decay" names that tensor in every layer
-// (blocks.N.<suffix>); each step returns how many tensors it changed. Rebuilt tensors are F32.
+// (blocks.N.<suffix>); each step returns how many tensors it changed. Rebuilt tensors are F32
+// unless a step says otherwise.
 class BlinkDlTensors {
  public:
   // y = f(x) elementwise, flattened to 1-D unless `keep_shape`.
   virtual int Map(std::string_view suffix, float (*f)(float), bool keep_shape) = 0;
-  // [a, b] -> [b, a] (x @ W weights to [out, in]; skips those the file already stores so).
-  virtual int Transpose(std::string_view suffix) = 0;
+  // [a, b] -> [b, a] (x @ W weights to [out, in]; skips those the file already stores so), as
+  // F32 or, with `keep_type`, in the stored type: F32, F16 and BF16 elements are moved as they
+  // are, so a BF16 checkpoint's matrix stays BF16 and takes the same kernel as in any other
+  // container of the same weights (the kernels choose by type).
+  virtual int Transpose(std::string_view suffix, bool keep_type = false) = 0;
   // [S, a, b] -> [S, b, a]; `expected` names the shape in the error for any other rank.
   virtual int TransposeInner(std::string_view suffix, std::string_view expected) = 0;
   virtual int Drop(const std::string& name) = 0;

@@ -403,9 +403,12 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
     t.ggml_type = in.Read<uint32_t>(where + " type");
     const std::optional<DType> type = DTypeFromGgml(t.ggml_type);
     if (!type) {
-      f.Fail(where + " has type " + GgmlTypeName(t.ggml_type) + " (ggml type " +
-             std::to_string(t.ggml_type) +
-             "), which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
+      // GgmlTypeName says "type N" for a number it has no name for.
+      const std::string name = GgmlTypeName(t.ggml_type);
+      const std::string number = "ggml type " + std::to_string(t.ggml_type);
+      const std::string named =
+          name.rfind("type ", 0) == 0 ? number : "type " + name + " (" + number + ")";
+      f.Fail(where + " has " + named + ", which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
              "Q5_0, Q4_K, Q4_1, Q4_0)");
     }
     t.type = *type;

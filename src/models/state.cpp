@@ -10,6 +10,7 @@
 #include "aviary/error.h"
 #include "aviary/model.h"
 #include "aviary/state.h"
+#include "formats/output_file.h"
 
 namespace aviary {
 namespace {
@@ -62,12 +63,7 @@ std::vector<uint8_t> State::Serialize() const {
 }
 
 void State::Save(const std::string& path) const {
-  const std::vector<uint8_t> bytes = Serialize();
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error(path + ": cannot write state file");
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  if (!out) throw Error(path + ": error while writing state file");
+  WriteFileAtomically(path, Serialize());
 }
 
 State State::Load(const std::string& path, const Model& model) {

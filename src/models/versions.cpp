@@ -297,14 +297,17 @@ void V7FromBlinkDl(BlinkDlTensors& t) {
   t.Note("stacked x_r, x_w, x_k, x_v, x_a, x_g as x_rwkvag [6, C] (" + std::to_string(stacked) +
          " layers)");
 
-  int n = 0;
-  for (const char* s :
-       {"att.w1", "att.a1", "att.v1", "att.g1", "att.w2", "att.a2", "att.v2", "att.g2"}) {
-    n += t.Transpose(s);
+  // The decay pair becomes F32, as GGUF's type policy has it for float types (llama.cpp keeps
+  // them F32); the others keep their type: the same weights then take the same kernels from a
+  // .pth as from its GGUF conversion.
+  int n = t.Transpose("att.w1") + t.Transpose("att.w2");
+  for (const char* s : {"att.a1", "att.v1", "att.g1", "att.a2", "att.v2", "att.g2"}) {
+    n += t.Transpose(s, /*keep_type=*/true);
   }
   if (n) {
     t.Note("transposed " + std::to_string(n) +
-           " low-rank matrices (w1/w2, a1/a2, v1/v2, g1/g2) to [out, in], F32");
+           " low-rank matrices (w1/w2, a1/a2, v1/v2, g1/g2) to [out, in] (w1/w2 as F32, the "
+           "others in their type)");
   }
 }
 

@@ -56,6 +56,14 @@ void Sampler::Count(int32_t token) {
 
 int32_t Sampler::Sample(std::span<const float> logits) {
   if (logits.empty()) throw UsageError("no logits to sample from");
+  // -infinity is a ban (chat bans tokens that way); NaN and +infinity are a broken model.
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (std::isnan(logits[i]) || logits[i] == std::numeric_limits<float>::infinity()) {
+      throw Error(std::string("the model's logits are not finite (") +
+                  (std::isnan(logits[i]) ? "NaN" : "infinity") + " for token id " +
+                  std::to_string(i) + "): nothing can be sampled");
+    }
+  }
   // Penalties and bans on a copy: logit -= presence + count * frequency; banned = -inf.
   adjusted_.assign(logits.begin(), logits.end());
   const int32_t n = static_cast<int32_t>(adjusted_.size());

@@ -47,14 +47,34 @@ int Utf8Length(unsigned char c) {
 
 std::unique_ptr<Tokenizer> MakeByteTokenizer() { return std::make_unique<ByteTokenizer>(); }
 
+namespace {
+
+// Runs `make`, naming `source` (the file the tokenizer comes from) in an error that does not.
+template <typename Make>
+std::unique_ptr<Tokenizer> NamingTheSource(const std::string& source, Make make) {
+  try {
+    return make();
+  } catch (const UsageError&) {
+    throw;
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.rfind(source + ":", 0) == 0) throw;
+    throw Error(source + ": " + what);
+  }
+}
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> LoadTokenizer(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open tokenizer file");
   if (std::filesystem::is_directory(path)) throw Error(path + ": is a directory");
   char first = 0;
   in >> first;  // skips whitespace
-  if (first == '{') return MakeBpeTokenizer(ReadTokenizerJson(path));
-  return MakeWorldTokenizer(ReadWorldVocab(path));
+  return NamingTheSource(path, [&] {
+    if (first == '{') return MakeBpeTokenizer(ReadTokenizerJson(path));
+    return MakeWorldTokenizer(ReadWorldVocab(path));
+  });
 }
 
 std::unique_ptr<Tokenizer> MakeTokenizer(const TokenizerData& data) {
@@ -82,7 +102,7 @@ std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::s
   if (!path.empty()) {
     tok = LoadTokenizer(path);
   } else if (info.tokenizer_data) {
-    tok = MakeTokenizer(*info.tokenizer_data);
+    tok = NamingTheSource(info.path, [&] { return MakeTokenizer(*info.tokenizer_data); });
   } else if (info.n_vocab == 256) {
     tok = MakeByteTokenizer();
   } else {

@@ -1,6 +1,12 @@
 #include "cli_common.h"
 
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <iostream>
 #include <iterator>
 #include <sys/stat.h>
 
@@ -24,6 +30,11 @@ void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer) 
 }
 
 std::string ReadFile(const std::string& path) {
+  if (path == "-") {
+    std::string bytes((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+    if (std::cin.bad()) throw Error("stdin: read error");
+    return bytes;
+  }
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     throw Error(path + ": is a directory");
@@ -45,9 +56,42 @@ std::vector<int32_t> PromptTokens(const Tokenizer& tokenizer, const std::string&
   return tokenizer.Encode(text);
 }
 
+void CheckStdout() {
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int err = errno;
+    throw Error(std::string("cannot write to stdout") + (err ? ": " + std::string(std::strerror(err)) : ""));
+  }
+}
+
+void CheckFinite(std::span<const float> logits, size_t position) {
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (!std::isfinite(logits[i])) {
+      throw Error("the model's logits are not finite at token " + std::to_string(position) +
+                  " (" + (std::isnan(logits[i]) ? "NaN" : "infinity") + " for token id " +
+                  std::to_string(i) + "): the weights or the input overflow");
+    }
+  }
+}
+
+CLI::Validator SeedValidator() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        uint64_t value = 0;
+        const char* end = text.data() + text.size();
+        const auto [p, ec] = std::from_chars(text.data(), end, value);
+        if (text.empty() || ec != std::errc() || p != end) {
+          return "the seed must be a whole number from 0 to 18446744073709551615, not '" +
+                 text.substr(0, 40) + "'";
+        }
+        return "";
+      },
+      "0..2^64-1");
+}
+
 void AddPromptOptions(CLI::App* cmd, std::string* prompt, std::string* prompt_file) {
   cmd->add_option("--prompt", *prompt, "Prompt text (raw bytes: UTF-8, tabs, newlines as given)");
-  cmd->add_option("--prompt-file", *prompt_file, "Read the prompt from a file instead");
+  cmd->add_option("--prompt-file", *prompt_file, "Read the prompt from a file instead (- for stdin)");
 }
 
 }  // namespace aviary::cli

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -24,12 +25,23 @@ LoadedModel LoadModel(const std::string& model_arg, const std::string& tokenizer
 // Adds --model FILE (required) and --tokenizer FILE to a subcommand.
 void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer);
 
-// Reads a whole file as bytes; throws aviary::Error naming it.
+// Reads a whole file as bytes ("-": stdin); throws aviary::Error naming it.
 std::string ReadFile(const std::string& path);
 
 // The prompt from --prompt or --prompt-file (exactly one), tokenized; never empty.
 std::vector<int32_t> PromptTokens(const Tokenizer& tokenizer, const std::string& prompt,
                                   const std::string& prompt_file);
+
+// Throws Error when a write to stdout has failed (a full disk, a closed pipe): the output is
+// incomplete. main checks once at the end; commands that stream check as they go.
+void CheckStdout();
+
+// Throws Error naming the position when `logits` hold a NaN or an infinity: the model's
+// output at token `position` (from 0) is not a number, whatever is done with it next.
+void CheckFinite(std::span<const float> logits, size_t position);
+
+// Checks a --seed value: a whole number from 0 to 2^64 - 1 (no sign, no wrapping, no clamping).
+CLI::Validator SeedValidator();
 
 // Adds --prompt / --prompt-file to a subcommand.
 void AddPromptOptions(CLI::App* cmd, std::string* prompt, std::string* prompt_file);

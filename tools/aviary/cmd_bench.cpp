@@ -170,7 +170,8 @@ void RegisterBench(CLI::App& app) {
   cmd->add_flag("--bandwidth", o->bandwidth,
                 "Also measure read bandwidth and the generation speed it bounds");
   cmd->add_option("--bandwidth-mib", o->bandwidth_mib, "Buffer size of the bandwidth probe")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
   cmd->callback([o] {
     if (o->threads < 0 || o->threads > 1024) throw UsageError("--threads must be 1..1024");
     if (o->prompt_tokens < 1 || o->gen_tokens < 0 || o->repeat < 1) {

@@ -282,6 +282,7 @@ int TerminalLoop(ChatSession& session) {
     InstallSignalHandlers(true);
     const ChatResult r = session.Handle(input, cb, &g_interrupt);
     if (!Show(r, out, &refused)) break;
+    CheckStdout();
   }
   return 0;
 }
@@ -309,6 +310,7 @@ int PlainLoop(ChatSession& session) {
     const ChatResult r = session.Handle(input, cb, &g_interrupt);
     InstallSignalHandlers(false);
     if (!Show(r, out, &refused)) break;
+    CheckStdout();  // the replies go nowhere: stop reading input
   }
   std::fflush(stdout);
   if (g_interrupt.load()) return 130;
@@ -350,6 +352,7 @@ int RunChat(const ChatCliOptions& o) {
   co.think = o.think;
   co.max_reply_tokens = o.max_tokens;
   co.free_gen_tokens = o.gen_tokens;
+  co.protected_files = {o.tokenizer};
   ChatSession session(*m.model, *m.tokenizer, std::move(t), co);
   std::string loaded;
   if (!o.load_state.empty()) loaded = session.Load(o.load_state);
@@ -392,7 +395,8 @@ void RegisterChat(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option_function<uint64_t>(
       "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
-      "Random seed for an exact repeat (default: random)");
+      "Random seed for an exact repeat (default: random)")
+      ->check(SeedValidator());
   cmd->callback([o] {
     const int code = RunChat(*o);
     if (code != 0) {

@@ -1,9 +1,7 @@
 // aviary convert IN OUT [--type T] [--tokenizer FILE] and aviary quantize IN OUT TYPE:
 // any model file aviary reads -> GGUF (docs/GGUF.md), written to OUT.tmp and renamed.
-#include <sys/stat.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +13,7 @@
 #include "cli_common.h"
 #include "formats/gguf_writer.h"
 #include "formats/mapped_file.h"
+#include "formats/output_file.h"
 #include "formats/weight_file.h"
 #include "tokenizers/tokenizers.h"
 
@@ -41,6 +40,7 @@ DType ParseType(std::string name) {
 // A tokenizer file as data: a Hugging Face tokenizer.json starts with '{', anything else is
 // read as a World vocabulary.
 TokenizerData ReadTokenizerFile(const std::string& path) {
+  LoadTokenizer(path);  // a vocabulary aviary could not use is refused now, naming the file
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open tokenizer file");
   char first = 0;
@@ -94,20 +94,13 @@ std::string TypeCounts(const std::map<std::string, int>& counts) {
   return s;
 }
 
-bool SameFile(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
-  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
-         sa.st_ino == sb.st_ino;
-}
-
 void RunConvert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::optional<DType> type;
   if (!o.type.empty()) type = ParseType(o.type);
   const std::string in = ResolveModelArgument(o.in);
-  if (SameFile(in, o.out) || SameFile(in, o.out + ".tmp")) {
-    throw UsageError("refusing to overwrite the input file " + in + " (give another output name)");
-  }
+  RefuseOverwritingInputs(o.out, {in, o.tokenizer});
+  if (o.out == "-") throw UsageError("convert writes a file, not stdout: give an output name");
   std::error_code ec;
   if (std::filesystem::is_directory(o.out, ec)) throw UsageError(o.out + ": is a directory");
 
@@ -123,20 +116,10 @@ void RunConvert(const ConvertOptions& o) {
   std::string tokenizer_source;
   options.tokenizer = ChooseTokenizer(info, wf, o.tokenizer, &tokenizer_source);
 
-  const std::string tmp = o.out + ".tmp";
-  GgufWriteReport report;
-  try {
-    report = WriteGguf(wf, info, options, tmp);
-    Model::Load(tmp);  // the result must load
-  } catch (...) {
-    std::filesystem::remove(tmp, ec);
-    throw;
-  }
-  if (std::rename(tmp.c_str(), o.out.c_str()) != 0) {
-    const int err = errno;
-    std::filesystem::remove(tmp, ec);
-    throw Error(o.out + ": cannot rename " + tmp + " to it: " + std::strerror(err));
-  }
+  OutputFile out(o.out);
+  const GgufWriteReport report = WriteGguf(wf, info, options, out.temp_path());
+  Model::Load(out.temp_path());  // the result must load
+  out.Commit();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double in_mib = info.file_size / 1048576.0, out_mib = report.file_bytes / 1048576.0;

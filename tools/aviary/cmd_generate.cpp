@@ -1,4 +1,6 @@
 // aviary generate: stream a continuation of the prompt to stdout as it is produced.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -43,16 +45,22 @@ void RunGenerate(const GenerateOptions& o) {
   m.model->Eval(prompt, state, &logits);
   const auto t1 = std::chrono::steady_clock::now();
   Utf8Stream text;
+  bool ends_with_newline = true;
+  auto write = [&](const std::string& bytes) {
+    if (bytes.empty()) return;
+    std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+    CheckStdout();  // stop at once when nobody can read the text
+    ends_with_newline = bytes.back() == '\n';
+  };
   for (int i = 0; i < o.tokens; ++i) {
+    CheckFinite(logits, prompt.size() + i - 1);
     const int32_t token = sampler.Sample(logits);
-    const std::string piece = text.Push(m.tokenizer->Decode({&token, 1}));
-    std::fwrite(piece.data(), 1, piece.size(), stdout);
-    std::fflush(stdout);
+    write(text.Push(m.tokenizer->Decode({&token, 1})));
     if (i + 1 < o.tokens) m.model->Eval({&token, 1}, state, &logits);
   }
-  const std::string rest = text.Flush();
-  std::fwrite(rest.data(), 1, rest.size(), stdout);
-  std::fflush(stdout);
+  write(text.Flush());
+  // On a terminal the shell prompt would follow the text on its last line.
+  if (!ends_with_newline && ::isatty(STDOUT_FILENO)) write("\n");
   if (o.verbose) {
     const auto t2 = std::chrono::steady_clock::now();
     const double prompt_s = std::chrono::duration<double>(t1 - t0).count();
@@ -78,7 +86,8 @@ void RegisterGenerate(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option_function<uint64_t>(
       "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
-      "Random seed for an exact repeat (default: random)");
+      "Random seed for an exact repeat (default: random)")
+      ->check(SeedValidator());
   cmd->add_flag("-v,--verbose", o->verbose, "Print the model, seed and speed on stderr");
   cmd->callback([o] { RunGenerate(*o); });
 }

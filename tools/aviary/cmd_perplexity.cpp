@@ -43,7 +43,9 @@ void RunPerplexity(const PerplexityOptions& o) {
     const size_t n = std::min(kChunk, predicted - start);
     m.model->Eval(std::span(tokens).subspan(start, n), state, &logits, true);
     for (size_t i = 0; i < n; ++i) {
-      total += TokenLoss(std::span(logits).subspan(i * V, V), tokens[start + i + 1]);
+      const std::span<const float> row = std::span(logits).subspan(i * V, V);
+      CheckFinite(row, start + i);
+      total += TokenLoss(row, tokens[start + i + 1]);
     }
   }
   const double loss = total / predicted;
@@ -60,7 +62,7 @@ void RegisterPerplexity(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "perplexity", "Average loss and perplexity of the model on a text file");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
-  cmd->add_option("--text", o->text, "Text file")->required();
+  cmd->add_option("--text", o->text, "Text file (- for stdin)")->required();
   cmd->add_option("--max-tokens", o->max_tokens, "Use only the first N tokens (0 = all)")
       ->capture_default_str();
   cmd->callback([o] { RunPerplexity(*o); });

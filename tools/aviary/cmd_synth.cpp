@@ -14,6 +14,7 @@
 #include "cli_common.h"
 #include "formats/gguf_writer.h"
 #include "formats/mapped_file.h"
+#include "formats/output_file.h"
 #include "formats/weight_file.h"
 #include "models/synth.h"
 
@@ -67,7 +68,7 @@ void RegisterSynth(CLI::App& app) {
                   "f32, f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (rwkv.cpp's type policy); q6_k, q5_k, q4_k "
                   "(GGUF output only; rows that are no multiple of 256 fall back as in convert)")
       ->capture_default_str();
-  cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str()->check(SeedValidator());
   cmd->add_option("-o,--output", o->output,
                   "Output file: rwkv.cpp .bin, or GGUF when the name ends in .gguf")
       ->required();
@@ -92,45 +93,54 @@ void RegisterSynth(CLI::App& app) {
       s.type = DType::kF16;
     }
     s.seed = o->seed;
+    if (o->output == "-") throw UsageError("synth writes a file, not stdout: give an output name");
+    const bool gguf = EndsWith(o->output, ".gguf");
+    // GGUF output is converted from an rwkv.cpp file written first beside it: both exist at
+    // the end. Refused before anything is written when the disk cannot hold them.
+    uint64_t need = 0;
+    for (const SynthTensor& t : PlanSynthModel(s)) {
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      need += StorageBytes(t.type, n);
+    }
+    if (gguf) need *= 2;
     std::error_code ec;
     if (std::filesystem::is_directory(o->output, ec)) throw UsageError(o->output + ": is a directory");
+    const std::filesystem::path dir =
+        std::filesystem::absolute(o->output, ec).parent_path();
+    const std::filesystem::space_info space = std::filesystem::space(dir, ec);
+    if (!ec && need > space.available) {
+      throw Error(o->output + ": the model needs " + std::to_string(need >> 20) + " MiB but " +
+                  dir.string() + " has " + std::to_string(space.available >> 20) + " MiB free");
+    }
 
-    const bool gguf = EndsWith(o->output, ".gguf");
-    const std::string bin = o->output + ".tmp";
+    OutputFile out(o->output);
     SynthReport report;
     uint64_t out_bytes = 0;
-    std::string format;
+    std::string format = "rwkv.cpp ggmf v101";
     std::map<std::string, int> types;
-    try {
-      report = WriteSynthModel(s, bin);
+    if (!gguf) {
+      report = WriteSynthModel(s, out.temp_path());
       out_bytes = report.file_bytes;
       types = report.types;
-      format = "rwkv.cpp ggmf v101";
-      if (gguf) {
-        // Through the GGUF writer, from the .bin just written (types kept; no tokenizer is
-        // embedded: `aviary convert --tokenizer` adds one).
-        const std::string gguf_tmp = o->output + ".gguf.tmp";
-        {
-          auto file = std::make_shared<MappedFile>(bin);
-          WeightFile wf = ReadWeightFile(file->bytes(), bin);
-          wf.backing = file;
-          const std::unique_ptr<Model> model = Model::LoadFromMemory(file->bytes(), bin);
-          GgufWriteOptions options;
-          options.type = gguf_type;
-          const GgufWriteReport g = WriteGguf(wf, model->info(), options, gguf_tmp);
-          out_bytes = g.file_bytes;
-          types = g.types_out;
-          format = "GGUF (" + g.architecture + ")";
-        }
-        std::filesystem::remove(bin, ec);
-        std::filesystem::rename(gguf_tmp, bin);
-      }
-      Model::Load(bin);  // the result must load
-    } catch (...) {
-      std::filesystem::remove(bin, ec);
-      throw;
-    }
-    std::filesystem::rename(bin, o->output);
+    } else {
+      // Through the GGUF writer, from an rwkv.cpp file (types kept; no tokenizer is embedded:
+      // `aviary convert --tokenizer` adds one).
+      OutputFile bin(o->output + ".bin");
+      report = WriteSynthModel(s, bin.temp_path());
+      auto file = std::make_shared<MappedFile>(bin.temp_path());
+      WeightFile wf = ReadWeightFile(file->bytes(), bin.temp_path());
+      wf.backing = file;
+      const std::unique_ptr<Model> model = Model::LoadFromMemory(file->bytes(), bin.temp_path());
+      GgufWriteOptions options;
+      options.type = gguf_type;
+      const GgufWriteReport g = WriteGguf(wf, model->info(), options, out.temp_path());
+      out_bytes = g.file_bytes;
+      types = g.types_out;
+      format = "GGUF (" + g.architecture + ")";
+    }  // `bin` is removed here, never committed
+    Model::Load(out.temp_path());  // the result must load
+    out.Commit();
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("wrote %s: %s, RWKV %s, %d layers x %d, vocab %d, %.1f M parameters\n",

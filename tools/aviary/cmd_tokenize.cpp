@@ -1,6 +1,7 @@
 // aviary tokenize: text -> token ids; aviary detokenize: token ids -> the exact bytes.
 // The tokenizer is a model's (--model, chosen as for generate; --tokenizer overrides it) or a
 // tokenizer file on its own (--tokenizer: rwkv_vocab_*.txt or a tokenizer.json).
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -71,13 +72,24 @@ struct DetokenizeOptions {
 template <typename MakeError>
 std::vector<int32_t> ParseIds(const std::string& text, MakeError make_error) {
   std::vector<int32_t> ids;
+  // A comma stands between two ids: "1,,2", "[,1]" and "1," are missing one.
+  bool after_id = false, after_comma = false;
   size_t i = 0;
   while (i < text.size()) {
     const char c = text[i];
-    if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == ',' || c == '[' || c == ']') {
+    if (c == ',' || c == '[' || c == ']') {
+      if (after_comma || (c == ',' && !after_id)) throw make_error("a comma without an id before it");
+      after_comma = c == ',';
+      after_id = false;
       ++i;
       continue;
     }
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
+      ++i;
+      continue;
+    }
+    after_id = true;
+    after_comma = false;
     size_t j = i;
     while (j < text.size() && !std::strchr(" \t\n\r,[]", text[j])) ++j;
     const std::string word = text.substr(i, j - i);
@@ -93,6 +105,7 @@ std::vector<int32_t> ParseIds(const std::string& text, MakeError make_error) {
     }
     ids.push_back(static_cast<int32_t>(v));
   }
+  if (after_comma) throw make_error("a comma without an id after it");
   return ids;
 }
 
@@ -102,10 +115,9 @@ void RunDetokenize(const DetokenizeOptions& o) {
     const std::string input((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
     ids = ParseIds(input, [](const std::string& m) { return Error("stdin: " + m); });
   } else {
-    for (const std::string& arg : o.ids) {
-      const std::vector<int32_t> some = ParseIds(arg, [](const std::string& m) { return UsageError(m); });
-      ids.insert(ids.end(), some.begin(), some.end());
-    }
+    std::string args;  // "1, 2" as two arguments reads as "1, 2"
+    for (const std::string& arg : o.ids) args += arg + " ";
+    ids = ParseIds(args, [](const std::string& m) { return UsageError(m); });
   }
   const std::unique_ptr<Tokenizer> tokenizer = ChooseTokenizer(o.tok);
   Write(tokenizer->Decode(ids));  // throws on an id outside the vocabulary before writing
@@ -119,7 +131,7 @@ void RegisterTokenize(CLI::App& app) {
   CLI::App* tok = app.add_subcommand("tokenize", "Print the token ids of a text");
   AddTokenizerOptions(tok, &t->tok);
   t->text_opt = tok->add_option("--text", t->text, "The text (raw bytes, as given)");
-  t->file_opt = tok->add_option("--file", t->file, "Read the text from a file (raw bytes)");
+  t->file_opt = tok->add_option("--file", t->file, "Read the text from a file (raw bytes; - for stdin)");
   tok->add_flag("--json", t->json, "Print a JSON array instead of ids separated by spaces");
   tok->callback([t] { RunTokenize(*t); });
 
@@ -127,8 +139,30 @@ void RegisterTokenize(CLI::App& app) {
   CLI::App* detok = app.add_subcommand(
       "detokenize", "Write the exact bytes of token ids to stdout (ids from stdin if none given)");
   AddTokenizerOptions(detok, &d->tok);
-  detok->add_option("ids", d->ids, "Token ids (spaces, commas or a JSON array); none: read stdin");
-  detok->callback([d] { RunDetokenize(*d); });
+  // The ids are taken as the words left over: CLI11 reads a positional "[1,2,,3]" as a list
+  // and drops its empty place, which ParseIds must see.
+  // "ids" takes no word itself (validate_positionals skips it): it documents the words and
+  // keeps "--" working; the words are read back as the remaining arguments.
+  detok->allow_extras();
+  detok->validate_positionals();
+  detok->add_option("ids", "Token ids (spaces, commas or a JSON array); none: read stdin")
+      ->check(CLI::Validator([](std::string&) { return std::string("taken as remaining"); }, ""));
+  detok->callback([d, detok] {
+    d->ids.clear();
+    bool after_marker = false;  // after "--" every word is an id
+    for (const std::string& word : detok->remaining()) {
+      if (!after_marker && word == "--") {
+        after_marker = true;
+        continue;
+      }
+      if (!after_marker && word.size() > 1 && word[0] == '-' &&
+          !std::isdigit(static_cast<unsigned char>(word[1]))) {
+        throw UsageError("detokenize: unknown option " + word);
+      }
+      d->ids.push_back(word);
+    }
+    RunDetokenize(*d);
+  });
 }
 
 }  // namespace aviary::cli

@@ -20,8 +20,20 @@ int main(int argc, char** argv) {
   aviary::cli::RegisterBench(app);
   aviary::cli::RegisterSynth(app);
   aviary::cli::RegisterChat(app);
+  // CLI11 reads an unknown first word as a stray argument ("A subcommand is required").
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known = known || sub->check_name(argv[1]);
+    }
+    if (!known) {
+      std::fprintf(stderr, "aviary: unknown command '%s' (see aviary --help)\n", argv[1]);
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
+    aviary::cli::CheckStdout();
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
