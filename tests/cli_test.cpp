@@ -44,6 +44,68 @@ TEST(Cli, HelpAndVersion) {
   }
 }
 
+// Every command that runs a model takes the runtime flags, and every --help lists the
+// environment variables.
+TEST(Cli, RuntimeFlagsOnEveryCommandThatRunsAModel) {
+  for (const char* command : {"generate", "chat", "logits", "perplexity", "bench"}) {
+    const CommandResult r = RunCommand(Cli(std::string(command) + " --help") + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << command << "\n" << r.output;
+    for (const char* flag : {"--threads", "--kernels", "--activations", "--load", "AVIARY_THREADS",
+                             "AVIARY_LOAD", "AVIARY_CACHE_DIR"}) {
+      EXPECT_NE(r.output.find(flag), std::string::npos) << command << " " << flag;
+    }
+  }
+  const std::pair<const char*, const char*> bad_flags[] = {
+      {"logits --output o --threads 0", "--threads"},
+      {"logits --output o --threads 1025", "--threads"},
+      {"generate --kernels simd", "--kernels"},
+      {"perplexity --activations bf16", "--activations"},
+      {"chat --load never", "--load"}};
+  for (const auto& [args, flag] : bad_flags) {
+    const CommandResult r = RunCommand(Cli(std::string(args) + " --model x --prompt a") + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(flag), std::string::npos) << args << "\n" << r.output;
+  }
+  const CommandResult bad = RunCommand("AVIARY_THREADS=lots " + Cli("generate --model x --prompt a") + " 2>&1");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("AVIARY_THREADS is 'lots'"), std::string::npos) << bad.output;
+}
+
+// --threads, --kernels and --activations win over the variables, and the results follow the
+// options: the thread count changes no logit; f32 and reference agree within float rounding.
+TEST(Cli, RuntimeFlagsWinOverTheEnvironment) {
+  REQUIRE_SHARED(kStress7);
+  const std::string model = Quote(SharedPath(kStress7));
+  const CommandResult b = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=fast " +
+                                     Cli("bench --model " + model + " --threads 2 --kernels reference "
+                                         "--prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("\"threads\": 2,"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("\"kernels\": \"reference\""), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("\"target\": \"scalar\""), std::string::npos) << b.output;
+  const CommandResult e = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=reference " +
+                                     Cli("bench --model " + model +
+                                         " --prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
+  ASSERT_EQ(e.exit_code, 0) << e.output;
+  EXPECT_NE(e.output.find("\"threads\": 1,"), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("\"kernels\": \"reference\""), std::string::npos) << e.output;
+  std::vector<std::vector<float>> logits;
+  for (const char* flags : {"--threads 1", "--threads 3", "AVIARY_THREADS=3 --threads 2"}) {
+    std::string env, args = flags;
+    if (args.rfind("AVIARY_", 0) == 0) {
+      env = args.substr(0, args.find(' ')) + " ";
+      args = args.substr(args.find(' ') + 1);
+    }
+    const std::string out = TempFile("threads.f32");
+    const CommandResult r = RunCommand(env + Cli("logits --model " + model + " --prompt 'threads' " + args +
+                                                 " --output " + out) + " 2>&1");
+    ASSERT_EQ(r.exit_code, 0) << flags << "\n" << r.output;
+    logits.push_back(ReadFloats(out));
+  }
+  EXPECT_EQ(logits[0], logits[1]);
+  EXPECT_EQ(logits[0], logits[2]);
+}
+
 TEST(Cli, UsageErrorsExitTwoWithOneLine) {
   for (const char* args : {"", "frobnicate", "info", "logits --model x", "generate --model",
                            "info --model a --bogus"}) {
@@ -98,7 +160,8 @@ TEST(Cli, LogitsMatchExpectedAndLibrary) {
 }
 
 // AVIARY_LOAD: read (anonymous huge-page memory) and mmap give the same logits, bit for bit;
-// bench reports the mode; an unknown value warns and takes auto (mmap for a small file).
+// bench reports the mode, and so does --load, which wins over the variable; an unknown value is
+// a usage error naming the variable.
 TEST(Cli, LoadModesGiveTheSameLogits) {
   REQUIRE_SHARED(kStress7);
   const std::string model = Quote(SharedPath(kStress7));
@@ -116,12 +179,15 @@ TEST(Cli, LoadModesGiveTheSameLogits) {
     EXPECT_NE(b.output.find(std::string("\"load_mode\": \"") + mode + "\""), std::string::npos) << b.output;
   }
   EXPECT_EQ(std::memcmp(logits[0].data(), logits[1].data(), 256 * sizeof(float)), 0);
+  const CommandResult flag = RunCommand("AVIARY_LOAD=mmap " + Cli("bench --model " + model +
+                                        " --load read --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
+  ASSERT_EQ(flag.exit_code, 0) << flag.output;
+  EXPECT_NE(flag.output.find("\"load_mode\": \"read\""), std::string::npos) << flag.output;
   const CommandResult bogus = RunCommand("AVIARY_LOAD=bogus " + Cli("bench --model " + model +
                                          " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json") + " 2>&1");
-  ASSERT_EQ(bogus.exit_code, 0) << bogus.output;
-  EXPECT_NE(bogus.output.find("AVIARY_LOAD=bogus is not 'auto', 'mmap' or 'read'; using auto"), std::string::npos)
+  EXPECT_EQ(bogus.exit_code, 2) << bogus.output;
+  EXPECT_NE(bogus.output.find("AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'"), std::string::npos)
       << bogus.output;
-  EXPECT_NE(bogus.output.find("\"load_mode\": \"mmap\""), std::string::npos) << bogus.output;
 }
 
 TEST(Cli, AllPositionsAndOneByOneAgree) {

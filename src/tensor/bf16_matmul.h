@@ -24,11 +24,9 @@
 
 namespace aviary::bf16 {
 
-// Whether F16/BF16 MatMuls use bfloat16 dot products: the CPU can (AVX512_BF16) and
-// AVIARY_ACTIVATIONS is unset or "auto" (kernels.h), unless overridden below.
+// Whether F16/BF16 MatMuls use bfloat16 dot products: the CPU can (AVX512_BF16) and the
+// current runtime's activations are Activations::kAuto (thread_pool.h).
 bool Enabled();
-// Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
-void SetEnabled(bool enabled);
 // The CPU has what the kernels need (x86-64 with AVX-512 F/BW/VL/DQ and BF16).
 bool CpuSupported();
 inline bool SupportsType(DType type) { return type == DType::kF16 || type == DType::kBF16; }

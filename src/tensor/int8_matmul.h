@@ -23,11 +23,9 @@
 
 namespace aviary::int8 {
 
-// Whether quantized MatMuls use 8-bit activations: the CPU can (AVX-512 with VNNI) and
-// AVIARY_ACTIVATIONS is not "f32" (kernels.h), unless overridden below.
+// Whether quantized MatMuls use 8-bit activations: the CPU can (AVX-512 with VNNI) and the
+// current runtime's activations are not Activations::kF32 (thread_pool.h).
 bool Enabled();
-// Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
-void SetEnabled(bool enabled);
 // The CPU has what the kernels need (x86-64 with AVX-512 F/BW/VL/VNNI).
 bool CpuSupported();
 // Every block type whose weights are w = d_w * (u - k) + m per block of 32: all but Q6_K

@@ -78,11 +78,11 @@ std::shared_ptr<const TokenizerData> ChooseTokenizer(const ModelInfo& info, cons
   std::optional<std::string> found;
   const std::filesystem::path beside = std::filesystem::path(info.path).parent_path() / file;
   if (std::filesystem::is_regular_file(beside, ec)) found = beside.string();
-  if (!found) found = FindInCache(file);
+  if (!found) found = FindInCache(file, Hub().cache_dir);
   if (!found) {
     throw Error(info.path + ": needs the " + std::string(world ? "World" : "GPT-NeoX") +
                 " vocabulary " + file + " to embed in the GGUF file; put it next to the model, in " +
-                CacheDir() + " (aviary pull does), or give --tokenizer FILE");
+                Hub().cache_dir + " (aviary pull does), or give --tokenizer FILE");
   }
   *source = *found;
   return std::make_shared<TokenizerData>(ReadTokenizerFile(*found));
@@ -104,7 +104,7 @@ void RunConvert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::optional<DType> type;
   if (!o.type.empty()) type = ParseType(o.type);
-  const std::string in = ResolveModelArgument(o.in);
+  const std::string in = ResolveModelArgument(o.in, Hub().cache_dir);
   if (SameFile(in, o.out) || SameFile(in, o.out + ".tmp")) {
     throw UsageError("refusing to overwrite the input file " + in + " (give another output name)");
   }
@@ -127,7 +127,7 @@ void RunConvert(const ConvertOptions& o) {
   GgufWriteReport report;
   try {
     report = WriteGguf(wf, info, options, tmp);
-    Model::Load(tmp);  // the result must load
+    Model::Load(tmp, ModelLoadOptions());  // the result must load
   } catch (...) {
     std::filesystem::remove(tmp, ec);
     throw;

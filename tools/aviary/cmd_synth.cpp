@@ -125,7 +125,7 @@ void RegisterSynth(CLI::App& app) {
         std::filesystem::remove(bin, ec);
         std::filesystem::rename(gguf_tmp, bin);
       }
-      Model::Load(bin);  // the result must load
+      Model::Load(bin, ModelLoadOptions());  // the result must load
     } catch (...) {
       std::filesystem::remove(bin, ec);
       throw;
