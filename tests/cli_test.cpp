@@ -2,8 +2,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <regex>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "aviary/model.h"
 #include "test_data.h"
@@ -33,6 +37,32 @@ double NumberAfter(const std::string& text, const std::string& label) {
   const std::regex re(label + R"(\s*([-0-9.eE+]+))");
   if (!std::regex_search(text, m, re)) return NAN;
   return std::stod(m[1]);
+}
+
+// Exit status and peak resident memory (KiB) of a shell command and everything it starts: run
+// from a forked child, whose RUSAGE_CHILDREN then covers this command alone.
+std::pair<int, long> ExitAndPeakRssKiB(const std::string& command) {
+  const std::string result = TempFile("rss.txt");
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int status = std::system(command.c_str());
+    struct rusage usage {};
+    ::getrusage(RUSAGE_CHILDREN, &usage);
+    if (FILE* f = std::fopen(result.c_str(), "w")) {
+      std::fprintf(f, "%d %ld\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1, usage.ru_maxrss);
+      std::fclose(f);
+    }
+    ::_exit(0);
+  }
+  int ignored = 0;
+  ::waitpid(pid, &ignored, 0);
+  int code = -1;
+  long kib = 0;
+  if (FILE* f = std::fopen(result.c_str(), "r")) {
+    if (std::fscanf(f, "%d %ld", &code, &kib) != 2) code = -1;
+    std::fclose(f);
+  }
+  return {code, kib};
 }
 
 TEST(Cli, HelpAndVersion) {
@@ -188,6 +218,27 @@ TEST(Cli, LoadModesGiveTheSameLogits) {
   EXPECT_EQ(bogus.exit_code, 2) << bogus.output;
   EXPECT_NE(bogus.output.find("AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'"), std::string::npos)
       << bogus.output;
+}
+
+// convert and quantize read each tensor once, so they map the input and the result they check
+// whatever AVIARY_LOAD says: with AVIARY_LOAD=read forced, converting a 144 MiB model must not
+// hold a second copy of it in anonymous memory (mapped pages of the input do count in the RSS).
+TEST(Cli, ConvertStreamsWhateverTheLoadMode) {
+  const std::string bin = TempFile("stream.bin"), gguf = TempFile("stream.gguf");
+  const CommandResult synth =
+      RunCommand(Cli("synth --layers 6 --embd 1024 --vocab 256 --type f16 -o " + Quote(bin)) + " 2>&1");
+  ASSERT_EQ(synth.exit_code, 0) << synth.output;
+  const long file_kib = static_cast<long>(std::filesystem::file_size(bin) / 1024);
+  ASSERT_GT(file_kib, 128 * 1024);
+  const auto [code, peak_kib] = ExitAndPeakRssKiB(
+      "AVIARY_LOAD=read " + Cli("convert " + Quote(bin) + " " + Quote(gguf)) + " > /dev/null");
+  EXPECT_EQ(code, 0);
+  // The mapped input, plus the program and a few rows in flight; reading the input or the
+  // output into memory adds a whole file size.
+  EXPECT_LT(peak_kib, file_kib + file_kib / 2) << "peak " << peak_kib << " KiB for a "
+                                                << file_kib << " KiB model";
+  std::filesystem::remove(bin);
+  std::filesystem::remove(gguf);
 }
 
 TEST(Cli, AllPositionsAndOneByOneAgree) {

@@ -111,7 +111,9 @@ void RunConvert(const ConvertOptions& o) {
   std::error_code ec;
   if (std::filesystem::is_directory(o.out, ec)) throw UsageError(o.out + ": is a directory");
 
-  auto file = std::make_shared<MappedFile>(in);
+  // Every tensor is read once, so the input is mapped whatever AVIARY_LOAD says: reading it
+  // into anonymous memory would hold a second copy of the model for nothing.
+  auto file = std::make_shared<MappedFile>(in, LoadMode::kMmap);
   WeightFile wf = ReadWeightFile(file->bytes(), in);
   wf.backing = file;
   // Loading checks every name and shape and tells the architecture and sizes.
@@ -127,7 +129,9 @@ void RunConvert(const ConvertOptions& o) {
   GgufWriteReport report;
   try {
     report = WriteGguf(wf, info, options, tmp);
-    Model::Load(tmp, ModelLoadOptions());  // the result must load
+    LoadOptions check;
+    check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+    Model::Load(tmp, check);            // the result must load
   } catch (...) {
     std::filesystem::remove(tmp, ec);
     throw;

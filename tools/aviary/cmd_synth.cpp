@@ -125,7 +125,9 @@ void RegisterSynth(CLI::App& app) {
         std::filesystem::remove(bin, ec);
         std::filesystem::rename(gguf_tmp, bin);
       }
-      Model::Load(bin, ModelLoadOptions());  // the result must load
+      LoadOptions check;
+      check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+      Model::Load(bin, check);            // the result must load
     } catch (...) {
       std::filesystem::remove(bin, ec);
       throw;
