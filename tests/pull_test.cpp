@@ -129,8 +129,8 @@ class PullTest : public ::testing::Test {
   HubSettings Hub() const {
     HubSettings hub;
     hub.cache_dir = Cache();
-    hub.hf_endpoint = std::getenv("AVIARY_HF_ENDPOINT");
-    hub.raw_github_endpoint = std::getenv("AVIARY_RAW_GITHUB_ENDPOINT");
+    if (const char* hf = std::getenv("AVIARY_HF_ENDPOINT")) hub.hf_endpoint = hf;
+    if (const char* gh = std::getenv("AVIARY_RAW_GITHUB_ENDPOINT")) hub.raw_github_endpoint = gh;
     return hub;
   }
 

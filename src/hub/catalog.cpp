@@ -163,7 +163,8 @@ std::string CachePath(const TokenizerRelease& tokenizer, const std::string& cach
   return (std::filesystem::path(cache_dir) / "tokenizers" / std::string(tokenizer.file)).string();
 }
 
-std::optional<std::string> FindCachedModel(const CatalogEntry& entry, const std::string& cache_dir) {
+std::optional<std::string> FindCachedModel(const CatalogEntry& entry,
+                                           const std::string& cache_dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::optional<std::string> found;

@@ -63,7 +63,8 @@ std::string CachePath(const TokenizerRelease& tokenizer, const std::string& cach
 // The downloaded file of a catalog model: its cache path, else a file of the same name anywhere
 // in the cache. nullopt when it is not there. Throws aviary::Error when the file found has the
 // wrong size (an interrupted copy, or another release under the same name).
-std::optional<std::string> FindCachedModel(const CatalogEntry& entry, const std::string& cache_dir);
+std::optional<std::string> FindCachedModel(const CatalogEntry& entry,
+                                           const std::string& cache_dir);
 
 // Percent-encodes a URL path segment (RFC 3986 unreserved characters stay; '%' -> "%25").
 std::string EncodePathSegment(std::string_view segment);

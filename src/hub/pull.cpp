@@ -57,12 +57,14 @@ std::string EnsureTokenizer(const TokenizerRelease& tok, const PullOptions& opti
                             const std::string& model_path) {
   const std::string file(tok.file);
   const std::string dest =
-      options.dir.empty() ? CachePath(tok, options.hub.cache_dir) : (fs::path(options.dir) / file).string();
+      options.dir.empty() ? CachePath(tok, options.hub.cache_dir)
+                          : (fs::path(options.dir) / file).string();
   if (AlreadyThere(dest, tok.size, options)) return dest;
   const fs::path beside = fs::path(model_path).parent_path() / file;
   if (FileSize(beside.string()) == tok.size) return beside.string();
   if (options.dir.empty()) {
-    if (auto found = FindInCache(file, options.hub.cache_dir); found && FileSize(*found) == tok.size) return *found;
+    auto found = FindInCache(file, options.hub.cache_dir);
+    if (found && FileSize(*found) == tok.size) return *found;
   }
   DownloadOptions d = options.download;
   d.expected_size = tok.size;

@@ -91,7 +91,8 @@ Environment ReadEnvironment(const GetEnv& get) {
 }
 
 const Environment& ProcessEnvironment() {
-  static const Environment env = ReadEnvironment([](const char* name) { return std::getenv(name); });
+  static const Environment env =
+      ReadEnvironment([](const char* name) { return std::getenv(name); });
   return env;
 }
 
