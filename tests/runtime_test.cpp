@@ -2,6 +2,8 @@
 // models loaded with it, and two models on two runtimes running at once in one process.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -98,6 +100,25 @@ TEST(Runtime, ParallelLoopsRunOnTheCurrentRuntimesPool) {
   for (int k : kernels) EXPECT_EQ(k, static_cast<int>(Kernels::kReference));
   EXPECT_EQ(runtime.stats().parallel_runs, 1u);
   EXPECT_EQ(runtime.stats().busy_fallbacks, 0u);
+}
+
+// A second thread arriving while the pool is busy runs its loop on its own thread, and the
+// runtime counts it (what TwoRuntimesRunAtOnce... checks never happens across runtimes).
+TEST(Runtime, ABusyPoolRunsASecondCallerOnItsOwnThreadAndCountsIt) {
+  Runtime runtime({.threads = 2});
+  const ScopedRuntime scope(&runtime);
+  std::atomic<int> inner_tasks{0};
+  ParallelFor(2, [&](int64_t task, int) {
+    if (task != 0) return;
+    std::thread other([&] {  // the pool is running this loop: it is busy
+      const ScopedRuntime same(&runtime);
+      ParallelFor(8, [&](int64_t, int) { inner_tasks.fetch_add(1); });
+    });
+    other.join();
+  });
+  EXPECT_EQ(inner_tasks.load(), 8);
+  EXPECT_EQ(runtime.stats().parallel_runs, 1u);
+  EXPECT_EQ(runtime.stats().busy_fallbacks, 1u);
 }
 
 TEST(Runtime, ModelsKeepTheirRuntime) {
