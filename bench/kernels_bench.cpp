@@ -87,7 +87,8 @@ void BM_MatMul(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(4));
   const bool reference = state.range(5) != 0;
   Case c = MakeCase(type, rows, cols, T);
-  aviary::SetNumThreads(threads);
+  aviary::Runtime runtime({.threads = threads});
+  const aviary::ScopedRuntime on_runtime(&runtime);
   for (auto _ : state) {
     if (reference) {
       aviary::ref::MatMul(c.w, c.x.data(), T, c.y.data());
@@ -136,8 +137,9 @@ void BM_Wkv(benchmark::State& state) {
   auto w = vec(T * C, true), kk = vec(T * C, false), a = vec(T * C, true);
   auto first = vec(C, false);
   std::vector<float> S(static_cast<size_t>(C) * N, 0.0f), out(T * C);
-  aviary::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
-  aviary::SetNumThreads(1);
+  aviary::Runtime runtime(
+      {.threads = 1, .kernels = reference ? aviary::Kernels::kReference : aviary::Kernels::kFast});
+  const aviary::ScopedRuntime on_runtime(&runtime);
   for (auto _ : state) {
     if (v7) {
       aviary::Wkv7Seq(T, H, N, r.data(), w.data(), k.data(), v.data(), kk.data(), a.data(),
@@ -148,7 +150,6 @@ void BM_Wkv(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(out.data());
   }
-  aviary::SetKernels(aviary::Kernels::kFast);
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * T);
   state.SetLabel(reference ? "reference" : "fast");
 }

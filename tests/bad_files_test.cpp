@@ -594,14 +594,14 @@ TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
     std::vector<uint8_t> bytes(size);
     for (auto& b : bytes) b = static_cast<uint8_t>(rng());
     const std::string path = dir.Write("bytes-" + std::to_string(size) + ".bin", bytes);
-    for (const LoadMode mode : {LoadMode::kMap, LoadMode::kRead}) {
+    for (const LoadMode mode : {LoadMode::kMmap, LoadMode::kRead}) {
       const MappedFile file(path, mode);
       EXPECT_EQ(file.mode(), mode);
       ASSERT_EQ(file.bytes().size(), size);
       EXPECT_EQ(std::memcmp(file.bytes().data(), bytes.data(), size), 0) << LoadModeName(mode) << " " << size;
     }
   }
-  for (const LoadMode mode : {LoadMode::kMap, LoadMode::kRead}) {
+  for (const LoadMode mode : {LoadMode::kMmap, LoadMode::kRead}) {
     auto expect_error = [&](const std::string& path, const std::string& keyword) {
       try {
         MappedFile file(path, mode);
@@ -615,10 +615,12 @@ TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
     expect_error(dir.path(), "directory");
     expect_error(dir.path() + "/does-not-exist.bin", "cannot open");
   }
-  // Small files map unless AVIARY_LOAD says otherwise (unset in the test environment).
-  if (std::getenv("AVIARY_LOAD") == nullptr) {
-    EXPECT_EQ(ChooseLoadMode(kReadMinBytes - 1), LoadMode::kMap);
-  }
+  // kAuto maps small files; an explicit mode is kept whatever the size.
+  EXPECT_EQ(ResolveLoadMode(LoadMode::kAuto, kReadMinBytes - 1), LoadMode::kMmap);
+  EXPECT_EQ(ResolveLoadMode(LoadMode::kRead, 1), LoadMode::kRead);
+  EXPECT_EQ(ResolveLoadMode(LoadMode::kMmap, kReadMinBytes * 4), LoadMode::kMmap);
+  const std::vector<uint8_t> three = {1, 2, 3};
+  EXPECT_EQ(MappedFile(dir.Write("auto.bin", three), LoadMode::kAuto).mode(), LoadMode::kMmap);
 }
 
 // ---- Memory and time bounds on crafted files ----

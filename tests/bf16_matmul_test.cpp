@@ -6,7 +6,7 @@
 //  - that definition against the float reference within the rounding bound
 //    sum_c |w_c x_c| * (2^-7 + 2^-16) (F16 weights and activations each rounded by <= 2^-8);
 //  - results independent of T and of the thread count, bit for bit, on odd shapes;
-//  - the switch (SetEnabled) and its effect on the dispatching MatMul.
+//  - the switch (the runtime's Activations) and its effect on the dispatching MatMul.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -25,6 +25,7 @@
 #include "tensor/tensor.h"
 #include "tensor/thread_pool.h"
 #include "tensor_fixtures.h"
+#include "test_data.h"
 
 namespace {
 
@@ -33,15 +34,8 @@ namespace bf16 = aviary::bf16;
 using aviary::testing::MakeTensor;
 using aviary::testing::RandomMatrix;
 
-struct Guard {
-  Guard() : enabled(bf16::Enabled()) {}
-  ~Guard() {
-    bf16::SetEnabled(enabled);
-    aviary::SetKernels(aviary::Kernels::kFast);
-    aviary::SetNumThreads(0);
-  }
-  bool enabled;
-};
+// Restores the kernels' runtime options after a test.
+using Guard = aviary::testing::RuntimeGuard;
 
 float Bits(uint32_t u) {
   float f;
@@ -140,11 +134,11 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
             ++checked;
             continue;
           }
-          bf16::SetEnabled(true);
+          aviary::testing::SetBf16Activations(true);
           std::vector<float> fast1(def.size()), fast2(def.size()), fast3(def.size());
           aviary::fast::MatMul(w, x.data(), T, fast1.data(), 1);
           aviary::fast::MatMul(w, x.data(), T, fast2.data(), 2);
-          aviary::SetNumThreads(3);
+          aviary::testing::SetNumThreads(3);
           aviary::fast::MatMul(w, x.data(), T, fast3.data(), 3);
           ASSERT_TRUE(BitEqual(fast1, fast2)) << "result depends on the thread count";
           ASSERT_TRUE(BitEqual(fast1, fast3)) << "result depends on the thread count";
@@ -187,7 +181,7 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
 TEST(Bf16MatMul, LongChunksEqualOneTokenAtATime) {
   Guard guard;
   if (!bf16::CpuSupported()) GTEST_SKIP() << "no AVX512_BF16 on this CPU: the float path runs";
-  bf16::SetEnabled(true);
+  aviary::testing::SetBf16Activations(true);
   std::mt19937 rng(9);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (int64_t cols : {96, 4100}) {
@@ -210,9 +204,9 @@ TEST(Bf16MatMul, LongChunksEqualOneTokenAtATime) {
 
 TEST(Bf16MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   Guard guard;
-  bf16::SetEnabled(false);
+  aviary::testing::SetBf16Activations(false);
   EXPECT_FALSE(bf16::Enabled());
-  bf16::SetEnabled(true);
+  aviary::testing::SetBf16Activations(true);
   EXPECT_EQ(bf16::Enabled(), bf16::CpuSupported());
   EXPECT_TRUE(bf16::SupportsType(DType::kF16));
   EXPECT_TRUE(bf16::SupportsType(DType::kBF16));
@@ -228,7 +222,7 @@ TEST(Bf16MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   std::vector<float> def(72), flt(72), y(72);
   bf16::ReferenceMatMul(w, x.data(), 3, def.data());
   aviary::ref::MatMul(w, x.data(), 3, flt.data());
-  aviary::SetKernels(aviary::Kernels::kFast);
+  aviary::testing::SetKernels(aviary::Kernels::kFast);
   auto rel = [](float a, float b) { return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b)); };
   aviary::MatMul(w, x.data(), 3, y.data());
   double d_bf16 = 0, d_float = 0;
@@ -238,12 +232,12 @@ TEST(Bf16MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   }
   EXPECT_LT(d_bf16, 1e-5);
   EXPECT_GT(d_float, 1e-4) << "bfloat16 products should move the result measurably";
-  bf16::SetEnabled(false);
+  aviary::testing::SetBf16Activations(false);
   aviary::MatMul(w, x.data(), 3, y.data());
   for (size_t i = 0; i < y.size(); ++i) EXPECT_LT(rel(y[i], flt[i]), 1e-5);
   // The reference kernels never round.
-  bf16::SetEnabled(true);
-  aviary::SetKernels(aviary::Kernels::kReference);
+  aviary::testing::SetBf16Activations(true);
+  aviary::testing::SetKernels(aviary::Kernels::kReference);
   aviary::MatMul(w, x.data(), 3, y.data());
   EXPECT_TRUE(BitEqual(y, flt));
 }

@@ -11,6 +11,7 @@
 #include "aviary/error.h"
 #include "aviary/model.h"
 #include "aviary/tokenizer.h"
+#include "models/model_impl.h"
 
 namespace aviary::testing {
 
@@ -48,10 +49,10 @@ class FakeWorldTokenizer final : public Tokenizer {
 // Scripted model over `n_vocab` tokens: after the last ':' fed it predicts script[i] (as a
 // token id) with logit 20 and everything else 0; past the end of the script it predicts
 // `tail`. State: one float per layer, the position in the script.
-class ScriptedModel final : public Model {
+class ScriptedModel final : public RwkvModel {
  public:
   ScriptedModel(std::vector<int32_t> script, int32_t tail, int n_vocab)
-      : Model(MakeInfo(n_vocab)), script_(std::move(script)), tail_(tail) {}
+      : RwkvModel(MakeInfo(n_vocab)), script_(std::move(script)), tail_(tail) {}
 
  protected:
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,

@@ -8,6 +8,9 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "aviary/model.h"
 #include "test_data.h"
@@ -39,6 +42,32 @@ double NumberAfter(const std::string& text, const std::string& label) {
   return std::stod(m[1]);
 }
 
+// Exit status and peak resident memory (KiB) of a shell command and everything it starts: run
+// from a forked child, whose RUSAGE_CHILDREN then covers this command alone.
+std::pair<int, long> ExitAndPeakRssKiB(const std::string& command) {
+  const std::string result = TempFile("rss.txt");
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int status = std::system(command.c_str());
+    struct rusage usage {};
+    ::getrusage(RUSAGE_CHILDREN, &usage);
+    if (FILE* f = std::fopen(result.c_str(), "w")) {
+      std::fprintf(f, "%d %ld\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1, usage.ru_maxrss);
+      std::fclose(f);
+    }
+    ::_exit(0);
+  }
+  int ignored = 0;
+  ::waitpid(pid, &ignored, 0);
+  int code = -1;
+  long kib = 0;
+  if (FILE* f = std::fopen(result.c_str(), "r")) {
+    if (std::fscanf(f, "%d %ld", &code, &kib) != 2) code = -1;
+    std::fclose(f);
+  }
+  return {code, kib};
+}
+
 TEST(Cli, HelpAndVersion) {
   for (const char* args : {"--help", "info --help", "logits --help", "generate --help",
                            "perplexity --help", "--version"}) {
@@ -46,6 +75,68 @@ TEST(Cli, HelpAndVersion) {
     EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.output;
     EXPECT_NE(r.output.find("aviary"), std::string::npos) << args;
   }
+}
+
+// Every command that runs a model takes the runtime flags, and every --help lists the
+// environment variables.
+TEST(Cli, RuntimeFlagsOnEveryCommandThatRunsAModel) {
+  for (const char* command : {"generate", "chat", "logits", "perplexity", "bench"}) {
+    const CommandResult r = RunCommand(Cli(std::string(command) + " --help") + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << command << "\n" << r.output;
+    for (const char* flag : {"--threads", "--kernels", "--activations", "--load", "AVIARY_THREADS",
+                             "AVIARY_LOAD", "AVIARY_CACHE_DIR"}) {
+      EXPECT_NE(r.output.find(flag), std::string::npos) << command << " " << flag;
+    }
+  }
+  const std::pair<const char*, const char*> bad_flags[] = {
+      {"logits --output o --threads 0", "--threads"},
+      {"logits --output o --threads 1025", "--threads"},
+      {"generate --kernels simd", "--kernels"},
+      {"perplexity --activations bf16", "--activations"},
+      {"chat --load never", "--load"}};
+  for (const auto& [args, flag] : bad_flags) {
+    const CommandResult r = RunCommand(Cli(std::string(args) + " --model x --prompt a") + " 2>&1");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(flag), std::string::npos) << args << "\n" << r.output;
+  }
+  const CommandResult bad = RunCommand("AVIARY_THREADS=lots " + Cli("generate --model x --prompt a") + " 2>&1");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("AVIARY_THREADS is 'lots'"), std::string::npos) << bad.output;
+}
+
+// --threads, --kernels and --activations win over the variables, and the results follow the
+// options: the thread count changes no logit; f32 and reference agree within float rounding.
+TEST(Cli, RuntimeFlagsWinOverTheEnvironment) {
+  REQUIRE_SHARED(kStress7);
+  const std::string model = Quote(SharedPath(kStress7));
+  const CommandResult b = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=fast " +
+                                     Cli("bench --model " + model + " --threads 2 --kernels reference "
+                                         "--prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("\"threads\": 2,"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("\"kernels\": \"reference\""), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("\"target\": \"scalar\""), std::string::npos) << b.output;
+  const CommandResult e = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=reference " +
+                                     Cli("bench --model " + model +
+                                         " --prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
+  ASSERT_EQ(e.exit_code, 0) << e.output;
+  EXPECT_NE(e.output.find("\"threads\": 1,"), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("\"kernels\": \"reference\""), std::string::npos) << e.output;
+  std::vector<std::vector<float>> logits;
+  for (const char* flags : {"--threads 1", "--threads 3", "AVIARY_THREADS=3 --threads 2"}) {
+    std::string env, args = flags;
+    if (args.rfind("AVIARY_", 0) == 0) {
+      env = args.substr(0, args.find(' ')) + " ";
+      args = args.substr(args.find(' ') + 1);
+    }
+    const std::string out = TempFile("threads.f32");
+    const CommandResult r = RunCommand(env + Cli("logits --model " + model + " --prompt 'threads' " + args +
+                                                 " --output " + out) + " 2>&1");
+    ASSERT_EQ(r.exit_code, 0) << flags << "\n" << r.output;
+    logits.push_back(ReadFloats(out));
+  }
+  EXPECT_EQ(logits[0], logits[1]);
+  EXPECT_EQ(logits[0], logits[2]);
 }
 
 TEST(Cli, UsageErrorsExitTwoWithOneLine) {
@@ -102,7 +193,8 @@ TEST(Cli, LogitsMatchExpectedAndLibrary) {
 }
 
 // AVIARY_LOAD: read (anonymous huge-page memory) and mmap give the same logits, bit for bit;
-// bench reports the mode; an unknown value warns and takes auto (mmap for a small file).
+// bench reports the mode, and so does --load, which wins over the variable; an unknown value is
+// a usage error naming the variable.
 TEST(Cli, LoadModesGiveTheSameLogits) {
   REQUIRE_SHARED(kStress7);
   const std::string model = Quote(SharedPath(kStress7));
@@ -120,12 +212,36 @@ TEST(Cli, LoadModesGiveTheSameLogits) {
     EXPECT_NE(b.output.find(std::string("\"load_mode\": \"") + mode + "\""), std::string::npos) << b.output;
   }
   EXPECT_EQ(std::memcmp(logits[0].data(), logits[1].data(), 256 * sizeof(float)), 0);
+  const CommandResult flag = RunCommand("AVIARY_LOAD=mmap " + Cli("bench --model " + model +
+                                        " --load read --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
+  ASSERT_EQ(flag.exit_code, 0) << flag.output;
+  EXPECT_NE(flag.output.find("\"load_mode\": \"read\""), std::string::npos) << flag.output;
   const CommandResult bogus = RunCommand("AVIARY_LOAD=bogus " + Cli("bench --model " + model +
                                          " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json") + " 2>&1");
-  ASSERT_EQ(bogus.exit_code, 0) << bogus.output;
-  EXPECT_NE(bogus.output.find("AVIARY_LOAD=bogus is not 'auto', 'mmap' or 'read'; using auto"), std::string::npos)
+  EXPECT_EQ(bogus.exit_code, 2) << bogus.output;
+  EXPECT_NE(bogus.output.find("AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'"), std::string::npos)
       << bogus.output;
-  EXPECT_NE(bogus.output.find("\"load_mode\": \"mmap\""), std::string::npos) << bogus.output;
+}
+
+// convert and quantize read each tensor once, so they map the input and the result they check
+// whatever AVIARY_LOAD says: with AVIARY_LOAD=read forced, converting a 144 MiB model must not
+// hold a second copy of it in anonymous memory (mapped pages of the input do count in the RSS).
+TEST(Cli, ConvertStreamsWhateverTheLoadMode) {
+  const std::string bin = TempFile("stream.bin"), gguf = TempFile("stream.gguf");
+  const CommandResult synth =
+      RunCommand(Cli("synth --layers 6 --embd 1024 --vocab 256 --type f16 -o " + Quote(bin)) + " 2>&1");
+  ASSERT_EQ(synth.exit_code, 0) << synth.output;
+  const long file_kib = static_cast<long>(std::filesystem::file_size(bin) / 1024);
+  ASSERT_GT(file_kib, 128 * 1024);
+  const auto [code, peak_kib] = ExitAndPeakRssKiB(
+      "AVIARY_LOAD=read " + Cli("convert " + Quote(bin) + " " + Quote(gguf)) + " > /dev/null");
+  EXPECT_EQ(code, 0);
+  // The mapped input, plus the program and a few rows in flight; reading the input or the
+  // output into memory adds a whole file size.
+  EXPECT_LT(peak_kib, file_kib + file_kib / 2) << "peak " << peak_kib << " KiB for a "
+                                                << file_kib << " KiB model";
+  std::filesystem::remove(bin);
+  std::filesystem::remove(gguf);
 }
 
 TEST(Cli, AllPositionsAndOneByOneAgree) {

@@ -367,7 +367,7 @@ TEST(Gguf, QuantizedConversionsOfStressModelsStayClose) {
   // (model_test holds the rounded paths to their own bounds). 8-bit activations stay on, as the
   // bounds of the quantized rows were measured with them.
   aviary::testing::RoundedActivations restore;
-  aviary::bf16::SetEnabled(false);
+  aviary::testing::SetBf16Activations(false);
   struct Bound { DType type; double max_abs, mean_abs; };
   // About 2x the worst measured over the five models (docs/GGUF.md).
   const Bound bounds[] = {{DType::kF32, 0, 0},        {DType::kF16, 0.6, 0.004},

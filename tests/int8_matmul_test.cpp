@@ -5,7 +5,7 @@
 //  - that definition against the float reference within the rounding bound
 //    sum_c |w_c| * d_x(c) / 2 (each activation moves by at most half its block's step);
 //  - results independent of T and of the thread count, bit for bit;
-//  - the switch (AVIARY_ACTIVATIONS / SetEnabled) and its effect on the dispatching MatMul.
+//  - the switch (the runtime's Activations) and its effect on the dispatching MatMul.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -24,6 +24,7 @@
 #include "tensor/tensor.h"
 #include "tensor/thread_pool.h"
 #include "tensor_fixtures.h"
+#include "test_data.h"
 
 namespace {
 
@@ -35,14 +36,8 @@ using aviary::testing::RandomMatrix;  // random quants (Q8_0 includes -128), sca
 const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
                              DType::kQ4_K, DType::kQ5_K};
 
-struct Guard {
-  Guard() : enabled(int8::Enabled()) {}
-  ~Guard() {
-    int8::SetEnabled(enabled);
-    aviary::SetNumThreads(0);
-  }
-  bool enabled;
-};
+// Restores the kernels' runtime options after a test.
+using Guard = aviary::testing::RuntimeGuard;
 
 // Activations with blocks of very different magnitudes, zero blocks and exact ties (x / d on
 // a .5) so the rounding rule is exercised.
@@ -65,11 +60,11 @@ bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-TEST(Int8MatMul, SwitchFollowsSetEnabledAndTheCpu) {
+TEST(Int8MatMul, SwitchFollowsTheRuntimeAndTheCpu) {
   Guard guard;
-  int8::SetEnabled(false);
+  aviary::testing::SetInt8Activations(false);
   EXPECT_FALSE(int8::Enabled());
-  int8::SetEnabled(true);
+  aviary::testing::SetInt8Activations(true);
   EXPECT_EQ(int8::Enabled(), int8::CpuSupported());
   EXPECT_TRUE(int8::SupportsType(DType::kQ5_1));
   EXPECT_TRUE(int8::SupportsType(DType::kQ4_K));
@@ -196,8 +191,8 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
             ++checked;
             continue;
           }
-          int8::SetEnabled(true);
-          aviary::SetNumThreads(2);
+          aviary::testing::SetInt8Activations(true);
+          aviary::testing::SetNumThreads(2);
           std::vector<float> fast1(def.size()), fast2(def.size());
           aviary::fast::MatMul(w, x.data(), T, fast1.data(), 1);
           aviary::fast::MatMul(w, x.data(), T, fast2.data(), 2);
@@ -228,8 +223,8 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
 TEST(Int8MatMul, LongRowsInSpansMatchOneTokenAtATime) {
   Guard guard;
   if (!int8::CpuSupported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU: the float path runs";
-  int8::SetEnabled(true);
-  aviary::SetNumThreads(2);
+  aviary::testing::SetInt8Activations(true);
+  aviary::testing::SetNumThreads(2);
   std::mt19937 rng(34);
   const int64_t rows = 5;
   for (DType type : kQuantTypes) {
@@ -269,8 +264,8 @@ TEST(Int8MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   std::vector<float> def(72), flt(72), y(72);
   int8::ReferenceMatMul(w, x.data(), 3, def.data());
   aviary::ref::MatMul(w, x.data(), 3, flt.data());
-  aviary::SetKernels(aviary::Kernels::kFast);
-  int8::SetEnabled(true);
+  aviary::testing::SetKernels(aviary::Kernels::kFast);
+  aviary::testing::SetInt8Activations(true);
   aviary::MatMul(w, x.data(), 3, y.data());
   // Relative differences: some blocks of x are large (40 sigma).
   auto rel = [](float a, float b) { return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b)); };
@@ -281,15 +276,15 @@ TEST(Int8MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   }
   EXPECT_LT(d_int8, 1e-5);
   EXPECT_GT(d_float, 1e-4) << "8-bit activations should move the result measurably";
-  int8::SetEnabled(false);
+  aviary::testing::SetInt8Activations(false);
   aviary::MatMul(w, x.data(), 3, y.data());
   for (size_t i = 0; i < y.size(); ++i) EXPECT_LT(rel(y[i], flt[i]), 1e-5);
   // The reference kernels never round activations.
-  int8::SetEnabled(true);
-  aviary::SetKernels(aviary::Kernels::kReference);
+  aviary::testing::SetInt8Activations(true);
+  aviary::testing::SetKernels(aviary::Kernels::kReference);
   aviary::MatMul(w, x.data(), 3, y.data());
   EXPECT_TRUE(BitEqual(y, flt));
-  aviary::SetKernels(aviary::Kernels::kFast);
+  aviary::testing::SetKernels(aviary::Kernels::kFast);
 }
 
 }  // namespace

@@ -66,15 +66,7 @@ std::string Sci(double v) {
 }
 
 // Restores the kernel choice, the rounded-activation switches and the thread count after a test.
-struct KernelGuard {
-  KernelGuard() : kernels(aviary::ActiveKernels()) {}
-  ~KernelGuard() {
-    aviary::SetKernels(kernels);
-    aviary::SetNumThreads(0);
-  }
-  aviary::Kernels kernels;
-  aviary::testing::RoundedActivations rounding;
-};
+using KernelGuard = aviary::testing::RuntimeGuard;
 
 std::vector<float> RandomVector(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> normal(0.0f, scale);
@@ -88,7 +80,7 @@ std::vector<float> RandomVector(size_t n, std::mt19937& rng, float scale = 1.0f)
 TEST(ThreadPool, EveryTaskRunsOnceAndNestedCallsRunSerially) {
   KernelGuard guard;
   for (int threads : {1, 2, 3, 8}) {
-    aviary::SetNumThreads(threads);
+    aviary::testing::SetNumThreads(threads);
     EXPECT_EQ(aviary::NumThreads(), threads);
     for (int64_t n : {0, 1, 2, 7, 100, 1000}) {
       std::vector<std::atomic<int>> hits(n);
@@ -108,7 +100,7 @@ TEST(ThreadPool, EveryTaskRunsOnceAndNestedCallsRunSerially) {
 TEST(ThreadPool, ManyShortLoopsInARow) {
   // The token loop's pattern: thousands of small parallel loops back to back.
   KernelGuard guard;
-  aviary::SetNumThreads(2);
+  aviary::testing::SetNumThreads(2);
   std::atomic<int64_t> sum{0};
   for (int i = 0; i < 20000; ++i) {
     aviary::ParallelFor(4, [&](int64_t task, int) { sum.fetch_add(task + 1); });
@@ -218,7 +210,7 @@ TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
       aviary::ref::MatMul(w, x.data(), T, ref.data());
 
       std::vector<float> fast1(ref.size()), fast2(ref.size());
-      aviary::SetNumThreads(2);
+      aviary::testing::SetNumThreads(2);
       aviary::fast::MatMul(w, x.data(), T, fast1.data(), 1);
       aviary::fast::MatMul(w, x.data(), T, fast2.data(), 2);
       ASSERT_TRUE(BitEqual(fast1, fast2)) << "result depends on the thread count";
@@ -304,11 +296,11 @@ TEST(FastKernels, MatMulDispatcherFollowsTheKernelChoice) {
   std::vector<float> ref(80), fast(80), y(80);
   aviary::ref::MatMul(w, x.data(), 2, ref.data());
   aviary::fast::MatMul(w, x.data(), 2, fast.data());
-  aviary::SetKernels(aviary::Kernels::kReference);
+  aviary::testing::SetKernels(aviary::Kernels::kReference);
   EXPECT_STREQ(aviary::KernelTarget(), "scalar");
   aviary::MatMul(w, x.data(), 2, y.data());
   EXPECT_TRUE(BitEqual(y, ref));
-  aviary::SetKernels(aviary::Kernels::kFast);
+  aviary::testing::SetKernels(aviary::Kernels::kFast);
   aviary::MatMul(w, x.data(), 2, y.data());
   EXPECT_TRUE(BitEqual(y, fast));
 }
@@ -352,7 +344,7 @@ TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
       for (int threads : {1, 2, 3}) {
         SCOPED_TRACE("rounded " + std::to_string(rounded) + " T " + std::to_string(T) + " threads " +
                      std::to_string(threads));
-        aviary::SetNumThreads(threads);
+        aviary::testing::SetNumThreads(threads);
         for (auto& b : batch) std::fill(b.begin(), b.end(), -1.0f);
         aviary::fast::MatMulBatch(jobs.data(), static_cast<int>(jobs.size()), T);
         for (size_t j = 0; j < ws.size(); ++j) EXPECT_TRUE(BitEqual(single[j], batch[j])) << j;
@@ -360,14 +352,14 @@ TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
         aviary::MatMulBatch(jobs, T);  // the dispatcher, fast mode
         for (size_t j = 0; j < ws.size(); ++j) EXPECT_TRUE(BitEqual(single[j], batch[j])) << j;
       }
-      aviary::SetKernels(aviary::Kernels::kReference);
+      aviary::testing::SetKernels(aviary::Kernels::kReference);
       aviary::MatMulBatch(jobs, T);
       for (size_t j = 0; j < ws.size(); ++j) {
         std::vector<float> ref(single[j].size());
         aviary::ref::MatMul(ws[j], jobs[j].x, T, ref.data());
         EXPECT_TRUE(BitEqual(ref, batch[j])) << "reference mode, product " << j;
       }
-      aviary::SetKernels(aviary::Kernels::kFast);
+      aviary::testing::SetKernels(aviary::Kernels::kFast);
     }
   }
 }
@@ -506,8 +498,8 @@ TEST(FastKernels, Wkv5And7MatchReference) {
       for (int version : {5, 6, 7}) {
         SCOPED_TRACE("v" + std::to_string(version));
         auto run = [&](bool reference, int threads, int tokens_per_call) {
-          aviary::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
-          aviary::SetNumThreads(threads);
+          aviary::testing::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
+          aviary::testing::SetNumThreads(threads);
           std::vector<float> S = S0, out(T * C);
           for (int t0 = 0; t0 < T; t0 += tokens_per_call) {
             const int n = std::min(tokens_per_call, T - t0);
@@ -550,8 +542,8 @@ TEST(FastKernels, Wkv4MatchesReference) {
     for (int c = 0; c < C; ++c) k[3 * C + c] = 60.0f + c % 40;  // huge keys at step 3
     const auto v = Uniform(rng, T * C, -2, 2);
     auto run = [&](bool reference, int threads, int per_call) {
-      aviary::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
-      aviary::SetNumThreads(threads);
+      aviary::testing::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
+      aviary::testing::SetNumThreads(threads);
       std::vector<float> aa(C, 0.0f), bb(C, 0.0f), pp(C, -1e30f), out(T * C);
       for (int t0 = 0; t0 < T; t0 += per_call) {
         const int n = std::min(per_call, T - t0);
@@ -602,9 +594,9 @@ TEST_P(FastModelTest, FastMatchesReferenceAndIsThreadIndependent) {
   std::vector<int32_t> tokens;
   for (int i = 0; i < 40; ++i) tokens.push_back((i * 37 + 11) % model->info().n_vocab);
   auto eval = [&](aviary::Kernels k, int threads, bool one_by_one, bool rounded = false) {
-    aviary::SetKernels(k);
+    aviary::testing::SetKernels(k);
     aviary::testing::RoundedActivations::Set(rounded);
-    aviary::SetNumThreads(threads);
+    aviary::testing::SetNumThreads(threads);
     aviary::State state = model->NewState();
     std::vector<float> logits, row;
     if (one_by_one) {

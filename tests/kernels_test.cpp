@@ -471,9 +471,9 @@ class KernelsTest : public ::testing::TestWithParam<aviary::Kernels> {
  protected:
   void SetUp() override {
     saved_ = aviary::ActiveKernels();
-    aviary::SetKernels(GetParam());
+    aviary::testing::SetKernels(GetParam());
   }
-  void TearDown() override { aviary::SetKernels(saved_); }
+  void TearDown() override { aviary::testing::SetKernels(saved_); }
 
  private:
   aviary::Kernels saved_ = aviary::Kernels::kFast;
@@ -905,24 +905,16 @@ TEST(ByteTokenizer, TokenizerForModel) {
   const fs::path empty = fs::path(::testing::TempDir()) /
                          ("aviary_kernels_test_empty_" + std::to_string(::getpid()));
   fs::create_directories(empty);
-  const char* old_cache = std::getenv("AVIARY_CACHE_DIR");
-  const std::string saved = old_cache ? old_cache : "";
-  ::setenv("AVIARY_CACHE_DIR", empty.c_str(), 1);
+  const std::string cache = empty.string();
 
   aviary::ModelInfo info;
   info.path = (empty / "big.bin").string();
   info.n_vocab = 256;
-  EXPECT_EQ(aviary::TokenizerForModel(info)->vocab_size(), 256);
+  EXPECT_EQ(aviary::TokenizerForModel(info, "", cache)->vocab_size(), 256);
   info.n_vocab = 65536;  // World: its vocabulary file is nowhere to be found
-  EXPECT_THROW(aviary::TokenizerForModel(info), aviary::Error);
+  EXPECT_THROW(aviary::TokenizerForModel(info, "", cache), aviary::Error);
   info.n_vocab = 12345;  // no tokenizer known for this size
-  EXPECT_THROW(aviary::TokenizerForModel(info), aviary::Error);
-
-  if (old_cache) {
-    ::setenv("AVIARY_CACHE_DIR", saved.c_str(), 1);
-  } else {
-    ::unsetenv("AVIARY_CACHE_DIR");
-  }
+  EXPECT_THROW(aviary::TokenizerForModel(info, "", cache), aviary::Error);
   std::error_code ec;
   fs::remove_all(empty, ec);
 }

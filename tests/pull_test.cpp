@@ -125,6 +125,14 @@ class PullTest : public ::testing::Test {
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::string Cache() const { return dir_ + "/cache"; }
+  // What the CLI reads from the environment the fixture sets (its endpoints point nowhere).
+  HubSettings Hub() const {
+    HubSettings hub;
+    hub.cache_dir = Cache();
+    if (const char* hf = std::getenv("AVIARY_HF_ENDPOINT")) hub.hf_endpoint = hf;
+    if (const char* gh = std::getenv("AVIARY_RAW_GITHUB_ENDPOINT")) hub.raw_github_endpoint = gh;
+    return hub;
+  }
 
   static DownloadOptions Quiet() {
     DownloadOptions o;
@@ -560,61 +568,62 @@ TEST_F(PullTest, CatalogIsWellFormed) {
 
 TEST_F(PullTest, DownloadUrlsAndCacheLayout) {
   {
-    ScopedEnv hf("AVIARY_HF_ENDPOINT", std::nullopt);
-    ScopedEnv gh("AVIARY_RAW_GITHUB_ENDPOINT", std::nullopt);
-    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b")),
+    const HubSettings defaults;
+    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), defaults),
               "https://huggingface.co/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
-    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv4-raven-1.5b")),
+    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv4-raven-1.5b"), defaults),
               "https://huggingface.co/BlinkDL/rwkv-4-raven/resolve/main/"
               "RWKV-4-Raven-1B5-v12-Eng98%25-Other2%25-20230520-ctx4096.pth");
-    EXPECT_EQ(hub::DownloadUrl(hub::TokenizerFor(hub::Vocab::kWorld)),
+    EXPECT_EQ(hub::DownloadUrl(hub::TokenizerFor(hub::Vocab::kWorld), defaults),
               "https://raw.githubusercontent.com/BlinkDL/ChatRWKV/"
               "02058ba0624a77c20f0913f83550835eb03a8db4/tokenizer/rwkv_vocab_v20230424.txt");
   }
   {
-    ScopedEnv hf("AVIARY_HF_ENDPOINT", "http://mirror.example//");
-    EXPECT_EQ(hub::HfEndpoint(), "http://mirror.example");
+    HubSettings mirror;
+    mirror.hf_endpoint = "http://mirror.example//";
+    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), mirror),
+              "http://mirror.example/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
   }
-  EXPECT_EQ(hub::CachePath(*hub::FindCatalogEntry("rwkv7-g1-0.1b")),
+  EXPECT_EQ(hub::CachePath(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), Cache()),
             Cache() + "/BlinkDL/rwkv7-g1/rwkv7-g1-0.1b-20250307-ctx4096.pth");
-  EXPECT_EQ(hub::CachePath(hub::TokenizerFor(hub::Vocab::kNeox)), Cache() + "/tokenizers/20B_tokenizer.json");
-  EXPECT_EQ(hub::DestinationForUrl("https://huggingface.co/o/r/resolve/main/sub/x%20y.pth?download=true", ""),
+  EXPECT_EQ(hub::CachePath(hub::TokenizerFor(hub::Vocab::kNeox), Cache()), Cache() + "/tokenizers/20B_tokenizer.json");
+  EXPECT_EQ(hub::DestinationForUrl("https://huggingface.co/o/r/resolve/main/sub/x%20y.pth?download=true", "", Cache()),
             Cache() + "/o/r/x y.pth");
-  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/files/model.bin", ""), Cache() + "/downloads/model.bin");
-  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/o/r/resolve/main/m.bin", Path("d")), Path("d/m.bin"));
-  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/", ""), UsageError);
-  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a/..", ""), UsageError);
-  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a%2Fb", ""), UsageError);
+  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/files/model.bin", "", Cache()), Cache() + "/downloads/model.bin");
+  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/o/r/resolve/main/m.bin", Path("d"), Cache()), Path("d/m.bin"));
+  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/", "", Cache()), UsageError);
+  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a/..", "", Cache()), UsageError);
+  EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a%2Fb", "", Cache()), UsageError);
 }
 
 TEST_F(PullTest, ResolveModelArgumentFindsCachedCatalogNames) {
   const hub::CatalogEntry& e = *hub::FindCatalogEntry("rwkv7-g1-0.1b");
   // Not downloaded: a clear error naming the command that fixes it.
   try {
-    ResolveModelArgument("rwkv7-g1-0.1b");
+    ResolveModelArgument("rwkv7-g1-0.1b", Cache());
     FAIL();
   } catch (const Error& err) {
     EXPECT_TRUE(Contains(err.what(), "rwkv7-g1-0.1b: not downloaded yet: run aviary pull rwkv7-g1-0.1b"))
         << err.what();
   }
   // Other names keep the old contract: returned unchanged.
-  EXPECT_EQ(ResolveModelArgument("no-such-model"), "no-such-model");
+  EXPECT_EQ(ResolveModelArgument("no-such-model", Cache()), "no-such-model");
   // Downloaded: the cached file (sparse, the real size).
-  WriteSparse(hub::CachePath(e), e.size);
-  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b"), hub::CachePath(e));
-  EXPECT_EQ(ResolveModelArgument(std::string(e.file)), hub::CachePath(e));  // by file name too
+  WriteSparse(hub::CachePath(e, Cache()), e.size);
+  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b", Cache()), hub::CachePath(e, Cache()));
+  EXPECT_EQ(ResolveModelArgument(std::string(e.file), Cache()), hub::CachePath(e, Cache()));  // by file name too
   // A truncated copy is refused with the fix.
-  fs::resize_file(hub::CachePath(e), 1000);
+  fs::resize_file(hub::CachePath(e, Cache()), 1000);
   try {
-    ResolveModelArgument("rwkv7-g1-0.1b");
+    ResolveModelArgument("rwkv7-g1-0.1b", Cache());
     FAIL();
   } catch (const Error& err) {
     EXPECT_TRUE(Contains(err.what(), "has 1000 bytes")) << err.what();
   }
   // A copy elsewhere in the cache counts.
-  fs::remove(hub::CachePath(e));
+  fs::remove(hub::CachePath(e, Cache()));
   WriteSparse(Cache() + "/elsewhere/" + std::string(e.file), e.size);
-  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b"), Cache() + "/elsewhere/" + std::string(e.file));
+  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b", Cache()), Cache() + "/elsewhere/" + std::string(e.file));
 }
 
 // A catalog entry served by the test server, with the real World vocabulary from ../shared (its
@@ -635,6 +644,7 @@ TEST_F(PullTest, PullModelFetchesTheModelAndItsTokenizerIntoTheCache) {
   const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny", "tiny%model.pth", body.size(), sha,
                                 hub::Vocab::kWorld};
   hub::PullOptions p;
+  p.hub = Hub();
   p.download = Quiet();
   const hub::PullResult r = hub::PullModel(entry, p);
   EXPECT_TRUE(r.downloaded);
@@ -642,7 +652,7 @@ TEST_F(PullTest, PullModelFetchesTheModelAndItsTokenizerIntoTheCache) {
   EXPECT_EQ(r.tokenizer_path, Cache() + "/tokenizers/rwkv_vocab_v20230424.txt");
   EXPECT_EQ(ReadAll(r.path), body);
   EXPECT_EQ(ReadAll(r.tokenizer_path), vocab);
-  EXPECT_EQ(FindInCache("rwkv_vocab_v20230424.txt"), r.tokenizer_path);  // where TokenizerForModel looks
+  EXPECT_EQ(FindInCache("rwkv_vocab_v20230424.txt", Cache()), r.tokenizer_path);  // where TokenizerForModel looks
   const size_t requests = server.requests().size();
   EXPECT_EQ(requests, 3u);
   // Again: nothing to do.
@@ -664,8 +674,8 @@ TEST_F(PullTest, PullModelFetchesTheModelAndItsTokenizerIntoTheCache) {
 TEST_F(PullTest, CliListShowsTheCatalogAndWhatIsCached) {
   const hub::CatalogEntry& small = *hub::FindCatalogEntry("rwkv7-g1-0.1b");
   const hub::CatalogEntry& half = *hub::FindCatalogEntry("rwkv7-g1-0.4b");
-  WriteSparse(hub::CachePath(small), small.size);
-  WriteSparse(hub::CachePath(half) + ".part", half.size / 2 + 1000);
+  WriteSparse(hub::CachePath(small, Cache()), small.size);
+  WriteSparse(hub::CachePath(half, Cache()) + ".part", half.size / 2 + 1000);
   const CommandResult r = Cli("pull --list");
   ASSERT_EQ(r.exit_code, 0) << r.output << Stderr();
   EXPECT_TRUE(std::regex_search(r.output, std::regex("^NAME +MODEL +SIZE +VOCAB +CACHED +FILE\n")))

@@ -9,8 +9,23 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 
 namespace aviary::testing {
+
+RuntimeOptions CurrentOptions() { return CurrentRuntime().options(); }
+
+void UseOptions(const RuntimeOptions& options) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, Kernels, Activations>, std::shared_ptr<Runtime>> runtimes;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<Runtime>& r = runtimes[{options.threads, options.kernels, options.activations}];
+  if (!r) r = std::make_shared<Runtime>(options);
+  SetThreadRuntime(r.get());
+}
 
 std::string SharedPath(const std::string& relative) {
   const char* env = std::getenv("AVIARY_SHARED_DIR");

@@ -8,8 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "aviary/runtime.h"
 #include "tensor/bf16_matmul.h"
 #include "tensor/int8_matmul.h"
+#include "tensor/thread_pool.h"
 
 namespace aviary::testing {
 
@@ -51,29 +53,73 @@ struct CommandResult {
 CommandResult RunCommand(const std::string& command);
 inline std::string CliPath() { return AVIARY_CLI; }
 
+// The runtime the kernels use on this thread, for tests that call kernels directly or evaluate
+// models loaded without a runtime of their own: one Runtime per set of options, kept for the
+// whole test program and installed with SetThreadRuntime (thread_pool.h).
+RuntimeOptions CurrentOptions();
+void UseOptions(const RuntimeOptions& options);
+inline void SetKernels(Kernels kernels) {
+  RuntimeOptions o = CurrentOptions();
+  o.kernels = kernels;
+  UseOptions(o);
+}
+inline void SetNumThreads(int threads) {  // 0: the hardware threads
+  RuntimeOptions o = CurrentOptions();
+  o.threads = threads;
+  UseOptions(o);
+}
+// The two rounded-activation paths as Activations allows them: 8-bit on alone is kInt8,
+// bfloat16 on brings 8-bit with it (kAuto), 8-bit off takes bfloat16 with it (kF32).
+inline void SetInt8Activations(bool on) {
+  RuntimeOptions o = CurrentOptions();
+  if (!on) o.activations = Activations::kF32;
+  if (on && o.activations == Activations::kF32) o.activations = Activations::kInt8;
+  UseOptions(o);
+}
+inline void SetBf16Activations(bool on) {
+  RuntimeOptions o = CurrentOptions();
+  if (on) o.activations = Activations::kAuto;
+  if (!on && o.activations == Activations::kAuto) o.activations = Activations::kInt8;
+  UseOptions(o);
+}
+
+// Restores this thread's runtime options (kernels, threads, activations) at the end of a scope.
+class RuntimeGuard {
+ public:
+  RuntimeGuard() : saved_(CurrentOptions()) {}
+  ~RuntimeGuard() { UseOptions(saved_); }
+  RuntimeGuard(const RuntimeGuard&) = delete;
+  RuntimeGuard& operator=(const RuntimeGuard&) = delete;
+
+ private:
+  RuntimeOptions saved_;
+};
+
 // The rounded-activation paths of the fast MatMul (8-bit for quantized matrices, bfloat16 for
-// F16/BF16 ones; both on by default where the CPU has them): both switches are restored at the
-// end of the scope; the second constructor also sets them together (tests of the exact float
-// kernels turn them off).
+// F16/BF16 ones; both on by default where the CPU has them): restored at the end of the scope;
+// the second constructor also sets them together (tests of the exact float kernels turn them
+// off).
 class RoundedActivations {
  public:
-  RoundedActivations() : int8_(int8::Enabled()), bf16_(bf16::Enabled()) {}
+  RoundedActivations() : saved_(CurrentOptions().activations) {}
   explicit RoundedActivations(bool on) : RoundedActivations() { Set(on); }
   ~RoundedActivations() {
-    int8::SetEnabled(int8_);
-    bf16::SetEnabled(bf16_);
+    RuntimeOptions o = CurrentOptions();
+    o.activations = saved_;
+    UseOptions(o);
   }
   RoundedActivations(const RoundedActivations&) = delete;
   RoundedActivations& operator=(const RoundedActivations&) = delete;
   static void Set(bool on) {
-    int8::SetEnabled(on);
-    bf16::SetEnabled(on);
+    RuntimeOptions o = CurrentOptions();
+    o.activations = on ? Activations::kAuto : Activations::kF32;
+    UseOptions(o);
   }
   // Whether this CPU has either path (else "on" changes nothing).
   static bool CpuSupported() { return int8::CpuSupported() || bf16::CpuSupported(); }
 
  private:
-  bool int8_, bf16_;
+  Activations saved_;
 };
 
 }  // namespace aviary::testing

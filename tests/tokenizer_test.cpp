@@ -544,10 +544,10 @@ ModelInfo InfoWithVocab(const fs::path& dir, int n_vocab) {
 
 TEST(TokenizerForModel, ChoosesByVocabularySize) {
   const fs::path dir = TestDir();
-  ::setenv("AVIARY_CACHE_DIR", (dir / "empty-cache").string().c_str(), 1);
-  EXPECT_EQ(TokenizerForModel(InfoWithVocab(dir, 256))->name(), "bytes");
-  EXPECT_THROW((void)TokenizerForModel(InfoWithVocab(dir, 1234)), Error);
-  EXPECT_THROW((void)TokenizerForModel(InfoWithVocab(dir, 65536)), Error);  // no vocabulary near
+  const std::string cache = (dir / "empty-cache").string();
+  EXPECT_EQ(TokenizerForModel(InfoWithVocab(dir, 256), "", cache)->name(), "bytes");
+  EXPECT_THROW((void)TokenizerForModel(InfoWithVocab(dir, 1234), "", cache), Error);
+  EXPECT_THROW((void)TokenizerForModel(InfoWithVocab(dir, 65536), "", cache), Error);  // none near
   REQUIRE_SHARED(kWorldVocab);
   REQUIRE_SHARED(kNeoxJson);
   // An explicit file wins (there is no vocabulary near yet); one larger than the model's

@@ -9,6 +9,7 @@
 namespace aviary {
 
 class Model;
+class RwkvModel;
 
 class State {
  public:
@@ -39,7 +40,7 @@ class State {
                            const std::string& name);
 
  private:
-  friend class Model;
+  friend class RwkvModel;  // the models (src/models) create and advance states
   uint64_t fingerprint_ = 0;
   uint64_t tokens_seen_ = 0;
   uint32_t n_layer_ = 0;

@@ -48,8 +48,9 @@ std::unique_ptr<Tokenizer> MakeTokenizer(const TokenizerData& data);
 
 // The tokenizer a model was trained with: `path` if given, else the one inside the model file,
 // else chosen by vocabulary size (256: bytes; 65536: World; 50277/50304: GPT-NeoX), looking for
-// the vocabulary file next to the model and then in the cache folder.
-std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path = "");
+// the vocabulary file next to the model and then in the folder `cache_dir` (none when empty).
+std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path = "",
+                                             const std::string& cache_dir = "");
 
 // Holds back the bytes of an incomplete UTF-8 character so that streamed text never prints
 // half a character. Invalid bytes pass through unchanged.

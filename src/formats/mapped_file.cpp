@@ -34,17 +34,6 @@ bool HugePagesOffered() {
   return offered;
 }
 
-enum class Requested { kAuto, kMap, kRead };
-
-Requested FromEnvironment() {
-  const char* env = std::getenv("AVIARY_LOAD");
-  if (!env || !*env || std::string(env) == "auto") return Requested::kAuto;
-  if (std::string(env) == "mmap") return Requested::kMap;
-  if (std::string(env) == "read") return Requested::kRead;
-  std::fprintf(stderr, "aviary: AVIARY_LOAD=%s is not 'auto', 'mmap' or 'read'; using auto\n", env);
-  return Requested::kAuto;
-}
-
 // Reads all of fd into anonymous memory aligned to a huge page, advised for huge pages.
 // Returns the data's start, and the region to unmap in *region / *region_bytes.
 const uint8_t* ReadAll(int fd, size_t size, const std::string& path, void** region,
@@ -100,17 +89,19 @@ const uint8_t* ReadAll(int fd, size_t size, const std::string& path, void** regi
 
 }  // namespace
 
-LoadMode ChooseLoadMode(uint64_t file_bytes) {
-  static const Requested requested = FromEnvironment();  // one warning, whoever asks first
-  switch (requested) {
-    case Requested::kMap: return LoadMode::kMap;
-    case Requested::kRead: return LoadMode::kRead;
-    case Requested::kAuto: break;
-  }
-  return file_bytes >= kReadMinBytes && HugePagesOffered() ? LoadMode::kRead : LoadMode::kMap;
+LoadMode ResolveLoadMode(LoadMode requested, uint64_t file_bytes) {
+  if (requested != LoadMode::kAuto) return requested;
+  return file_bytes >= kReadMinBytes && HugePagesOffered() ? LoadMode::kRead : LoadMode::kMmap;
 }
 
-const char* LoadModeName(LoadMode mode) { return mode == LoadMode::kRead ? "read" : "mmap"; }
+const char* LoadModeName(LoadMode mode) {
+  switch (mode) {
+    case LoadMode::kAuto: return "auto";
+    case LoadMode::kMmap: return "mmap";
+    case LoadMode::kRead: return "read";
+  }
+  return "?";
+}
 
 MappedFile::MappedFile(const std::string& path, LoadMode mode) : path_(path), mode_(mode) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -134,7 +125,8 @@ MappedFile::MappedFile(const std::string& path, LoadMode mode) : path_(path), mo
     ::close(fd);
     throw Error(path + ": file is empty");
   }
-  if (mode == LoadMode::kRead) {
+  mode_ = ResolveLoadMode(mode, size_);
+  if (mode_ == LoadMode::kRead) {
     try {
       data_ = ReadAll(fd, size_, path, &region_, &region_bytes_);
     } catch (...) {

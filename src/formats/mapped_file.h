@@ -14,32 +14,29 @@
 #include <span>
 #include <string>
 
+#include "aviary/runtime.h"
+
 namespace aviary {
 
-enum class LoadMode : uint8_t {
-  kMap,   // mmap: pages come in on first touch
-  kRead,  // read at once into anonymous memory advised for huge pages
-};
-
-// The mode for a file of `file_bytes`: AVIARY_LOAD=mmap or read forces one; auto (the default,
-// and any unknown value, which warns once) reads files of at least kReadMinBytes where the
-// kernel offers transparent huge pages, and maps the smaller ones (which gained too little).
-LoadMode ChooseLoadMode(uint64_t file_bytes);
+// The mode for a file of `file_bytes`: kMmap and kRead as asked; kAuto reads files of at least
+// kReadMinBytes where the kernel offers transparent huge pages, and maps the smaller ones (which
+// gain too little to pay for the read).
+LoadMode ResolveLoadMode(LoadMode requested, uint64_t file_bytes);
 constexpr uint64_t kReadMinBytes = uint64_t{512} << 20;
-const char* LoadModeName(LoadMode mode);  // "mmap" or "read"
+const char* LoadModeName(LoadMode mode);  // "auto", "mmap" or "read"
 
 class MappedFile {
  public:
   // Throws aviary::Error naming the path on any failure (missing, a directory, unreadable,
-  // changed size while being read).
-  explicit MappedFile(const std::string& path, LoadMode mode = LoadMode::kMap);
+  // changed size while being read). kAuto is resolved by the file's size (ResolveLoadMode).
+  explicit MappedFile(const std::string& path, LoadMode mode = LoadMode::kMmap);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const std::string& path() const { return path_; }
-  LoadMode mode() const { return mode_; }
+  LoadMode mode() const { return mode_; }  // kMmap or kRead
 
  private:
   std::string path_;

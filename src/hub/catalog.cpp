@@ -85,9 +85,7 @@ constexpr std::array kTokenizers = {
                      2467981, "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"},
 };
 
-std::string EndpointFromEnv(const char* var, const char* fallback) {
-  const char* value = std::getenv(var);
-  std::string endpoint = value && *value ? value : fallback;
+std::string WithoutTrailingSlashes(std::string endpoint) {
   while (!endpoint.empty() && endpoint.back() == '/') endpoint.pop_back();
   return endpoint;
 }
@@ -147,37 +145,34 @@ std::string_view VocabName(Vocab vocab) {
   return "-";
 }
 
-std::string HfEndpoint() { return EndpointFromEnv("AVIARY_HF_ENDPOINT", "https://huggingface.co"); }
-
-std::string RawGithubEndpoint() {
-  return EndpointFromEnv("AVIARY_RAW_GITHUB_ENDPOINT", "https://raw.githubusercontent.com");
+std::string DownloadUrl(const CatalogEntry& entry, const HubSettings& hub) {
+  return WithoutTrailingSlashes(hub.hf_endpoint) + "/" + EncodePath(entry.repo) +
+         "/resolve/main/" + EncodePath(entry.file);
 }
 
-std::string DownloadUrl(const CatalogEntry& entry) {
-  return HfEndpoint() + "/" + EncodePath(entry.repo) + "/resolve/main/" + EncodePath(entry.file);
+std::string DownloadUrl(const TokenizerRelease& tokenizer, const HubSettings& hub) {
+  return WithoutTrailingSlashes(hub.raw_github_endpoint) + "/" + EncodePath(tokenizer.path);
 }
 
-std::string DownloadUrl(const TokenizerRelease& tokenizer) {
-  return RawGithubEndpoint() + "/" + EncodePath(tokenizer.path);
-}
-
-std::string CachePath(const CatalogEntry& entry) {
-  return (std::filesystem::path(CacheDir()) / std::string(entry.repo) / std::string(entry.file))
+std::string CachePath(const CatalogEntry& entry, const std::string& cache_dir) {
+  return (std::filesystem::path(cache_dir) / std::string(entry.repo) / std::string(entry.file))
       .string();
 }
 
-std::string CachePath(const TokenizerRelease& tokenizer) {
-  return (std::filesystem::path(CacheDir()) / "tokenizers" / std::string(tokenizer.file)).string();
+std::string CachePath(const TokenizerRelease& tokenizer, const std::string& cache_dir) {
+  return (std::filesystem::path(cache_dir) / "tokenizers" / std::string(tokenizer.file)).string();
 }
 
-std::optional<std::string> FindCachedModel(const CatalogEntry& entry) {
+std::optional<std::string> FindCachedModel(const CatalogEntry& entry,
+                                           const std::string& cache_dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::optional<std::string> found;
-  if (const std::string expected = CachePath(entry); fs::is_regular_file(expected, ec)) {
+  if (cache_dir.empty()) return std::nullopt;
+  if (const std::string expected = CachePath(entry, cache_dir); fs::is_regular_file(expected, ec)) {
     found = expected;
   } else {
-    found = FindInCache(std::string(entry.file));
+    found = FindInCache(std::string(entry.file), cache_dir);
   }
   if (!found) return std::nullopt;
   const uintmax_t size = fs::file_size(*found, ec);

@@ -8,6 +8,8 @@
 #include <string>
 #include <string_view>
 
+#include "aviary/cache.h"
+
 namespace aviary::hub {
 
 // The vocabulary file a model needs next to it (none: the file carries its own, or bytes).
@@ -47,25 +49,22 @@ const TokenizerRelease* FindTokenizerRelease(std::string_view name);
 const TokenizerRelease& TokenizerFor(Vocab vocab);  // vocab != kNone
 std::string_view VocabName(Vocab vocab);            // "world", "neox", "-"
 
-// $AVIARY_HF_ENDPOINT, default https://huggingface.co (no trailing slash).
-std::string HfEndpoint();
-// $AVIARY_RAW_GITHUB_ENDPOINT, default https://raw.githubusercontent.com (no trailing slash).
-std::string RawGithubEndpoint();
-
-// <endpoint>/<repo>/resolve/main/<file, percent-encoded>.
-std::string DownloadUrl(const CatalogEntry& entry);
-std::string DownloadUrl(const TokenizerRelease& tokenizer);
+// <hub.hf_endpoint>/<repo>/resolve/main/<file, percent-encoded>, and
+// <hub.raw_github_endpoint>/<path> (trailing slashes of the endpoints ignored).
+std::string DownloadUrl(const CatalogEntry& entry, const HubSettings& hub);
+std::string DownloadUrl(const TokenizerRelease& tokenizer, const HubSettings& hub);
 
 // Where pulls put files in the cache: <cache>/<repo>/<file> for models (e.g.
 // ~/.cache/aviary/BlinkDL/rwkv7-g1/rwkv7-g1-0.1b-20250307-ctx4096.pth) and
 // <cache>/tokenizers/<file> for tokenizer files.
-std::string CachePath(const CatalogEntry& entry);
-std::string CachePath(const TokenizerRelease& tokenizer);
+std::string CachePath(const CatalogEntry& entry, const std::string& cache_dir);
+std::string CachePath(const TokenizerRelease& tokenizer, const std::string& cache_dir);
 
 // The downloaded file of a catalog model: its cache path, else a file of the same name anywhere
 // in the cache. nullopt when it is not there. Throws aviary::Error when the file found has the
 // wrong size (an interrupted copy, or another release under the same name).
-std::optional<std::string> FindCachedModel(const CatalogEntry& entry);
+std::optional<std::string> FindCachedModel(const CatalogEntry& entry,
+                                           const std::string& cache_dir);
 
 // Percent-encodes a URL path segment (RFC 3986 unreserved characters stay; '%' -> "%25").
 std::string EncodePathSegment(std::string_view segment);

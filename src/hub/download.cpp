@@ -573,18 +573,6 @@ class Fd {
 
 }  // namespace
 
-DownloadOptions DownloadOptions::FromEnvironment() {
-  DownloadOptions o;
-  if (const char* s = std::getenv("AVIARY_STALL_TIMEOUT"); s && *s) {
-    const auto v = ParseU64(s);
-    if (!v || *v == 0 || *v > 86400) {
-      throw UsageError(std::string("AVIARY_STALL_TIMEOUT must be a number of seconds (1..86400), not '") + s + "'");
-    }
-    o.stall_timeout_s = static_cast<long>(*v);
-  }
-  return o;
-}
-
 DownloadResult DownloadFile(const std::string& url, const std::string& path,
                             const DownloadOptions& options_in) {
   EnsureCurlInitialised();

@@ -28,9 +28,6 @@ struct DownloadOptions {
   int retry_delay_ms = 1000;     // before the first retry; doubles each time, at most 30 s
   ProgressStyle progress = ProgressStyle::kAuto;
   std::FILE* log = stderr;       // progress and notes; nullptr = silent
-
-  // The defaults above, with $AVIARY_STALL_TIMEOUT (seconds) applied if set.
-  static DownloadOptions FromEnvironment();
 };
 
 struct DownloadResult {

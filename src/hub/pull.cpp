@@ -56,18 +56,21 @@ bool AlreadyThere(const std::string& path, uint64_t expected, const PullOptions&
 std::string EnsureTokenizer(const TokenizerRelease& tok, const PullOptions& options,
                             const std::string& model_path) {
   const std::string file(tok.file);
-  const std::string dest = options.dir.empty() ? CachePath(tok) : (fs::path(options.dir) / file).string();
+  const std::string dest =
+      options.dir.empty() ? CachePath(tok, options.hub.cache_dir)
+                          : (fs::path(options.dir) / file).string();
   if (AlreadyThere(dest, tok.size, options)) return dest;
   const fs::path beside = fs::path(model_path).parent_path() / file;
   if (FileSize(beside.string()) == tok.size) return beside.string();
   if (options.dir.empty()) {
-    if (auto found = FindInCache(file); found && FileSize(*found) == tok.size) return *found;
+    auto found = FindInCache(file, options.hub.cache_dir);
+    if (found && FileSize(*found) == tok.size) return *found;
   }
   DownloadOptions d = options.download;
   d.expected_size = tok.size;
   d.expected_sha256 = std::string(tok.sha256);
   d.label = file;
-  return DownloadFile(DownloadUrl(tok), dest, d).path;
+  return DownloadFile(DownloadUrl(tok, options.hub), dest, d).path;
 }
 
 // Which vocabulary file a downloaded model needs; nullopt when it cannot be told.
@@ -124,9 +127,17 @@ std::vector<std::string> Suggestions(const std::string& target) {
   return out;
 }
 
+// Pulls go to options.dir, else the cache folder: one of them must be known.
+void RequireFolder(const PullOptions& options) {
+  if (options.dir.empty() && options.hub.cache_dir.empty()) {
+    throw UsageError("no folder to pull into: no cache folder is set and no --dir given");
+  }
+}
+
 }  // namespace
 
-std::string DestinationForUrl(const std::string& url, const std::string& dir) {
+std::string DestinationForUrl(const std::string& url, const std::string& dir,
+                              const std::string& cache_dir) {
   std::string path;
   CURLU* u = curl_url();
   if (u && curl_url_set(u, CURLUPART_URL, url.c_str(), 0) == CURLUE_OK) {
@@ -148,7 +159,7 @@ std::string DestinationForUrl(const std::string& url, const std::string& dir) {
     if (slash == std::string::npos) break;
     start = slash + 1;
   }
-  const std::string root = CacheDir();
+  const std::string& root = cache_dir;
   if (parts.empty() || !ValidName(parts.back()) || (!path.empty() && path.back() == '/')) {
     throw UsageError("cannot tell a file name from the URL " + url);
   }
@@ -161,16 +172,17 @@ std::string DestinationForUrl(const std::string& url, const std::string& dir) {
 }
 
 PullResult PullModel(const CatalogEntry& entry, const PullOptions& options) {
+  RequireFolder(options);
   PullResult result;
   const std::string dest = options.dir.empty()
-                               ? CachePath(entry)
+                               ? CachePath(entry, options.hub.cache_dir)
                                : (fs::path(options.dir) / std::string(entry.file)).string();
   std::optional<std::string> have;
   if (AlreadyThere(dest, entry.size, options)) {
     have = dest;
   } else if (options.dir.empty()) {
     try {
-      have = FindCachedModel(entry);  // a copy elsewhere in the cache counts
+      have = FindCachedModel(entry, options.hub.cache_dir);  // a copy elsewhere in the cache counts
     } catch (const Error&) {
       // wrong size: download a good copy to the usual place
     }
@@ -183,7 +195,7 @@ PullResult PullModel(const CatalogEntry& entry, const PullOptions& options) {
     d.expected_size = entry.size;
     d.expected_sha256 = std::string(entry.sha256);
     d.label = std::string(entry.name);
-    result.path = DownloadFile(DownloadUrl(entry), dest, d).path;
+    result.path = DownloadFile(DownloadUrl(entry, options.hub), dest, d).path;
     result.downloaded = true;
   }
   if (entry.vocab != Vocab::kNone) {
@@ -193,9 +205,10 @@ PullResult PullModel(const CatalogEntry& entry, const PullOptions& options) {
 }
 
 PullResult PullTokenizer(const TokenizerRelease& tokenizer, const PullOptions& options) {
+  RequireFolder(options);
   PullResult result;
   const std::string dest = options.dir.empty()
-                               ? CachePath(tokenizer)
+                               ? CachePath(tokenizer, options.hub.cache_dir)
                                : (fs::path(options.dir) / std::string(tokenizer.file)).string();
   if (AlreadyThere(dest, tokenizer.size, options)) {
     Note(options, std::string(tokenizer.name) + ": already downloaded");
@@ -206,18 +219,19 @@ PullResult PullTokenizer(const TokenizerRelease& tokenizer, const PullOptions& o
   d.expected_size = tokenizer.size;
   d.expected_sha256 = std::string(tokenizer.sha256);
   d.label = std::string(tokenizer.file);
-  result.path = DownloadFile(DownloadUrl(tokenizer), dest, d).path;
+  result.path = DownloadFile(DownloadUrl(tokenizer, options.hub), dest, d).path;
   result.downloaded = true;
   return result;
 }
 
 PullResult PullUrl(const std::string& url, const PullOptions& options) {
+  RequireFolder(options);
   const std::string scheme = Lower(url.substr(0, url.find("://")));
   if (url.find("://") == std::string::npos || (scheme != "http" && scheme != "https")) {
     throw UsageError("only http:// and https:// URLs can be pulled, not " + url);
   }
   PullResult result;
-  const std::string dest = DestinationForUrl(url, options.dir);
+  const std::string dest = DestinationForUrl(url, options.dir, options.hub.cache_dir);
   const std::string file = fs::path(dest).filename().string();
   const CatalogEntry* entry = FindCatalogEntryByFile(file);
   if (AlreadyThere(dest, entry ? entry->size : 0, options)) {
@@ -257,13 +271,13 @@ PullResult Pull(const std::string& target, const PullOptions& options) {
   throw UsageError(message + "; aviary pull --list shows the names, or give an https:// URL");
 }
 
-std::string FormatCatalogList() {
+std::string FormatCatalogList(const HubSettings& hub) {
   namespace fs = std::filesystem;
   // File names anywhere in the cache, in one walk.
   std::set<std::string> cached_names;
   std::error_code ec;
-  const fs::path root = CacheDir();
-  if (fs::is_directory(root, ec)) {
+  const fs::path root = hub.cache_dir;
+  if (!hub.cache_dir.empty() && fs::is_directory(root, ec)) {
     for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it);
          it.increment(ec)) {
       if (it->is_regular_file(ec)) cached_names.insert(it->path().filename().string());
@@ -290,7 +304,7 @@ std::string FormatCatalogList() {
     std::snprintf(line, sizeof line, "%-18s %-24s %10s  %-5s  %-11s %s/%s\n",
                   std::string(e.name).c_str(), std::string(e.description).c_str(), size.c_str(),
                   std::string(VocabName(e.vocab)).c_str(),
-                  status(CachePath(e), e.file, e.size).c_str(), std::string(e.repo).c_str(),
+                  status(CachePath(e, hub.cache_dir), e.file, e.size).c_str(), std::string(e.repo).c_str(),
                   std::string(e.file).c_str());
     out += line;
   }
@@ -299,11 +313,11 @@ std::string FormatCatalogList() {
     std::snprintf(line, sizeof line, "%-18s %-24s %10s  %-5s  %-11s %s\n",
                   std::string(t.name).c_str(), std::string(t.file).c_str(),
                   FormatBytes(t.size).c_str(), std::string(VocabName(t.vocab)).c_str(),
-                  status(CachePath(t), t.file, t.size).c_str(), DownloadUrl(t).c_str());
+                  status(CachePath(t, hub.cache_dir), t.file, t.size).c_str(), DownloadUrl(t, hub).c_str());
     out += line;
   }
-  out += "\ncache: " + CacheDir() + " (set AVIARY_CACHE_DIR to move it)\n";
-  out += "models from " + HfEndpoint() + " (set AVIARY_HF_ENDPOINT for a mirror); size ? = unknown, "
+  out += "\ncache: " + hub.cache_dir + " (set AVIARY_CACHE_DIR to move it)\n";
+  out += "models from " + hub.hf_endpoint + " (set AVIARY_HF_ENDPOINT for a mirror); size ? = unknown, "
          "checked against Hugging Face's X-Linked-Size\n";
   return out;
 }

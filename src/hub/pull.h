@@ -11,7 +11,8 @@
 namespace aviary::hub {
 
 struct PullOptions {
-  std::string dir;           // empty: the cache folder, in the layout of CachePath()
+  HubSettings hub;           // the cache folder (required unless `dir` is given) and endpoints
+  std::string dir;           // empty: hub.cache_dir, in the layout of CachePath()
   DownloadOptions download;  // timeouts, retries, progress; download.log = nullptr is quiet
 };
 
@@ -37,10 +38,11 @@ PullResult PullUrl(const std::string& url, const PullOptions& options);
 // <cache>/<owner>/<repo>/<file> for a Hugging Face ".../<owner>/<repo>/resolve/<revision>/.../
 // <file>" URL on any host, and <cache>/downloads/<file> for other URLs. Throws
 // aviary::UsageError when the URL names no file.
-std::string DestinationForUrl(const std::string& url, const std::string& dir);
+std::string DestinationForUrl(const std::string& url, const std::string& dir,
+                              const std::string& cache_dir);
 
 // The `aviary pull --list` table: every catalog entry and tokenizer file, its size, the
 // tokenizer it needs and whether it is in the cache ("yes", "partial 45%", "no").
-std::string FormatCatalogList();
+std::string FormatCatalogList(const HubSettings& hub);
 
 }  // namespace aviary::hub

@@ -112,11 +112,13 @@ void RwkvModel::Head(const float* x, int T, float* logits, bool all_positions) c
 
 Model::~Model() = default;
 
-void Model::InitLayerState(float* layer_state) const {
+Runtime& Model::runtime() const { return runtime_ ? *runtime_ : *Runtime::Default(); }
+
+void RwkvModel::InitLayerState(float* layer_state) const {
   std::fill_n(layer_state, StateFloatsPerLayer(), 0.0f);
 }
 
-State Model::NewState() const {
+State RwkvModel::NewState() const {
   State s;
   s.fingerprint_ = info_.fingerprint;
   s.n_layer_ = static_cast<uint32_t>(info_.n_layer);
@@ -126,8 +128,8 @@ State Model::NewState() const {
   return s;
 }
 
-void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
-                 bool all_positions) const {
+void RwkvModel::Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
+                     bool all_positions) const {
   if (state.fingerprint_ != info_.fingerprint ||
       state.data_.size() != StateFloatsPerLayer() * info_.n_layer) {
     throw UsageError("state does not belong to model " + info_.path);
@@ -139,6 +141,7 @@ void Model::Eval(std::span<const int32_t> tokens, State& state, std::vector<floa
                   std::to_string(info_.n_vocab - 1) + ")");
     }
   }
+  const ScopedRuntime on_runtime(runtime_.get());  // the kernels below run on the model's runtime
   const size_t V = info_.n_vocab;
   if (logits) logits->assign(all_positions ? tokens.size() * V : V, 0.0f);
   const size_t chunk = kMaxChunk;
@@ -255,18 +258,20 @@ std::unique_ptr<Model> Build(WeightFile wf) {
 }  // namespace
 
 std::unique_ptr<Model> Model::LoadFromMemory(std::span<const uint8_t> bytes,
-                                             const std::string& name) {
-  return Build(ReadWeightFile(bytes, name));
+                                             const std::string& name, const LoadOptions& options) {
+  std::unique_ptr<Model> model = Build(ReadWeightFile(bytes, name));
+  model->runtime_ = options.runtime;
+  return model;
 }
 
-std::unique_ptr<Model> Model::Load(const std::string& path) {
-  std::error_code ec;
-  const uint64_t size = std::filesystem::file_size(path, ec);  // on error MappedFile says why
-  auto file = std::make_shared<MappedFile>(path, ChooseLoadMode(ec ? 0 : size));
+std::unique_ptr<Model> Model::Load(const std::string& path, const LoadOptions& options) {
+  auto file = std::make_shared<MappedFile>(path, options.load_mode);
   WeightFile wf = ReadWeightFile(file->bytes(), path);
   wf.backing = file;
   wf.load_mode = LoadModeName(file->mode());
-  return Build(std::move(wf));
+  std::unique_ptr<Model> model = Build(std::move(wf));
+  model->runtime_ = options.runtime;
+  return model;
 }
 
 }  // namespace aviary

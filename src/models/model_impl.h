@@ -63,9 +63,31 @@ class Weights {
   const WeightFile& wf_;
 };
 
+// The chunked sequence-mode evaluation every version shares, over a per-version Forward.
 class RwkvModel : public Model {
+ public:
+  State NewState() const override;
+  void Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
+            bool all_positions = false) const override;
+
+  // Sequence mode processes at most kMaxChunk tokens per forward pass; longer inputs are fed in
+  // chunks (same result, bounded scratch memory). A chunk hands its products to the threads
+  // once per matrix, so longer chunks pay that hand-off less often, while the scratch grows with
+  // the chunk (docs/PERFORMANCE.md has the measurements behind 128).
+  static constexpr int kMaxChunk = 128;
+
  protected:
   RwkvModel(WeightFile wf, ModelInfo info);
+  // A model without a weight file, whose Forward computes everything itself (test doubles).
+  explicit RwkvModel(ModelInfo info) : Model(std::move(info)) {}
+
+  // Per-version forward over tokens[0..T) with T <= kMaxChunk. `logits` is nullptr or has
+  // room for `T` rows (all_positions) or one row (last token only).
+  virtual void Forward(std::span<const int32_t> tokens, float* state, float* logits,
+                       bool all_positions) const = 0;
+  // Floats of recurrent state per layer, and its initial value (zero except v4's pp = -1e30).
+  virtual size_t StateFloatsPerLayer() const = 0;
+  virtual void InitLayerState(float* layer_state) const;
 
   // x[t] = ln0(emb[tokens[t]]).
   void Embed(std::span<const int32_t> tokens, float* x) const;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "tensor/kernels.h"
+#include "tensor/thread_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AVIARY_HAVE_BF16_CODE 1
@@ -35,9 +36,6 @@
 namespace aviary::bf16 {
 namespace {
 
-std::atomic<int> g_enabled{-1};  // -1: not decided yet
-
-bool FromEnvironment() { return ActivationModeFromEnvironment() == ActivationMode::kAuto; }
 
 // The bfloat16 the kernels use for weight c of a row.
 uint16_t WeightBits(DType type, const uint8_t* row, int64_t c) {
@@ -275,15 +273,8 @@ bool CpuSupported() {
 }
 
 bool Enabled() {
-  int e = g_enabled.load(std::memory_order_relaxed);
-  if (e < 0) {
-    e = FromEnvironment() ? 1 : 0;
-    g_enabled.store(e, std::memory_order_relaxed);
-  }
-  return e == 1 && CpuSupported();
+  return CpuSupported() && CurrentRuntime().options().activations == aviary::Activations::kAuto;
 }
-
-void SetEnabled(bool enabled) { g_enabled.store(enabled ? 1 : 0); }
 
 void RoundActivations(const float* x, int T, int64_t cols, Activations* out) {
   out->T = T;

@@ -6,7 +6,8 @@
 // type); it trades a bounded rounding error for half the arithmetic time in sequence mode.
 //
 // Used by the fast MatMul (kernels.cpp) for F16 and BF16 weights when the CPU has AVX512_BF16
-// and AVIARY_ACTIVATIONS is unset or "auto" ("int8" and "f32" keep these matrices in float).
+// and the runtime's activations are Activations::kAuto (kInt8 and kF32 keep these matrices in
+// float).
 // Results still do not depend on T (tokens at once) or on the thread count: one token and a
 // whole sequence run the same instructions on the same numbers in the same order.
 //
@@ -24,11 +25,9 @@
 
 namespace aviary::bf16 {
 
-// Whether F16/BF16 MatMuls use bfloat16 dot products: the CPU can (AVX512_BF16) and
-// AVIARY_ACTIVATIONS is unset or "auto" (kernels.h), unless overridden below.
+// Whether F16/BF16 MatMuls use bfloat16 dot products: the CPU can (AVX512_BF16) and the
+// current runtime's activations are Activations::kAuto (thread_pool.h).
 bool Enabled();
-// Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
-void SetEnabled(bool enabled);
 // The CPU has what the kernels need (x86-64 with AVX-512 F/BW/VL/DQ and BF16).
 bool CpuSupported();
 inline bool SupportsType(DType type) { return type == DType::kF16 || type == DType::kBF16; }

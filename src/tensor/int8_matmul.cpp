@@ -47,9 +47,6 @@
 namespace aviary::int8 {
 namespace {
 
-std::atomic<int> g_enabled{-1};  // -1: not decided yet
-
-bool FromEnvironment() { return ActivationModeFromEnvironment() != ActivationMode::kF32; }
 
 // Offsets per type (see above).
 constexpr int Offset(DType type) {
@@ -776,15 +773,8 @@ bool CpuSupported() {
 }
 
 bool Enabled() {
-  int e = g_enabled.load(std::memory_order_relaxed);
-  if (e < 0) {
-    e = FromEnvironment() ? 1 : 0;
-    g_enabled.store(e, std::memory_order_relaxed);
-  }
-  return e == 1 && CpuSupported();
+  return CpuSupported() && CurrentRuntime().options().activations != aviary::Activations::kF32;
 }
-
-void SetEnabled(bool enabled) { g_enabled.store(enabled ? 1 : 0); }
 
 void Quantize(const float* x, int T, int64_t cols, Activations* out) {
   out->cols = cols;

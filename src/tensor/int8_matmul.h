@@ -6,9 +6,9 @@
 // activation rounding error for 2-4x less arithmetic per weight than widening to float.
 //
 // Used by the fast MatMul (kernels.cpp) for quantized weights when the CPU has AVX-512 VNNI
-// and AVIARY_ACTIVATIONS is not "f32". Results still do not depend on T (tokens at once) or on
-// the thread count: every output is the same sequence of exact integer sums and float
-// operations, whatever path or thread computes it.
+// and the runtime's activations are not Activations::kF32 (aviary/runtime.h). Results still
+// do not depend on T (tokens at once) or on the thread count: every output is the same
+// sequence of exact integer sums and float operations, whatever path or thread computes it.
 //
 // Error bound (tested): the activation rounding moves each element by at most half its
 // block's step d_x, so |y_int8 - y_exact| <= sum_c |w_c| * d_x(c) / 2, plus float rounding.
@@ -23,11 +23,9 @@
 
 namespace aviary::int8 {
 
-// Whether quantized MatMuls use 8-bit activations: the CPU can (AVX-512 with VNNI) and
-// AVIARY_ACTIVATIONS is not "f32" (kernels.h), unless overridden below.
+// Whether quantized MatMuls use 8-bit activations: the CPU can (AVX-512 with VNNI) and the
+// current runtime's activations are not Activations::kF32 (thread_pool.h).
 bool Enabled();
-// Overrides the choice (tests, benchmarks); true is ignored where the CPU cannot.
-void SetEnabled(bool enabled);
 // The CPU has what the kernels need (x86-64 with AVX-512 F/BW/VL/VNNI).
 bool CpuSupported();
 // Every block type whose weights are w = d_w * (u - k) + m per block of 32: all but Q6_K

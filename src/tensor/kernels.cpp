@@ -648,34 +648,7 @@ HWY_EXPORT(TargetNameF);
 
 namespace {
 
-std::atomic<int> g_kernels{-1};  // -1: not read from the environment yet
-
-Kernels FromEnvironment() {
-  const char* env = std::getenv("AVIARY_KERNELS");
-  if (!env || !*env || std::string(env) == "fast") return Kernels::kFast;
-  if (std::string(env) == "reference") return Kernels::kReference;
-  std::fprintf(stderr, "aviary: AVIARY_KERNELS=%s is not 'fast' or 'reference'; using fast\n", env);
-  return Kernels::kFast;
-}
-
-ActivationMode ReadActivationMode() {
-  const char* env = std::getenv("AVIARY_ACTIVATIONS");
-  if (!env || !*env || std::string(env) == "auto") return ActivationMode::kAuto;
-  if (std::string(env) == "int8") return ActivationMode::kInt8;
-  if (std::string(env) == "f32") return ActivationMode::kF32;
-  std::fprintf(stderr, "aviary: AVIARY_ACTIVATIONS=%s is not 'auto', 'int8' or 'f32'; using auto\n",
-               env);
-  return ActivationMode::kAuto;
-}
-
-inline bool Reference() {
-  int k = g_kernels.load(std::memory_order_relaxed);
-  if (k < 0) {
-    k = static_cast<int>(FromEnvironment());
-    g_kernels.store(k, std::memory_order_relaxed);
-  }
-  return k == static_cast<int>(Kernels::kReference);
-}
+inline bool Reference() { return CurrentRuntime().options().kernels == Kernels::kReference; }
 
 // Work below which a product runs on the calling thread alone: waking workers costs a few
 // microseconds, the low-rank matrices (e.g. 64 x 1024) take about as long.
@@ -683,15 +656,20 @@ constexpr int64_t kMinParallelMacs = 1 << 17;
 
 }  // namespace
 
-ActivationMode ActivationModeFromEnvironment() {
-  static const ActivationMode mode = ReadActivationMode();  // one warning, whoever asks first
-  return mode;
+Kernels ActiveKernels() { return CurrentRuntime().options().kernels; }
+const char* KernelTarget() { return KernelTargetOf(ActiveKernels()); }
+const char* KernelTargetOf(Kernels kernels) {
+  return kernels == Kernels::kReference ? "scalar" : HWY_DYNAMIC_DISPATCH(TargetNameF)();
 }
 
-Kernels ActiveKernels() { return Reference() ? Kernels::kReference : Kernels::kFast; }
-void SetKernels(Kernels kernels) { g_kernels.store(static_cast<int>(kernels)); }
-const char* KernelTarget() {
-  return Reference() ? "scalar" : HWY_DYNAMIC_DISPATCH(TargetNameF)();
+const char* Runtime::kernel_target() const { return KernelTargetOf(options_.kernels); }
+bool Runtime::int8_activations() const {
+  return options_.kernels == Kernels::kFast && options_.activations != Activations::kF32 &&
+         int8::CpuSupported();
+}
+bool Runtime::bf16_activations() const {
+  return options_.kernels == Kernels::kFast && options_.activations == Activations::kAuto &&
+         bf16::CpuSupported();
 }
 
 namespace fast {

@@ -5,8 +5,10 @@
 //  - fast (default): Highway SIMD with run-time dispatch (one binary picks AVX-512, AVX2,
 //    SSE4, NEON, ... on the machine it runs on), threaded over the persistent pool
 //    (thread_pool.h); weights are widened to float in registers, never to memory per token;
-//  - reference (AVIARY_KERNELS=reference): the scalar loops in reference.cpp, the definition
-//    the fast kernels are tested against.
+//  - reference (Kernels::kReference): the scalar loops in reference.cpp, the definition the
+//    fast kernels are tested against.
+// The current runtime (thread_pool.h) chooses between them and sets which rounded-activation
+// paths the fast MatMul may take (Activations in aviary/runtime.h; int8_matmul.h, bf16_matmul.h).
 // Both compute every output with the same code whatever T (tokens at once) and however many
 // threads run, so sequence mode and one-token mode agree bit for bit in either mode.
 #pragma once
@@ -15,26 +17,18 @@
 #include <cstdint>
 #include <span>
 
+#include "aviary/runtime.h"
 #include "tensor/tensor.h"
 
 namespace aviary {
 
-enum class Kernels { kFast, kReference };
-// The implementation in use: AVIARY_KERNELS=reference selects the scalar reference, unset or
-// "fast" the SIMD kernels (anything else: fast, with a warning on stderr).
+// The implementation the current runtime (thread_pool.h) asks for.
 Kernels ActiveKernels();
-// Overrides the choice (tests, benchmarks). Not thread-safe against running kernels.
-void SetKernels(Kernels kernels);
 // The instruction set the fast kernels run with on this machine, e.g. "AVX3" (AVX-512) or
-// "AVX2"; "scalar" in reference mode.
+// "AVX2"; "scalar" when the current runtime asks for the reference kernels.
 const char* KernelTarget();
-
-// AVIARY_ACTIVATIONS: which rounded-activation paths the fast MatMul may take, each only where
-// the CPU has it (int8_matmul.h, bf16_matmul.h). Unset, empty or "auto": 8-bit activations for
-// quantized matrices and bfloat16 for F16/BF16 ones; "int8": 8-bit only; "f32": neither.
-// Anything else: auto, with one warning on stderr. Read once.
-enum class ActivationMode { kAuto, kInt8, kF32 };
-ActivationMode ActivationModeFromEnvironment();
+// The instruction set of `kernels` on this machine (as above).
+const char* KernelTargetOf(Kernels kernels);
 
 // y[t, r] = sum_c w[r, c] * x[t, c] for t < T. `w` is [rows, cols] in its stored type and is
 // read once for all T tokens; x is [T, cols], y is [T, rows]. Each output is computed by the
@@ -72,7 +66,7 @@ void SiluInPlace(float* x, size_t n);  // x * sigmoid(x)
 void SquaredReluInPlace(float* x, size_t n);  // max(x, 0)^2 (channel mix)
 
 // The fast implementations, callable directly (tests and benchmarks compare them with the
-// reference in reference.h). `max_threads` 0 = the pool's thread count.
+// reference in reference.h). `max_threads` 0 = the current runtime's thread count.
 namespace fast {
 void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads = 0);
 void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads = 0);

@@ -1,6 +1,6 @@
 // The scalar reference kernels: plain C++ loops, the definition the fast (SIMD, threaded)
 // kernels in kernels.cpp and wkv.cpp are tested against. Selected at run time for everything
-// with AVIARY_KERNELS=reference (see kernels.h).
+// by a runtime with Kernels::kReference (see kernels.h).
 #pragma once
 
 #include <cstddef>

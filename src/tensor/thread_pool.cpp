@@ -1,9 +1,11 @@
 #include "tensor/thread_pool.h"
 
+#include "aviary/error.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
+#include <string>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -33,18 +35,19 @@ constexpr uint64_t kTaskMask = (uint64_t{1} << 22) - 1;
 constexpr int64_t kMaxTasksPerRun = static_cast<int64_t>(kTaskMask);
 
 thread_local bool t_inside_task = false;
+thread_local Runtime* t_runtime = nullptr;  // nullptr: Runtime::Default()
 
 // Jobs are handed out task by task through one atomic word holding (job id, task count, next
 // task), claimed with compare-and-swap, so a worker that wakes late can never take a task of a
 // job that has moved on. The caller runs tasks too and returns when every task is done: it never
 // waits for a worker that has not started (on a busy machine a worker may not get a core for
 // milliseconds; the caller then simply does all the work).
-class Pool {
+class Workers {
  public:
-  explicit Pool(int threads) {
+  Workers(int threads, Runtime* owner) : owner_(owner) {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
   }
-  ~Pool() {
+  ~Workers() {
     stop_.store(true);
     generation_.fetch_add(1);
     generation_.notify_all();
@@ -100,6 +103,7 @@ class Pool {
 
   void WorkerLoop(int index) {
     t_inside_task = true;  // a worker's nested ParallelFor runs serially
+    t_runtime = owner_;    // kernel choice and activation rounding inside tasks are the owner's
     uint32_t seen = 0;     // the generation at construction
     for (;;) {
       // Wait for the next job: spin first, then sleep.
@@ -119,11 +123,12 @@ class Pool {
     }
   }
 
+  Runtime* owner_;
   std::vector<std::thread> workers_;
   std::atomic<uint32_t> generation_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
-  uint64_t job_id_ = 0;  // only Run() (under g_run_mutex) touches it
+  uint64_t job_id_ = 0;  // only Run() (under the pool's run mutex) touches it
   std::atomic<detail::TaskFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int> participants_{0};
@@ -131,63 +136,84 @@ class Pool {
   std::atomic<int64_t> done_{0};
 };
 
-std::mutex g_config_mutex;  // guards g_pool replacement and g_threads
-std::mutex g_run_mutex;     // one ParallelFor at a time uses the workers
-std::unique_ptr<Pool> g_pool;
-int g_threads = 0;  // 0: not chosen yet
-
-int ParseThreads(const char* s) {
-  if (!s || !*s) return 0;
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (*end != '\0' || v < 1 || v > 1024) return 0;
-  return static_cast<int>(v);
-}
-
-// The pool for `threads` threads, created on first use.
-Pool* GetPool(int threads) {
-  std::lock_guard<std::mutex> lock(g_config_mutex);
-  if (!g_pool || g_pool->size() != threads) {
-    g_pool.reset();
-    g_pool = std::make_unique<Pool>(threads);
-  }
-  return g_pool.get();
-}
-
 }  // namespace
 
-int DefaultNumThreads() {
-  if (const int env = ParseThreads(std::getenv("AVIARY_THREADS"))) return env;
+// A runtime's workers, started by its first parallel loop, and what the stats report.
+struct Runtime::Pool {
+  std::mutex run_mutex;  // one ParallelFor at a time uses the workers
+  std::unique_ptr<Workers> workers;  // created under run_mutex
+  std::atomic<uint64_t> parallel_runs{0};
+  std::atomic<uint64_t> busy_fallbacks{0};
+};
+
+struct RuntimeAccess {
+  static Runtime::Pool& PoolOf(Runtime& runtime) { return *runtime.pool_; }
+};
+
+int HardwareThreads() {
   const unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(std::min(hw, 1024u));
 }
 
-void SetNumThreads(int n) {
-  std::lock_guard<std::mutex> run(g_run_mutex);
-  std::lock_guard<std::mutex> lock(g_config_mutex);
-  g_threads = n > 0 ? std::min(n, 1024) : DefaultNumThreads();
-  if (g_pool && g_pool->size() != g_threads) g_pool.reset();  // restarted lazily
+Runtime::Runtime(const RuntimeOptions& options)
+    : options_(options), threads_(options.threads), pool_(std::make_unique<Pool>()) {
+  if (options.threads < 0 || options.threads > 1024) {
+    throw UsageError("thread count " + std::to_string(options.threads) +
+                     " is outside 1..1024 (0 = the hardware threads)");
+  }
+  if (threads_ == 0) threads_ = HardwareThreads();
 }
 
-int NumThreads() {
-  std::lock_guard<std::mutex> lock(g_config_mutex);
-  if (g_threads == 0) g_threads = DefaultNumThreads();
-  return g_threads;
+Runtime::~Runtime() = default;
+
+Runtime::Stats Runtime::stats() const {
+  return {pool_->parallel_runs.load(std::memory_order_relaxed),
+          pool_->busy_fallbacks.load(std::memory_order_relaxed)};
 }
+
+const std::shared_ptr<Runtime>& Runtime::Default() {
+  static const std::shared_ptr<Runtime> runtime = std::make_shared<Runtime>();
+  return runtime;
+}
+
+Runtime& CurrentRuntime() { return t_runtime ? *t_runtime : *Runtime::Default(); }
+
+Runtime* SetThreadRuntime(Runtime* runtime) {
+  Runtime* previous = t_runtime;
+  t_runtime = runtime;
+  return previous;
+}
+
+ScopedRuntime::ScopedRuntime(Runtime* runtime) : previous_(t_runtime), installed_(runtime) {
+  if (installed_) t_runtime = runtime;
+}
+
+ScopedRuntime::~ScopedRuntime() {
+  if (installed_) t_runtime = previous_;
+}
+
+int NumThreads() { return CurrentRuntime().threads(); }
 
 namespace detail {
 
 void ParallelForImpl(int64_t n_tasks, TaskFn fn, void* ctx, int max_threads) {
-  const int pool_threads = NumThreads();
+  Runtime& runtime = CurrentRuntime();
+  const int pool_threads = runtime.threads();
   int threads = max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
   if (threads > n_tasks) threads = static_cast<int>(n_tasks);
   auto serial = [&] {
     for (int64_t t = 0; t < n_tasks; ++t) fn(ctx, t, 0);
   };
   if (threads <= 1 || t_inside_task) return serial();
-  std::unique_lock<std::mutex> run(g_run_mutex, std::try_to_lock);
-  if (!run.owns_lock()) return serial();  // another thread is using the pool
-  Pool* pool = GetPool(pool_threads);
+  auto& pool = RuntimeAccess::PoolOf(runtime);
+  std::unique_lock<std::mutex> run(pool.run_mutex, std::try_to_lock);
+  if (!run.owns_lock()) {  // another thread is using this runtime's pool
+    pool.busy_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return serial();
+  }
+  if (!pool.workers) pool.workers = std::make_unique<Workers>(pool_threads, &runtime);
+  pool.parallel_runs.fetch_add(1, std::memory_order_relaxed);
+  Workers* workers = pool.workers.get();
   // More tasks than the claim word counts: run them in slices.
   struct Slice {
     TaskFn fn;
@@ -201,9 +227,9 @@ void ParallelForImpl(int64_t n_tasks, TaskFn fn, void* ctx, int max_threads) {
   for (; slice.offset < n_tasks; slice.offset += kMaxTasksPerRun) {
     const int64_t n = std::min(kMaxTasksPerRun, n_tasks - slice.offset);
     if (slice.offset == 0 && n == n_tasks) {
-      pool->Run(n, fn, ctx, threads);
+      workers->Run(n, fn, ctx, threads);
     } else {
-      pool->Run(n, trampoline, &slice, threads);
+      workers->Run(n, trampoline, &slice, threads);
     }
   }
 }

@@ -4,8 +4,8 @@
 // steps, so sequence mode and one-token mode agree bit for bit.
 //
 // Fast path (default): Highway SIMD, heads spread over the thread pool when the work is large
-// enough (each head's recurrence is independent). AVIARY_KERNELS=reference: the scalar loops
-// of reference.cpp.
+// enough (each head's recurrence is independent). Kernels::kReference: the scalar loops of
+// reference.cpp.
 #pragma once
 
 namespace aviary {

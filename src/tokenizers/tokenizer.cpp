@@ -87,17 +87,19 @@ std::unique_ptr<Tokenizer> MakeTokenizer(const TokenizerData& data) {
 namespace {
 
 // The vocabulary file named `file_name`: next to the model, then in the cache.
-std::optional<std::string> FindVocabulary(const ModelInfo& info, const std::string& file_name) {
+std::optional<std::string> FindVocabulary(const ModelInfo& info, const std::string& file_name,
+                                          const std::string& cache_dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   const fs::path beside = fs::path(info.path).parent_path() / file_name;
   if (fs::is_regular_file(beside, ec)) return beside.string();
-  return FindInCache(file_name);
+  return FindInCache(file_name, cache_dir);
 }
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path) {
+std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::string& path,
+                                             const std::string& cache_dir) {
   std::unique_ptr<Tokenizer> tok;
   if (!path.empty()) {
     tok = LoadTokenizer(path);
@@ -113,10 +115,11 @@ std::unique_ptr<Tokenizer> TokenizerForModel(const ModelInfo& info, const std::s
                   std::to_string(info.n_vocab) + " tokens; give one with --tokenizer FILE");
     }
     const std::string file = world ? "rwkv_vocab_v20230424.txt" : "20B_tokenizer.json";
-    const std::optional<std::string> found = FindVocabulary(info, file);
+    const std::optional<std::string> found = FindVocabulary(info, file, cache_dir);
     if (!found) {
       throw Error(info.path + ": needs the " + std::string(world ? "World" : "GPT-NeoX") +
-                  " vocabulary " + file + "; put it next to the model, in " + CacheDir() +
+                  " vocabulary " + file + "; put it next to the model, in " +
+                  (cache_dir.empty() ? std::string("the cache folder") : cache_dir) +
                   " (aviary pull does), or give --tokenizer FILE");
     }
     tok = LoadTokenizer(*found);

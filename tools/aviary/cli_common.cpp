@@ -12,15 +12,68 @@
 
 #include "aviary/cache.h"
 #include "aviary/error.h"
+#include "environment.h"
 
 namespace aviary::cli {
 
+namespace {
+
+// The flags AddRuntimeOptions adds; empty or 0 = not given.
+struct RuntimeFlags {
+  int threads = 0;
+  std::string kernels, activations, load;
+};
+
+RuntimeFlags& Flags() {
+  static RuntimeFlags flags;
+  return flags;
+}
+
+}  // namespace
+
 LoadedModel LoadModel(const std::string& model_arg, const std::string& tokenizer_path) {
   LoadedModel m;
-  m.model = Model::Load(ResolveModelArgument(model_arg));
-  m.tokenizer = TokenizerForModel(m.model->info(), tokenizer_path);
+  m.model = Model::Load(ResolveModelArgument(model_arg, Hub().cache_dir), ModelLoadOptions());
+  m.tokenizer = TokenizerForModel(m.model->info(), tokenizer_path, Hub().cache_dir);
   return m;
 }
+
+void AddRuntimeOptions(CLI::App* cmd) {
+  RuntimeFlags& f = Flags();
+  cmd->add_option("--threads", f.threads,
+                  "Threads that run the model (default: $AVIARY_THREADS, else the hardware "
+                  "threads)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--kernels", f.kernels,
+                  "fast (SIMD) or reference (scalar) kernels (default: $AVIARY_KERNELS, else fast)")
+      ->check(CLI::IsMember({"fast", "reference"}));
+  cmd->add_option("--activations", f.activations,
+                  "auto, int8 or f32: rounded activations where the CPU has them (default: "
+                  "$AVIARY_ACTIVATIONS, else auto)")
+      ->check(CLI::IsMember({"auto", "int8", "f32"}));
+  cmd->add_option("--load", f.load,
+                  "auto, mmap or read: how the model file is held (default: $AVIARY_LOAD, else "
+                  "auto: read into huge pages from 512 MiB)")
+      ->check(CLI::IsMember({"auto", "mmap", "read"}));
+}
+
+LoadOptions ModelLoadOptions() {
+  const RuntimeFlags& f = Flags();
+  const Environment& env = ProcessEnvironment();
+  RuntimeOptions r;
+  r.threads = f.threads > 0 ? f.threads : env.threads.value_or(0);
+  r.kernels = !f.kernels.empty() ? ParseKernels(f.kernels, "--kernels")
+                                 : env.kernels.value_or(Kernels::kFast);
+  r.activations = !f.activations.empty() ? ParseActivations(f.activations, "--activations")
+                                         : env.activations.value_or(Activations::kAuto);
+  LoadOptions options;
+  options.load_mode = !f.load.empty() ? ParseLoadMode(f.load, "--load")
+                                      : env.load_mode.value_or(LoadMode::kAuto);
+  options.runtime = std::make_shared<Runtime>(r);
+  return options;
+}
+
+const HubSettings& Hub() { return ProcessEnvironment().hub; }
 
 void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer) {
   cmd->add_option("--model", *model, "Model file (or a name pulled into the cache)")->required();

@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "aviary/cache.h"
 #include "aviary/model.h"
+#include "aviary/runtime.h"
 #include "aviary/tokenizer.h"
 
 namespace aviary::cli {
@@ -19,8 +21,18 @@ struct LoadedModel {
 };
 
 // `model_arg` may be a path, or a catalog/file name resolved from the cache (aviary pull);
-// `tokenizer_path` overrides the tokenizer chosen for the model when non-empty.
+// `tokenizer_path` overrides the tokenizer chosen for the model when non-empty. The model runs
+// with ModelLoadOptions().
 LoadedModel LoadModel(const std::string& model_arg, const std::string& tokenizer_path = "");
+
+// Adds --threads, --kernels, --activations and --load to a subcommand that runs a model. Each
+// wins over its environment variable (environment.h). One subcommand runs per process, so the
+// values are kept here for ModelLoadOptions.
+void AddRuntimeOptions(CLI::App* cmd);
+// A new Runtime and the load mode from those flags, else the environment, else the defaults.
+LoadOptions ModelLoadOptions();
+// The cache folder and endpoints (environment.h).
+const HubSettings& Hub();
 
 // Adds --model FILE (required) and --tokenizer FILE to a subcommand.
 void AddModelOptions(CLI::App* cmd, std::string* model, std::string* tokenizer);

@@ -18,9 +18,7 @@
 #include "cli_common.h"
 #include "formats/mapped_file.h"
 #include "formats/weight_file.h"
-#include "tensor/bf16_matmul.h"
-#include "tensor/int8_matmul.h"
-#include "tensor/kernels.h"
+#include "models/model_impl.h"
 #include "tensor/thread_pool.h"
 
 namespace aviary::cli {
@@ -107,7 +105,7 @@ struct WeightStats {
 
 // Every tensor is read once per token except the embedding, of which one row is.
 WeightStats StatsOf(const std::string& path) {
-  auto file = std::make_shared<MappedFile>(path, LoadMode::kMap);  // headers only: never read
+  auto file = std::make_shared<MappedFile>(path, LoadMode::kMmap);  // headers only: never read
   const WeightFile wf = ReadWeightFile(file->bytes(), path);
   WeightStats s;
   for (const auto& [name, t] : wf.tensors) {
@@ -151,7 +149,7 @@ std::string JsonString(const std::string& in) {
 void RegisterBench(CLI::App& app) {
   struct Options {
     std::string model;
-    int threads = 0, prompt_tokens = 512, gen_tokens = 128, repeat = 3;
+    int prompt_tokens = 512, gen_tokens = 128, repeat = 3;
     bool json = false, bandwidth = false;
     int bandwidth_mib = 1024;
   };
@@ -159,8 +157,7 @@ void RegisterBench(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "bench", "Measure load time, prompt and generation speed and peak memory");
   cmd->add_option("--model", o->model, "Model file (or a name pulled into the cache)");
-  cmd->add_option("--threads", o->threads,
-                  "Threads (default: AVIARY_THREADS, else the hardware threads)");
+  AddRuntimeOptions(cmd);
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "Tokens fed in sequence mode")
       ->capture_default_str();
   cmd->add_option("--gen-tokens", o->gen_tokens, "Tokens generated one at a time")
@@ -173,21 +170,21 @@ void RegisterBench(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 20));
   cmd->callback([o] {
-    if (o->threads < 0 || o->threads > 1024) throw UsageError("--threads must be 1..1024");
     if (o->prompt_tokens < 1 || o->gen_tokens < 0 || o->repeat < 1) {
       throw UsageError("--prompt-tokens and --repeat must be >= 1, --gen-tokens >= 0");
     }
     if (o->model.empty() && !o->bandwidth) throw UsageError("give --model FILE (or --bandwidth)");
-    if (o->threads > 0) SetNumThreads(o->threads);
-    const int threads = NumThreads();
+    const LoadOptions load_options = ModelLoadOptions();
+    Runtime& runtime = *load_options.runtime;
+    const ScopedRuntime on_runtime(&runtime);  // the bandwidth probe runs on the model's threads
+    const int threads = runtime.threads();
     const std::string kernels =
-        ActiveKernels() == Kernels::kReference ? "reference" : "fast";
-    const std::string target = KernelTarget();
+        runtime.options().kernels == Kernels::kReference ? "reference" : "fast";
+    const std::string target = runtime.kernel_target();
     // What quantized matrices multiply: 8-bit activations with integer dot products, or floats;
     // and F16/BF16 ones: bfloat16 activations with bfloat16 dot products, or floats.
-    const bool fast = ActiveKernels() == Kernels::kFast;
-    const std::string activations = fast && int8::Enabled() ? "int8" : "f32";
-    const std::string activations_16 = fast && bf16::Enabled() ? "bf16" : "f32";
+    const std::string activations = runtime.int8_activations() ? "int8" : "f32";
+    const std::string activations_16 = runtime.bf16_activations() ? "bf16" : "f32";
 
     // Measured after the model runs, so that its buffer does not count in the peak RSS.
     double bandwidth = 0;
@@ -207,13 +204,13 @@ void RegisterBench(CLI::App& app) {
       return;
     }
 
-    const std::string path = ResolveModelArgument(o->model);
+    const std::string path = ResolveModelArgument(o->model, Hub().cache_dir);
     std::vector<double> load_ms, prompt_tps, gen_tps;
     std::unique_ptr<Model> model;
     for (int r = 0; r < o->repeat; ++r) {
       model.reset();
       const auto t0 = Clock::now();
-      model = Model::Load(path);
+      model = Model::Load(path, load_options);
       load_ms.push_back(1e3 * Seconds(t0, Clock::now()));
     }
     const ModelInfo& info = model->info();
@@ -225,7 +222,7 @@ void RegisterBench(CLI::App& app) {
       State s = model->NewState();
       std::vector<float> logits;
       model->Eval(std::span<const int32_t>(prompt.data(),
-                                           std::min<size_t>(prompt.size(), Model::kMaxChunk)),
+                                           std::min<size_t>(prompt.size(), RwkvModel::kMaxChunk)),
                   s, &logits);
       const int32_t t = ArgMax(logits);
       model->Eval(std::span<const int32_t>(&t, 1), s, &logits);

@@ -372,6 +372,7 @@ void RegisterChat(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "chat", "Chat with a model (ChatRWKV's commands: +help); scriptable through stdin");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
+  AddRuntimeOptions(cmd);
   cmd->add_option("--template", o->template_name,
                   "world (User/Assistant: World, RWKV-7 G), raven (Bob/Alice), or a template file; "
                   "default: chosen from the tokenizer")

@@ -78,11 +78,11 @@ std::shared_ptr<const TokenizerData> ChooseTokenizer(const ModelInfo& info, cons
   std::optional<std::string> found;
   const std::filesystem::path beside = std::filesystem::path(info.path).parent_path() / file;
   if (std::filesystem::is_regular_file(beside, ec)) found = beside.string();
-  if (!found) found = FindInCache(file);
+  if (!found) found = FindInCache(file, Hub().cache_dir);
   if (!found) {
     throw Error(info.path + ": needs the " + std::string(world ? "World" : "GPT-NeoX") +
                 " vocabulary " + file + " to embed in the GGUF file; put it next to the model, in " +
-                CacheDir() + " (aviary pull does), or give --tokenizer FILE");
+                Hub().cache_dir + " (aviary pull does), or give --tokenizer FILE");
   }
   *source = *found;
   return std::make_shared<TokenizerData>(ReadTokenizerFile(*found));
@@ -98,13 +98,15 @@ void RunConvert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::optional<DType> type;
   if (!o.type.empty()) type = ParseType(o.type);
-  const std::string in = ResolveModelArgument(o.in);
+  const std::string in = ResolveModelArgument(o.in, Hub().cache_dir);
   RefuseOverwritingInputs(o.out, {in, o.tokenizer});
   if (o.out == "-") throw UsageError("convert writes a file, not stdout: give an output name");
   std::error_code ec;
   if (std::filesystem::is_directory(o.out, ec)) throw UsageError(o.out + ": is a directory");
 
-  auto file = std::make_shared<MappedFile>(in);
+  // Every tensor is read once, so the input is mapped whatever AVIARY_LOAD says: reading it
+  // into anonymous memory would hold a second copy of the model for nothing.
+  auto file = std::make_shared<MappedFile>(in, LoadMode::kMmap);
   WeightFile wf = ReadWeightFile(file->bytes(), in);
   wf.backing = file;
   // Loading checks every name and shape and tells the architecture and sizes.
@@ -118,7 +120,9 @@ void RunConvert(const ConvertOptions& o) {
 
   OutputFile out(o.out);
   const GgufWriteReport report = WriteGguf(wf, info, options, out.temp_path());
-  Model::Load(out.temp_path());  // the result must load
+  LoadOptions check;
+  check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+  Model::Load(out.temp_path(), check);  // the result must load
   out.Commit();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

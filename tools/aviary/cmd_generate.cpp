@@ -76,6 +76,7 @@ void RegisterGenerate(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt, streaming text to stdout");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
+  AddRuntimeOptions(cmd);
   AddPromptOptions(cmd, &o->prompt, &o->prompt_file);
   cmd->add_option("--tokens", o->tokens, "Tokens to generate")->capture_default_str();
   cmd->add_option("--temperature", o->temperature, "Sampling temperature; 0 = greedy argmax")

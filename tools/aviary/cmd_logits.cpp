@@ -58,6 +58,7 @@ void RegisterLogits(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "logits", "Write the logits after a prompt as float32 little-endian rows of n_vocab");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
+  AddRuntimeOptions(cmd);
   AddPromptOptions(cmd, &o->prompt, &o->prompt_file);
   cmd->add_option("--output", o->output, "Output file (raw float32); - for stdout")->required();
   cmd->add_flag("--all-positions", o->all_positions, "One row per prompt token, not only the last");

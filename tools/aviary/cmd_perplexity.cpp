@@ -62,6 +62,7 @@ void RegisterPerplexity(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "perplexity", "Average loss and perplexity of the model on a text file");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
+  AddRuntimeOptions(cmd);
   cmd->add_option("--text", o->text, "Text file (- for stdin)")->required();
   cmd->add_option("--max-tokens", o->max_tokens, "Use only the first N tokens (0 = all)")
       ->capture_default_str();

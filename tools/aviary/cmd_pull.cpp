@@ -4,6 +4,7 @@
 
 #include "aviary/error.h"
 #include "cli_common.h"
+#include "environment.h"
 #include "hub/pull.h"
 
 namespace aviary::cli {
@@ -21,7 +22,7 @@ struct PullCliOptions {
 void RunPull(const PullCliOptions& o) {
   if (o.list) {
     if (!o.target.empty()) throw UsageError("--list takes no model name");
-    const std::string table = hub::FormatCatalogList();
+    const std::string table = hub::FormatCatalogList(Hub());
     std::fwrite(table.data(), 1, table.size(), stdout);
     return;
   }
@@ -29,8 +30,9 @@ void RunPull(const PullCliOptions& o) {
     throw UsageError("give a model name or an https:// URL to pull (aviary pull --list shows the names)");
   }
   hub::PullOptions p;
+  p.hub = Hub();
   p.dir = o.dir;
-  p.download = hub::DownloadOptions::FromEnvironment();
+  if (auto env = ProcessEnvironment().stall_timeout_s) p.download.stall_timeout_s = *env;
   if (o.stall_timeout > 0) p.download.stall_timeout_s = o.stall_timeout;
   p.download.connect_timeout_s = o.connect_timeout;
   p.download.retries = o.retries;

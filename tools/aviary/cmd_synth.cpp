@@ -139,7 +139,9 @@ void RegisterSynth(CLI::App& app) {
       types = g.types_out;
       format = "GGUF (" + g.architecture + ")";
     }  // `bin` is removed here, never committed
-    Model::Load(out.temp_path());  // the result must load
+    LoadOptions check;
+    check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+    Model::Load(out.temp_path(), check);  // the result must load
     out.Commit();
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

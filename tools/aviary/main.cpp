@@ -4,12 +4,14 @@
 
 #include "aviary/error.h"
 #include "cli_common.h"
+#include "environment.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"aviary: run RWKV language models (v4, v5.1, v5.2, v6, v7)", "aviary"};
   app.set_version_flag("--version", "aviary 0.1.0");
   app.require_subcommand(1);
   app.fallthrough(false);
+  app.footer(aviary::cli::EnvironmentHelp());
   aviary::cli::RegisterInfo(app);
   aviary::cli::RegisterLogits(app);
   aviary::cli::RegisterGenerate(app);
