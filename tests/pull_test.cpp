@@ -444,14 +444,30 @@ TEST_F(PullTest, UnreachableHostIsNamedWithOfflineAdvice) {
   } catch (const Error& e) {
     EXPECT_TRUE(Contains(e.what(), "cannot reach 127.0.0.1")) << e.what();
     EXPECT_TRUE(Contains(e.what(), "--model")) << e.what();
-    EXPECT_TRUE(Contains(e.what(), "AVIARY_HF_ENDPOINT")) << e.what();
   }
 }
 
-// A vocabulary comes from the raw GitHub endpoint: its failure names that variable.
-TEST_F(PullTest, UnreachableVocabularyHostNamesItsVariable) {
+// Models come from the Hugging Face endpoint, vocabularies from the raw GitHub one: a failure
+// names the variable that moves the host that failed, and only that one.
+TEST_F(PullTest, UnreachableHostNamesItsVariable) {
+  const std::string closed = "http://127.0.0.1:" + std::to_string(ClosedPort());
+  hub::PullOptions p;
+  p.hub.cache_dir = Cache();
+  p.hub.hf_endpoint = closed;
+  p.hub.raw_github_endpoint = closed;
+  p.download = Quiet();
+  const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny", "tiny.pth", 10, "",
+                                hub::Vocab::kWorld};
   try {
-    DownloadFile(hub::RawGithubEndpoint() + "/BlinkDL/vocab.txt", Path("vocab.txt"), Quiet());
+    hub::PullModel(entry, p);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_TRUE(Contains(e.what(), "cannot reach 127.0.0.1")) << e.what();
+    EXPECT_TRUE(Contains(e.what(), "AVIARY_HF_ENDPOINT")) << e.what();
+    EXPECT_FALSE(Contains(e.what(), "AVIARY_RAW_GITHUB_ENDPOINT")) << e.what();
+  }
+  try {
+    hub::PullTokenizer(hub::TokenizerFor(hub::Vocab::kWorld), p);
     FAIL();
   } catch (const Error& e) {
     EXPECT_TRUE(Contains(e.what(), "cannot reach 127.0.0.1")) << e.what();

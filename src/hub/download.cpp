@@ -674,14 +674,9 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
                  (rc == CURLE_OPERATION_TIMEDOUT && t.status == 0 && t.offset == t.request_offset &&
                   (std::strstr(detail.c_str(), "onnect") || std::strstr(detail.c_str(), "esolv")))) {
         failure = Failure::kFatal;
-        // Vocabularies come from GitHub, models from Hugging Face: name the variable that
-        // moves the host that failed.
-        const bool github = url.rfind(RawGithubEndpoint() + "/", 0) == 0;
         why = "cannot reach " + HostOf(url) + " (" + detail + "): no network? Offline, copy the "
-              "file from a machine that has it and pass its path to --model; " +
-              std::string(github ? "AVIARY_RAW_GITHUB_ENDPOINT selects a mirror of "
-                                   "raw.githubusercontent.com"
-                                 : "AVIARY_HF_ENDPOINT selects a Hugging Face mirror");
+              "file from a machine that has it and pass its path to --model" +
+              (options.unreachable_hint.empty() ? "" : "; " + options.unreachable_hint);
       } else if (rc == CURLE_OPERATION_TIMEDOUT) {
         failure = Failure::kRetry;
         why = "stalled: less than " + std::to_string(options.stall_min_bytes_per_s) +

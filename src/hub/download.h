@@ -27,6 +27,8 @@ struct DownloadOptions {
   int retries = 5;               // further attempts after a dropped or stalled transfer
   int retry_delay_ms = 1000;     // before the first retry; doubles each time, at most 30 s
   ProgressStyle progress = ProgressStyle::kAuto;
+  // Added to the error when the host cannot be reached: how to point at a mirror of it.
+  std::string unreachable_hint;
   std::FILE* log = stderr;       // progress and notes; nullptr = silent
 };
 

@@ -16,6 +16,11 @@
 namespace aviary::hub {
 namespace {
 
+// The variables that move each host (read by the CLI into HubSettings), named when it is down.
+constexpr const char* kModelMirrorHint = "AVIARY_HF_ENDPOINT selects a Hugging Face mirror";
+constexpr const char* kVocabularyMirrorHint =
+    "AVIARY_RAW_GITHUB_ENDPOINT selects a mirror of raw.githubusercontent.com";
+
 namespace fs = std::filesystem;
 
 void Note(const PullOptions& options, const std::string& text) {
@@ -70,6 +75,7 @@ std::string EnsureTokenizer(const TokenizerRelease& tok, const PullOptions& opti
   d.expected_size = tok.size;
   d.expected_sha256 = std::string(tok.sha256);
   d.label = file;
+  d.unreachable_hint = kVocabularyMirrorHint;
   return DownloadFile(DownloadUrl(tok, options.hub), dest, d).path;
 }
 
@@ -195,6 +201,7 @@ PullResult PullModel(const CatalogEntry& entry, const PullOptions& options) {
     d.expected_size = entry.size;
     d.expected_sha256 = std::string(entry.sha256);
     d.label = std::string(entry.name);
+    d.unreachable_hint = kModelMirrorHint;
     result.path = DownloadFile(DownloadUrl(entry, options.hub), dest, d).path;
     result.downloaded = true;
   }
@@ -219,6 +226,7 @@ PullResult PullTokenizer(const TokenizerRelease& tokenizer, const PullOptions& o
   d.expected_size = tokenizer.size;
   d.expected_sha256 = std::string(tokenizer.sha256);
   d.label = std::string(tokenizer.file);
+  d.unreachable_hint = kVocabularyMirrorHint;
   result.path = DownloadFile(DownloadUrl(tokenizer, options.hub), dest, d).path;
   result.downloaded = true;
   return result;

@@ -20,7 +20,7 @@ struct LogitsOptions {
 
 void RunLogits(const LogitsOptions& o) {
   static_assert(std::endian::native == std::endian::little, "output is written as-is");
-  const std::string model_path = ResolveModelArgument(o.model);
+  const std::string model_path = ResolveModelArgument(o.model, Hub().cache_dir);
   RefuseOverwritingInputs(o.output, {model_path, o.tokenizer, o.prompt_file});
   const LoadedModel m = LoadModel(model_path, o.tokenizer);
   const std::vector<int32_t> tokens = PromptTokens(*m.tokenizer, o.prompt, o.prompt_file);
