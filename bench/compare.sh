@@ -218,4 +218,7 @@ for key in order:
 print("\npp = prompt processing tok/s (sequence mode), tg = generation tok/s (one token at a time);"
       " medians over rounds; aviary/peer > 1 means aviary is faster; tg bound = read bandwidth"
       " (measured before each aviary run) / weight bytes read per token.")
+if "aviary-base" in engines:
+    print("aviary-base = AVIARY_BASE_BIN, aviary = AVIARY_BIN: aviary/aviary-base > 1 means AVIARY_BIN"
+          " is faster.")
 EOF

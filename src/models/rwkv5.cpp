@@ -136,11 +136,12 @@ class Rwkv5 final : public RwkvModel {
     Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, L.decay.data(), /*decay_per_token=*/false,
             L.first.data(), s.S, acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
-      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
-      if (L.has_gate) {
-        const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
-        SiluInPlace(acts.g + b, e - b);
-        Gate(acts.g, n, t0, t1, acts.out);
+      for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
+        GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);
+        if (L.has_gate) {
+          SiluInPlace(acts.g + static_cast<size_t>(t) * n, n);
+          Gate(acts.g, n, t, t + 1, acts.out);
+        }
       }
     });
     MatMul(L.att_output, acts.out, T, acts.dx);

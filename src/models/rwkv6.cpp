@@ -140,8 +140,10 @@ class Rwkv6 final : public RwkvModel {
     Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, acts.w, /*decay_per_token=*/true, L.first.data(),
             s.S, acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
-      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
-      Gate(acts.g, n, t0, t1, acts.out);
+      for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
+        GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);
+        Gate(acts.g, n, t, t + 1, acts.out);
+      }
     });
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);

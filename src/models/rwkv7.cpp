@@ -151,9 +151,11 @@ class Rwkv7 final : public RwkvModel {
     });
     Wkv7Seq(T, H, N, acts.r, acts.w, acts.k, acts.v, acts.kk, acts.a, s.S, acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
-      GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t0, t1, acts.out);
-      Bonus(L.r_k, H, N, t0, t1, acts);
-      Gate(acts.g, n, t0, t1, acts.out);
+      for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
+        GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);
+        Bonus(L.r_k, H, N, t, t + 1, acts);
+        Gate(acts.g, n, t, t + 1, acts.out);
+      }
     });
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
