@@ -1,13 +1,11 @@
 // A model file's bytes, read-only: memory-mapped, or read into anonymous memory that the kernel
 // backs with 2 MiB pages.
 //
-// Why two ways: mapping is instant and shares the page cache between processes. But streaming
-// a large model through page-cache pages generates measurably slower than streaming it from
-// anonymous memory in 2 MiB pages. Generation, read / mapped, median of 4-6 interleaved pairs
-// on the 2-core test VM: RWKV-7 1.5B F16 (2.9 GiB) 1.19x, 1.5B Q8_0 (1.8 GiB) 1.38x, 0.4B F16
-// (0.85 GiB) 1.13x; 0.4B Q4_0 and 0.1B files (0.25-0.45 GiB) 1.03-1.04x, within the noise.
-// The cost is load time: the first load of 2.9 GiB takes 2.3 s there (the VM serves fresh
-// memory slowly; 0.2-0.4 s once it has), against 0.05-0.1 s mapped (docs/PERFORMANCE.md).
+// Why two ways: mapping is instant and shares the page cache between processes, but each 4 KiB
+// page-cache page costs a TLB entry, and generation streams every weight once per token: from
+// anonymous memory in 2 MiB pages the same stream takes far fewer TLB misses, which pays for a
+// large model and is lost in the noise for a small one. The price is load time (the whole file
+// is read before the first token). docs/PERFORMANCE.md ("Loading") has the measurements.
 #pragma once
 
 #include <cstdint>
