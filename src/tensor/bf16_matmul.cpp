@@ -98,11 +98,11 @@ using lane_sums::FinalSums;
 // ---- T = 1: R rows streamed and rounded in registers ----
 
 // The rows are read one after the other, so memory is read in address order: the hardware
-// prefetchers see one long stream. Reading the R rows side by side (R short interleaved streams)
-// reached 20 GB/s on one core where this reads 29 (0.1B F16, all its matrices; 2 threads 1.3x).
-// Each row keeps its own accumulator, in column order as in the T > 1 tiles, and out-of-order
-// execution overlaps one row's chain of vdpbf16ps with the next row's. The row R rows ahead is
-// prefetched at our pace (over a page boundary, where the hardware prefetchers stop).
+// prefetchers see one long stream, where R rows side by side would be R short interleaved
+// streams, each too short for them to lock on. Each row keeps its own accumulator, in column
+// order as in the T > 1 tiles, and out-of-order execution overlaps one row's chain of
+// vdpbf16ps with the next row's. The row R rows ahead is prefetched at our pace (over a page
+// boundary, where the hardware prefetchers stop).
 template <DType kType, int R>
 AVIARY_BF16 void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const uint16_t* x,
                           float* y) {
@@ -178,9 +178,7 @@ AVIARY_BF16 void GemmTile(const uint16_t* wbuf, int64_t ws, const Activations& a
 }
 
 constexpr int kTileTokens = 4;
-// One core, T = 64, F16, GMAC/s without spans -> spans of 1024 / 2048 / 4096: 2048 x 8192
-// 105 -> 126 / 127 / 101; 1024 x 4096 102 -> 128 / 137 / 105; 768 x 3072 124 -> 155 / 160 /
-// 132; rows of 2048 or fewer columns take no spans (splitting them measured no gain).
+// Columns per span on long rows (see GemmRows); rows of at most this many columns are one span.
 constexpr int64_t kSpanCols = 2048;
 
 // All tokens over R rounded rows. Long rows are walked in spans of kSpanCols columns, every
@@ -207,9 +205,9 @@ AVIARY_BF16 void GemmRows(const uint16_t* wbuf, int64_t ws, const Activations& a
 }
 
 // 6 rows x 4 tokens: 24 accumulators, 6 weight vectors and one activation vector in the 32
-// registers; each activation load serves 6 vdpbf16ps. One core, T = 64, rows x cols 768 x 768 /
-// 3072 x 768 / 768 x 3072: 4 x 4 151/130/127 GMAC/s, 8 x 2 156/154/117, 4 x 6 168/164/128,
-// 6 x 4 166/153/145 (the FFN's value matrix, 768 x 3072, decides it).
+// registers; each activation load serves 6 vdpbf16ps, each weight load 4. Of the shapes that
+// fit (4 x 4, 8 x 2, 4 x 6, 6 x 4), it serves the loads best on wide matrices such as the
+// FFN's value matrix (768 x 3072 at 0.1B), which dominate a layer's products.
 constexpr int kTileRows = 6;
 
 template <DType kType>
