@@ -1,9 +1,9 @@
 // Vectors whose data starts on a 64-byte (cache line, AVX-512 register) boundary.
 //
 // malloc aligns to 16 bytes, and glibc serves large blocks from mmap at 16 bytes past a page:
-// every 512-bit load from such a buffer straddles two cache lines, which costs the matrix
-// kernels about a third of their speed (measured: an L1-resident 4 x 4 float tile runs at
-// 4.8 vs 4.35 G FMA/s, a 64-token chunk at 4.2 vs 3.0). Buffers the kernels stream use this.
+// every 512-bit load from such a buffer straddles two cache lines and costs two L1 accesses
+// instead of one, in kernels that are bound by their loads. Buffers the kernels stream use
+// this.
 #pragma once
 
 #include <cstddef>

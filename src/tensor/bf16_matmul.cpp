@@ -13,7 +13,8 @@
 //  - T = 1 streams R = 4 rows and rounds their chunks in registers;
 //  - T > 1 rounds R rows once into a small buffer and runs an R-row x TT-token register tile
 //    of accumulators over it, so each rounded weight serves every token of the chunk,
-// and the two agree bit for bit, whatever the thread count.
+// and the two agree bit for bit, whatever the thread count. The tiles, the same for both
+// types, are in bf16_matmul-inl.h, compiled in bf16_matmul_tile*.cpp.
 #include "tensor/bf16_matmul.h"
 
 #include <algorithm>
@@ -21,17 +22,9 @@
 #include <cstdlib>
 #include <vector>
 
+#include "tensor/bf16_matmul-inl.h"
 #include "tensor/kernels.h"
 #include "tensor/thread_pool.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define AVIARY_HAVE_BF16_CODE 1
-#include <immintrin.h>
-
-#include "tensor/lane_sums.h"  // also silences GCC 12's false warnings in its AVX-512 headers
-#else
-#define AVIARY_HAVE_BF16_CODE 0
-#endif
 
 namespace aviary::bf16 {
 namespace {
@@ -46,11 +39,9 @@ uint16_t WeightBits(DType type, const uint8_t* row, int64_t c) {
 }
 
 #if AVIARY_HAVE_BF16_CODE
-#define AVIARY_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c"
-#define AVIARY_BF16 __attribute__((target(AVIARY_BF16_TARGET), always_inline)) inline
-#define AVIARY_BF16_FN __attribute__((target(AVIARY_BF16_TARGET)))
-
-constexpr int kChunk = 32;  // columns per vdpbf16ps
+using tiles::FinalSums;
+using tiles::GemmRows;
+using tiles::kChunk;
 
 // 32 weights from column c (n <= 32 of them; the rest zero), rounded to bfloat16.
 template <DType kType>
@@ -91,16 +82,14 @@ AVIARY_BF16_FN void RoundRow(const float* x, int64_t cols, int64_t padded, uint1
   for (; c < padded; c += kChunk) _mm512_storeu_si512(out + c, _mm512_setzero_si512());
 }
 
-using lane_sums::FinalSums;
-
 // ---- T = 1: R rows streamed and rounded in registers ----
 
 // The rows are read one after the other, so memory is read in address order: the hardware
-// prefetchers see one long stream. Reading the R rows side by side (R short interleaved streams)
-// reached 20 GB/s on one core where this reads 29 (0.1B F16, all its matrices; 2 threads 1.3x).
-// Each row keeps its own accumulator, in column order as in the T > 1 tiles, and out-of-order
-// execution overlaps one row's chain of vdpbf16ps with the next row's. The row R rows ahead is
-// prefetched at our pace (over a page boundary, where the hardware prefetchers stop).
+// prefetchers see one long stream, where R rows side by side would be R short interleaved
+// streams, each too short for them to lock on. Each row keeps its own accumulator, in column
+// order as in the T > 1 tiles, and out-of-order execution overlaps one row's chain of
+// vdpbf16ps with the next row's. The row R rows ahead is prefetched at our pace (over a page
+// boundary, where the hardware prefetchers stop).
 template <DType kType, int R>
 AVIARY_BF16 void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, const uint16_t* x,
                           float* y) {
@@ -137,77 +126,10 @@ AVIARY_BF16 void RoundWeightsRow(const uint8_t* row, int64_t cols, int64_t padde
   for (; c < padded; c += kChunk) _mm512_store_si512(out + c, _mm512_setzero_si512());
 }
 
-// Columns [c0, c1) for tokens t0 .. t0 + TT. The accumulators start at zero on the first span
-// and from `carry` ([R][TT][16]) on the others, and go back to `carry` or, after the last
-// span, through the lane sums into y: a float stored and reloaded is the same float, so the
-// spans change no result.
-template <int R, int TT>
-AVIARY_BF16 void GemmTile(const uint16_t* wbuf, int64_t ws, const Activations& a, int t0,
-                          int64_t c0, int64_t c1, float* carry, float* y, int64_t rows) {
-  __m512 acc[R][TT];
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < TT; ++t) {
-      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(carry + (r * TT + t) * 16);
-    }
-  }
-  const uint16_t* x = a.at(t0);
-  const int64_t xs = a.padded_cols;
-#pragma GCC unroll 2
-  for (int64_t c = c0; c < c1; c += kChunk) {
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_load_si512(wbuf + r * ws + c);
-    for (int t = 0; t < TT; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_load_si512(x + t * xs + c);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
-    }
-  }
-  if (c1 < a.padded_cols) {
-    for (int r = 0; r < R; ++r) {
-      for (int t = 0; t < TT; ++t) _mm512_store_ps(carry + (r * TT + t) * 16, acc[r][t]);
-    }
-    return;
-  }
-  float sums[32];
-  FinalSums(&acc[0][0], std::min(16, R * TT), sums);
-  if (R * TT > 16) FinalSums(&acc[0][0] + 16, R * TT - 16, sums + 16);
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < TT; ++t) y[(t0 + t) * rows + r] = sums[r * TT + t];
-  }
-}
-
-constexpr int kTileTokens = 4;
-// One core, T = 64, F16, GMAC/s without spans -> spans of 1024 / 2048 / 4096: 2048 x 8192
-// 105 -> 126 / 127 / 101; 1024 x 4096 102 -> 128 / 137 / 105; 768 x 3072 124 -> 155 / 160 /
-// 132; rows of 2048 or fewer columns take no spans (splitting them measured no gain).
-constexpr int64_t kSpanCols = 2048;
-
-// All tokens over R rounded rows. Long rows are walked in spans of kSpanCols columns, every
-// token per span, so that a chunk's activations for one span stay in L2 (64 tokens x 2048
-// columns x 2 bytes = 256 KB; a whole 8192-column chunk is 1 MB).
-template <int R>
-AVIARY_BF16 void GemmRows(const uint16_t* wbuf, int64_t ws, const Activations& a, float* carry,
-                          float* y, int64_t rows) {
-  const int64_t n = a.padded_cols, span = n > kSpanCols ? kSpanCols : n;
-  for (int64_t c0 = 0; c0 < n; c0 += span) {
-    const int64_t c1 = std::min(n, c0 + span);
-    int t = 0;
-    for (; t + kTileTokens <= a.T; t += kTileTokens) {
-      GemmTile<R, kTileTokens>(wbuf, ws, a, t, c0, c1, carry + t * R * 16, y, rows);
-    }
-    float* c = carry + t * R * 16;
-    switch (a.T - t) {
-      case 3: GemmTile<R, 3>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
-      case 2: GemmTile<R, 2>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
-      case 1: GemmTile<R, 1>(wbuf, ws, a, t, c0, c1, c, y, rows); break;
-      default: break;
-    }
-  }
-}
-
 // 6 rows x 4 tokens: 24 accumulators, 6 weight vectors and one activation vector in the 32
-// registers; each activation load serves 6 vdpbf16ps. One core, T = 64, rows x cols 768 x 768 /
-// 3072 x 768 / 768 x 3072: 4 x 4 151/130/127 GMAC/s, 8 x 2 156/154/117, 4 x 6 168/164/128,
-// 6 x 4 166/153/145 (the FFN's value matrix, 768 x 3072, decides it).
+// registers; each activation load serves 6 vdpbf16ps, each weight load 4. Of the shapes that
+// fit (4 x 4, 8 x 2, 4 x 6, 6 x 4), it serves the loads best on wide matrices such as the
+// FFN's value matrix (768 x 3072 at 0.1B), which dominate a layer's products.
 constexpr int kTileRows = 6;
 
 template <DType kType>

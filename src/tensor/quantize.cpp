@@ -149,7 +149,7 @@ void Q8_0(const float* x, BlockQ8_0* y) {
 
 // ---- K-quants: Q4_K, Q5_K, Q6_K ----
 // Our own encoders, after the method of ggml's reference ones (make_qkx2_quants,
-// make_qx_quants) and a little better (about 1-4% less RMS error, at ~2/3 of their speed):
+// make_qx_quants) and a little better (less RMS error, for a longer search):
 // per sub-block, ggml's search over candidate level spacings, each refitted by weighted least
 // squares, and the best refined by re-quantizing and refitting; then the super-block's f16
 // scale(s), and each sub-block's small integer scale (and minimum) as the rounded fit or a
@@ -200,7 +200,7 @@ HalfScale ToHalf(float normalized, int k) {
 
 // ggml's weights for Q4_K and Q5_K (we use them for Q6_K too): the sub-block's RMS plus |x|,
 // so that large values count more but small ones still count. (ggml weighs Q6_K by x^2,
-// which leaves a few percent more RMS error.)
+// which favours the largest values at the expense of the RMS error.)
 void SubBlockWeights(const float* x, int n, float* w) {
   float sxx = 0.0f;
   for (int i = 0; i < n; ++i) sxx += x[i] * x[i];

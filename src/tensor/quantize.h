@@ -2,8 +2,8 @@
 // bit-exact with ggml's reference encoders (quantize_row_*_ref in ggml-quants.c,
 // GGML_FP32_TO_FP16 and GGML_FP32_TO_BF16), which is what llama.cpp's and rwkv.cpp's
 // quantizers write when no importance matrix is given; and the K-quants Q6_K, Q5_K, Q4_K with
-// aviary's own search (ggml's layout, not its bytes: 1-3% less error than ggml's reference
-// encoders, see quantize.cpp). DequantizeRow (dtype.h) is the inverse.
+// aviary's own search (ggml's layout, not its bytes: a longer search than ggml's reference
+// encoders, for a little less error; see quantize.cpp). DequantizeRow (dtype.h) is the inverse.
 #pragma once
 
 #include <cstdint>

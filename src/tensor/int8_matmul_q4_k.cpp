@@ -1,0 +1,9 @@
+// The 8-bit-activation MatMul for Q4_K weights (int8_matmul-inl.h), in a file of its own so
+// that the weight types compile in parallel.
+#include "tensor/int8_matmul-inl.h"
+
+#if AVIARY_HAVE_VNNI_CODE
+namespace aviary::int8::vnni {
+AVIARY_INT8_MATMUL_INSTANCE(, DType::kQ4_K);
+}  // namespace aviary::int8::vnni
+#endif

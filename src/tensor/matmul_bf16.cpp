@@ -1,0 +1,17 @@
+// The float-path MatMul and row widening for BF16 weights (matmul-inl.h), in a file of their own
+// so that the weight types compile in parallel.
+#include "tensor/simd_targets.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tensor/matmul_bf16.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "tensor/matmul-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace aviary {
+namespace HWY_NAMESPACE {
+AVIARY_MATMUL_INSTANCES(, DType::kBF16);
+}  // namespace HWY_NAMESPACE
+}  // namespace aviary
+HWY_AFTER_NAMESPACE();
