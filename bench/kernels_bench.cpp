@@ -101,8 +101,8 @@ void BM_MatMul(benchmark::State& state) {
   state.SetLabel(std::string(aviary::DTypeName(type)) + (reference ? " reference" : " fast ") +
                  (reference ? "" : aviary::KernelTarget()));
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * c.w.nbytes);
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * rows * cols * T * state.iterations(),
-                                               benchmark::Counter::kIsRate);
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * rows * cols * T * state.iterations(), benchmark::Counter::kIsRate);
 }
 
 void MatMulArgs(benchmark::internal::Benchmark* b) {
@@ -145,8 +145,8 @@ void BM_Wkv(benchmark::State& state) {
       aviary::Wkv7Seq(T, H, N, r.data(), w.data(), k.data(), v.data(), kk.data(), a.data(),
                       S.data(), out.data());
     } else {
-      aviary::Wkv5Seq(T, H, N, r.data(), k.data(), v.data(), w.data(), true, first.data(),
-                      S.data(), out.data());
+      aviary::Wkv5Seq(T, H, N, r.data(), k.data(), v.data(), w.data(), true, first.data(), S.data(),
+                      out.data());
     }
     benchmark::DoNotOptimize(out.data());
   }

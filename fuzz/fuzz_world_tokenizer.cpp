@@ -23,8 +23,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   try {
     g_world = aviary::LoadTokenizer(path);
   } catch (const aviary::Error& e) {
-    std::fprintf(stderr, "fuzz_world_tokenizer: cannot load the World vocabulary (set "
-                         "AVIARY_FUZZ_WORLD_VOCAB): %s\n", e.what());
+    std::fprintf(stderr,
+                 "fuzz_world_tokenizer: cannot load the World vocabulary (set "
+                 "AVIARY_FUZZ_WORLD_VOCAB): %s\n",
+                 e.what());
     std::exit(2);
   }
   return 0;

@@ -36,7 +36,8 @@ Bytes ReadFile(const std::string& path) {
 
 bool WriteFile(const std::string& path, const Bytes& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   return static_cast<bool>(out);
 }
 
@@ -55,8 +56,8 @@ struct BlockType {
   int bytes;     // per block of 32
   bool has_min;  // Q4_1 / Q5_1 carry a second fp16 (the minimum) after the scale
 };
-constexpr BlockType kQuantized[] = {{2, 18, false}, {3, 20, true}, {7, 22, false},
-                                    {8, 24, true}, {9, 34, false}};
+constexpr BlockType kQuantized[] = {
+    {2, 18, false}, {3, 20, true}, {7, 22, false}, {8, 24, true}, {9, 34, false}};
 
 size_t ElementBytes(int32_t type) { return type == 0 ? 4 : type == 1 ? 2 : 0; }
 
@@ -111,7 +112,8 @@ bool Shrink(const Bytes& in, const std::map<int32_t, int32_t>& dims, bool quanti
     if (q) {
       for (uint64_t b = 0; b < new_numel / 32; ++b) {
         Bytes block(q->bytes);
-        for (auto& byte : block) byte = static_cast<uint8_t>((rng = rng * 1103515245 + 12345) >> 16);
+        for (auto& byte : block)
+          byte = static_cast<uint8_t>((rng = rng * 1103515245 + 12345) >> 16);
         block[0] = 0x00;  // scale: fp16 0x2000 (about 0.0078)
         block[1] = 0x20;
         if (q->has_min) block[2] = block[3] = 0;
@@ -146,7 +148,8 @@ int MakeGgufSeeds(const std::string& bin_dir, const std::string& gguf_dir) {
   int written = 0;
   for (const auto& entry : std::filesystem::directory_iterator(bin_dir)) {
     // Only whole models: the truncated seeds (cut-*) are refused by design.
-    if (entry.path().extension() != ".bin" || entry.path().filename().string().rfind("cut-", 0) == 0) {
+    if (entry.path().extension() != ".bin" ||
+        entry.path().filename().string().rfind("cut-", 0) == 0) {
       continue;
     }
     const Bytes bytes = ReadFile(entry.path());
@@ -190,7 +193,8 @@ int MakeGgufSeeds(const std::string& bin_dir, const std::string& gguf_dir) {
 int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "--gguf") return MakeGgufSeeds(argv[2], argv[3]);
   if (argc != 5) {
-    std::fprintf(stderr, "usage: make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR\n");
+    std::fprintf(stderr,
+                 "usage: make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR\n");
     return 2;
   }
   const std::string shared = argv[1], model_dir = argv[2], state_model = argv[3],
@@ -206,7 +210,8 @@ int main(int argc, char** argv) {
       const std::string stem = std::string("stress-rwkv-") + version + "-" + type;
       const Bytes in = ReadFile(shared + "/stress/" + stem + ".bin");
       if (in.empty()) {
-        std::fprintf(stderr, "make_seeds: missing %s/stress/%s.bin\n", shared.c_str(), stem.c_str());
+        std::fprintf(stderr, "make_seeds: missing %s/stress/%s.bin\n", shared.c_str(),
+                     stem.c_str());
         ++failed;
         continue;
       }

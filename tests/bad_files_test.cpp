@@ -51,8 +51,7 @@ void* CountedAlloc(size_t n) {
   if (!p) return nullptr;
   const int64_t live = g_live_bytes += static_cast<int64_t>(malloc_usable_size(p));
   int64_t peak = g_peak_bytes.load();
-  while (live > peak && !g_peak_bytes.compare_exchange_weak(peak, live)) {
-  }
+  while (live > peak && !g_peak_bytes.compare_exchange_weak(peak, live)) {}
   return p;
 }
 void CountedFree(void* p) {
@@ -183,8 +182,7 @@ Bytes Rebuild(const Bytes& src, const std::vector<TensorRecord>& tensors) {
     PutI32(out, t.type);
     for (int32_t d : t.dims) PutI32(out, d);
     out.insert(out.end(), t.name.begin(), t.name.end());
-    out.insert(out.end(), src.begin() + t.data_offset,
-               src.begin() + t.data_offset + t.data_bytes);
+    out.insert(out.end(), src.begin() + t.data_offset, src.begin() + t.data_offset + t.data_bytes);
   }
   return out;
 }
@@ -245,7 +243,8 @@ void ExpectRefused(std::span<const uint8_t> bytes, const std::string& name,
   const Outcome out = TryLoad(bytes, name);
   ASSERT_FALSE(out.loaded) << name << " loaded but should have been refused";
   EXPECT_TRUE(StartsWith(out.error, name + ": ")) << out.error;
-  EXPECT_TRUE(ContainsAny(out.error, keywords)) << "message does not name the problem: " << out.error;
+  EXPECT_TRUE(ContainsAny(out.error, keywords))
+      << "message does not name the problem: " << out.error;
   EXPECT_EQ(out.error.find('\n'), std::string::npos) << "message is not one line: " << out.error;
 }
 
@@ -264,7 +263,8 @@ class TempDir {
   std::string Write(const std::string& name, std::span<const uint8_t> bytes) const {
     const std::string p = path_ + "/" + name;
     std::ofstream out(p, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
     return p;
   }
   const std::string& path() const { return path_; }
@@ -304,15 +304,16 @@ TEST_P(Truncation, EveryPrefixIsRefusedNamingTheFile) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, Truncation,
-    ::testing::Values("models/stress/stress-rwkv-4v0-FP32.bin", "models/stress/stress-rwkv-4v0-FP16.bin",
-                      "models/stress/stress-rwkv-5v1-FP32.bin", "models/stress/stress-rwkv-5v1-FP16.bin",
-                      "models/stress/stress-rwkv-5v2-FP32.bin", "models/stress/stress-rwkv-5v2-FP16.bin",
-                      "models/stress/stress-rwkv-6v0-FP32.bin", "models/stress/stress-rwkv-6v0-FP16.bin",
-                      "models/stress/stress-rwkv-7v0-FP32.bin", "models/stress/stress-rwkv-7v0-FP16.bin",
-                      "models/tiny-rwkv-6v0-1m-Q5_1.bin", "models/tiny-rwkv-7v0-834K-Q5_0.bin",
-                      "models/quantized/tiny-rwkv-5v1-730K-Q4_0.bin",
-                      "models/quantized/tiny-rwkv-4v0-660K-Q4_1.bin",
-                      "models/quantized/tiny-rwkv-5v2-730K-Q8_0.bin"));
+    ::testing::Values(
+        "models/stress/stress-rwkv-4v0-FP32.bin", "models/stress/stress-rwkv-4v0-FP16.bin",
+        "models/stress/stress-rwkv-5v1-FP32.bin", "models/stress/stress-rwkv-5v1-FP16.bin",
+        "models/stress/stress-rwkv-5v2-FP32.bin", "models/stress/stress-rwkv-5v2-FP16.bin",
+        "models/stress/stress-rwkv-6v0-FP32.bin", "models/stress/stress-rwkv-6v0-FP16.bin",
+        "models/stress/stress-rwkv-7v0-FP32.bin", "models/stress/stress-rwkv-7v0-FP16.bin",
+        "models/tiny-rwkv-6v0-1m-Q5_1.bin", "models/tiny-rwkv-7v0-834K-Q5_0.bin",
+        "models/quantized/tiny-rwkv-5v1-730K-Q4_0.bin",
+        "models/quantized/tiny-rwkv-4v0-660K-Q4_1.bin",
+        "models/quantized/tiny-rwkv-5v2-730K-Q8_0.bin"));
 
 // ---- Systematic corruption of every int32 field ----
 
@@ -333,8 +334,16 @@ TEST_P(FieldCorruption, EveryHeaderFieldWithEvilValuesLoadsOrIsRefused) {
   for (size_t off : fields) {
     const int32_t original = GetI32(bytes, off);
     const uint32_t u = static_cast<uint32_t>(original);
-    const int32_t evil[] = {0, -1, 1, 2, 7, 100, INT32_MAX, INT32_MIN,
-                            static_cast<int32_t>(u + 1), static_cast<int32_t>(u * 2)};
+    const int32_t evil[] = {0,
+                            -1,
+                            1,
+                            2,
+                            7,
+                            100,
+                            INT32_MAX,
+                            INT32_MIN,
+                            static_cast<int32_t>(u + 1),
+                            static_cast<int32_t>(u * 2)};
     for (int32_t v : evil) {
       if (v == original) continue;
       SetI32(bytes, off, v);
@@ -354,11 +363,13 @@ TEST_P(FieldCorruption, EveryHeaderFieldWithEvilValuesLoadsOrIsRefused) {
   RecordProperty("refused", refused);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Models, FieldCorruption,
-    ::testing::Values("models/stress/stress-rwkv-4v0-FP16.bin", "models/stress/stress-rwkv-5v1-FP16.bin",
-                      "models/stress/stress-rwkv-5v2-FP16.bin", "models/stress/stress-rwkv-6v0-FP16.bin",
-                      "models/stress/stress-rwkv-7v0-FP16.bin", "models/tiny-rwkv-6v0-1m-Q5_1.bin"));
+INSTANTIATE_TEST_SUITE_P(Models, FieldCorruption,
+                         ::testing::Values("models/stress/stress-rwkv-4v0-FP16.bin",
+                                           "models/stress/stress-rwkv-5v1-FP16.bin",
+                                           "models/stress/stress-rwkv-5v2-FP16.bin",
+                                           "models/stress/stress-rwkv-6v0-FP16.bin",
+                                           "models/stress/stress-rwkv-7v0-FP16.bin",
+                                           "models/tiny-rwkv-6v0-1m-Q5_1.bin"));
 
 // ---- Structural corruption with message checks ----
 
@@ -590,7 +601,8 @@ TEST(BadModelPath, EmptyDirectoryMissingShortAndTruncatedFiles) {
 TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
   TempDir dir;
   std::mt19937 rng(5);
-  for (const size_t size : {size_t{1}, size_t{7}, size_t{4096}, (size_t{2} << 20) + 3, size_t{5000001}}) {
+  for (const size_t size :
+       {size_t{1}, size_t{7}, size_t{4096}, (size_t{2} << 20) + 3, size_t{5000001}}) {
     std::vector<uint8_t> bytes(size);
     for (auto& b : bytes) b = static_cast<uint8_t>(rng());
     const std::string path = dir.Write("bytes-" + std::to_string(size) + ".bin", bytes);
@@ -598,7 +610,8 @@ TEST(BadModelPath, ReadAndMappedFilesHoldTheSameBytes) {
       const MappedFile file(path, mode);
       EXPECT_EQ(file.mode(), mode);
       ASSERT_EQ(file.bytes().size(), size);
-      EXPECT_EQ(std::memcmp(file.bytes().data(), bytes.data(), size), 0) << LoadModeName(mode) << " " << size;
+      EXPECT_EQ(std::memcmp(file.bytes().data(), bytes.data(), size), 0)
+          << LoadModeName(mode) << " " << size;
     }
   }
   for (const LoadMode mode : {LoadMode::kMmap, LoadMode::kRead}) {
@@ -674,7 +687,8 @@ TEST(BadModelFile, CraftedHugeDeclarationsAreRefusedQuicklyAndCheaply) {
   {
     // Many tiny tensors: parsing is linear.
     Bytes b = header(256, 128, 1);
-    for (int i = 0; i < 20000; ++i) tensor(b, std::string("t").append(std::to_string(i)), 0, {1}, 4);
+    for (int i = 0; i < 20000; ++i)
+      tensor(b, std::string("t").append(std::to_string(i)), 0, {1}, 4);
     cases.push_back({"many.bin", b, "architecture"});
   }
   for (const Case& c : cases) {
@@ -750,7 +764,8 @@ class BadStateFile : public ::testing::Test {
   Bytes bytes_;
 };
 
-constexpr size_t kStateHeader = 40;  // magic 8, version 4, n_layer 4, fingerprint 8, tokens 8, count 8
+constexpr size_t kStateHeader =
+    40;  // magic 8, version 4, n_layer 4, fingerprint 8, tokens 8, count 8
 
 TEST_F(BadStateFile, RoundTrip) {
   EXPECT_EQ(State::Deserialize(bytes_, *model_, "x"), state_);
@@ -765,8 +780,8 @@ TEST_F(BadStateFile, EveryTruncationIsRefused) {
   cuts.insert(bytes_.size() - 1);
   cuts.erase(bytes_.size());
   for (size_t n : cuts) {
-    ExpectStateRefused(std::span(bytes_).subspan(0, n),
-                       {"truncated", "not an aviary state file"}, "cut to " + std::to_string(n));
+    ExpectStateRefused(std::span(bytes_).subspan(0, n), {"truncated", "not an aviary state file"},
+                       "cut to " + std::to_string(n));
   }
 }
 

@@ -55,7 +55,7 @@ TEST(Bf16MatMul, RoundsToNearestEvenAndFlushesSubnormals) {
   EXPECT_EQ(bf16::Round(1.0f + 0x1p-8f), 0x3f80);
   EXPECT_EQ(bf16::Round(1.0f + 3 * 0x1p-8f), 0x3f82);
   EXPECT_EQ(bf16::Round(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81);  // above halfway: up
-  EXPECT_EQ(bf16::Round(Bits(0x00000001u)), 0x0000);  // subnormals read as zero, sign kept
+  EXPECT_EQ(bf16::Round(Bits(0x00000001u)), 0x0000);          // subnormals read as zero, sign kept
   EXPECT_EQ(bf16::Round(Bits(0x807fffffu)), 0x8000);
   EXPECT_EQ(bf16::Round(std::numeric_limits<float>::min()), 0x0080);  // smallest normal stays
   EXPECT_EQ(bf16::Round(std::numeric_limits<float>::infinity()), 0x7f80);
@@ -74,7 +74,7 @@ TEST(Bf16MatMul, ActivationRowsRoundAsOneValueDoes) {
     for (size_t i = 0; i < x.size(); ++i) {
       switch (rng() % 8) {
         case 0: x[i] = Bits(static_cast<uint32_t>(rng()) & 0x807fffffu); break;  // subnormal
-        case 1: x[i] = 1.0f + static_cast<float>(rng() % 256) * 0x1p-8f; break;   // ties
+        case 1: x[i] = 1.0f + static_cast<float>(rng() % 256) * 0x1p-8f; break;  // ties
         case 2: x[i] = normal(rng) * 1e30f; break;
         default: x[i] = normal(rng); break;
       }
@@ -111,7 +111,8 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
         const std::vector<uint8_t> bytes = RandomMatrix(type, rows, cols, rng);
         const aviary::Tensor w = MakeTensor(type, rows, cols, bytes.data());
         std::vector<float> wf(static_cast<size_t>(rows * cols));
-        for (int64_t r = 0; r < rows; ++r) aviary::DequantizeRow(type, w.row(r), &wf[r * cols], cols);
+        for (int64_t r = 0; r < rows; ++r)
+          aviary::DequantizeRow(type, w.row(r), &wf[r * cols], cols);
         for (int T : {1, 2, 5, 9}) {
           SCOPED_TRACE(std::string(aviary::DTypeName(type)) + " " + std::to_string(rows) + "x" +
                        std::to_string(cols) + " T=" + std::to_string(T));
@@ -123,10 +124,12 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
           for (int t = 0; t < T; ++t) {
             for (int64_t r = 0; r < rows; ++r) {
               double mag = 0;
-              for (int64_t c = 0; c < cols; ++c) mag += std::fabs(wf[r * cols + c] * x[t * cols + c]);
+              for (int64_t c = 0; c < cols; ++c)
+                mag += std::fabs(wf[r * cols + c] * x[t * cols + c]);
               const size_t i = static_cast<size_t>(t) * rows + r;
               const double err = std::fabs(static_cast<double>(def[i]) - flt[i]);
-              ASSERT_LE(err, mag * (unit + 1e-5) + 1e-30) << "def " << def[i] << " float " << flt[i];
+              ASSERT_LE(err, mag * (unit + 1e-5) + 1e-30)
+                  << "def " << def[i] << " float " << flt[i];
               if (mag > 0) worst_bound = std::max(worst_bound, err / (mag * unit));
             }
           }
@@ -151,8 +154,8 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
               }
               const size_t i = static_cast<size_t>(t) * rows + r;
               const double err = std::fabs(static_cast<double>(fast1[i]) - def[i]);
-              ASSERT_LE(err, 1e-5 * mag + 1e-30) << "t " << t << " r " << r << " def " << def[i]
-                                                 << " fast " << fast1[i];
+              ASSERT_LE(err, 1e-5 * mag + 1e-30)
+                  << "t " << t << " r " << r << " def " << def[i] << " fast " << fast1[i];
               if (mag > 0) worst_kernel = std::max(worst_kernel, err / mag);
             }
           }
@@ -168,9 +171,9 @@ TEST(Bf16MatMul, KernelsMatchTheirDefinitionWhichIsWithinTheRoundingBound) {
       }
     }
   }
-  std::cout << "[ bf16     ] " << checked << " cases; kernels vs definition: worst |d| / sum|w x| = "
-            << worst_kernel << "; definition vs float: worst error / bound = " << worst_bound
-            << "\n";
+  std::cout << "[ bf16     ] " << checked
+            << " cases; kernels vs definition: worst |d| / sum|w x| = " << worst_kernel
+            << "; definition vs float: worst error / bound = " << worst_bound << "\n";
   EXPECT_GT(checked, 0);
 }
 
@@ -223,7 +226,9 @@ TEST(Bf16MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   bf16::ReferenceMatMul(w, x.data(), 3, def.data());
   aviary::ref::MatMul(w, x.data(), 3, flt.data());
   aviary::testing::SetKernels(aviary::Kernels::kFast);
-  auto rel = [](float a, float b) { return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b)); };
+  auto rel = [](float a, float b) {
+    return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b));
+  };
   aviary::MatMul(w, x.data(), 3, y.data());
   double d_bf16 = 0, d_float = 0;
   for (size_t i = 0; i < y.size(); ++i) {

@@ -42,8 +42,9 @@ class ChatTerminalTest : public ::testing::Test {
     {
       std::ofstream f(script);
       // The shell ignores Ctrl-C itself (aviary installs its own handler).
-      f << "#!/bin/sh\ntrap '' INT\nLANG=C.UTF-8 LC_ALL=C.UTF-8 '" << CliPath() << "' chat --model '"
-        << SharedPath(kTiny) << "' " << args << "\necho \"[exit status $?]\"\n";
+      f << "#!/bin/sh\ntrap '' INT\nLANG=C.UTF-8 LC_ALL=C.UTF-8 '" << CliPath()
+        << "' chat --model '" << SharedPath(kTiny) << "' " << args
+        << "\necho \"[exit status $?]\"\n";
     }
     const CommandResult r = Tmux("-f /dev/null new-session -d -s chat -x 150 -y 50 'sh " + script +
                                  "' \\; set-option -t chat remain-on-exit on");
@@ -61,7 +62,8 @@ class ChatTerminalTest : public ::testing::Test {
     size_t end = s.find_last_not_of(" \n");
     if (end == std::string::npos) return "";
     const size_t begin = s.rfind('\n', end);
-    return s.substr(begin == std::string::npos ? 0 : begin + 1, end + 1 - (begin == std::string::npos ? 0 : begin + 1));
+    return s.substr(begin == std::string::npos ? 0 : begin + 1,
+                    end + 1 - (begin == std::string::npos ? 0 : begin + 1));
   }
   bool WaitFor(const std::function<bool()>& done, double seconds = 30) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
@@ -119,7 +121,8 @@ TEST_F(ChatTerminalTest, PromptStreamingCtrlCAndHistory) {
   ASSERT_TRUE(WaitForText("1 messages, 1 replies")) << Screen();
   const std::string screen = Screen();
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(screen, m, std::regex("stopped\\)[\\s\\S]*tokens seen: ([0-9]+)"))) << screen;
+  ASSERT_TRUE(std::regex_search(screen, m, std::regex("stopped\\)[\\s\\S]*tokens seen: ([0-9]+)")))
+      << screen;
   EXPECT_GT(std::stoi(m[1]), 20);
   ASSERT_TRUE(WaitForPrompt()) << Screen();
 

@@ -73,10 +73,10 @@ struct Collector {
 TEST(ChatCommands, ParsesEveryCommand) {
   using chat::Command;
   const std::map<std::string, Command> exact = {
-      {"+", Command::kRetry},        {"++", Command::kRegenerate}, {"+++", Command::kContinue},
-      {"+reset", Command::kReset},   {"+RESET", Command::kReset},  {"+state", Command::kState},
-      {"+help", Command::kHelp},     {"+exit", Command::kExit},    {"  +reset  ", Command::kReset},
-      {"", Command::kEmpty},         {"   ", Command::kEmpty},
+      {"+", Command::kRetry},      {"++", Command::kRegenerate}, {"+++", Command::kContinue},
+      {"+reset", Command::kReset}, {"+RESET", Command::kReset},  {"+state", Command::kState},
+      {"+help", Command::kHelp},   {"+exit", Command::kExit},    {"  +reset  ", Command::kReset},
+      {"", Command::kEmpty},       {"   ", Command::kEmpty},
   };
   for (const auto& [line, command] : exact) {
     const chat::ParsedLine p = chat::ParseLine(line, 1.2f, 0.5f);
@@ -145,8 +145,8 @@ TEST(ChatCommands, SettingsAreRemovedCompletely) {
 
 // Settings are plain decimals: no sign (not even "-0"), no hex floats, no leading '+'.
 TEST(ChatCommands, SettingsArePlainDecimals) {
-  for (const char* line : {"-top_p=-0", "-top_p=-0.0", "-top_p=0x0.8p0", "-temp=0x1p0",
-                           "-temp=+1", "-top_p=+0.5", "-temp=1.0f", "-top_p=0.5 -temp=-1"}) {
+  for (const char* line : {"-top_p=-0", "-top_p=-0.0", "-top_p=0x0.8p0", "-temp=0x1p0", "-temp=+1",
+                           "-top_p=+0.5", "-temp=1.0f", "-top_p=0.5 -temp=-1"}) {
     const chat::ParsedLine p = chat::ParseLine(line, 1.2f, 0.5f);
     EXPECT_EQ(p.errors.size(), 1u) << line;
   }
@@ -157,9 +157,9 @@ TEST(ChatCommands, SettingsArePlainDecimals) {
 }
 
 TEST(ChatCommands, BadSettingsNameRangeAndValueInForce) {
-  for (const char* line : {"-temp=9 hello", "-temp=0.1", "-temp=abc hi", "-temp=", "-temp=nan",
-                           "-temp=1.2.3", "-top_p=1.5", "-top_p=-0.1 x", "-top_p=", "-top_p=inf",
-                           "-seed=-1", "-seed=x1"}) {
+  for (const char* line :
+       {"-temp=9 hello", "-temp=0.1", "-temp=abc hi", "-temp=", "-temp=nan", "-temp=1.2.3",
+        "-top_p=1.5", "-top_p=-0.1 x", "-top_p=", "-top_p=inf", "-seed=-1", "-seed=x1"}) {
     const chat::ParsedLine p = chat::ParseLine(line, 1.2f, 0.5f);
     ASSERT_EQ(p.errors.size(), 1u) << line;
     const std::string& e = p.errors[0];
@@ -315,7 +315,8 @@ TEST(ChatSampler, SetOptionsKeepsTheRandomStream) {
 
 // The default order (used by `aviary generate`) must sample exactly as before the chat work:
 // a copy of the previous implementation is the reference.
-int32_t ReferenceSample(const SamplerOptions& o, std::mt19937_64& rng, std::span<const float> logits) {
+int32_t ReferenceSample(const SamplerOptions& o, std::mt19937_64& rng,
+                        std::span<const float> logits) {
   if (o.temperature == 0.0f || o.top_p == 0.0f) return ArgMax(logits);
   const float max_logit = *std::max_element(logits.begin(), logits.end());
   std::vector<std::pair<float, int32_t>> sc(logits.size());
@@ -398,8 +399,9 @@ TEST(ChatTemplates, WorldRavenAndFiles) {
   EXPECT_FALSE(f.fold_newlines);
   EXPECT_EQ(f.system_role, "");  // from raven
   EXPECT_EQ(ChatTemplateByName(path).user, "Q");
-  for (const char* bad : {"user = Bob\n", "nokey = \"x\"\n", "user = \"x\n", "message = \"no text\"\n",
-                          "user = \"a\"\nbase = \"world\"\n", "stop = \"\"\n", "intro = \"\\q\"\n"}) {
+  for (const char* bad :
+       {"user = Bob\n", "nokey = \"x\"\n", "user = \"x\n", "message = \"no text\"\n",
+        "user = \"a\"\nbase = \"world\"\n", "stop = \"\"\n", "intro = \"\\q\"\n"}) {
     WriteText(path, bad);
     EXPECT_THROW(LoadChatTemplate(path), Error) << bad;
   }
@@ -441,7 +443,8 @@ class ChatSessionTest : public ::testing::Test {
   }
   // The conversation state a reply must leave: the state after the message, the reply fed
   // token by token, then the turn separator.
-  void ExpectTurnClosed(const ChatSession& s, const ChatSession::Snapshot& pre, const std::string& reply) {
+  void ExpectTurnClosed(const ChatSession& s, const ChatSession::Snapshot& pre,
+                        const std::string& reply) {
     const ChatSession::Snapshot want = FeedOneByOne(*model_, *tok_, pre, reply + "\n\n");
     const ChatSession::Snapshot* chat = s.snapshot("chat");
     ASSERT_NE(chat, nullptr);
@@ -559,8 +562,8 @@ TEST_F(ChatSessionTest, ContinueResumesWhereTheGenerationStopped) {
   EXPECT_FALSE(b.text.empty());
   EXPECT_EQ(s->snapshot("gen_0")->state, end1.state);  // +++ starts where the last one stopped
   // Blank -> "\nThe king" -> first part -> continuation, token by token.
-  const ChatSession::Snapshot want =
-      FeedOneByOne(*model_, *tok_, FeedOneByOne(*model_, *tok_, Blank("\nThe king"), a.text), b.text);
+  const ChatSession::Snapshot want = FeedOneByOne(
+      *model_, *tok_, FeedOneByOne(*model_, *tok_, Blank("\nThe king"), a.text), b.text);
   EXPECT_LE(s->snapshot("gen_1")->state.MaxAbsDiff(want.state), 1e-4f);
   EXPECT_EQ(s->snapshot("gen_1")->state.tokens_seen(), want.state.tokens_seen());
   // ++ now retries the continuation, not the first part.
@@ -571,10 +574,14 @@ TEST_F(ChatSessionTest, ContinueResumesWhereTheGenerationStopped) {
 TEST_F(ChatSessionTest, FreeCommandsStartFromABlankState) {
   auto s = NewSession(Options(), RavenTemplate());  // a persona intro that must not be used
   s->Say("Hello!");
-  struct Case { const char* line; std::string prompt; };
+  struct Case {
+    const char* line;
+    std::string prompt;
+  };
   const Case cases[] = {
       {"+gen The river", "\nThe river"},
-      {"+i List three fruits.\\n\\nNo more.", RavenTemplate().Expand(RavenTemplate().instruction_format, "List three fruits.\nNo more.")},
+      {"+i List three fruits.\\n\\nNo more.",
+       RavenTemplate().Expand(RavenTemplate().instruction_format, "List three fruits.\nNo more.")},
       {"+qa What is the sun?", "Bob: What is the sun?\n\nAlice:"},
   };
   for (const Case& c : cases) {
@@ -630,8 +637,8 @@ TEST_F(ChatSessionTest, SettingsPersistAndBadSettingsChangeNothing) {
   // (not the other setting on the line, not the conversation, not the random stream).
   const State before = s->state();
   const auto history = s->history();
-  for (const char* bad : {"-temp=9 hello", "-top_p=0.2 -temp=0.05 hello", "-top_p=2", "-temp=x +gen abc",
-                          "-top_p=0.1 +gen", "-seed=1 -top_p=nope +reset"}) {
+  for (const char* bad : {"-temp=9 hello", "-top_p=0.2 -temp=0.05 hello", "-top_p=2",
+                          "-temp=x +gen abc", "-top_p=0.1 +gen", "-seed=1 -top_p=nope +reset"}) {
     r = s->Handle(bad);
     EXPECT_EQ(r.kind, ChatResult::Kind::kError) << bad;
     EXPECT_FLOAT_EQ(s->temperature(), 1.5f) << bad;
@@ -823,13 +830,15 @@ TEST_F(ChatSessionTest, StateAndHelpListEverything) {
   s->Say("Hi.");
   const ChatResult st = s->Handle("+state");
   EXPECT_EQ(st.kind, ChatResult::Kind::kOutput);
-  EXPECT_NE(st.text.find(std::to_string(s->state().size_bytes()) + " bytes"), std::string::npos) << st.text;
-  EXPECT_NE(st.text.find("tokens seen: " + std::to_string(s->state().tokens_seen())), std::string::npos);
+  EXPECT_NE(st.text.find(std::to_string(s->state().size_bytes()) + " bytes"), std::string::npos)
+      << st.text;
+  EXPECT_NE(st.text.find("tokens seen: " + std::to_string(s->state().tokens_seen())),
+            std::string::npos);
   EXPECT_NE(st.text.find("1 messages, 1 replies"), std::string::npos) << st.text;
   const std::string help = s->Handle("+help").text;
-  for (const char* cmd : {"-temp=X ", "-top_p=Y ", "-seed=N ", "+  ", "+reset ", "+gen TEXT ", "+++ ",
-                          "++ ", "+i TEXT ", "+qa TEXT ", "+save FILE ", "+load FILE ", "+state ",
-                          "+help ", "+exit "}) {
+  for (const char* cmd :
+       {"-temp=X ", "-top_p=Y ", "-seed=N ", "+  ", "+reset ", "+gen TEXT ", "+++ ", "++ ",
+        "+i TEXT ", "+qa TEXT ", "+save FILE ", "+load FILE ", "+state ", "+help ", "+exit "}) {
     EXPECT_NE(help.find(std::string("\n  ") + cmd), std::string::npos) << cmd;
   }
   EXPECT_EQ(s->Handle("+exit").kind, ChatResult::Kind::kExit);
@@ -979,8 +988,10 @@ TEST_F(ChatCliTest, ScriptPrintsEachReplyInOrder) {
   // The banner and speeds go to stderr.
   EXPECT_NE(r.err.find("model:"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("template:  world (User: / Assistant:)"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("temperature 1.2, top-p 0.5, presence 0.4, frequency 0.4, decay 0.996, seed 1"),
-            std::string::npos) << r.err;
+  EXPECT_NE(
+      r.err.find("temperature 1.2, top-p 0.5, presence 0.4, frequency 0.4, decay 0.996, seed 1"),
+      std::string::npos)
+      << r.err;
   EXPECT_NE(r.err.find("tokens/s"), std::string::npos) << r.err;
   // The same seed repeats exactly; another one does not.
   EXPECT_EQ(Chat("hello\nhow are you?\n").out, Chat("hello\nhow are you?\n").out);
@@ -992,7 +1003,8 @@ TEST_F(ChatCliTest, ScriptPrintsEachReplyInOrder) {
 
 TEST_F(ChatCliTest, ResetRestoresTheInitialStateExactly) {
   const std::string a = TempPath("reset_a.chat"), b = TempPath("reset_b.chat");
-  const Run r = Chat("+save " + a + "\nhello\nand more\n+reset\n+save " + b + "\n", "--seed 1 --template raven");
+  const Run r = Chat("+save " + a + "\nhello\nand more\n+reset\n+save " + b + "\n",
+                     "--seed 1 --template raven");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("Chat reset."), std::string::npos);
   const std::vector<uint8_t> fa = ReadFileBytes(a), fb = ReadFileBytes(b);
@@ -1047,16 +1059,18 @@ TEST_F(ChatCliTest, SettingsPersistAndBadOnesAreRefused) {
   EXPECT_EQ(bad.code, 1);
   EXPECT_TRUE(Replies(bad.out).empty()) << bad.out;
   EXPECT_NE(bad.err.find("-temp=9: temperature must be a number from 0.2 to 5 (now 0.8)"),
-            std::string::npos) << bad.err;
+            std::string::npos)
+      << bad.err;
   EXPECT_NE(bad.err.find("-top_p=1.5: top-p must be a number from 0.0 to 1.0 (now 0.5)"),
-            std::string::npos) << bad.err;
+            std::string::npos)
+      << bad.err;
   EXPECT_NE(bad.out.find("sampling:    temperature 0.8, top-p 0.5,"), std::string::npos) << bad.out;
   EXPECT_NE(bad.out.find("tokens seen: 0\n"), std::string::npos) << bad.out;
 }
 
 TEST_F(ChatCliTest, SavedConversationContinuesExactlyInANewProcess) {
-  const std::string s1 = TempPath("cont.chat"), a = TempPath("cont_a.chat"), b = TempPath("cont_b.chat"),
-                    c = TempPath("cont_c.chat");
+  const std::string s1 = TempPath("cont.chat"), a = TempPath("cont_a.chat"),
+                    b = TempPath("cont_b.chat"), c = TempPath("cont_c.chat");
   const Run first = Chat("hello\n+save " + s1 + "\n-seed=7 tell me more\n+save " + a + "\n");
   ASSERT_EQ(first.code, 0) << first.err;
   const Run second = Chat("-seed=7 tell me more\n+save " + b + "\n", "--seed 3 --load-state " + s1);
@@ -1075,13 +1089,16 @@ TEST_F(ChatCliTest, RefusesAConversationFromAnotherModel) {
   REQUIRE_SHARED(kOtherModel);
   const std::string s1 = TempPath("other.chat");
   ASSERT_EQ(Chat("hello\n+save " + s1 + "\n").code, 0);
-  const CommandResult r = RunCommand("'" + CliPath() + "' chat --model '" + SharedPath(kOtherModel) +
-                                     "' --load-state '" + s1 + "' < /dev/null 2>&1");
+  const CommandResult r =
+      RunCommand("'" + CliPath() + "' chat --model '" + SharedPath(kOtherModel) +
+                 "' --load-state '" + s1 + "' < /dev/null 2>&1");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("aviary: " + s1 + ": conversation was saved with a different model"),
-            std::string::npos) << r.output;
-  const CommandResult in_session = RunCommand(
-      "echo '+load " + s1 + "' | '" + CliPath() + "' chat --model '" + SharedPath(kOtherModel) + "' 2>&1");
+            std::string::npos)
+      << r.output;
+  const CommandResult in_session =
+      RunCommand("echo '+load " + s1 + "' | '" + CliPath() + "' chat --model '" +
+                 SharedPath(kOtherModel) + "' 2>&1");
   EXPECT_EQ(in_session.exit_code, 1);
   EXPECT_NE(in_session.output.find("different model"), std::string::npos) << in_session.output;
 }

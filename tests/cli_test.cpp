@@ -99,7 +99,8 @@ TEST(Cli, RuntimeFlagsOnEveryCommandThatRunsAModel) {
     EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
     EXPECT_NE(r.output.find(flag), std::string::npos) << args << "\n" << r.output;
   }
-  const CommandResult bad = RunCommand("AVIARY_THREADS=lots " + Cli("generate --model x --prompt a") + " 2>&1");
+  const CommandResult bad =
+      RunCommand("AVIARY_THREADS=lots " + Cli("generate --model x --prompt a") + " 2>&1");
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
   EXPECT_NE(bad.output.find("AVIARY_THREADS is 'lots'"), std::string::npos) << bad.output;
 }
@@ -110,15 +111,16 @@ TEST(Cli, RuntimeFlagsWinOverTheEnvironment) {
   REQUIRE_SHARED(kStress7);
   const std::string model = Quote(SharedPath(kStress7));
   const CommandResult b = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=fast " +
-                                     Cli("bench --model " + model + " --threads 2 --kernels reference "
+                                     Cli("bench --model " + model +
+                                         " --threads 2 --kernels reference "
                                          "--prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
   ASSERT_EQ(b.exit_code, 0) << b.output;
   EXPECT_NE(b.output.find("\"threads\": 2,"), std::string::npos) << b.output;
   EXPECT_NE(b.output.find("\"kernels\": \"reference\""), std::string::npos) << b.output;
   EXPECT_NE(b.output.find("\"target\": \"scalar\""), std::string::npos) << b.output;
-  const CommandResult e = RunCommand("AVIARY_THREADS=1 AVIARY_KERNELS=reference " +
-                                     Cli("bench --model " + model +
-                                         " --prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
+  const CommandResult e = RunCommand(
+      "AVIARY_THREADS=1 AVIARY_KERNELS=reference " +
+      Cli("bench --model " + model + " --prompt-tokens 4 --gen-tokens 1 --repeat 1 --json"));
   ASSERT_EQ(e.exit_code, 0) << e.output;
   EXPECT_NE(e.output.find("\"threads\": 1,"), std::string::npos) << e.output;
   EXPECT_NE(e.output.find("\"kernels\": \"reference\""), std::string::npos) << e.output;
@@ -130,8 +132,9 @@ TEST(Cli, RuntimeFlagsWinOverTheEnvironment) {
       args = args.substr(args.find(' ') + 1);
     }
     const std::string out = TempFile("threads.f32");
-    const CommandResult r = RunCommand(env + Cli("logits --model " + model + " --prompt 'threads' " + args +
-                                                 " --output " + out) + " 2>&1");
+    const CommandResult r = RunCommand(
+        env + Cli("logits --model " + model + " --prompt 'threads' " + args + " --output " + out) +
+        " 2>&1");
     ASSERT_EQ(r.exit_code, 0) << flags << "\n" << r.output;
     logits.push_back(ReadFloats(out));
   }
@@ -201,25 +204,32 @@ TEST(Cli, LoadModesGiveTheSameLogits) {
   std::vector<std::vector<float>> logits;
   for (const char* mode : {"mmap", "read"}) {
     const std::string out = TempFile(std::string("load-") + mode + ".f32");
-    const CommandResult r = RunCommand(std::string("AVIARY_LOAD=") + mode + " " +
-                                       Cli("logits --model " + model + " --prompt 'load' --output " + out) + " 2>&1");
+    const CommandResult r =
+        RunCommand(std::string("AVIARY_LOAD=") + mode + " " +
+                   Cli("logits --model " + model + " --prompt 'load' --output " + out) + " 2>&1");
     ASSERT_EQ(r.exit_code, 0) << mode << "\n" << r.output;
     logits.push_back(ReadFloats(out));
     ASSERT_EQ(logits.back().size(), 256u);
-    const CommandResult b = RunCommand(std::string("AVIARY_LOAD=") + mode + " " +
-                                       Cli("bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
+    const CommandResult b = RunCommand(
+        std::string("AVIARY_LOAD=") + mode + " " +
+        Cli("bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
     ASSERT_EQ(b.exit_code, 0) << b.output;
-    EXPECT_NE(b.output.find(std::string("\"load_mode\": \"") + mode + "\""), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find(std::string("\"load_mode\": \"") + mode + "\""), std::string::npos)
+        << b.output;
   }
   EXPECT_EQ(std::memcmp(logits[0].data(), logits[1].data(), 256 * sizeof(float)), 0);
-  const CommandResult flag = RunCommand("AVIARY_LOAD=mmap " + Cli("bench --model " + model +
-                                        " --load read --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
+  const CommandResult flag = RunCommand(
+      "AVIARY_LOAD=mmap " + Cli("bench --model " + model +
+                                " --load read --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json"));
   ASSERT_EQ(flag.exit_code, 0) << flag.output;
   EXPECT_NE(flag.output.find("\"load_mode\": \"read\""), std::string::npos) << flag.output;
-  const CommandResult bogus = RunCommand("AVIARY_LOAD=bogus " + Cli("bench --model " + model +
-                                         " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json") + " 2>&1");
+  const CommandResult bogus = RunCommand(
+      "AVIARY_LOAD=bogus " +
+      Cli("bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1 --json") +
+      " 2>&1");
   EXPECT_EQ(bogus.exit_code, 2) << bogus.output;
-  EXPECT_NE(bogus.output.find("AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'"), std::string::npos)
+  EXPECT_NE(bogus.output.find("AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'"),
+            std::string::npos)
       << bogus.output;
 }
 
@@ -228,8 +238,8 @@ TEST(Cli, LoadModesGiveTheSameLogits) {
 // hold a second copy of it in anonymous memory (mapped pages of the input do count in the RSS).
 TEST(Cli, ConvertStreamsWhateverTheLoadMode) {
   const std::string bin = TempFile("stream.bin"), gguf = TempFile("stream.gguf");
-  const CommandResult synth =
-      RunCommand(Cli("synth --layers 6 --embd 1024 --vocab 256 --type f16 -o " + Quote(bin)) + " 2>&1");
+  const CommandResult synth = RunCommand(
+      Cli("synth --layers 6 --embd 1024 --vocab 256 --type f16 -o " + Quote(bin)) + " 2>&1");
   ASSERT_EQ(synth.exit_code, 0) << synth.output;
   const long file_kib = static_cast<long>(std::filesystem::file_size(bin) / 1024);
   ASSERT_GT(file_kib, 128 * 1024);
@@ -238,8 +248,8 @@ TEST(Cli, ConvertStreamsWhateverTheLoadMode) {
   EXPECT_EQ(code, 0);
   // The mapped input, plus the program and a few rows in flight; reading the input or the
   // output into memory adds a whole file size.
-  EXPECT_LT(peak_kib, file_kib + file_kib / 2) << "peak " << peak_kib << " KiB for a "
-                                                << file_kib << " KiB model";
+  EXPECT_LT(peak_kib, file_kib + file_kib / 2)
+      << "peak " << peak_kib << " KiB for a " << file_kib << " KiB model";
   std::filesystem::remove(bin);
   std::filesystem::remove(gguf);
 }
@@ -247,16 +257,24 @@ TEST(Cli, ConvertStreamsWhateverTheLoadMode) {
 TEST(Cli, AllPositionsAndOneByOneAgree) {
   REQUIRE_SHARED(kTiny52);
   const std::string prompt_file = TempFile("prompt.txt");
-  WriteFile(prompt_file, "Tabs\tand\nnewlines, UTF-8: h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x90\xa6 \x01\xff");
+  WriteFile(prompt_file,
+            "Tabs\tand\nnewlines, UTF-8: h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x90\xa6 "
+            "\x01\xff");
   const size_t n_tokens = ReadFileBytes(prompt_file).size();
   const std::string model = Quote(SharedPath(kTiny52));
   const std::string seq = TempFile("seq.f32"), one = TempFile("one.f32"), last = TempFile("l.f32");
   ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
-                           " --all-positions --output " + seq)).exit_code, 0);
+                           " --all-positions --output " + seq))
+                .exit_code,
+            0);
   ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
-                           " --all-positions --one-by-one --output " + one)).exit_code, 0);
+                           " --all-positions --one-by-one --output " + one))
+                .exit_code,
+            0);
   ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt_file +
-                           " --output " + last)).exit_code, 0);
+                           " --output " + last))
+                .exit_code,
+            0);
   const std::vector<float> a = ReadFloats(seq), b = ReadFloats(one), l = ReadFloats(last);
   ASSERT_EQ(a.size(), n_tokens * 256);
   ASSERT_EQ(b.size(), a.size());
@@ -280,7 +298,9 @@ TEST(Cli, PerplexityConsistentWithLogits) {
   EXPECT_EQ(NumberAfter(p.output, "predicted:"), text.size() - 1);
   const std::string rows = TempFile("rows.f32");
   ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + text_file +
-                           " --all-positions --output " + rows)).exit_code, 0);
+                           " --all-positions --output " + rows))
+                .exit_code,
+            0);
   const std::vector<float> logits = ReadFloats(rows);
   ASSERT_EQ(logits.size(), text.size() * 256);
   double total = 0;
@@ -309,8 +329,8 @@ TEST(Cli, PerplexityRefusesTooShortText) {
 TEST(Cli, GreedyGenerationIsDeterministicAndMatchesArgmax) {
   REQUIRE_SHARED(kTiny52);
   const std::string model = Quote(SharedPath(kTiny52));
-  const std::string cmd = Cli("generate --model " + model +
-                              " --prompt 'In the beginning' --tokens 40 --temperature 0");
+  const std::string cmd =
+      Cli("generate --model " + model + " --prompt 'In the beginning' --tokens 40 --temperature 0");
   const CommandResult a = RunCommand(cmd), b = RunCommand(cmd);
   ASSERT_EQ(a.exit_code, 0) << a.output;
   EXPECT_EQ(a.output, b.output);
@@ -323,8 +343,8 @@ TEST(Cli, GreedyGenerationIsDeterministicAndMatchesArgmax) {
   std::vector<int32_t> ids(prompt.begin(), prompt.end());
   m->Eval(ids, s, &logits);
   for (unsigned char c : a.output) {
-    const int32_t best = static_cast<int32_t>(
-        std::max_element(logits.begin(), logits.end()) - logits.begin());
+    const int32_t best =
+        static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     ASSERT_EQ(best, c);
     const int32_t tok = c;
     m->Eval({&tok, 1}, s, &logits);
@@ -349,13 +369,13 @@ TEST(Cli, SeededSamplingRepeats) {
 TEST(Cli, GenerateRejectsBadSettings) {
   REQUIRE_SHARED(kTiny52);
   const std::string base = Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt x");
-  for (const char* bad : {" --temperature -1", " --top-p 1.5", " --tokens -3", " --top-k -1",
-                          " --temperature abc"}) {
+  for (const char* bad :
+       {" --temperature -1", " --top-p 1.5", " --tokens -3", " --top-k -1", " --temperature abc"}) {
     const CommandResult r = RunCommand(base + bad + " 2>&1");
     EXPECT_EQ(r.exit_code, 2) << bad << "\n" << r.output;
   }
-  const CommandResult empty = RunCommand(
-      Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt ''") + " 2>&1");
+  const CommandResult empty =
+      RunCommand(Cli("generate --model " + Quote(SharedPath(kTiny52)) + " --prompt ''") + " 2>&1");
   EXPECT_EQ(empty.exit_code, 2) << empty.output;
 }
 
@@ -381,7 +401,8 @@ TEST(Cli, OutputsNeverOverwriteInputs) {
     EXPECT_NE(r.output.find("refusing to overwrite the input file"), std::string::npos) << r.output;
   }
   CommandResult r = RunCommand(Cli("logits --model " + Quote(model) + " --prompt-file " +
-                                   Quote(prompt) + " --output " + Quote(prompt)) + " 2>&1");
+                                   Quote(prompt) + " --output " + Quote(prompt)) +
+                               " 2>&1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_EQ(ReadFileBytes(prompt).size(), 5u);
   // convert: the tokenizer it embeds is an input too.
@@ -390,8 +411,9 @@ TEST(Cli, OutputsNeverOverwriteInputs) {
   std::filesystem::copy_file(SharedPath("tokenizers/rwkv_vocab_v20230424.txt"), vocab,
                              std::filesystem::copy_options::overwrite_existing);
   const std::vector<uint8_t> vocab_bytes = ReadFileBytes(vocab);
-  r = RunCommand(Cli("convert " + Quote(model) + " " + Quote(vocab) + " --tokenizer " +
-                     Quote(vocab)) + " 2>&1");
+  r = RunCommand(
+      Cli("convert " + Quote(model) + " " + Quote(vocab) + " --tokenizer " + Quote(vocab)) +
+      " 2>&1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("refusing to overwrite the input file"), std::string::npos) << r.output;
   EXPECT_EQ(ReadFileBytes(vocab), vocab_bytes);
@@ -400,7 +422,8 @@ TEST(Cli, OutputsNeverOverwriteInputs) {
                  Cli("chat --model " + Quote(model) + " --gen-tokens 2") + " 2>&1");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   size_t refusals = 0;
-  for (size_t at = 0; (at = r.output.find("refusing to overwrite", at)) != std::string::npos; ++at) {
+  for (size_t at = 0; (at = r.output.find("refusing to overwrite", at)) != std::string::npos;
+       ++at) {
     ++refusals;
   }
   EXPECT_EQ(refusals, 2u) << r.output;
@@ -415,11 +438,12 @@ TEST(Cli, FailedWriteLeavesTheOldFileWhole) {
   REQUIRE_SHARED(kTiny52);
   const std::string out = TempFile("kept.f32");
   WriteFile(out, "old contents");
-  const CommandResult r = RunCommand(
-      "trap '' XFSZ; ulimit -f 4; " +
-      Cli("logits --model " + Quote(SharedPath(kTiny52)) +
-          " --prompt 'a prompt of more than sixteen tokens' --all-positions --output " + Quote(out)) +
-      " 2>&1");
+  const CommandResult r =
+      RunCommand("trap '' XFSZ; ulimit -f 4; " +
+                 Cli("logits --model " + Quote(SharedPath(kTiny52)) +
+                     " --prompt 'a prompt of more than sixteen tokens' --all-positions --output " +
+                     Quote(out)) +
+                 " 2>&1");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find(out + ": write failed"), std::string::npos) << r.output;
   const std::vector<uint8_t> kept = ReadFileBytes(out);
@@ -432,10 +456,13 @@ TEST(Cli, DashIsStdinAndStdout) {
   REQUIRE_SHARED(kTiny52);
   const std::string model = Quote(SharedPath(kTiny52));
   const std::string file = TempFile("dash.f32"), piped = TempFile("dash-piped.f32");
-  ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt 'Dash' --all-positions --output " +
-                           file)).exit_code, 0);
-  const CommandResult r = RunCommand("printf Dash | " + Cli("logits --model " + model +
-                                     " --prompt-file - --all-positions --output - > " + piped));
+  ASSERT_EQ(RunCommand(Cli("logits --model " + model +
+                           " --prompt 'Dash' --all-positions --output " + file))
+                .exit_code,
+            0);
+  const CommandResult r =
+      RunCommand("printf Dash | " + Cli("logits --model " + model +
+                                        " --prompt-file - --all-positions --output - > " + piped));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(ReadFileBytes(piped), ReadFileBytes(file));
   EXPECT_EQ(ReadFileBytes(file).size(), 4u * 256 * sizeof(float));
@@ -449,17 +476,17 @@ TEST(Cli, FailedStdoutExitsOne) {
   const std::string text = TempFile("full.txt");
   WriteFile(text, "Some text to measure.");
   for (const std::string& args :
-       {"generate --model " + model + " --prompt hi --tokens 4", "tokenize --model " + model +
-        " --text hello", "detokenize --model " + model + " 65 66", "info --model " + model,
-        "perplexity --model " + model + " --text " + text,
+       {"generate --model " + model + " --prompt hi --tokens 4",
+        "tokenize --model " + model + " --text hello", "detokenize --model " + model + " 65 66",
+        "info --model " + model, "perplexity --model " + model + " --text " + text,
         "bench --model " + model + " --prompt-tokens 4 --gen-tokens 2 --repeat 1"}) {
     const CommandResult r = RunCommand(Cli(args) + " 2>&1 >/dev/full");
     EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
     EXPECT_NE(r.output.find("aviary: cannot write to stdout"), std::string::npos) << args << "\n"
-                                                                                   << r.output;
+                                                                                  << r.output;
   }
-  const CommandResult chat = RunCommand("echo '+gen hi' | " + Cli("chat --model " + model +
-                                        " --gen-tokens 2") + " 2>&1 >/dev/full");
+  const CommandResult chat = RunCommand(
+      "echo '+gen hi' | " + Cli("chat --model " + model + " --gen-tokens 2") + " 2>&1 >/dev/full");
   EXPECT_EQ(chat.exit_code, 1) << chat.output;
   EXPECT_NE(chat.output.find("cannot write to stdout"), std::string::npos) << chat.output;
 }
@@ -491,14 +518,16 @@ TEST(Cli, NonFiniteLogitsAreNamed) {
 TEST(Cli, SeedsOutOfRangeAreRefused) {
   REQUIRE_SHARED(kTiny52);
   const std::string model = Quote(SharedPath(kTiny52));
-  for (const char* seed : {"-5", "12345678901234567890123456", "18446744073709551616", "1e3", "x"}) {
+  for (const char* seed :
+       {"-5", "12345678901234567890123456", "18446744073709551616", "1e3", "x"}) {
     for (const std::string& args :
          {"generate --model " + model + " --prompt hi --tokens 1 --seed " + seed,
           "synth --layers 1 --embd 32 --vocab 16 -o " + TempFile("seed.bin") + " --seed " + seed}) {
       const CommandResult r = RunCommand(Cli(args) + " 2>&1");
       EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
       EXPECT_NE(r.output.find("seed must be a whole number from 0 to 18446744073709551615"),
-                std::string::npos) << r.output;
+                std::string::npos)
+          << r.output;
     }
   }
   const CommandResult top = RunCommand(

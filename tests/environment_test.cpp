@@ -74,8 +74,9 @@ TEST(CliEnvironment, ReadsEveryVariable) {
 
 TEST(CliEnvironment, BadValuesAreRejectedNamingTheVariable) {
   for (const char* bad : {"0", "-1", "1025", "2x", " 2", "two", "99999999999999999999"}) {
-    EXPECT_EQ(ErrorOf({{"AVIARY_THREADS", bad}}),
-              std::string("AVIARY_THREADS is '") + bad + "'; it must be a thread count from 1 to 1024");
+    EXPECT_EQ(
+        ErrorOf({{"AVIARY_THREADS", bad}}),
+        std::string("AVIARY_THREADS is '") + bad + "'; it must be a thread count from 1 to 1024");
   }
   EXPECT_EQ(ErrorOf({{"AVIARY_KERNELS", "Fast"}}),
             "AVIARY_KERNELS is 'Fast'; it must be 'fast' or 'reference'");
@@ -84,7 +85,8 @@ TEST(CliEnvironment, BadValuesAreRejectedNamingTheVariable) {
   EXPECT_EQ(ErrorOf({{"AVIARY_LOAD", "bogus"}}),
             "AVIARY_LOAD is 'bogus'; it must be 'auto', 'mmap' or 'read'");
   for (const char* bad : {"0", "soon", "86401", "-5"}) {
-    EXPECT_NE(ErrorOf({{"AVIARY_STALL_TIMEOUT", bad}}).find("AVIARY_STALL_TIMEOUT"), std::string::npos)
+    EXPECT_NE(ErrorOf({{"AVIARY_STALL_TIMEOUT", bad}}).find("AVIARY_STALL_TIMEOUT"),
+              std::string::npos)
         << bad;
   }
   EXPECT_EQ(ErrorOf({{"AVIARY_THREADS", "4"}, {"AVIARY_LOAD", "read"}}), "");
@@ -103,9 +105,9 @@ TEST(CliEnvironment, FlagParsersNameTheFlag) {
 
 TEST(CliEnvironment, HelpListsEveryVariable) {
   const std::string help = EnvironmentHelp();
-  for (const char* name : {"AVIARY_THREADS", "AVIARY_KERNELS", "AVIARY_ACTIVATIONS", "AVIARY_LOAD",
-                           "AVIARY_CACHE_DIR", "AVIARY_HF_ENDPOINT", "AVIARY_RAW_GITHUB_ENDPOINT",
-                           "AVIARY_STALL_TIMEOUT"}) {
+  for (const char* name :
+       {"AVIARY_THREADS", "AVIARY_KERNELS", "AVIARY_ACTIVATIONS", "AVIARY_LOAD", "AVIARY_CACHE_DIR",
+        "AVIARY_HF_ENDPOINT", "AVIARY_RAW_GITHUB_ENDPOINT", "AVIARY_STALL_TIMEOUT"}) {
     EXPECT_NE(help.find(name), std::string::npos) << name;
   }
 }

@@ -169,7 +169,8 @@ class GgufBuilder {
     for (size_t i = 0; i < tensors.size(); ++i) {
       if (tensors[i].offset) continue;  // a lying offset: its data is not placed
       out.resize(std::max(out.size(), data_start + offsets[i]));
-      out.insert(out.begin() + data_start + offsets[i], tensors[i].data.begin(), tensors[i].data.end());
+      out.insert(out.begin() + data_start + offsets[i], tensors[i].data.begin(),
+                 tensors[i].data.end());
       while (out.size() % alignment) out.push_back(0);
     }
     return out;

@@ -34,7 +34,8 @@ std::string TempPath(const std::string& name) { return ProcessTempDir() + "aviar
 std::vector<uint8_t> ReadAll(const std::string& path) { return ReadFileBytes(path); }
 
 void WriteAll(const std::string& path, const std::vector<uint8_t>& bytes) {
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
 
 std::shared_ptr<const TokenizerData> ByteVocab() {
@@ -69,7 +70,8 @@ std::vector<float> Logits(const Model& model, const std::vector<int32_t>& tokens
 
 const std::vector<int32_t>& LongPrompt() {
   static const std::vector<int32_t> tokens = [] {
-    const std::string text = "\"in the beginning was the Word, and the Word was with God.\n\t\xc3\xa9";
+    const std::string text =
+        "\"in the beginning was the Word, and the Word was with God.\n\t\xc3\xa9";
     std::vector<int32_t> t;
     for (unsigned char c : text) t.push_back(c);
     return t;
@@ -92,10 +94,11 @@ uint16_t NearestHalf(float f) {
   const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
   const double a = std::fabs(static_cast<double>(f));
   if (a >= 65520.0) return sign | 0x7c00;  // halfway to 2^16 and beyond: infinity
-  uint16_t lo = 0, hi = 0x7bff;  // largest finite
-  while (lo < hi) {  // first half >= a
+  uint16_t lo = 0, hi = 0x7bff;            // largest finite
+  while (lo < hi) {                        // first half >= a
     const uint16_t mid = (lo + hi) / 2;
-    if (F16ToF32(mid) < a) lo = mid + 1; else hi = mid;
+    if (F16ToF32(mid) < a) lo = mid + 1;
+    else hi = mid;
   }
   uint16_t best = lo;
   if (lo > 0) {
@@ -107,9 +110,9 @@ uint16_t NearestHalf(float f) {
 
 TEST(GgufQuantize, F16AndBF16RoundToNearestEven) {
   std::mt19937 rng(7);
-  std::vector<float> values = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65519.99f, 65520.0f, 1e-8f,
-                               5.96e-8f, 2.98e-8f, 2.99e-8f, 6.1e-5f, 6.097e-5f, INFINITY,
-                               -INFINITY, 1e30f, 3.0e-41f};
+  std::vector<float> values = {0.0f,      -0.0f,    1.0f,      -1.0f,    65504.0f, 65519.99f,
+                               65520.0f,  1e-8f,    5.96e-8f,  2.98e-8f, 2.99e-8f, 6.1e-5f,
+                               6.097e-5f, INFINITY, -INFINITY, 1e30f,    3.0e-41f};
   std::uniform_int_distribution<uint32_t> bits;
   for (int i = 0; i < 200000; ++i) {
     uint32_t u = bits(rng);
@@ -146,10 +149,14 @@ TEST(GgufQuantize, RoundTripErrorIsBounded) {
   for (float& v : x) v = normal(rng);
   x[5] = 0;
   std::fill(x.begin() + 64, x.begin() + 96, 0.0f);  // an all-zero block
-  struct Case { DType type; float bound; };
-  for (const Case c : {Case{DType::kF16, 2e-3f}, Case{DType::kBF16, 2e-2f}, Case{DType::kQ8_0, 0.03f},
-                       Case{DType::kQ5_1, 0.15f}, Case{DType::kQ5_0, 0.2f}, Case{DType::kQ4_1, 0.35f},
-                       Case{DType::kQ4_0, 0.45f}}) {
+  struct Case {
+    DType type;
+    float bound;
+  };
+  for (const Case c :
+       {Case{DType::kF16, 2e-3f}, Case{DType::kBF16, 2e-2f}, Case{DType::kQ8_0, 0.03f},
+        Case{DType::kQ5_1, 0.15f}, Case{DType::kQ5_0, 0.2f}, Case{DType::kQ4_1, 0.35f},
+        Case{DType::kQ4_0, 0.45f}}) {
     std::vector<uint8_t> q(StorageBytes(c.type, x.size()));
     QuantizeRow(c.type, x.data(), q.data(), x.size());
     std::vector<float> y(x.size());
@@ -165,12 +172,15 @@ TEST(GgufQuantize, RoundTripErrorIsBounded) {
 // compiler fused x * id + 16.5 into one rounding: it matches QuantRounding::kFusedMultiplyAdd
 // instead (and differs from the reference in 74 of 7,000 blocks).
 TEST(GgufQuantize, BitExactWithGgmlReference) {
-  struct Source { std::string fp32, quantized; };
+  struct Source {
+    std::string fp32, quantized;
+  };
   std::vector<Source> sources;
   for (const char* v : {"4v0-660K", "5v1-730K", "5v2-730K", "6v0-1m", "7v0-834K"}) {
     const std::string base = std::string("tiny-rwkv-") + v;
     for (const char* t : {"Q4_0", "Q4_1", "Q8_0"}) {
-      sources.push_back({"models/" + base + "-FP32.bin", "models/quantized/" + base + "-" + t + ".bin"});
+      sources.push_back(
+          {"models/" + base + "-FP32.bin", "models/quantized/" + base + "-" + t + ".bin"});
     }
     for (const char* t : {"Q5_0", "Q5_1"}) {
       sources.push_back({"models/" + base + "-FP32.bin", "models/" + base + "-" + t + ".bin"});
@@ -212,7 +222,8 @@ TEST(GgufQuantize, BitExactWithGgmlReference) {
       };
       const size_t reference = differing_blocks(QuantRounding::kReference);
       if (fused) {
-        EXPECT_EQ(differing_blocks(QuantRounding::kFusedMultiplyAdd), 0u) << s.quantized << " " << name;
+        EXPECT_EQ(differing_blocks(QuantRounding::kFusedMultiplyAdd), 0u)
+            << s.quantized << " " << name;
         fused_differences += reference;
       } else {
         EXPECT_EQ(reference, 0u) << s.quantized << " " << name << ": " << reference << " of "
@@ -261,10 +272,11 @@ TEST(Gguf, EverySharedModelConvertsWithIdenticalLogits) {
 }
 
 TEST(Gguf, RoundTripIsByteStable) {
-  for (const char* m : {"models/stress/stress-rwkv-4v0-FP16.bin", "models/stress/stress-rwkv-5v1-FP32.bin",
-                        "models/stress/stress-rwkv-5v2-FP16.bin", "models/stress/stress-rwkv-6v0-FP32.bin",
-                        "models/stress/stress-rwkv-7v0-FP16.bin", "models/tiny-rwkv-6v0-1m-Q5_1.bin",
-                        "models/quantized/tiny-rwkv-7v0-834K-Q4_0.bin"}) {
+  for (const char* m :
+       {"models/stress/stress-rwkv-4v0-FP16.bin", "models/stress/stress-rwkv-5v1-FP32.bin",
+        "models/stress/stress-rwkv-5v2-FP16.bin", "models/stress/stress-rwkv-6v0-FP32.bin",
+        "models/stress/stress-rwkv-7v0-FP16.bin", "models/tiny-rwkv-6v0-1m-Q5_1.bin",
+        "models/quantized/tiny-rwkv-7v0-834K-Q4_0.bin"}) {
     REQUIRE_SHARED(m);
     SCOPED_TRACE(m);
     const std::vector<uint8_t> bin = ReadFileBytes(SharedPath(m));
@@ -273,10 +285,12 @@ TEST(Gguf, RoundTripIsByteStable) {
       const std::vector<uint8_t> second = ConvertBytes(first, "first.gguf", std::nullopt, nullptr);
       // The tokenizer read back from `first` is embedded again.
       const WeightFile wf = ReadGguf(first, "first.gguf");
-      const std::vector<uint8_t> third = ConvertBytes(first, "first.gguf", std::nullopt, wf.tokenizer);
+      const std::vector<uint8_t> third =
+          ConvertBytes(first, "first.gguf", std::nullopt, wf.tokenizer);
       EXPECT_EQ(third, first);
       EXPECT_LT(second.size(), first.size());  // same without the tokenizer
-      const std::vector<uint8_t> requantized = ConvertBytes(first, "first.gguf", type, wf.tokenizer);
+      const std::vector<uint8_t> requantized =
+          ConvertBytes(first, "first.gguf", type, wf.tokenizer);
       EXPECT_EQ(requantized, first);  // same type again: bytes copied
     }
   }
@@ -289,7 +303,8 @@ TEST(Gguf, LlamaCppLayout) {
   REQUIRE_SHARED(m6);
   REQUIRE_SHARED(m7);
   {
-    const std::vector<uint8_t> bytes = ConvertBytes(ReadFileBytes(SharedPath(m6)), m6, DType::kQ8_0);
+    const std::vector<uint8_t> bytes =
+        ConvertBytes(ReadFileBytes(SharedPath(m6)), m6, DType::kQ8_0);
     const gguf::File f = gguf::Parse(bytes, "v6.gguf");
     EXPECT_EQ(f.GetString("general.architecture"), "rwkv6");
     EXPECT_EQ(f.GetUint("rwkv6.wkv.head_size"), 8u);
@@ -301,7 +316,11 @@ TEST(Gguf, LlamaCppLayout) {
     EXPECT_EQ(f.GetString("tokenizer.ggml.model"), "rwkv");
     EXPECT_EQ(f.GetStringArray("tokenizer.ggml.tokens").size(), 256u);
     EXPECT_EQ(f.GetStringArray("tokenizer.ggml.tokens")[10], "\\n");
-    struct Want { const char* name; std::vector<int64_t> ne; DType type; };
+    struct Want {
+      const char* name;
+      std::vector<int64_t> ne;
+      DType type;
+    };
     for (const Want& w : {Want{"token_embd.weight", {64, 256}, DType::kF32},
                           Want{"output.weight", {64, 256}, DType::kF32},
                           Want{"token_embd_norm.weight", {64}, DType::kF32},
@@ -331,7 +350,11 @@ TEST(Gguf, LlamaCppLayout) {
     EXPECT_EQ(f.GetUint("rwkv7.wkv.head_size"), 64u);
     EXPECT_EQ(f.GetUint("rwkv7.attention.decay_lora_rank"), 64u);
     EXPECT_EQ(f.GetUint("rwkv7.attention.gate_lora_rank"), 128u);
-    struct Want { const char* name; std::vector<int64_t> ne; DType type; };
+    struct Want {
+      const char* name;
+      std::vector<int64_t> ne;
+      DType type;
+    };
     for (const Want& w : {Want{"blk.0.time_mix_lerp_fused.weight", {128, 1, 1, 6}, DType::kF32},
                           Want{"blk.0.time_mix_r_k.weight", {128}, DType::kF32},
                           Want{"blk.0.time_mix_w1.weight", {128, 64}, DType::kF32},
@@ -368,12 +391,15 @@ TEST(Gguf, QuantizedConversionsOfStressModelsStayClose) {
   // bounds of the quantized rows were measured with them.
   aviary::testing::RoundedActivations restore;
   aviary::testing::SetBf16Activations(false);
-  struct Bound { DType type; double max_abs, mean_abs; };
+  struct Bound {
+    DType type;
+    double max_abs, mean_abs;
+  };
   // About 2x the worst measured over the five models (docs/GGUF.md).
-  const Bound bounds[] = {{DType::kF32, 0, 0},        {DType::kF16, 0.6, 0.004},
-                          {DType::kBF16, 0.3, 0.03},  {DType::kQ8_0, 1.4, 0.06},
-                          {DType::kQ5_1, 5.2, 0.3},   {DType::kQ5_0, 6.2, 0.35},
-                          {DType::kQ4_1, 7.0, 0.6},   {DType::kQ4_0, 10, 0.8}};
+  const Bound bounds[] = {{DType::kF32, 0, 0},       {DType::kF16, 0.6, 0.004},
+                          {DType::kBF16, 0.3, 0.03}, {DType::kQ8_0, 1.4, 0.06},
+                          {DType::kQ5_1, 5.2, 0.3},  {DType::kQ5_0, 6.2, 0.35},
+                          {DType::kQ4_1, 7.0, 0.6},  {DType::kQ4_0, 10, 0.8}};
   for (const char* v : {"4v0", "5v1", "5v2", "6v0", "7v0"}) {
     const std::string m = std::string("models/stress/stress-rwkv-") + v + "-FP32.bin";
     REQUIRE_SHARED(m);
@@ -408,8 +434,7 @@ TEST(Gguf, QuantizedConversionsOfStressModelsStayClose) {
         if (IsQuantized(t.type)) {
           EXPECT_TRUE(t.name.find("_w1") == std::string::npos &&
                       t.name.find("_a1") == std::string::npos &&
-                      t.name.find("token_embd") == std::string::npos &&
-                      t.name != "output.weight")
+                      t.name.find("token_embd") == std::string::npos && t.name != "output.weight")
               << t.name;
         }
       }
@@ -433,8 +458,9 @@ TEST(Gguf, QuantizedConversionsMatchRwkvCpp) {
     const bool v6 = std::string(v) == "6v0-1m";
     for (const char* t : {"FP16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"}) {
       const std::string type = t;
-      const std::string theirs_path = (type == "FP16" || type[1] == '5' ? "models/" : "models/quantized/") +
-                                      base + "-" + type + ".bin";
+      const std::string theirs_path =
+          (type == "FP16" || type[1] == '5' ? "models/" : "models/quantized/") + base + "-" + type +
+          ".bin";
       REQUIRE_SHARED(theirs_path);
       SCOPED_TRACE(theirs_path);
       const std::vector<uint8_t> theirs_bytes = ReadFileBytes(SharedPath(theirs_path));
@@ -444,8 +470,8 @@ TEST(Gguf, QuantizedConversionsMatchRwkvCpp) {
       for (DType d : {DType::kQ8_0, DType::kQ5_1, DType::kQ5_0, DType::kQ4_1, DType::kQ4_0}) {
         if (DTypeName(d) == type) dtype = d;
       }
-      const std::vector<float> ours = Logits(*Model::LoadFromMemory(ConvertBytes(bin, m, dtype), "q.gguf"),
-                                             LongPrompt());
+      const std::vector<float> ours =
+          Logits(*Model::LoadFromMemory(ConvertBytes(bin, m, dtype), "q.gguf"), LongPrompt());
       const float d_ours = MaxAbsDiff(ours, want), d_theirs = MaxAbsDiff(theirs, want);
       if (std::getenv("AVIARY_GGUF_PRINT")) {
         std::printf("%-32s aviary %.5f rwkv.cpp %.5f\n", theirs_path.c_str(), d_ours, d_theirs);
@@ -509,9 +535,9 @@ TEST(GgufQuantize, KQuantFallsBackForShortRows) {
   const char* m = "models/tiny-rwkv-5v2-730K-FP32.bin";
   REQUIRE_SHARED(m);
   const std::vector<uint8_t> bin = ReadFileBytes(SharedPath(m));
-  for (const auto& [type, fallback] : {std::pair{DType::kQ4_K, DType::kQ5_0},
-                                       std::pair{DType::kQ5_K, DType::kQ5_1},
-                                       std::pair{DType::kQ6_K, DType::kQ8_0}}) {
+  for (const auto& [type, fallback] :
+       {std::pair{DType::kQ4_K, DType::kQ5_0}, std::pair{DType::kQ5_K, DType::kQ5_1},
+        std::pair{DType::kQ6_K, DType::kQ8_0}}) {
     const std::vector<uint8_t> bytes = ConvertBytes(bin, m, type);
     const gguf::File f = gguf::Parse(bytes, "fallback.gguf");
     const gguf::TensorInfo* t = f.FindTensor("blk.0.time_mix_key.weight");
@@ -556,8 +582,8 @@ TEST(Gguf, UndoesLlamaCppRescaling) {
 TEST(GgufTokenizer, RwkvEscapesRoundTrip) {
   EXPECT_EQ(gguf::EscapeRwkvToken(std::string("\x00", 1)), "\\x00");
   EXPECT_EQ(gguf::EscapeRwkvToken("\n\t\r\\"), "\\n\\t\\r\\\\");
-  EXPECT_EQ(gguf::EscapeRwkvToken("it's"), "it's");          // Python switches to "..."
-  EXPECT_EQ(gguf::EscapeRwkvToken("'\""), "\\'\"");          // both: '...' escaping '
+  EXPECT_EQ(gguf::EscapeRwkvToken("it's"), "it's");  // Python switches to "..."
+  EXPECT_EQ(gguf::EscapeRwkvToken("'\""), "\\'\"");  // both: '...' escaping '
   EXPECT_EQ(gguf::EscapeRwkvToken("\xe4\xbd\xa0"), "\\xe4\\xbd\\xa0");
   EXPECT_EQ(gguf::EscapeRwkvToken("\x7f"), "\\x7f");
   for (int i = 0; i < 256; ++i) {
@@ -640,11 +666,13 @@ TEST(GgufTokenizer, RealVocabulariesSurviveGguf) {
   REQUIRE_SHARED(neox);
   REQUIRE_SHARED(m);
   const std::vector<uint8_t> bin = ReadFileBytes(SharedPath(m));
-  const std::string text = "Hello world! \xe4\xbd\xa0\xe5\xa5\xbd, the quick\n\nbrown fox's \"quotes\" 123456 "
-                           "\\ back\tslash <|endoftext|>   spaces    end\xff";
+  const std::string text =
+      "Hello world! \xe4\xbd\xa0\xe5\xa5\xbd, the quick\n\nbrown fox's \"quotes\" 123456 "
+      "\\ back\tslash <|endoftext|>   spaces    end\xff";
   for (const bool is_world : {true, false}) {
     SCOPED_TRACE(is_world ? world : neox);
-    const TokenizerData data = is_world ? ReadWorldVocab(SharedPath(world)) : ReadTokenizerJson(SharedPath(neox));
+    const TokenizerData data =
+        is_world ? ReadWorldVocab(SharedPath(world)) : ReadTokenizerJson(SharedPath(neox));
     const int V = is_world ? 65536 : 50277;
     // The tiny model with V rows of embedding and head (zeros: only the vocabulary matters).
     WeightFile wf = ReadWeightFile(bin, m);
@@ -793,27 +821,44 @@ TEST_F(GgufMalformed, BadShapesTypesAndOffsets) {
     ExpectError(b.Build(), needle);
   };
   const std::string key = "blk.0.time_mix_key.weight";
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {128, uint64_t{1} << 40}; }, "shape larger than the file");
+  mutate(
+      [&](GgufBuilder& b) {
+        b.FindTensor(key)->ne = {128, uint64_t{1} << 40};
+      },
+      "shape larger than the file");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {128, ~uint64_t{0}}; }, "dimension");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {128, 0}; }, "dimension 1 is 0");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {}; }, "dimension count 0");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {128, 128, 1, 1, 1}; }, "dimension count 5");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->ne = {64, 256}; }, "has shape");  // model check
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 10; }, "Q2_K");
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 12; }, "not a multiple of the Q4_K block size");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 12; },
+         "not a multiple of the Q4_K block size");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->type = 1000; }, "type 1000");
-  mutate([&](GgufBuilder& b) { b.FindTensor("blk.0.time_mix_r_k.weight")->ne = {100}; }, "elements");
-  mutate([&](GgufBuilder& b) {
-    b.FindTensor("token_embd_norm.weight")->type = 2;
-    b.FindTensor("token_embd_norm.weight")->ne = {100};
-  }, "not a multiple of the Q4_0 block size");
+  mutate([&](GgufBuilder& b) { b.FindTensor("blk.0.time_mix_r_k.weight")->ne = {100}; },
+         "elements");
+  mutate(
+      [&](GgufBuilder& b) {
+        b.FindTensor("token_embd_norm.weight")->type = 2;
+        b.FindTensor("token_embd_norm.weight")->ne = {100};
+      },
+      "not a multiple of the Q4_0 block size");
   mutate([&](GgufBuilder& b) { b.FindTensor(key)->offset = 3; }, "not a multiple of the alignment");
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->offset = uint64_t{1} << 40; }, "runs past the end");
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->offset = ~uint64_t{0} - 31; }, "runs past the end");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->offset = uint64_t{1} << 40; },
+         "runs past the end");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->offset = ~uint64_t{0} - 31; },
+         "runs past the end");
   mutate([&](GgufBuilder& b) { b.tensors[1].name = b.tensors[0].name; }, "appears twice");
-  mutate([&](GgufBuilder& b) { b.FindTensor(key)->name = "blk.0.time_mix_kee.weight"; }, "missing tensor 'blk.0.time_mix_key.weight'");
-  mutate([&](GgufBuilder& b) { b.tensors.erase(b.tensors.begin()); }, "missing tensor 'token_embd.weight'");
-  mutate([&](GgufBuilder& b) { b.tensors.push_back(b.tensors[0]); b.tensors.back().name = "extra.weight"; }, "unexpected tensor 'extra.weight'");
+  mutate([&](GgufBuilder& b) { b.FindTensor(key)->name = "blk.0.time_mix_kee.weight"; },
+         "missing tensor 'blk.0.time_mix_key.weight'");
+  mutate([&](GgufBuilder& b) { b.tensors.erase(b.tensors.begin()); },
+         "missing tensor 'token_embd.weight'");
+  mutate(
+      [&](GgufBuilder& b) {
+        b.tensors.push_back(b.tensors[0]);
+        b.tensors.back().name = "extra.weight";
+      },
+      "unexpected tensor 'extra.weight'");
   mutate([&](GgufBuilder& b) { b.tensors.back().name = std::string(2000, 'x'); }, "larger than");
 }
 
@@ -837,36 +882,56 @@ TEST_F(GgufMalformed, BadMetadata) {
   mutate([](GgufBuilder& b) { b.version = 1; }, "version 1");
   mutate([](GgufBuilder& b) { b.version = 4; }, "version 4");
   mutate([](GgufBuilder& b) { b.version = 0x03000000; }, "big-endian");
-  mutate([](GgufBuilder& b) { b.Set("general.architecture", GgufBuilder::Str("llama")); }, "'llama'");
-  mutate([](GgufBuilder& b) { b.Remove("general.architecture"); }, "missing key 'general.architecture'");
-  mutate([](GgufBuilder& b) { b.Set("general.architecture", GgufBuilder::U32(7)); }, "expected a string");
+  mutate([](GgufBuilder& b) { b.Set("general.architecture", GgufBuilder::Str("llama")); },
+         "'llama'");
+  mutate([](GgufBuilder& b) { b.Remove("general.architecture"); },
+         "missing key 'general.architecture'");
+  mutate([](GgufBuilder& b) { b.Set("general.architecture", GgufBuilder::U32(7)); },
+         "expected a string");
   mutate([](GgufBuilder& b) { b.Remove("rwkv7.block_count"); }, "missing key 'rwkv7.block_count'");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(4)); }, "missing tensor 'blk.3.");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(2)); }, "unexpected tensor 'blk.2.");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(1u << 31)); }, "implausible");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.embedding_length", GgufBuilder::U32(64)); }, "must hold 6 rows of 64");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.wkv.head_size", GgufBuilder::U32(48)); }, "does not divide");
-  mutate([](GgufBuilder& b) { b.Set("rwkv7.wkv.head_size", GgufBuilder::U32(0)); }, "does not divide");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(4)); },
+         "missing tensor 'blk.3.");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(2)); },
+         "unexpected tensor 'blk.2.");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.block_count", GgufBuilder::U32(1u << 31)); },
+         "implausible");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.embedding_length", GgufBuilder::U32(64)); },
+         "must hold 6 rows of 64");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.wkv.head_size", GgufBuilder::U32(48)); },
+         "does not divide");
+  mutate([](GgufBuilder& b) { b.Set("rwkv7.wkv.head_size", GgufBuilder::U32(0)); },
+         "does not divide");
   mutate([](GgufBuilder& b) { b.kvs.push_back(b.kvs[0]); }, "appears twice");
   mutate([](GgufBuilder& b) { b.Set("general.alignment", GgufBuilder::U32(0)); }, "power of two");
   mutate([](GgufBuilder& b) { b.Set("general.alignment", GgufBuilder::U32(48)); }, "power of two");
   mutate([](GgufBuilder& b) { b.Set("general.alignment", GgufBuilder::U64(32)); }, "expected u32");
-  mutate([](GgufBuilder& b) { b.Set("general.alignment", GgufBuilder::U32(1024)); }, "not a multiple of the alignment 1024");
+  mutate([](GgufBuilder& b) { b.Set("general.alignment", GgufBuilder::U32(1024)); },
+         "not a multiple of the alignment 1024");
   mutate([](GgufBuilder& b) { b.Set("x.bad", {13, 0, 0, 0}); }, "unknown value type 13");
   mutate([](GgufBuilder& b) { b.Set("x.bad", {7, 0, 0, 0, 2}); }, "bool with value 2");
-  mutate([](GgufBuilder& b) { b.Set("x.nested", {9, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}); }, "array of arrays");
+  mutate(
+      [](GgufBuilder& b) {
+        b.Set("x.nested", {9, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
+      },
+      "array of arrays");
   mutate([](GgufBuilder& b) { b.Set("", GgufBuilder::U32(1)); }, "empty");
-  mutate([](GgufBuilder& b) { b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray({"a\\"})); }, "token_type");
-  mutate([](GgufBuilder& b) {
-    std::vector<std::string> t(256, "a");
-    t[3] = "bad\\x4";
-    b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray(t));
-  }, "malformed escape");
-  mutate([](GgufBuilder& b) {
-    b.Remove("tokenizer.ggml.token_type");
-    b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray(std::vector<std::string>(300, "a")));
-  }, "tokenizer has 300 tokens");
-  mutate([](GgufBuilder& b) { b.Set("tokenizer.ggml.tokens", GgufBuilder::U32(1)); }, "not an array of strings");
+  mutate([](GgufBuilder& b) { b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray({"a\\"})); },
+         "token_type");
+  mutate(
+      [](GgufBuilder& b) {
+        std::vector<std::string> t(256, "a");
+        t[3] = "bad\\x4";
+        b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray(t));
+      },
+      "malformed escape");
+  mutate(
+      [](GgufBuilder& b) {
+        b.Remove("tokenizer.ggml.token_type");
+        b.Set("tokenizer.ggml.tokens", GgufBuilder::StrArray(std::vector<std::string>(300, "a")));
+      },
+      "tokenizer has 300 tokens");
+  mutate([](GgufBuilder& b) { b.Set("tokenizer.ggml.tokens", GgufBuilder::U32(1)); },
+         "not an array of strings");
 }
 
 // Random byte flips in the header: never a crash, only errors (or a valid load).
@@ -969,13 +1034,15 @@ TEST(GgufCli, Errors) {
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("/nonexistent/model.bin"), std::string::npos) << r.output;
   // A tokenizer file that is not there.
-  r = RunCommand(Cli("convert " + Quote(in) + " " + Quote(out) + " --tokenizer /nonexistent/vocab.txt"));
+  r = RunCommand(
+      Cli("convert " + Quote(in) + " " + Quote(out) + " --tokenizer /nonexistent/vocab.txt"));
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_FALSE(std::filesystem::exists(out));
   // Unwritable output.
   r = RunCommand(Cli("convert " + Quote(in) + " /nonexistent-dir/out.gguf"));
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("/nonexistent-dir/out.gguf.tmp: cannot create"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("/nonexistent-dir/out.gguf.tmp: cannot create"), std::string::npos)
+      << r.output;
   std::remove(copy.c_str());
 }
 

@@ -33,8 +33,8 @@ namespace int8 = aviary::int8;
 using aviary::testing::MakeTensor;
 using aviary::testing::RandomMatrix;  // random quants (Q8_0 includes -128), scales of either sign
 
-const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
-                             DType::kQ4_K, DType::kQ5_K};
+const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1,
+                             DType::kQ8_0, DType::kQ4_K, DType::kQ5_K};
 
 // Restores the kernels' runtime options after a test.
 using Guard = aviary::testing::RuntimeGuard;
@@ -49,7 +49,8 @@ std::vector<float> Activations(int T, int64_t cols, std::mt19937& rng) {
     const float scale = kind == 0 ? 0.0f : kind == 1 ? 1e-3f : kind == 2 ? 40.0f : 1.0f;
     for (int i = 0; i < 32; ++i) x[b * 32 + i] = normal(rng) * scale;
     if (kind == 3) {  // max 127: every multiple of 0.5 is a tie or exact
-      for (int i = 0; i < 32; ++i) x[b * 32 + i] = static_cast<float>(static_cast<int>(rng() % 255) - 127) * 0.5f;
+      for (int i = 0; i < 32; ++i)
+        x[b * 32 + i] = static_cast<float>(static_cast<int>(rng() % 255) - 127) * 0.5f;
       x[b * 32] = 127.0f;
     }
   }
@@ -123,12 +124,9 @@ TEST(Int8MatMul, QuantizeRoundsPerBlock) {
 // order of the float scaling: |fast - def| <= 1e-5 sum_c |w_c q_c d_c| for every output, where
 // wf is the dequantized rows x cols matrix and q, d the activations' rounding of x. `worst`
 // (if given) keeps the largest |fast - def| / sum seen.
-::testing::AssertionResult WithinFloatRoundingOfDefinition(const std::vector<float>& wf,
-                                                           const int8::Activations& a, int T,
-                                                           int64_t rows, int64_t cols,
-                                                           const std::vector<float>& fast,
-                                                           const std::vector<float>& def,
-                                                           double* worst = nullptr) {
+::testing::AssertionResult WithinFloatRoundingOfDefinition(
+    const std::vector<float>& wf, const int8::Activations& a, int T, int64_t rows, int64_t cols,
+    const std::vector<float>& fast, const std::vector<float>& def, double* worst = nullptr) {
   for (int t = 0; t < T; ++t) {
     for (int64_t r = 0; r < rows; ++r) {
       double mag = 0;
@@ -162,7 +160,8 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
         const std::vector<uint8_t> bytes = RandomMatrix(type, rows, cols, rng);
         const aviary::Tensor w = MakeTensor(type, rows, cols, bytes.data());
         std::vector<float> wf(static_cast<size_t>(rows * cols));
-        for (int64_t r = 0; r < rows; ++r) aviary::DequantizeRow(type, w.row(r), &wf[r * cols], cols);
+        for (int64_t r = 0; r < rows; ++r)
+          aviary::DequantizeRow(type, w.row(r), &wf[r * cols], cols);
         for (int T : {1, 2, 5, 64}) {
           SCOPED_TRACE(std::string(aviary::DTypeName(type)) + " " + std::to_string(rows) + "x" +
                        std::to_string(cols) + " T=" + std::to_string(T));
@@ -197,7 +196,8 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
           aviary::fast::MatMul(w, x.data(), T, fast1.data(), 1);
           aviary::fast::MatMul(w, x.data(), T, fast2.data(), 2);
           ASSERT_TRUE(BitEqual(fast1, fast2)) << "result depends on the thread count";
-          ASSERT_TRUE(WithinFloatRoundingOfDefinition(wf, a, T, rows, cols, fast1, def, &worst_kernel));
+          ASSERT_TRUE(
+              WithinFloatRoundingOfDefinition(wf, a, T, rows, cols, fast1, def, &worst_kernel));
           if (T > 1) {
             std::vector<float> single(def.size());
             for (int t = 0; t < T; ++t) {
@@ -210,9 +210,9 @@ TEST(Int8MatMul, MatchesDefinitionAndFloatWithinTheRoundingBound) {
       }
     }
   }
-  std::cout << "[ int8     ] " << checked << " cases; VNNI vs definition: worst |d| / sum|w x| = "
-            << worst_kernel << "; definition vs float: worst error / bound = " << worst_bound
-            << "\n";
+  std::cout << "[ int8     ] " << checked
+            << " cases; VNNI vs definition: worst |d| / sum|w x| = " << worst_kernel
+            << "; definition vs float: worst error / bound = " << worst_bound << "\n";
   EXPECT_GT(checked, 0);
 }
 
@@ -268,7 +268,9 @@ TEST(Int8MatMul, DispatchingMatMulUsesItOnlyWhenEnabled) {
   aviary::testing::SetInt8Activations(true);
   aviary::MatMul(w, x.data(), 3, y.data());
   // Relative differences: some blocks of x are large (40 sigma).
-  auto rel = [](float a, float b) { return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b)); };
+  auto rel = [](float a, float b) {
+    return std::fabs(static_cast<double>(a) - b) / (1 + std::fabs(b));
+  };
   double d_int8 = 0, d_float = 0;
   for (size_t i = 0; i < y.size(); ++i) {
     d_int8 = std::max(d_int8, rel(y[i], def[i]));

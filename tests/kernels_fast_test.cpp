@@ -147,14 +147,16 @@ struct MatMulCase {
 // once per SIMD target).
 std::vector<MatMulCase> MatMulCases(bool few = false) {
   std::vector<MatMulCase> cases;
-  const std::vector<int64_t> rows = few ? std::vector<int64_t>{1, 5, 13}
-                                        : std::vector<int64_t>{1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 100, 257, 300};
+  const std::vector<int64_t> rows =
+      few ? std::vector<int64_t>{1, 5, 13}
+          : std::vector<int64_t>{1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 100, 257, 300};
   for (DType type : kAllTypes) {
-    std::vector<int64_t> cols = few ? std::vector<int64_t>{32, 96, 544} : std::vector<int64_t>{32, 64, 96, 160, 544};
+    std::vector<int64_t> cols =
+        few ? std::vector<int64_t>{32, 96, 544} : std::vector<int64_t>{32, 64, 96, 160, 544};
     if (IsK(type)) cols = {256, 768};
     if (!aviary::IsQuantized(type)) {
-      const std::vector<int64_t> odd = few ? std::vector<int64_t>{1, 17, 257}
-                                           : std::vector<int64_t>{1, 5, 17, 33, 47, 100, 257};
+      const std::vector<int64_t> odd =
+          few ? std::vector<int64_t>{1, 17, 257} : std::vector<int64_t>{1, 5, 17, 33, 47, 100, 257};
       cols.insert(cols.end(), odd.begin(), odd.end());
     }
     for (int64_t r : rows) {
@@ -203,8 +205,8 @@ TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
       aviary::DequantizeRow(mc.type, w.row(r), &wf[r * mc.cols], mc.cols);
     }
     for (int T : {1, 2, 3, 5, 9, 64}) {
-      SCOPED_TRACE(std::string(aviary::DTypeName(mc.type)) + " " + std::to_string(mc.rows) +
-                   "x" + std::to_string(mc.cols) + " T=" + std::to_string(T));
+      SCOPED_TRACE(std::string(aviary::DTypeName(mc.type)) + " " + std::to_string(mc.rows) + "x" +
+                   std::to_string(mc.cols) + " T=" + std::to_string(T));
       const std::vector<float> x = RandomVector(static_cast<size_t>(T) * mc.cols, rng);
       std::vector<float> ref(static_cast<size_t>(T) * mc.rows);
       aviary::ref::MatMul(w, x.data(), T, ref.data());
@@ -237,8 +239,9 @@ TEST(FastKernels, MatMulMatchesReferenceForEveryTypeAndSize) {
       EXPECT_TRUE(BitEqual(a, b)) << "odd address changes the result";
     }
   }
-  std::cout << "[ matmul   ] " << checked << " cases, worst |fast - ref| / sum|w x| = "
-            << Sci(worst) << " (" << aviary::KernelTarget() << ")\n";
+  std::cout << "[ matmul   ] " << checked
+            << " cases, worst |fast - ref| / sum|w x| = " << Sci(worst) << " ("
+            << aviary::KernelTarget() << ")\n";
   RecordProperty("worst_relative_error", Sci(worst));
 }
 
@@ -273,7 +276,8 @@ TEST(FastKernels, MatMulMatchesReferenceOnEveryCompiledTarget) {
       }
       const int T = 3;
       const std::vector<float> x = RandomVector(static_cast<size_t>(T) * mc.cols, rng);
-      std::vector<float> ref(static_cast<size_t>(T) * mc.rows), fast(ref.size()), single(ref.size());
+      std::vector<float> ref(static_cast<size_t>(T) * mc.rows), fast(ref.size()),
+          single(ref.size());
       aviary::ref::MatMul(w, x.data(), T, ref.data());
       aviary::fast::MatMul(w, x.data(), T, fast.data(), 2);
       for (int t = 0; t < T; ++t) {
@@ -342,8 +346,8 @@ TEST(FastKernels, MatMulBatchEqualsTheProductsOneByOne) {
         jobs.push_back({ws[j], x.data() + (j % 2) * T * 256, batch[j].data()});
       }
       for (int threads : {1, 2, 3}) {
-        SCOPED_TRACE("rounded " + std::to_string(rounded) + " T " + std::to_string(T) + " threads " +
-                     std::to_string(threads));
+        SCOPED_TRACE("rounded " + std::to_string(rounded) + " T " + std::to_string(T) +
+                     " threads " + std::to_string(threads));
         aviary::testing::SetNumThreads(threads);
         for (auto& b : batch) std::fill(b.begin(), b.end(), -1.0f);
         aviary::fast::MatMulBatch(jobs.data(), static_cast<int>(jobs.size()), T);
@@ -378,8 +382,9 @@ TEST(FastKernels, AlignedVectorsStartOnCacheLines) {
   aviary::int8::Activations a;
   std::vector<float> x(64 * 4096, 0.5f);
   aviary::int8::Quantize(x.data(), 64, 4096, &a);
-  for (const void* p : {static_cast<const void*>(a.q.data()), static_cast<const void*>(a.qt.data()),
-                        static_cast<const void*>(a.d.data()), static_cast<const void*>(a.sums.data())}) {
+  for (const void* p :
+       {static_cast<const void*>(a.q.data()), static_cast<const void*>(a.qt.data()),
+        static_cast<const void*>(a.d.data()), static_cast<const void*>(a.sums.data())}) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % aviary::kVectorAlign, 0u);
   }
 }
@@ -407,7 +412,8 @@ TEST(FastKernels, NormsMatchReference) {
         aviary::ref::GroupNorm(x.data(), w.data(), b.data(), n, groups, 64e-5f, ref.data());
         aviary::fast::GroupNorm(x.data(), w.data(), b.data(), n, groups, 64e-5f, fast.data());
         for (int i = 0; i < n; ++i) {
-          ASSERT_LE(std::fabs(static_cast<double>(fast[i]) - ref[i]), 1e-5 * (1 + std::fabs(ref[i])))
+          ASSERT_LE(std::fabs(static_cast<double>(fast[i]) - ref[i]),
+                    1e-5 * (1 + std::fabs(ref[i])))
               << "groups " << groups << " n " << n << " i " << i;
         }
       }
@@ -424,11 +430,12 @@ TEST(FastKernels, ActivationsMatchCmathAndDoNotDependOnPosition) {
     void (*ref)(float*, size_t);
     float lo, hi;
   };
-  const Op ops[] = {{"tanh", aviary::fast::Tanh, aviary::ref::Tanh, -12, 12},
-                    {"sigmoid", aviary::fast::Sigmoid, aviary::ref::Sigmoid, -100, 100},
-                    {"silu", aviary::fast::Silu, aviary::ref::Silu, -30, 30},
-                    {"exp", aviary::fast::Exp, aviary::ref::Exp, -100, 88},
-                    {"squared relu", aviary::fast::SquaredRelu, aviary::ref::SquaredRelu, -1e3, 1e3}};
+  const Op ops[] = {
+      {"tanh", aviary::fast::Tanh, aviary::ref::Tanh, -12, 12},
+      {"sigmoid", aviary::fast::Sigmoid, aviary::ref::Sigmoid, -100, 100},
+      {"silu", aviary::fast::Silu, aviary::ref::Silu, -30, 30},
+      {"exp", aviary::fast::Exp, aviary::ref::Exp, -100, 88},
+      {"squared relu", aviary::fast::SquaredRelu, aviary::ref::SquaredRelu, -1e3, 1e3}};
   for (const Op& op : ops) {
     std::uniform_real_distribution<float> u(op.lo, op.hi);
     double worst = 0;
@@ -492,13 +499,15 @@ TEST(FastKernels, Wkv5And7MatchReference) {
       for (int i = 0; i < T * H; ++i) {  // unit length per head, as in the model
         double norm = 0;
         for (int j = 0; j < N; ++j) norm += kk[i * N + j] * kk[i * N + j];
-        for (int j = 0; j < N; ++j) kk[i * N + j] = static_cast<float>(kk[i * N + j] / std::sqrt(norm));
+        for (int j = 0; j < N; ++j)
+          kk[i * N + j] = static_cast<float>(kk[i * N + j] / std::sqrt(norm));
       }
       const auto S0 = Uniform(rng, static_cast<size_t>(C) * N, -1, 1);
       for (int version : {5, 6, 7}) {
         SCOPED_TRACE("v" + std::to_string(version));
         auto run = [&](bool reference, int threads, int tokens_per_call) {
-          aviary::testing::SetKernels(reference ? aviary::Kernels::kReference : aviary::Kernels::kFast);
+          aviary::testing::SetKernels(reference ? aviary::Kernels::kReference
+                                                : aviary::Kernels::kFast);
           aviary::testing::SetNumThreads(threads);
           std::vector<float> S = S0, out(T * C);
           for (int t0 = 0; t0 < T; t0 += tokens_per_call) {

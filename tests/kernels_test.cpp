@@ -112,7 +112,7 @@ TEST(HalfFloat, KnownValues) {
   EXPECT_EQ(F32ToF16(-0.0f), 0x8000);
   EXPECT_EQ(F32ToF16(std::numeric_limits<float>::infinity()), 0x7c00);
   EXPECT_EQ(F32ToF16(-std::numeric_limits<float>::infinity()), 0xfc00);
-  EXPECT_EQ(F32ToF16(1e6f), 0x7c00);    // overflow -> inf
+  EXPECT_EQ(F32ToF16(1e6f), 0x7c00);  // overflow -> inf
   EXPECT_EQ(F32ToF16(-1e6f), 0xfc00);
   EXPECT_EQ(F32ToF16(1e-10f), 0x0000);  // underflow -> 0
   EXPECT_EQ(F32ToF16(-1e-10f), 0x8000);
@@ -226,8 +226,7 @@ std::vector<uint8_t> RandomBlocks(DType type, int blocks, std::mt19937& rng) {
         std::memcpy(p, &q, sizeof q);
         break;
       }
-      default:
-        ADD_FAILURE() << "not a quantized type";
+      default: ADD_FAILURE() << "not a quantized type";
     }
   }
   return bytes;
@@ -246,14 +245,14 @@ double ReferenceElement(DType type, const uint8_t* p, int i) {
     case DType::kQ4_0: return (nibble(p + 2, i) - 8) * d;
     case DType::kQ4_1: return nibble(p + 4, i) * d + HalfToDouble(u16(2));
     case DType::kQ5_0: return ((nibble(p + 6, i) | (fifth(p + 2, i) << 4)) - 16) * d;
-    case DType::kQ5_1: return (nibble(p + 8, i) | (fifth(p + 4, i) << 4)) * d + HalfToDouble(u16(2));
+    case DType::kQ5_1:
+      return (nibble(p + 8, i) | (fifth(p + 4, i) << 4)) * d + HalfToDouble(u16(2));
     case DType::kQ8_0: return static_cast<int8_t>(p[2 + i]) * d;
     default: ADD_FAILURE(); return 0;
   }
 }
 
-const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1,
-                             DType::kQ8_0};
+const DType kQuantTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
 const DType kAllTypes[] = {DType::kF32,  DType::kF16,  DType::kBF16, DType::kQ4_0,
                            DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
 
@@ -297,8 +296,8 @@ TEST(Dequantize, HandBuiltBlocks) {
   for (int j = 0; j < 32; ++j) EXPECT_EQ(y[j], -2.0f * (j * 8 - 128)) << j;
   // Q4_1 / Q5_1: q * d + m.
   aviary::BlockQ4_1 q41{};
-  q41.d = 0x3400;  // 0.25
-  q41.m = 0xbc00;  // -1
+  q41.d = 0x3400;                                 // 0.25
+  q41.m = 0xbc00;                                 // -1
   for (int j = 0; j < 16; ++j) q41.qs[j] = 0xf0;  // low 0, high 15
   aviary::DequantizeRow(DType::kQ4_1, reinterpret_cast<const uint8_t*>(&q41), y, 32);
   for (int j = 0; j < 16; ++j) {
@@ -306,8 +305,8 @@ TEST(Dequantize, HandBuiltBlocks) {
     EXPECT_EQ(y[j + 16], 15 * 0.25f - 1.0f);
   }
   aviary::BlockQ5_1 q51{};
-  q51.d = 0x3c00;  // 1
-  q51.m = 0x4000;  // 2
+  q51.d = 0x3c00;                     // 1
+  q51.m = 0x4000;                     // 2
   const uint32_t qh51 = 0xffff0000u;  // fifth bit on for elements 16..31
   std::memcpy(q51.qh, &qh51, 4);
   for (int j = 0; j < 16; ++j) q51.qs[j] = 0xff;
@@ -390,7 +389,7 @@ TEST(Dequantize, KQuantsMatchTheLayout) {
     const int block_bytes = aviary::Traits(type).block_bytes;
     std::vector<uint8_t> bytes(static_cast<size_t>(kSuper) * block_bytes + 1);
     for (auto& b : bytes) b = static_cast<uint8_t>(rng());
-    for (int s = 0; s < kSuper; ++s) {  // finite super-block scales of either sign
+    for (int s = 0; s < kSuper; ++s) {                  // finite super-block scales of either sign
       uint8_t* p = bytes.data() + 1 + s * block_bytes;  // an odd address
       const uint16_t d = RandomHalf(rng, 0.001f, 0.1f), dmin = RandomHalf(rng, 0.001f, 0.1f);
       if (type == DType::kQ6_K) {
@@ -424,13 +423,13 @@ TEST(Dequantize, PlainFloatTypes) {
     f16[i] = static_cast<uint16_t>(rng());
     bf16[i] = static_cast<uint16_t>(rng());
   }
-  f16[0] = 0x7c00;  // inf
+  f16[0] = 0x7c00;   // inf
   bf16[0] = 0x0001;  // subnormal
   for (auto* dequantize : {&aviary::DequantizeRow, &aviary::fast::DequantizeRow}) {
     for (int offset : {0, 1}) {
-      SCOPED_TRACE("offset " + std::to_string(offset) +
-                   (dequantize == &aviary::DequantizeRow ? " DequantizeRow"
-                                                         : " fast::DequantizeRow"));
+      SCOPED_TRACE(
+          "offset " + std::to_string(offset) +
+          (dequantize == &aviary::DequantizeRow ? " DequantizeRow" : " fast::DequantizeRow"));
       std::vector<uint8_t> buf(4 * n + offset);
       std::vector<float> y(n);
 
@@ -492,8 +491,8 @@ std::vector<uint8_t> RandomMatrix(DType type, int rows, int cols, std::mt19937& 
     if (type == DType::kF32) {
       std::memcpy(bytes.data() + 4 * i, &f, 4);
     } else {
-      const uint16_t h = type == DType::kF16 ? aviary::F32ToF16(f)
-                                             : static_cast<uint16_t>(FloatBits(f) >> 16);
+      const uint16_t h =
+          type == DType::kF16 ? aviary::F32ToF16(f) : static_cast<uint16_t>(FloatBits(f) >> 16);
       std::memcpy(bytes.data() + 2 * i, &h, 2);
     }
   }
@@ -516,9 +515,12 @@ double DoubleDot(const std::vector<float>& wf, const std::vector<float>& x, int 
 
 TEST_P(KernelsTest, MatMulMatchesDoubleReferenceAndIsRowOrderIndependent) {
   std::mt19937 rng(42);
-  struct Shape { int rows, cols; bool any_cols; };
-  const Shape shapes[] = {{1, 32, false}, {3, 64, false}, {7, 96, false}, {33, 160, false},
-                          {5, 33, true}};
+  struct Shape {
+    int rows, cols;
+    bool any_cols;
+  };
+  const Shape shapes[] = {
+      {1, 32, false}, {3, 64, false}, {7, 96, false}, {33, 160, false}, {5, 33, true}};
   double worst = 0;
   for (DType type : kAllTypes) {
     for (const Shape& shape : shapes) {
@@ -588,7 +590,8 @@ TEST_P(KernelsTest, KQuantMatMulMatchesDoubleReference) {
         for (auto& v : x) v = normal(rng);
         std::vector<float> y(static_cast<size_t>(T) * rows), single(y.size());
         aviary::MatMul(w, x.data(), T, y.data());
-        for (int t = 0; t < T; ++t) aviary::MatMul(w, x.data() + t * cols, 1, single.data() + t * rows);
+        for (int t = 0; t < T; ++t)
+          aviary::MatMul(w, x.data() + t * cols, 1, single.data() + t * rows);
         EXPECT_TRUE(BitEqual(y, single));
         // 8-bit activations (the fast default for Q4_K/Q5_K on VNNI CPUs) are checked against
         // their own bound in int8_matmul_test; here a loose one (|dx| <= max|x| / 254).
@@ -599,7 +602,8 @@ TEST_P(KernelsTest, KQuantMatMulMatchesDoubleReference) {
           for (int r = 0; r < rows; ++r) {
             double mag;
             const double ref = DoubleDot(wf, x, cols, r, t, &mag);
-            ASSERT_LE(std::fabs(y[t * rows + r] - ref), tolerance * mag + 1e-7) << "t " << t << " r " << r;
+            ASSERT_LE(std::fabs(y[t * rows + r] - ref), tolerance * mag + 1e-7)
+                << "t " << t << " r " << r;
           }
         }
       }
@@ -608,7 +612,8 @@ TEST_P(KernelsTest, KQuantMatMulMatchesDoubleReference) {
     const aviary::Tensor t = MakeTensor(type, 3, 512, bytes.data());
     std::vector<float> got(512), want(512);
     aviary::GatherRow(t, 2, got.data());
-    aviary::DequantizeRow(type, bytes.data() + 2 * aviary::StorageBytes(type, 512), want.data(), 512);
+    aviary::DequantizeRow(type, bytes.data() + 2 * aviary::StorageBytes(type, 512), want.data(),
+                          512);
     EXPECT_TRUE(BitEqual(got, want));
   }
 }
@@ -729,7 +734,8 @@ TEST_P(KernelsTest, Wkv4MatchesDirectSums) {
       const double euk = std::exp(static_cast<double>(u[c]) + k[c]);
       const double want = (A[c] + euk * v[c]) / (B[c] + euk);
       EXPECT_NEAR(out[c], want, 1e-5 * (1 + std::fabs(want))) << "step " << step << " c " << c;
-      A[c] = std::exp(static_cast<double>(decay[c])) * A[c] + std::exp(static_cast<double>(k[c])) * v[c];
+      A[c] = std::exp(static_cast<double>(decay[c])) * A[c] +
+             std::exp(static_cast<double>(k[c])) * v[c];
       B[c] = std::exp(static_cast<double>(decay[c])) * B[c] + std::exp(static_cast<double>(k[c]));
       // The state holds A and B scaled by e^-pp. After the huge keys pp ~ 100, and float
       // rounding of pp + w (~ulp(100) = 8e-6) shows up as a relative error of that size.
@@ -791,7 +797,8 @@ TEST_P(KernelsTest, Wkv7MatchesFormula) {
     for (int h = 0; h < H; ++h) {  // kk is unit length per head in the model
       double norm = 0;
       for (int j = 0; j < N; ++j) norm += kk[h * N + j] * kk[h * N + j];
-      for (int j = 0; j < N; ++j) kk[h * N + j] = static_cast<float>(kk[h * N + j] / std::sqrt(norm));
+      for (int j = 0; j < N; ++j)
+        kk[h * N + j] = static_cast<float>(kk[h * N + j] / std::sqrt(norm));
     }
     aviary::Wkv7(H, N, r.data(), w.data(), k.data(), v.data(), kk.data(), a.data(), S.data(),
                  out.data());
@@ -847,16 +854,16 @@ TEST_P(KernelsTest, WkvSeqEqualsSingleSteps) {
     aviary::Wkv5Seq(T, H, N, r.data(), k.data(), v.data(), w5.data(), per_token, first.data(),
                     S.data(), out.data());
     for (int t = 0; t < T; ++t) {
-      aviary::Wkv5(H, N, &r[t * C], &k[t * C], &v[t * C], &w5[per_token ? t * C : 0],
-                   first.data(), S1.data(), &out1[t * C]);
+      aviary::Wkv5(H, N, &r[t * C], &k[t * C], &v[t * C], &w5[per_token ? t * C : 0], first.data(),
+                   S1.data(), &out1[t * C]);
     }
     EXPECT_TRUE(BitEqual(out, out1));
     EXPECT_TRUE(BitEqual(S, S1));
   }
   {  // v7
     std::vector<float> S = S0, S1 = S0, out(TC), out1(TC);
-    aviary::Wkv7Seq(T, H, N, r.data(), w5.data(), k.data(), v.data(), kk.data(), a.data(),
-                    S.data(), out.data());
+    aviary::Wkv7Seq(T, H, N, r.data(), w5.data(), k.data(), v.data(), kk.data(), a.data(), S.data(),
+                    out.data());
     for (int t = 0; t < T; ++t) {
       aviary::Wkv7(H, N, &r[t * C], &w5[t * C], &k[t * C], &v[t * C], &kk[t * C], &a[t * C],
                    S1.data(), &out1[t * C]);
@@ -902,8 +909,8 @@ TEST(ByteTokenizer, TokenizerForModel) {
   // An empty folder as both the model's folder and the cache, so that no vocabulary file can
   // be found whatever this machine has cached.
   namespace fs = std::filesystem;
-  const fs::path empty = fs::path(::testing::TempDir()) /
-                         ("aviary_kernels_test_empty_" + std::to_string(::getpid()));
+  const fs::path empty =
+      fs::path(::testing::TempDir()) / ("aviary_kernels_test_empty_" + std::to_string(::getpid()));
   fs::create_directories(empty);
   const std::string cache = empty.string();
 
@@ -962,7 +969,8 @@ TEST(Utf8Stream, ValidatorSanity) {
 }
 
 TEST(Utf8Stream, NeverEmitsHalfACharacter) {
-  const std::string text = "h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x90\xa6";  // héllo 世界 🐦
+  const std::string text =
+      "h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x90\xa6";  // héllo 世界 🐦
   ASSERT_TRUE(ValidUtf8(text));
   {
     aviary::Utf8Stream stream;
@@ -998,7 +1006,10 @@ TEST(Utf8Stream, InvalidBytesPassThrough) {
   aviary::Utf8Stream stream;
   EXPECT_EQ(stream.Push("\xff"), "\xff");
   EXPECT_EQ(stream.Push("\x80"), "\x80");  // lone continuation byte
-  EXPECT_EQ(stream.Push("a\xfe" "b"), "a\xfe" "b");
+  EXPECT_EQ(stream.Push("a\xfe"
+                        "b"),
+            "a\xfe"
+            "b");
   // A lead byte followed by something that cannot continue it is not held forever.
   EXPECT_EQ(stream.Push("\xe4"), "");
   EXPECT_EQ(stream.Push("z"), "\xe4z");

@@ -182,7 +182,8 @@ std::string TempPath(const std::string& tag) {
 
 void WriteBytes(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   ASSERT_TRUE(out.good()) << "cannot write " << path;
 }
 
@@ -225,7 +226,9 @@ TEST_P(ModelFileTest, Info) {
     EXPECT_EQ(info.n_head, 1);
     EXPECT_EQ(info.head_size, info.n_embd);
   }
-  struct Shape { int layers, embd, heads, head_size, ffn; };
+  struct Shape {
+    int layers, embd, heads, head_size, ffn;
+  };
   Shape want{};
   if (IsStress(c.model)) {
     want = {3, 128, 2, 64, 448};
@@ -281,9 +284,9 @@ TEST_P(ModelFileTest, LogitsMatchExpected) {
 
   double d_seq = 0, d_one = 0;
   run(false, &d_seq, &d_one);
-  std::cout << "[ max diff ] " << std::left << std::setw(32) << BaseName(c.model)
-            << " sequence " << Sci(d_seq) << "  one-by-one " << Sci(d_one) << "  (tolerance "
-            << Sci(c.tolerance) << ")\n";
+  std::cout << "[ max diff ] " << std::left << std::setw(32) << BaseName(c.model) << " sequence "
+            << Sci(d_seq) << "  one-by-one " << Sci(d_one) << "  (tolerance " << Sci(c.tolerance)
+            << ")\n";
   RecordProperty("max_abs_diff_sequence", Sci(d_seq));
   RecordProperty("max_abs_diff_one_by_one", Sci(d_one));
   // fp32 activations times exactly dequantized weights reproduce the float64 reference far
@@ -295,8 +298,8 @@ TEST_P(ModelFileTest, LogitsMatchExpected) {
   // matrices (AVX-512 VNNI), bfloat16 for F16 ones (AVX512_BF16); held to the rounded bound.
   if (aviary::testing::RoundedActivations::CpuSupported()) {
     run(true, &d_seq, &d_one);
-    std::cout << "[ rounded  ] " << std::left << std::setw(32) << BaseName(c.model)
-              << " sequence " << Sci(d_seq) << "  one-by-one " << Sci(d_one) << "\n";
+    std::cout << "[ rounded  ] " << std::left << std::setw(32) << BaseName(c.model) << " sequence "
+              << Sci(d_seq) << "  one-by-one " << Sci(d_one) << "\n";
     RecordProperty("rounded_max_abs_diff", Sci(std::max(d_seq, d_one)));
     EXPECT_LE(d_seq, c.rounded_tolerance());
     EXPECT_LE(d_one, c.rounded_tolerance());
@@ -553,9 +556,12 @@ TEST_P(StressTest, InvalidTokenThrowsAndLeavesStateUnchanged) {
   State s = model.NewState();
   model.Eval(RandomTokens(10, 4), s, nullptr);
   const State before = s;
-  const std::vector<std::vector<int32_t>> bad = {
-      {256}, {-1}, {1, 2, 256}, {65, -1, 66}, {std::numeric_limits<int32_t>::max()},
-      {std::numeric_limits<int32_t>::min()}};
+  const std::vector<std::vector<int32_t>> bad = {{256},
+                                                 {-1},
+                                                 {1, 2, 256},
+                                                 {65, -1, 66},
+                                                 {std::numeric_limits<int32_t>::max()},
+                                                 {std::numeric_limits<int32_t>::min()}};
   for (const auto& tokens : bad) {
     std::vector<float> logits;
     EXPECT_THROW(model.Eval(tokens, s, &logits), aviary::Error);

@@ -92,8 +92,10 @@ class ZipWriter {
   uint64_t end_offset() const { return eocd_offset_; }
 
   void Add(const std::string& name, std::span<const uint8_t> data, bool compress = false) {
-    Rec r{name, static_cast<uint32_t>(crc32(0, data.data(), static_cast<uInt>(data.size()))),
-          data.size(), data.size(), sink_.offset, static_cast<uint16_t>(compress ? 8 : 0)};
+    Rec r{
+        name,         static_cast<uint32_t>(crc32(0, data.data(), static_cast<uInt>(data.size()))),
+        data.size(),  data.size(),
+        sink_.offset, static_cast<uint16_t>(compress ? 8 : 0)};
     Bytes payload;
     if (compress) {
       z_stream zs{};
@@ -144,8 +146,7 @@ class ZipWriter {
     entries_.push_back(r);
   }
   void Add(const std::string& name, std::string_view text) {
-    Add(name, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()),
-                                       text.size()));
+    Add(name, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
   }
 
   void Finish() {
@@ -330,8 +331,9 @@ struct RawTensor {
 };
 
 inline const char* StorageName(DType type) {
-  return type == DType::kF32 ? "FloatStorage" : type == DType::kF16 ? "HalfStorage"
-                                                                     : "BFloat16Storage";
+  return type == DType::kF32   ? "FloatStorage"
+         : type == DType::kF16 ? "HalfStorage"
+                               : "BFloat16Storage";
 }
 inline const char* SafetensorsName(DType type) {
   return type == DType::kF32 ? "F32" : type == DType::kF16 ? "F16" : "BF16";
@@ -350,8 +352,13 @@ inline void WritePth(Sink sink, const std::string& top, DType type,
                      ZipOptions options = {}) {
   std::vector<PickledTensor> pt;
   for (size_t i = 0; i < shapes.size(); ++i) {
-    pt.push_back({shapes[i].first, StorageName(type), std::to_string(i), Numel(shapes[i].second),
-                  0, shapes[i].second, {}});
+    pt.push_back({shapes[i].first,
+                  StorageName(type),
+                  std::to_string(i),
+                  Numel(shapes[i].second),
+                  0,
+                  shapes[i].second,
+                  {}});
   }
   ZipWriter zip(std::move(sink), options);
   const Bytes pkl = StateDictPickle(pt);
@@ -371,8 +378,8 @@ inline Bytes MakePth(const std::vector<RawTensor>& tensors, DType type,
   Bytes out;
   std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
   for (const RawTensor& t : tensors) shapes.emplace_back(t.name, t.shape);
-  WritePth(Sink::ToBytes(&out), top, type, shapes,
-           [&](size_t i) { return tensors[i].values; }, options);
+  WritePth(
+      Sink::ToBytes(&out), top, type, shapes, [&](size_t i) { return tensors[i].values; }, options);
   return out;
 }
 
@@ -393,9 +400,9 @@ inline std::string SafetensorsHeader(
   return h;
 }
 
-inline void WriteSafetensors(Sink sink, DType type,
-                             const std::vector<std::pair<std::string, std::vector<int64_t>>>& shapes,
-                             const std::function<std::vector<float>(size_t)>& next) {
+inline void WriteSafetensors(
+    Sink sink, DType type, const std::vector<std::pair<std::string, std::vector<int64_t>>>& shapes,
+    const std::function<std::vector<float>(size_t)>& next) {
   const std::string h = SafetensorsHeader(type, shapes);
   Bytes head;
   Put(head, h.size(), 8);

@@ -255,8 +255,10 @@ std::string ToFla(const std::string& n, bool* transposed) {
       start = i + 1;
     }
   }
-  std::map<std::string, std::string> part = {{"att", "attn"}, {"ffn", "ffn"},
-                                             {"ln0", "pre_norm"}, {"ln1", "attn_norm"},
+  std::map<std::string, std::string> part = {{"att", "attn"},
+                                             {"ffn", "ffn"},
+                                             {"ln0", "pre_norm"},
+                                             {"ln1", "attn_norm"},
                                              {"ln2", "ffn_norm"}};
   parts[2] = part.at(parts[2]);
   if (parts[2] == "attn") {
@@ -267,8 +269,10 @@ std::string ToFla(const std::string& n, bool* transposed) {
       *transposed = p[1] != '0';
       parts[3] = std::string(1, p[0]) + "_lora.lora." + tail;
     } else {
-      std::map<std::string, std::string> proj = {{"receptance", "r_proj"}, {"key", "k_proj"},
-                                                 {"value", "v_proj"}, {"output", "o_proj"},
+      std::map<std::string, std::string> proj = {{"receptance", "r_proj"},
+                                                 {"key", "k_proj"},
+                                                 {"value", "v_proj"},
+                                                 {"output", "o_proj"},
                                                  {"ln_x", "g_norm"}};
       if (proj.count(p)) parts[3] = proj[p];
     }
@@ -305,8 +309,10 @@ std::vector<RawTensor> RawFromCanonical(const WeightFile& wf, Arch arch, Names n
     }
     if (ends(".att.time_decay")) {
       if (arch == Arch::kV4) map([](double x) { return std::log(-x); }), shape = {C};
-      if (arch == Arch::kV5_1) map([](double x) { return std::log(-std::log(x)); }), shape = {t.numel()};
-      if (arch == Arch::kV5_2) map([](double x) { return std::log(-std::log(x)); }), shape = {t.shape[0], t.shape[1]};
+      if (arch == Arch::kV5_1)
+        map([](double x) { return std::log(-std::log(x)); }), shape = {t.numel()};
+      if (arch == Arch::kV5_2)
+        map([](double x) { return std::log(-std::log(x)); }), shape = {t.shape[0], t.shape[1]};
       if (arch == Arch::kV6) shape = {1, 1, C};
     }
     if (ends(".att.time_first") && arch == Arch::kV5_1) {
@@ -336,7 +342,8 @@ std::vector<RawTensor> RawFromCanonical(const WeightFile& wf, Arch arch, Names n
         const std::string prefix = name.substr(0, name.size() - 8);
         const char* mixes[] = {"x_r", "x_w", "x_k", "x_v", "x_a", "x_g"};
         for (int i = 0; i < 6; ++i) {
-          RawTensor m{prefix + mixes[i], {1, 1, C},
+          RawTensor m{prefix + mixes[i],
+                      {1, 1, C},
                       std::vector<float>(v.begin() + i * C, v.begin() + (i + 1) * C)};
           if (names == Names::kFla) m.name = ToFla(m.name, &fla_transposed);
           out.push_back(std::move(m));
@@ -381,8 +388,8 @@ class StressRoundTripTest : public ::testing::TestWithParam<StressCase> {};
 TEST_P(StressRoundTripTest, RawCheckpointGivesExactLogits) {
   const StressCase& c = GetParam();
   const std::string bin = "models/stress/stress-rwkv-" + c.version + "-FP32.bin";
-  const std::string expected_file = "models/stress/expected-logits-stress-rwkv-" + c.version +
-                                    "-FP32.bin";
+  const std::string expected_file =
+      "models/stress/expected-logits-stress-rwkv-" + c.version + "-FP32.bin";
   REQUIRE_SHARED(bin);
   REQUIRE_SHARED(expected_file);
   const Bytes bin_bytes = ReadFileBytes(SharedPath(bin));
@@ -406,18 +413,17 @@ TEST_P(StressRoundTripTest, RawCheckpointGivesExactLogits) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllVersions, StressRoundTripTest,
-    ::testing::Values(StressCase{"4v0", Arch::kV4, Names::kBlinkDl},
-                      StressCase{"5v1", Arch::kV5_1, Names::kBlinkDl},
-                      StressCase{"5v2", Arch::kV5_2, Names::kBlinkDl},
-                      StressCase{"6v0", Arch::kV6, Names::kBlinkDl},
-                      StressCase{"7v0", Arch::kV7, Names::kBlinkDl},
-                      StressCase{"4v0", Arch::kV4, Names::kTransformers},
-                      StressCase{"5v2", Arch::kV5_2, Names::kTransformers},
-                      StressCase{"6v0", Arch::kV6, Names::kTransformers},
-                      StressCase{"7v0", Arch::kV7, Names::kFla}),
-    StressCaseName);
+INSTANTIATE_TEST_SUITE_P(AllVersions, StressRoundTripTest,
+                         ::testing::Values(StressCase{"4v0", Arch::kV4, Names::kBlinkDl},
+                                           StressCase{"5v1", Arch::kV5_1, Names::kBlinkDl},
+                                           StressCase{"5v2", Arch::kV5_2, Names::kBlinkDl},
+                                           StressCase{"6v0", Arch::kV6, Names::kBlinkDl},
+                                           StressCase{"7v0", Arch::kV7, Names::kBlinkDl},
+                                           StressCase{"4v0", Arch::kV4, Names::kTransformers},
+                                           StressCase{"5v2", Arch::kV5_2, Names::kTransformers},
+                                           StressCase{"6v0", Arch::kV6, Names::kTransformers},
+                                           StressCase{"7v0", Arch::kV7, Names::kFla}),
+                         StressCaseName);
 
 // ---- a generated RWKV-7 against an independent float64 reference ----
 
@@ -503,7 +509,8 @@ class Rwkv7Reference {
                                  W(a + "ln_x.bias").begin() + (h + 1) * N);
           part = LayerNorm(part, lw, lb, 64e-5);
           double bonus = 0;
-          for (int j = 0; j < N; ++j) bonus += r[h * N + j] * k[h * N + j] * W(a + "r_k")[h * N + j];
+          for (int j = 0; j < N; ++j)
+            bonus += r[h * N + j] * k[h * N + j] * W(a + "r_k")[h * N + j];
           for (int j = 0; j < N; ++j) out[h * N + j] = part[j] + bonus * v[h * N + j];
         }
         for (int i = 0; i < C; ++i) out[i] *= g[i];
@@ -688,8 +695,10 @@ TEST(GeneratedRwkv7, PthSafetensorsBinAndReferenceAgree) {
     diff = std::max(diff, std::fabs(a[i] - ref[i]));
     scale = std::max(scale, std::fabs(ref[i]));
   }
-  std::printf("  generated RWKV-7 2x256: max |aviary - float64 reference| = %.3g "
-              "(logits up to %.3g)\n", diff, scale);
+  std::printf(
+      "  generated RWKV-7 2x256: max |aviary - float64 reference| = %.3g "
+      "(logits up to %.3g)\n",
+      diff, scale);
   EXPECT_GT(scale, 0.5);  // the model is not degenerate
   EXPECT_LE(diff, 2e-4);
   // A low-rank matrix stored the wrong way round is caught by the shape checks.
@@ -721,8 +730,8 @@ TEST(GeneratedRwkv7, ZipVariantsGiveTheSameModel) {
   // Deflated pickle and storages (torch never compresses, but zip tools might).
   std::vector<PickledTensor> pt;
   for (size_t i = 0; i < raw.size(); ++i) {
-    pt.push_back({raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0,
-                  raw[i].shape, {}});
+    pt.push_back(
+        {raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0, raw[i].shape, {}});
   }
   Bytes deflated;
   ZipWriter zip(Sink::ToBytes(&deflated));
@@ -749,7 +758,8 @@ const std::vector<RawTensor>& SmallRaw() {
   return raw;
 }
 
-Bytes PthWithPickle(const Bytes& pickle, const std::vector<std::pair<std::string, Bytes>>& extra = {}) {
+Bytes PthWithPickle(const Bytes& pickle,
+                    const std::vector<std::pair<std::string, Bytes>>& extra = {}) {
   Bytes out;
   ZipWriter zip(Sink::ToBytes(&out));
   zip.Add("evil/data.pkl", pickle);
@@ -764,12 +774,22 @@ TEST(EvilPickle, RefusesDangerousGlobalsWithoutRunningThem) {
           .string();
   std::filesystem::remove(marker);
   // The classic payload: os.system("touch <marker>") via GLOBAL + REDUCE.
-  for (const auto& [module, name] : {std::pair{"os", "system"}, {"posix", "system"},
-                                     {"builtins", "eval"}, {"builtins", "exec"},
-                                     {"subprocess", "call"}, {"torch", "load"},
-                                     {"collections", "defaultdict"}, {"torch._utils", "_rebuild_qtensor"}}) {
+  for (const auto& [module, name] : {std::pair{"os", "system"},
+                                     {"posix", "system"},
+                                     {"builtins", "eval"},
+                                     {"builtins", "exec"},
+                                     {"subprocess", "call"},
+                                     {"torch", "load"},
+                                     {"collections", "defaultdict"},
+                                     {"torch._utils", "_rebuild_qtensor"}}) {
     PickleWriter p;
-    p.Proto(2).Global(module, name).Mark().Str(std::string("touch ") + marker).Op('t').Op('R').Stop();
+    p.Proto(2)
+        .Global(module, name)
+        .Mark()
+        .Str(std::string("touch ") + marker)
+        .Op('t')
+        .Op('R')
+        .Stop();
     EXPECT_TRUE(Refused(PthWithPickle(p.bytes), "evil.pth",
                         std::string("refusing pickle global ") + module + "." + name));
     // The same through protocol 4's STACK_GLOBAL.
@@ -802,10 +822,10 @@ TEST(EvilPickle, RefusesReduceOnAnythingButTheAllowList) {
 
 TEST(EvilPickle, RefusesUnknownAndUnsupportedOpcodes) {
   const std::pair<uint8_t, const char*> ops[] = {
-      {'i', "INST"},     {'o', "OBJ"},          {0x81, "NEWOBJ"},   {0x92, "NEWOBJ_EX"},
-      {'2', "DUP"},      {'0', "POP"},          {0x82, "EXT1"},     {'B', "BINBYTES"},
-      {'G', "BINFLOAT"}, {'S', "STRING"},       {'P', "PERSID"},    {'d', "DICT"},
-      {0xff, "unknown"}, {0x99, "unknown"},     {'Z', "unknown"},   {0x8f, "EMPTY_SET"}};
+      {'i', "INST"},     {'o', "OBJ"},      {0x81, "NEWOBJ"}, {0x92, "NEWOBJ_EX"},
+      {'2', "DUP"},      {'0', "POP"},      {0x82, "EXT1"},   {'B', "BINBYTES"},
+      {'G', "BINFLOAT"}, {'S', "STRING"},   {'P', "PERSID"},  {'d', "DICT"},
+      {0xff, "unknown"}, {0x99, "unknown"}, {'Z', "unknown"}, {0x8f, "EMPTY_SET"}};
   for (const auto& [op, opname] : ops) {
     PickleWriter p;
     p.Proto().Op(op).Stop();
@@ -860,8 +880,16 @@ TEST(EvilPickle, StructuralNonsenseIsRefusedQuickly) {
   persid.Proto().Mark().Str("module").Str("os").Op('t').Op('Q').Stop();
   refused(persid, "persistent id");
   PickleWriter persid_type;
-  persid_type.Proto().Mark().Str("storage").Str("FloatStorage").Str("0").Str("cpu").Int(4)
-      .Op('t').Op('Q').Stop();
+  persid_type.Proto()
+      .Mark()
+      .Str("storage")
+      .Str("FloatStorage")
+      .Str("0")
+      .Str("cpu")
+      .Int(4)
+      .Op('t')
+      .Op('Q')
+      .Stop();
   refused(persid_type, "names no torch storage type");
 
   // Deep nesting and self-referencing containers: no recursion, no leak, then refused.
@@ -889,16 +917,17 @@ TEST(EvilPickle, ImpossibleTensorsAreRefused) {
                    int64_t offset = 0, int64_t numel = 10) {
     return PickledTensor{"emb.weight", "FloatStorage", "0", numel, offset, shape, strides};
   };
-  EXPECT_TRUE(Refused(OneTensorPth(tensor({100}), data), "evil.pth",
-                      "tensor 'emb.weight': 100 elements at offset 0 do not fit in its storage of 10"));
+  EXPECT_TRUE(
+      Refused(OneTensorPth(tensor({100}), data), "evil.pth",
+              "tensor 'emb.weight': 100 elements at offset 0 do not fit in its storage of 10"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({5}, {}, 6), data), "evil.pth", "do not fit"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({5}, {}, -1), data), "evil.pth", "do not fit"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({2, 5}, {1, 2}), data), "evil.pth", "not contiguous"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({5, 2}, {4, 1}), data), "evil.pth", "not contiguous"));
-  EXPECT_TRUE(Refused(OneTensorPth(tensor({int64_t{1} << 40, int64_t{1} << 40}), data),
-                      "evil.pth", "impossibly large"));
-  EXPECT_TRUE(Refused(OneTensorPth(tensor({int64_t{1} << 41}), data), "evil.pth",
-                      "invalid dimension"));
+  EXPECT_TRUE(Refused(OneTensorPth(tensor({int64_t{1} << 40, int64_t{1} << 40}), data), "evil.pth",
+                      "impossibly large"));
+  EXPECT_TRUE(
+      Refused(OneTensorPth(tensor({int64_t{1} << 41}), data), "evil.pth", "invalid dimension"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({-3}), data), "evil.pth", "invalid dimension"));
   EXPECT_TRUE(Refused(OneTensorPth(tensor({2}, {1, 1}), data), "evil.pth",
                       "size and stride have different lengths"));
@@ -946,8 +975,8 @@ TEST(EvilZip, TruncatedPickleAtEveryOffset) {
   std::vector<std::pair<std::string, Bytes>> storages;
   const auto& raw = SmallRaw();
   for (size_t i = 0; i < raw.size(); ++i) {
-    pt.push_back({raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0,
-                  raw[i].shape, {}});
+    pt.push_back(
+        {raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0, raw[i].shape, {}});
     storages.push_back({"data/" + std::to_string(i), Encode(DType::kF32, raw[i].values)});
   }
   const Bytes pickle = StateDictPickle(pt);
@@ -964,8 +993,8 @@ TEST(EvilZip, LyingDirectoryAndHeaders) {
   const auto& raw = SmallRaw();
   std::vector<PickledTensor> pt;
   for (size_t i = 0; i < raw.size(); ++i) {
-    pt.push_back({raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0,
-                  raw[i].shape, {}});
+    pt.push_back(
+        {raw[i].name, "FloatStorage", std::to_string(i), Numel(raw[i].shape), 0, raw[i].shape, {}});
   }
   zip.Add("evil/data.pkl", StateDictPickle(pt));
   for (size_t i = 0; i < raw.size(); ++i) {
@@ -994,24 +1023,24 @@ TEST(EvilZip, LyingDirectoryAndHeaders) {
   };
   const Case cases[] = {
       {patched2(cd + 20, 0x7fffffff, cd + 24, 0x7fffffff), "runs past the data area"},  // sizes
-      {patched(cd + 24, 0x7fffffff, 4), "stored but its sizes differ"},      // uncompressed size
-      {patched(cd + 42, last_local, 4), "names a different entry"},          // local offset
+      {patched(cd + 24, 0x7fffffff, 4), "stored but its sizes differ"},  // uncompressed size
+      {patched(cd + 42, last_local, 4), "names a different entry"},      // local offset
       {patched(cd + 42, 0x7ffffff0, 4), "outside the data area"},
       {patched(cd + 42, 1, 4), "no local header"},
-      {patched(cd + 10, 12, 2), "compression method 12"},                    // bzip2
+      {patched(cd + 10, 12, 2), "compression method 12"},  // bzip2
       {patched(cd + 8, 0x0809, 2), "is encrypted"},
-      {patched(cd + 28, 0xffff, 2), "runs past the central directory"},      // name length
+      {patched(cd + 28, 0xffff, 2), "runs past the central directory"},  // name length
       {patched(cd, 0x12345678, 4), "bad signature"},
-      {patched(z64 + 32, 1000000, 8), "disagree on the entry count"},        // ZIP64 total
+      {patched(z64 + 32, 1000000, 8), "disagree on the entry count"},  // ZIP64 total
       {patched(z64 + 48, 1, 8), "disagree on the directory offset"},
       {patched(eocd + 10, 5, 2), "disagree on the entry count"},
-      {patched(eocd - 20 + 8, 0x7fffffff, 8), "outside the file"},           // locator offset
+      {patched(eocd - 20 + 8, 0x7fffffff, 8), "outside the file"},  // locator offset
       {patched(eocd + 12, 0xfffffff0, 4), "disagree on the directory size"},
       {patched(eocd + 4, 1, 2), "multi-disk"},
       {patched(eocd, 0, 4), "no end of central directory"},
       // local header lies
-      {patched(0 + 26, 200, 2), "local header"},                              // local name length
-      {patched(0 + 28, 0xffff, 2), "runs past the data area"},               // local extra length
+      {patched(0 + 26, 200, 2), "local header"},                // local name length
+      {patched(0 + 28, 0xffff, 2), "runs past the data area"},  // local extra length
       {patched(0 + 8, 8, 2), "local header disagrees on the method"},
   };
   for (const Case& c : cases) EXPECT_TRUE(Refused(c.bytes, "evil.pth", c.needle)) << c.needle;
@@ -1062,8 +1091,8 @@ TEST(EvilZip, ZipBombAndMissingPickle) {
   // A deflated storage that claims 16 GB (and a pickle that agrees).
   Bytes storage_bomb;
   ZipWriter zb(Sink::ToBytes(&storage_bomb), o);
-  zb.Add("b/data.pkl", StateDictPickle({{"emb.weight", "FloatStorage", "0", int64_t{4} << 30, 0,
-                                         {10}, {}}}));
+  zb.Add("b/data.pkl",
+         StateDictPickle({{"emb.weight", "FloatStorage", "0", int64_t{4} << 30, 0, {10}, {}}}));
   zb.Add("b/data/0", Bytes(1000, 0), true);
   zb.Finish();
   const size_t second = zb.central_offset() + 46 + 10 + 28;  // the storage's directory entry
@@ -1083,8 +1112,9 @@ TEST(EvilZip, ZipBombAndMissingPickle) {
   z3.Finish();
   EXPECT_TRUE(Refused(none, "x.pth", "no <folder>/data.pkl"));
   // Big-endian storages.
-  EXPECT_TRUE(Refused(PthWithPickle(Bytes{0x80, 2, '}', '.'}, {{"byteorder", Bytes{'b', 'i', 'g'}}}),
-                      "x.pth", "big-endian"));
+  EXPECT_TRUE(
+      Refused(PthWithPickle(Bytes{0x80, 2, '}', '.'}, {{"byteorder", Bytes{'b', 'i', 'g'}}}),
+              "x.pth", "big-endian"));
 }
 
 TEST(EvilZip, RandomCorruptionLoadsOrRefuses) {
@@ -1135,14 +1165,16 @@ TEST(EvilSafetensors, BrokenHeadersAreRefused) {
       {SafetensorsWithHeader(one("Q4_K", "[4]", "[0,16]")), "unknown dtype 'Q4_K'"},
       {SafetensorsWithHeader(one("F64", "[4]", "[0,32]")), "dtype F64 is not supported"},
       {SafetensorsWithHeader(one("I64", "[4]", "[0,32]")), "dtype I64 is not supported"},
-      {SafetensorsWithHeader("{\"emb.weight\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}"),
+      {SafetensorsWithHeader(
+           "{\"emb.weight\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}"),
        "not valid JSON"},
       {SafetensorsWithHeader("{not json at all}"), "not valid JSON"},
       {SafetensorsWithHeader("{\"__metadata__\":{}}"), "holds no tensors"},
       {SafetensorsWithHeader("{\"emb.weight\":5}"), "not an object"},
       {SafetensorsWithHeader("{\"emb.weight\":{\"shape\":[4],\"data_offsets\":[0,16]}}"),
        "no dtype"},
-      {SafetensorsWithHeader("{\"__metadata__\":" + std::string(1000, '[') + std::string(1000, ']') + "}"),
+      {SafetensorsWithHeader("{\"__metadata__\":" + std::string(1000, '[') +
+                             std::string(1000, ']') + "}"),
        "nested too deeply"},
       {SafetensorsWithHeader("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
                              "\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}"),
@@ -1183,8 +1215,8 @@ TEST(EvilCheckpoint, WrongModelContentsAreRefused) {
   raw = SmallRaw();
   raw.push_back({"blocks.0.ffn.s_emb.weight", {4, 4}, std::vector<float>(16)});
   EXPECT_TRUE(Refused(MakePth(raw, DType::kF32), "m.pth", "DeepEmbed"));
-  EXPECT_TRUE(Refused(MakePth({{"foo", {2}, {1, 2}}}, DType::kF32), "m.pth",
-                      "not an RWKV checkpoint"));
+  EXPECT_TRUE(
+      Refused(MakePth({{"foo", {2}, {1, 2}}}, DType::kF32), "m.pth", "not an RWKV checkpoint"));
   // Hugging Face names colliding with BlinkDL ones after renaming.
   raw = SmallRaw();
   raw.push_back({"rwkv.embeddings.weight", {4, 8}, std::vector<float>(32)});
@@ -1234,12 +1266,12 @@ TEST(PthManual, DISABLED_RealisticRwkv7) {
     WriteSafetensors(Sink::ToFile(f), DType::kBF16, shapes, values);
     std::fclose(f);
   }
-  const double gen_s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("generated %llu parameters (%.3f B) as bf16 .pth (%.1f MB) and .safetensors "
-              "(%.1f MB) in %.1f s\n",
-              static_cast<unsigned long long>(params), params / 1e9,
-              std::filesystem::file_size(pth) / 1e6, std::filesystem::file_size(st) / 1e6, gen_s);
+  const double gen_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf(
+      "generated %llu parameters (%.3f B) as bf16 .pth (%.1f MB) and .safetensors "
+      "(%.1f MB) in %.1f s\n",
+      static_cast<unsigned long long>(params), params / 1e9, std::filesystem::file_size(pth) / 1e6,
+      std::filesystem::file_size(st) / 1e6, gen_s);
   for (const std::string& file : {pth, st}) {
     const std::string cmd = "AVIARY_PTH_MODEL='" + file + "' /proc/" + std::to_string(getpid()) +
                             "/exe --gtest_also_run_disabled_tests "
@@ -1248,7 +1280,8 @@ TEST(PthManual, DISABLED_RealisticRwkv7) {
     struct rusage ru {};
     getrusage(RUSAGE_CHILDREN, &ru);
     std::printf("%s", r.output.substr(r.output.find("[ RUN")).c_str());
-    std::printf("child peak RSS so far (getrusage RUSAGE_CHILDREN): %.1f MB\n", ru.ru_maxrss / 1024.0);
+    std::printf("child peak RSS so far (getrusage RUSAGE_CHILDREN): %.1f MB\n",
+                ru.ru_maxrss / 1024.0);
     EXPECT_EQ(r.exit_code, 0);
   }
   if (!std::getenv("AVIARY_PTH_KEEP")) {
@@ -1260,7 +1293,8 @@ TEST(PthManual, DISABLED_RealisticRwkv7) {
 double CpuSeconds() {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec +
+         (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 TEST(PthManual, DISABLED_LoadAndRun) {
@@ -1296,8 +1330,10 @@ TEST(PthManual, DISABLED_LoadAndRun) {
     lo = std::min(lo, f);
     hi = std::max(hi, f);
   }
-  std::printf("  4 tokens one by one: %.3f s wall (%.0f ms/token), %.3f s CPU; logits finite: %s, "
-              "range [%.3g, %.3g]\n", run_s, run_s / 4 * 1000, run_cpu, finite ? "yes" : "NO", lo, hi);
+  std::printf(
+      "  4 tokens one by one: %.3f s wall (%.0f ms/token), %.3f s CPU; logits finite: %s, "
+      "range [%.3g, %.3g]\n",
+      run_s, run_s / 4 * 1000, run_cpu, finite ? "yes" : "NO", lo, hi);
   std::printf("  RSS after running %s, peak (VmHWM) %s\n", VmField("VmRSS:").c_str(),
               VmField("VmHWM:").c_str());
   EXPECT_TRUE(finite);

@@ -28,15 +28,15 @@ class PullHttpServer {
  public:
   struct Resource {
     std::string body;
-    int status = 200;                       // 404, 500... (body then is an error page)
-    std::string redirect_to;                // non-empty: answer 302 with this Location
+    int status = 200;         // 404, 500... (body then is an error page)
+    std::string redirect_to;  // non-empty: answer 302 with this Location
     std::vector<std::pair<std::string, std::string>> headers;  // e.g. X-Linked-Size
-    bool honour_range = true;               // false: answer 200 with the whole body
-    std::optional<size_t> range_start_lie;  // answer a Range request from this byte instead
-    std::optional<size_t> content_length;   // send this Content-Length (and that many bytes)
-    size_t drop_after = std::string::npos;  // close the connection after this many body bytes...
-    int drop_times = 0;                     // ...on this many requests
-    size_t stall_after = std::string::npos; // send this many body bytes, then nothing
+    bool honour_range = true;                // false: answer 200 with the whole body
+    std::optional<size_t> range_start_lie;   // answer a Range request from this byte instead
+    std::optional<size_t> content_length;    // send this Content-Length (and that many bytes)
+    size_t drop_after = std::string::npos;   // close the connection after this many body bytes...
+    int drop_times = 0;                      // ...on this many requests
+    size_t stall_after = std::string::npos;  // send this many body bytes, then nothing
   };
 
   struct Request {
@@ -107,7 +107,8 @@ class PullHttpServer {
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     char buf[4096];
     while (head->find("\r\n\r\n") == std::string::npos) {
-      if (Expired() || std::chrono::steady_clock::now() > until || head->size() > 65536) return false;
+      if (Expired() || std::chrono::steady_clock::now() > until || head->size() > 65536)
+        return false;
       pollfd p{fd, POLLIN, 0};
       if (::poll(&p, 1, 50) <= 0) continue;
       const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
@@ -173,9 +174,9 @@ class PullHttpServer {
     if (!found || r.status != 200) {
       const int status = found ? r.status : 404;
       const std::string body = "error " + std::to_string(status) + "\n";
-      const std::string resp = "HTTP/1.1 " + std::to_string(status) + " Error\r\nContent-Length: " +
-                               std::to_string(body.size()) + "\r\nConnection: close\r\n" + extra +
-                               "\r\n" + body;
+      const std::string resp = "HTTP/1.1 " + std::to_string(status) +
+                               " Error\r\nContent-Length: " + std::to_string(body.size()) +
+                               "\r\nConnection: close\r\n" + extra + "\r\n" + body;
       Send(fd, resp.data(), resp.size());
       return;
     }
@@ -193,15 +194,15 @@ class PullHttpServer {
       const size_t asked = std::stoull(req.range.substr(6));
       if (asked >= total) {
         const std::string resp = "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */" +
-                                 std::to_string(total) + "\r\nContent-Length: 0\r\nConnection: close\r\n" +
-                                 extra + "\r\n";
+                                 std::to_string(total) +
+                                 "\r\nContent-Length: 0\r\nConnection: close\r\n" + extra + "\r\n";
         Send(fd, resp.data(), resp.size());
         return;
       }
       start = r.range_start_lie ? *r.range_start_lie : asked;
       status_line = "HTTP/1.1 206 Partial Content";
-      range_header = "Content-Range: bytes " + std::to_string(start) + "-" + std::to_string(total - 1) +
-                     "/" + std::to_string(total) + "\r\n";
+      range_header = "Content-Range: bytes " + std::to_string(start) + "-" +
+                     std::to_string(total - 1) + "/" + std::to_string(total) + "\r\n";
     }
     size_t length = r.content_length ? *r.content_length : total - start;
     const std::string resp_head = status_line + "\r\nContent-Length: " + std::to_string(length) +

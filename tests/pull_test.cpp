@@ -245,9 +245,9 @@ TEST_F(PullTest, DropWithoutRetriesKeepsThePartAndTheNextRunResumes) {
 TEST_F(PullTest, ServerIgnoringRangeRestartsFromZero) {
   Server server;
   const std::string body = RandomBytes(900'000, 4);
-  server.Add("/f.bin", {.body = body,
-                        .headers = {{"X-Linked-ETag", LinkedEtag(body)}},
-                        .honour_range = false});
+  server.Add(
+      "/f.bin",
+      {.body = body, .headers = {{"X-Linked-ETag", LinkedEtag(body)}}, .honour_range = false});
   WriteAll(Path("f.bin.part"), RandomBytes(300'000, 99));  // would corrupt the file if kept
   const auto r = DownloadFile(server.Url("/f.bin"), Path("f.bin"), Quiet());
   EXPECT_EQ(ReadAll(Path("f.bin")), body);
@@ -259,9 +259,9 @@ TEST_F(PullTest, ServerIgnoringRangeRestartsFromZero) {
 TEST_F(PullTest, WrongContentRangeStartRestartsFromZero) {
   Server server;
   const std::string body = RandomBytes(900'000, 5);
-  server.Add("/f.bin", {.body = body,
-                        .headers = {{"X-Linked-ETag", LinkedEtag(body)}},
-                        .range_start_lie = 100});
+  server.Add(
+      "/f.bin",
+      {.body = body, .headers = {{"X-Linked-ETag", LinkedEtag(body)}}, .range_start_lie = 100});
   WriteAll(Path("f.bin.part"), body.substr(0, 300'000));
   const auto r = DownloadFile(server.Url("/f.bin"), Path("f.bin"), Quiet());
   EXPECT_EQ(ReadAll(Path("f.bin")), body);
@@ -294,7 +294,8 @@ TEST_F(PullTest, WholePartFileIsOnlyVerified) {
 TEST_F(PullTest, WrongLinkedSizeIsASizeMismatchAndLeavesNothing) {
   Server server;
   const std::string body = RandomBytes(500'000, 7);
-  server.Add("/f.bin", {.body = body, .headers = {{"X-Linked-Size", std::to_string(body.size() + 10)}}});
+  server.Add("/f.bin",
+             {.body = body, .headers = {{"X-Linked-Size", std::to_string(body.size() + 10)}}});
   try {
     DownloadFile(server.Url("/f.bin"), Path("f.bin"), Quiet());
     FAIL() << "expected a size mismatch";
@@ -402,7 +403,8 @@ TEST_F(PullTest, FollowsRedirectsAndReadsLinkedHeadersFromThem) {
   // Like Hugging Face: the resolve URL answers 302 with X-Linked-*, the CDN serves the bytes.
   server.Add("/org/repo/resolve/main/m.pth",
              {.redirect_to = "/cdn/m.pth",
-              .headers = {{"X-Linked-Size", std::to_string(body.size())}, {"X-Linked-Etag", LinkedEtag(body)}}});
+              .headers = {{"X-Linked-Size", std::to_string(body.size())},
+                          {"X-Linked-Etag", LinkedEtag(body)}}});
   server.Add("/cdn/m.pth", {.body = body});
   server.Add("/org/repo/resolve/main/bad.pth",
              {.redirect_to = "/cdn/m.pth", .headers = {{"X-Linked-Etag", LinkedEtag("nope")}}});
@@ -429,7 +431,8 @@ TEST_F(PullTest, StalledTransferAbortsWithinTheTimeout) {
     } catch (const Error& e) {
       EXPECT_TRUE(Contains(e.what(), "stalled")) << e.what();
     }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_LT(secs, 5.0) << path;
     EXPECT_GE(secs, 0.9) << path;
   }
@@ -456,8 +459,8 @@ TEST_F(PullTest, UnreachableHostNamesItsVariable) {
   p.hub.hf_endpoint = closed;
   p.hub.raw_github_endpoint = closed;
   p.download = Quiet();
-  const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny", "tiny.pth", 10, "",
-                                hub::Vocab::kWorld};
+  const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny",   "tiny.pth",
+                                10,          "",     hub::Vocab::kWorld};
   try {
     hub::PullModel(entry, p);
     FAIL();
@@ -479,8 +482,9 @@ TEST_F(PullTest, UnreachableHostNamesItsVariable) {
 TEST_F(PullTest, DiskFullIsReported) {
   Server server;
   const uint64_t huge = 1ull << 56;  // 64 PiB: no disk has that free
-  server.Add("/huge.bin", {.body = "x", .headers = {{"X-Linked-Size", std::to_string(huge)}},
-                           .content_length = huge});
+  server.Add(
+      "/huge.bin",
+      {.body = "x", .headers = {{"X-Linked-Size", std::to_string(huge)}}, .content_length = huge});
   try {
     DownloadFile(server.Url("/huge.bin"), Path("h.bin"), Quiet());
     FAIL();
@@ -540,7 +544,9 @@ TEST_F(PullTest, ProgressLinesAndBar) {
     if (style == hub::ProgressStyle::kLines) {
       // One line per 10% (the exact percent depends on how the bytes arrive).
       const std::regex line("thing: +[0-9]+% \\([0-9.]+ [KM]iB of 1.0 MiB\\)\n");
-      EXPECT_EQ(std::distance(std::sregex_iterator(text.begin(), text.end(), line), std::sregex_iterator()), 10)
+      EXPECT_EQ(std::distance(std::sregex_iterator(text.begin(), text.end(), line),
+                              std::sregex_iterator()),
+                10)
           << text;
       EXPECT_TRUE(std::regex_search(text, std::regex("\nthing:  5[0-9]% "))) << text;
       EXPECT_TRUE(Contains(text, "thing: 100% (1.0 MiB of 1.0 MiB)\n")) << text;
@@ -564,14 +570,16 @@ TEST_F(PullTest, CatalogIsWellFormed) {
     EXPECT_EQ(e.repo.substr(0, 8), "BlinkDL/") << e.name;
     EXPECT_TRUE(e.file.ends_with(".pth")) << e.name;
     EXPECT_NE(e.vocab, hub::Vocab::kNone) << e.name;  // .pth files carry no vocabulary
-    EXPECT_TRUE(e.sha256.empty() || std::regex_match(std::string(e.sha256), std::regex("[0-9a-f]{64}")))
+    EXPECT_TRUE(e.sha256.empty() ||
+                std::regex_match(std::string(e.sha256), std::regex("[0-9a-f]{64}")))
         << e.name;
     EXPECT_EQ(hub::FindCatalogEntry(e.name), &e);
     EXPECT_EQ(hub::FindCatalogEntryByFile(e.file), &e);
   }
-  for (const char* name : {"rwkv7-g1-0.1b", "rwkv7-g1-0.4b", "rwkv7-g1-1.5b", "rwkv7-g1-2.9b",
-                           "rwkv7-world-0.1b", "rwkv6-world-1.6b", "rwkv6-world-3b", "rwkv6-world-7b",
-                           "rwkv5-world-0.4b", "rwkv4-world-0.1b", "rwkv4-raven-1.5b", "rwkv4-pile-169m"}) {
+  for (const char* name :
+       {"rwkv7-g1-0.1b", "rwkv7-g1-0.4b", "rwkv7-g1-1.5b", "rwkv7-g1-2.9b", "rwkv7-world-0.1b",
+        "rwkv6-world-1.6b", "rwkv6-world-3b", "rwkv6-world-7b", "rwkv5-world-0.4b",
+        "rwkv4-world-0.1b", "rwkv4-raven-1.5b", "rwkv4-pile-169m"}) {
     EXPECT_NE(hub::FindCatalogEntry(name), nullptr) << name;
   }
   for (const hub::TokenizerRelease& t : hub::TokenizerReleases()) {
@@ -585,8 +593,9 @@ TEST_F(PullTest, CatalogIsWellFormed) {
 TEST_F(PullTest, DownloadUrlsAndCacheLayout) {
   {
     const HubSettings defaults;
-    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), defaults),
-              "https://huggingface.co/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
+    EXPECT_EQ(
+        hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), defaults),
+        "https://huggingface.co/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
     EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv4-raven-1.5b"), defaults),
               "https://huggingface.co/BlinkDL/rwkv-4-raven/resolve/main/"
               "RWKV-4-Raven-1B5-v12-Eng98%25-Other2%25-20230520-ctx4096.pth");
@@ -597,16 +606,21 @@ TEST_F(PullTest, DownloadUrlsAndCacheLayout) {
   {
     HubSettings mirror;
     mirror.hf_endpoint = "http://mirror.example//";
-    EXPECT_EQ(hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), mirror),
-              "http://mirror.example/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
+    EXPECT_EQ(
+        hub::DownloadUrl(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), mirror),
+        "http://mirror.example/BlinkDL/rwkv7-g1/resolve/main/rwkv7-g1-0.1b-20250307-ctx4096.pth");
   }
   EXPECT_EQ(hub::CachePath(*hub::FindCatalogEntry("rwkv7-g1-0.1b"), Cache()),
             Cache() + "/BlinkDL/rwkv7-g1/rwkv7-g1-0.1b-20250307-ctx4096.pth");
-  EXPECT_EQ(hub::CachePath(hub::TokenizerFor(hub::Vocab::kNeox), Cache()), Cache() + "/tokenizers/20B_tokenizer.json");
-  EXPECT_EQ(hub::DestinationForUrl("https://huggingface.co/o/r/resolve/main/sub/x%20y.pth?download=true", "", Cache()),
+  EXPECT_EQ(hub::CachePath(hub::TokenizerFor(hub::Vocab::kNeox), Cache()),
+            Cache() + "/tokenizers/20B_tokenizer.json");
+  EXPECT_EQ(hub::DestinationForUrl(
+                "https://huggingface.co/o/r/resolve/main/sub/x%20y.pth?download=true", "", Cache()),
             Cache() + "/o/r/x y.pth");
-  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/files/model.bin", "", Cache()), Cache() + "/downloads/model.bin");
-  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/o/r/resolve/main/m.bin", Path("d"), Cache()), Path("d/m.bin"));
+  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/files/model.bin", "", Cache()),
+            Cache() + "/downloads/model.bin");
+  EXPECT_EQ(hub::DestinationForUrl("http://127.0.0.1:1/o/r/resolve/main/m.bin", Path("d"), Cache()),
+            Path("d/m.bin"));
   EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/", "", Cache()), UsageError);
   EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a/..", "", Cache()), UsageError);
   EXPECT_THROW(hub::DestinationForUrl("http://127.0.0.1:1/a%2Fb", "", Cache()), UsageError);
@@ -619,7 +633,8 @@ TEST_F(PullTest, ResolveModelArgumentFindsCachedCatalogNames) {
     ResolveModelArgument("rwkv7-g1-0.1b", Cache());
     FAIL();
   } catch (const Error& err) {
-    EXPECT_TRUE(Contains(err.what(), "rwkv7-g1-0.1b: not downloaded yet: run aviary pull rwkv7-g1-0.1b"))
+    EXPECT_TRUE(
+        Contains(err.what(), "rwkv7-g1-0.1b: not downloaded yet: run aviary pull rwkv7-g1-0.1b"))
         << err.what();
   }
   // Other names keep the old contract: returned unchanged.
@@ -627,7 +642,8 @@ TEST_F(PullTest, ResolveModelArgumentFindsCachedCatalogNames) {
   // Downloaded: the cached file (sparse, the real size).
   WriteSparse(hub::CachePath(e, Cache()), e.size);
   EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b", Cache()), hub::CachePath(e, Cache()));
-  EXPECT_EQ(ResolveModelArgument(std::string(e.file), Cache()), hub::CachePath(e, Cache()));  // by file name too
+  EXPECT_EQ(ResolveModelArgument(std::string(e.file), Cache()),
+            hub::CachePath(e, Cache()));  // by file name too
   // A truncated copy is refused with the fix.
   fs::resize_file(hub::CachePath(e, Cache()), 1000);
   try {
@@ -639,7 +655,8 @@ TEST_F(PullTest, ResolveModelArgumentFindsCachedCatalogNames) {
   // A copy elsewhere in the cache counts.
   fs::remove(hub::CachePath(e, Cache()));
   WriteSparse(Cache() + "/elsewhere/" + std::string(e.file), e.size);
-  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b", Cache()), Cache() + "/elsewhere/" + std::string(e.file));
+  EXPECT_EQ(ResolveModelArgument("rwkv7-g1-0.1b", Cache()),
+            Cache() + "/elsewhere/" + std::string(e.file));
 }
 
 // A catalog entry served by the test server, with the real World vocabulary from ../shared (its
@@ -652,13 +669,14 @@ TEST_F(PullTest, PullModelFetchesTheModelAndItsTokenizerIntoTheCache) {
   const std::string sha = Sha256Hex(body);
   server.Add("/test-org/tiny/resolve/main/tiny%25model.pth",
              {.redirect_to = "/cdn/tiny",
-              .headers = {{"X-Linked-Size", std::to_string(body.size())}, {"X-Linked-Etag", "\"" + sha + "\""}}});
+              .headers = {{"X-Linked-Size", std::to_string(body.size())},
+                          {"X-Linked-Etag", "\"" + sha + "\""}}});
   server.Add("/cdn/tiny", {.body = body});
   server.Add("/" + std::string(hub::TokenizerFor(hub::Vocab::kWorld).path), {.body = vocab});
   ScopedEnv hf("AVIARY_HF_ENDPOINT", server.base());
   ScopedEnv gh("AVIARY_RAW_GITHUB_ENDPOINT", server.base() + "/");
-  const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny", "tiny%model.pth", body.size(), sha,
-                                hub::Vocab::kWorld};
+  const hub::CatalogEntry entry{"test-tiny", "Test", "test-org/tiny",   "tiny%model.pth",
+                                body.size(), sha,    hub::Vocab::kWorld};
   hub::PullOptions p;
   p.hub = Hub();
   p.download = Quiet();
@@ -668,7 +686,8 @@ TEST_F(PullTest, PullModelFetchesTheModelAndItsTokenizerIntoTheCache) {
   EXPECT_EQ(r.tokenizer_path, Cache() + "/tokenizers/rwkv_vocab_v20230424.txt");
   EXPECT_EQ(ReadAll(r.path), body);
   EXPECT_EQ(ReadAll(r.tokenizer_path), vocab);
-  EXPECT_EQ(FindInCache("rwkv_vocab_v20230424.txt", Cache()), r.tokenizer_path);  // where TokenizerForModel looks
+  EXPECT_EQ(FindInCache("rwkv_vocab_v20230424.txt", Cache()),
+            r.tokenizer_path);  // where TokenizerForModel looks
   const size_t requests = server.requests().size();
   EXPECT_EQ(requests, 3u);
   // Again: nothing to do.
@@ -698,14 +717,19 @@ TEST_F(PullTest, CliListShowsTheCatalogAndWhatIsCached) {
       << r.output;
   for (const hub::CatalogEntry& e : hub::Catalog()) {
     EXPECT_TRUE(Contains(r.output, "\n" + std::string(e.name) + " ")) << e.name;
-    EXPECT_TRUE(Contains(r.output, std::string(e.repo) + "/" + std::string(e.file) + "\n")) << e.name;
+    EXPECT_TRUE(Contains(r.output, std::string(e.repo) + "/" + std::string(e.file) + "\n"))
+        << e.name;
   }
-  EXPECT_TRUE(std::regex_search(r.output, std::regex("\nrwkv7-g1-0.1b +RWKV-7 G1 0.1B +364.5 MiB +world +yes ")))
+  EXPECT_TRUE(std::regex_search(
+      r.output, std::regex("\nrwkv7-g1-0.1b +RWKV-7 G1 0.1B +364.5 MiB +world +yes ")))
       << r.output;
-  EXPECT_TRUE(std::regex_search(r.output, std::regex("\nrwkv7-g1-0.4b +RWKV-7 G1 0.4B +860.0 MiB +world +partial 50% ")))
+  EXPECT_TRUE(std::regex_search(
+      r.output, std::regex("\nrwkv7-g1-0.4b +RWKV-7 G1 0.4B +860.0 MiB +world +partial 50% ")))
       << r.output;
-  EXPECT_TRUE(std::regex_search(r.output, std::regex("\nrwkv7-g1-1.5b .* no +BlinkDL/"))) << r.output;
-  EXPECT_TRUE(std::regex_search(r.output, std::regex("\nworld-vocab +rwkv_vocab_v20230424.txt +1.0 MiB +world +no ")))
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("\nrwkv7-g1-1.5b .* no +BlinkDL/")))
+      << r.output;
+  EXPECT_TRUE(std::regex_search(
+      r.output, std::regex("\nworld-vocab +rwkv_vocab_v20230424.txt +1.0 MiB +world +no ")))
       << r.output;
   EXPECT_TRUE(Contains(r.output, "cache: " + Cache())) << r.output;
 }
@@ -715,9 +739,11 @@ TEST_F(PullTest, CliPullsAUrlAndPrintsOnlyThePath) {
   const std::string body = RandomBytes(1 << 20, 16);
   server.Add("/org/repo/resolve/main/thing.bin",
              {.redirect_to = "/cdn/thing",
-              .headers = {{"X-Linked-Size", std::to_string(body.size())}, {"X-Linked-Etag", LinkedEtag(body)}}});
+              .headers = {{"X-Linked-Size", std::to_string(body.size())},
+                          {"X-Linked-Etag", LinkedEtag(body)}}});
   server.Add("/cdn/thing", {.body = body, .drop_after = 300'000, .drop_times = 1});
-  const CommandResult r = Cli("pull " + server.Url("/org/repo/resolve/main/thing.bin") + " --retries 2");
+  const CommandResult r =
+      Cli("pull " + server.Url("/org/repo/resolve/main/thing.bin") + " --retries 2");
   const std::string expected = Cache() + "/org/repo/thing.bin";
   ASSERT_EQ(r.exit_code, 0) << Stderr();
   EXPECT_EQ(r.output, expected + "\n");
@@ -735,7 +761,8 @@ TEST_F(PullTest, CliPullsAUrlAndPrintsOnlyThePath) {
   EXPECT_EQ(Stderr(), "");
   EXPECT_EQ(server.requests().size(), requests);
   // --dir
-  const CommandResult dir = Cli("pull -q --dir " + Quote(Path("d")) + " " + server.Url("/cdn/thing"));
+  const CommandResult dir =
+      Cli("pull -q --dir " + Quote(Path("d")) + " " + server.Url("/cdn/thing"));
   EXPECT_EQ(dir.exit_code, 0) << Stderr();
   EXPECT_EQ(dir.output, Path("d/thing") + "\n");
 }
@@ -752,7 +779,8 @@ TEST_F(PullTest, CliPullsATinyModelThatOtherCommandsFindByName) {
   // Other commands find it by its file name.
   const CommandResult info = Cli("info --model tiny-rwkv-5v2-730K-FP32.bin");
   EXPECT_EQ(info.exit_code, 0) << Stderr();
-  EXPECT_TRUE(Contains(info.output, "file:         " + Cache() + "/downloads/tiny-rwkv-5v2-730K-FP32.bin\n"))
+  EXPECT_TRUE(Contains(info.output,
+                       "file:         " + Cache() + "/downloads/tiny-rwkv-5v2-730K-FP32.bin\n"))
       << info.output;
   EXPECT_TRUE(Contains(info.output, "RWKV v5.2")) << info.output;
 }
@@ -800,7 +828,8 @@ TEST_F(PullTest, CliDownloadErrorsExitOne) {
   // A catalog name that is not downloaded, given to another command.
   r = Cli("info --model rwkv7-g1-0.1b");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_TRUE(Contains(Stderr(), "aviary: rwkv7-g1-0.1b: not downloaded yet: run aviary pull rwkv7-g1-0.1b"))
+  EXPECT_TRUE(Contains(Stderr(),
+                       "aviary: rwkv7-g1-0.1b: not downloaded yet: run aviary pull rwkv7-g1-0.1b"))
       << Stderr();
 }
 
@@ -823,8 +852,9 @@ TEST_F(PullTest, CliStallTimeoutFromOptionAndEnvironment) {
 
 TEST_F(PullTest, CliUsageErrorsExitTwo) {
   CommandResult r;
-  for (const char* args : {"pull", "pull no-such-model", "pull ftp://127.0.0.1/x.bin", "pull --list rwkv7-g1-0.1b",
-                           "pull x --retries -1", "pull x --stall-timeout 0", "pull rwkv7-g1"}) {
+  for (const char* args :
+       {"pull", "pull no-such-model", "pull ftp://127.0.0.1/x.bin", "pull --list rwkv7-g1-0.1b",
+        "pull x --retries -1", "pull x --stall-timeout 0", "pull rwkv7-g1"}) {
     r = Cli(args);
     const std::string err = Stderr();
     EXPECT_EQ(r.exit_code, 2) << args << "\n" << err;

@@ -33,7 +33,7 @@ class Source {
  public:
   explicit Source(uint32_t seed) : rng_(seed) {}
   double Uniform() { return (static_cast<double>(rng_()) + 0.5) / 4294967296.0; }  // (0, 1)
-  double Gaussian() {  // Box-Muller
+  double Gaussian() {                                                              // Box-Muller
     const double r = std::sqrt(-2.0 * std::log(Uniform()));
     return r * std::cos(6.283185307179586 * Uniform());
   }
@@ -283,7 +283,7 @@ TEST(QuantizeK, HandBuiltQ5_KDecodes) {
 }
 
 TEST(QuantizeK, HandBuiltQ6_KDecodes) {
-  constexpr int8_t kScales[16] = {-128, 127, -1, 1,  5,  -7,  64, -64,
+  constexpr int8_t kScales[16] = {-128, 127, -1,   1, 5,  -7, 64,  -64,
                                   3,    100, -100, 2, -2, 33, -33, 0};
   BlockQ6_K b;
   b.d = kHalfEighth;
@@ -375,7 +375,7 @@ TEST(QuantizeK, StoredLevelsAreNearestForStoredScales) {
 // often leave a few of their 32 levels unused, finds them least often).
 TEST(QuantizeK, ReEncodingADecodedRowChangesItLittle) {
   const double max_added_error[] = {0.10, 0.25, 0.15};  // of the first round's, in RMS
-  const double min_unchanged[] = {0.70, 0.65, 0.97};     // fraction of values kept exactly
+  const double min_unchanged[] = {0.70, 0.65, 0.97};    // fraction of values kept exactly
   for (int t = 0; t < 3; ++t) {
     const DType type = kKTypes[t];
     for (uint32_t seed = 21; seed <= 23; ++seed) {
@@ -399,9 +399,8 @@ TEST(QuantizeK, DeterministicAndBlockByBlock) {
     const size_t block_bytes = StorageBytes(type, 256);
     for (int blk = 0; blk < 3; ++blk) {
       const std::vector<float> part(x.begin() + 256 * blk, x.begin() + 256 * (blk + 1));
-      EXPECT_EQ(Encode(type, part),
-                std::vector<uint8_t>(whole.begin() + block_bytes * blk,
-                                     whole.begin() + block_bytes * (blk + 1)))
+      EXPECT_EQ(Encode(type, part), std::vector<uint8_t>(whole.begin() + block_bytes * blk,
+                                                         whole.begin() + block_bytes * (blk + 1)))
           << DTypeName(type) << " block " << blk;
     }
   }

@@ -136,7 +136,8 @@ TEST(Runtime, ModelsKeepTheirRuntime) {
 
 TEST(Runtime, LoadModeIsHonoured) {
   REQUIRE_SHARED(kStress6F32);
-  for (const auto& [mode, name] : {std::pair{LoadMode::kMmap, "mmap"}, {LoadMode::kRead, "read"},
+  for (const auto& [mode, name] : {std::pair{LoadMode::kMmap, "mmap"},
+                                   {LoadMode::kRead, "read"},
                                    {LoadMode::kAuto, "mmap"}}) {  // auto maps a small file
     LoadOptions load;
     load.load_mode = mode;

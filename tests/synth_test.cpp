@@ -51,11 +51,12 @@ TEST(RwkvCppWriter, RoundTripsThroughTheReader) {
   const int64_t rows = 3, cols = 64;
   std::vector<float> values(rows * cols);
   for (size_t i = 0; i < values.size(); ++i) values[i] = std::sin(0.37f * i) * 2.0f;
-  const DType types[] = {DType::kF32, DType::kF16, DType::kQ4_0, DType::kQ4_1,
+  const DType types[] = {DType::kF32,  DType::kF16,  DType::kQ4_0, DType::kQ4_1,
                          DType::kQ5_0, DType::kQ5_1, DType::kQ8_0};
   {
     aviary::RwkvCppWriter w(f.path, 100, 64, 1, DType::kQ5_1);
-    for (DType t : types) w.AddTensor("m." + std::string(aviary::DTypeName(t)), {rows, cols}, t, values.data());
+    for (DType t : types)
+      w.AddTensor("m." + std::string(aviary::DTypeName(t)), {rows, cols}, t, values.data());
     w.AddTensor("v3d", {2, 1, 32}, DType::kF32, values.data());
     EXPECT_EQ(w.tensors(), 8);
     w.Finish();
@@ -164,21 +165,24 @@ TEST_P(SynthModelTest, LoadsRunsAndAgreesWithItself) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllVersions, SynthModelTest,
-    ::testing::Values(SynthCase{"4", Arch::kV4, DType::kF16}, SynthCase{"5.1", Arch::kV5_1, DType::kQ8_0},
-                      SynthCase{"5.2", Arch::kV5_2, DType::kQ5_1}, SynthCase{"6", Arch::kV6, DType::kQ4_0},
-                      SynthCase{"7", Arch::kV7, DType::kF32}, SynthCase{"7", Arch::kV7, DType::kQ8_0},
-                      SynthCase{"7", Arch::kV7, DType::kQ4_1}, SynthCase{"v6.0", Arch::kV6, DType::kF16},
-                      SynthCase{"4", Arch::kV4, DType::kQ5_0}),
-    [](const ::testing::TestParamInfo<SynthCase>& i) {
-      std::string name = std::string("v") + i.param.version + "_" +
-                         std::string(aviary::DTypeName(i.param.type));
-      for (char& ch : name) {
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      }
-      return name;
-    });
+INSTANTIATE_TEST_SUITE_P(AllVersions, SynthModelTest,
+                         ::testing::Values(SynthCase{"4", Arch::kV4, DType::kF16},
+                                           SynthCase{"5.1", Arch::kV5_1, DType::kQ8_0},
+                                           SynthCase{"5.2", Arch::kV5_2, DType::kQ5_1},
+                                           SynthCase{"6", Arch::kV6, DType::kQ4_0},
+                                           SynthCase{"7", Arch::kV7, DType::kF32},
+                                           SynthCase{"7", Arch::kV7, DType::kQ8_0},
+                                           SynthCase{"7", Arch::kV7, DType::kQ4_1},
+                                           SynthCase{"v6.0", Arch::kV6, DType::kF16},
+                                           SynthCase{"4", Arch::kV4, DType::kQ5_0}),
+                         [](const ::testing::TestParamInfo<SynthCase>& i) {
+                           std::string name = std::string("v") + i.param.version + "_" +
+                                              std::string(aviary::DTypeName(i.param.type));
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
 
 TEST(Synth, IsDeterministicAndFollowsRwkvCppTypePolicy) {
   aviary::SynthOptions o;
@@ -193,7 +197,8 @@ TEST(Synth, IsDeterministicAndFollowsRwkvCppTypePolicy) {
   EXPECT_EQ(aviary::testing::ReadFileBytes(a.path), aviary::testing::ReadFileBytes(b.path));
   for (const aviary::SynthTensor& t : aviary::PlanSynthModel(o)) {
     const bool big = t.name.find(".weight") != std::string::npos && t.shape.size() == 2;
-    if (t.name == "emb.weight" || t.name == "head.weight" || t.name.find(".w1") != std::string::npos) {
+    if (t.name == "emb.weight" || t.name == "head.weight" ||
+        t.name.find(".w1") != std::string::npos) {
       EXPECT_EQ(t.type, DType::kF16) << t.name;
     } else if (big) {
       EXPECT_EQ(t.type, DType::kQ5_0) << t.name;
@@ -242,12 +247,15 @@ TEST(Synth, ScratchDoesNotGrowWithLayers) {
 TEST(SynthCli, SynthThenBench) {
   TempFile f(TempPath("cli.bin"));
   const std::string cli = aviary::testing::CliPath();
-  auto r = aviary::testing::RunCommand(cli + " synth --version 7 --layers 2 --embd 64 --vocab 512 "
-                                             "--type q8_0 -o " + f.path + " 2>&1");
+  auto r = aviary::testing::RunCommand(cli +
+                                       " synth --version 7 --layers 2 --embd 64 --vocab 512 "
+                                       "--type q8_0 -o " +
+                                       f.path + " 2>&1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("RWKV v7.0"), std::string::npos) << r.output;
-  r = aviary::testing::RunCommand(cli + " bench --model " + f.path +
-                                  " --threads 2 --prompt-tokens 20 --gen-tokens 5 --repeat 2 --json 2>&1");
+  r = aviary::testing::RunCommand(
+      cli + " bench --model " + f.path +
+      " --threads 2 --prompt-tokens 20 --gen-tokens 5 --repeat 2 --json 2>&1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   for (const char* key : {"\"prompt_tok_s\"", "\"gen_tok_s\"", "\"load_ms\"", "\"peak_rss_bytes\"",
                           "\"threads\": 2", "\"arch\": \"v7.0\""}) {
@@ -255,10 +263,10 @@ TEST(SynthCli, SynthThenBench) {
   }
   // The activation modes are reported and follow AVIARY_ACTIVATIONS (int8 and bf16 only where
   // the CPU can; "int8" keeps F16/BF16 matrices in float, "f32" everything).
-  const std::string want_int8 = aviary::int8::CpuSupported() ? "\"activations\": \"int8\""
-                                                              : "\"activations\": \"f32\"";
+  const std::string want_int8 =
+      aviary::int8::CpuSupported() ? "\"activations\": \"int8\"" : "\"activations\": \"f32\"";
   const std::string want_bf16 = aviary::bf16::CpuSupported() ? "\"activations_f16\": \"bf16\""
-                                                              : "\"activations_f16\": \"f32\"";
+                                                             : "\"activations_f16\": \"f32\"";
   EXPECT_NE(r.output.find(want_int8), std::string::npos) << r.output;
   EXPECT_NE(r.output.find(want_bf16), std::string::npos) << r.output;
   r = aviary::testing::RunCommand("AVIARY_ACTIVATIONS=f32 " + cli + " bench --model " + f.path +

@@ -15,7 +15,8 @@ namespace aviary::testing {
 // Random stored bytes for rows x cols of `type`: floats ~ N(0, 0.5); quantized blocks with
 // random quants, a scale of either sign and (Q4_1/Q5_1) an offset; K-quant super-blocks with
 // random sub-block scales (and minima) and super-block scales of either sign.
-inline std::vector<uint8_t> RandomMatrix(DType type, int64_t rows, int64_t cols, std::mt19937& rng) {
+inline std::vector<uint8_t> RandomMatrix(DType type, int64_t rows, int64_t cols,
+                                         std::mt19937& rng) {
   const size_t bytes = StorageBytes(type, static_cast<uint64_t>(rows * cols));
   std::vector<uint8_t> data(bytes);
   std::normal_distribution<float> normal(0.0f, 0.5f);

@@ -76,12 +76,15 @@ std::vector<ModelCase> AllModelCases() {
       const std::string file = std::string("tiny-rwkv-") + v + "-" + type + ".bin";
       const std::string t = type;
       cases.push_back({"models/" + file, "models/exact-logits-" + file,
-                       t == "FP32" ? 1e-4 : t == "FP16" ? 5e-3 : 0.15, t == "FP32"});
+                       t == "FP32"   ? 1e-4
+                       : t == "FP16" ? 5e-3
+                                     : 0.15,
+                       t == "FP32"});
     }
     for (const char* type : {"Q4_0", "Q4_1", "Q8_0"}) {
       const std::string file = std::string("tiny-rwkv-") + v + "-" + type + ".bin";
-      cases.push_back({"models/quantized/" + file, "models/quantized/expected-logits-" + file,
-                       0.15, false});
+      cases.push_back(
+          {"models/quantized/" + file, "models/quantized/expected-logits-" + file, 0.15, false});
     }
   }
   for (const char* type : {"Q5_0", "Q5_1"}) {

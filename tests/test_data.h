@@ -29,9 +29,9 @@ std::vector<float> ReadFloats(const std::string& path);
 
 // Every model under ../shared/models, with the file of its exact float64 logits and tolerance.
 struct ModelCase {
-  std::string model;      // relative to shared/
-  std::string expected;   // relative to shared/
-  double tolerance;       // FP32 1e-4, FP16 5e-3, quantized 0.15 (issue bounds)
+  std::string model;     // relative to shared/
+  std::string expected;  // relative to shared/
+  double tolerance;      // FP32 1e-4, FP16 5e-3, quantized 0.15 (issue bounds)
   bool fp32;
   // With rounded activations (the default where the CPU has them): 8-bit ones for quantized
   // matrices and bfloat16 ones for F16 matrices are held to the quantized bound (F16 models
@@ -125,11 +125,11 @@ class RoundedActivations {
 }  // namespace aviary::testing
 
 // Skips (or fails in CI) when a shared file is missing.
-#define REQUIRE_SHARED(relative)                                                         \
-  do {                                                                                   \
-    const std::string _p = ::aviary::testing::SharedPath(relative);                      \
-    if (::aviary::testing::ReadFileBytes(_p).empty()) {                                  \
-      if (::aviary::testing::InCI()) FAIL() << "missing test data in CI: " << _p;        \
-      GTEST_SKIP() << "test data not found: " << _p << " (needs ../shared)";             \
-    }                                                                                    \
+#define REQUIRE_SHARED(relative)                                                  \
+  do {                                                                            \
+    const std::string _p = ::aviary::testing::SharedPath(relative);               \
+    if (::aviary::testing::ReadFileBytes(_p).empty()) {                           \
+      if (::aviary::testing::InCI()) FAIL() << "missing test data in CI: " << _p; \
+      GTEST_SKIP() << "test data not found: " << _p << " (needs ../shared)";      \
+    }                                                                             \
   } while (0)

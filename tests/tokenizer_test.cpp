@@ -109,7 +109,8 @@ std::string NeoxBack(std::string_view bytes) {
 }
 
 // Index of the first difference, for a readable failure.
-::testing::AssertionResult SameIds(const std::vector<int32_t>& got, const std::vector<int32_t>& want) {
+::testing::AssertionResult SameIds(const std::vector<int32_t>& got,
+                                   const std::vector<int32_t>& want) {
   if (got == want) return ::testing::AssertionSuccess();
   size_t i = 0;
   while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
@@ -118,12 +119,13 @@ std::string NeoxBack(std::string_view bytes) {
     for (size_t k = i; k < v.size() && k < i + 8; ++k) s += std::to_string(v[k]) + " ";
     return s;
   };
-  return ::testing::AssertionFailure() << got.size() << " ids, expected " << want.size()
-                                       << "; first difference at " << i << ": got [" << show(got)
-                                       << "] expected [" << show(want) << "]";
+  return ::testing::AssertionFailure()
+         << got.size() << " ids, expected " << want.size() << "; first difference at " << i
+         << ": got [" << show(got) << "] expected [" << show(want) << "]";
 }
 
-void ExpectMatchesReference(const Tokenizer& t, const std::string& expected_file, size_t min_cases) {
+void ExpectMatchesReference(const Tokenizer& t, const std::string& expected_file,
+                            size_t min_cases) {
   const auto corpus = Corpus();
   const auto expected = Expected(expected_file);
   ASSERT_GE(expected.size(), min_cases);
@@ -186,15 +188,16 @@ TEST(NeoxTokenizer, Basics) {
 TEST(NeoxTokenizer, NormalizesToNfc) {
   REQUIRE_SHARED(kNeoxJson);
   const Tokenizer& t = Neox();
-  EXPECT_EQ(t.Encode("cafe\xcc\x81"), t.Encode("caf\xc3\xa9"));         // e + U+0301 -> é
-  EXPECT_EQ(t.Encode("\xe2\x84\xab"), t.Encode("\xc3\x85"));            // Angstrom sign -> Å
+  EXPECT_EQ(t.Encode("cafe\xcc\x81"), t.Encode("caf\xc3\xa9"));               // e + U+0301 -> é
+  EXPECT_EQ(t.Encode("\xe2\x84\xab"), t.Encode("\xc3\x85"));                  // Angstrom sign -> Å
   EXPECT_EQ(t.Encode("\xe1\x84\x80\xe1\x85\xa1"), t.Encode("\xea\xb0\x80"));  // jamo -> 가
   // So such text does not round-trip byte for byte: it comes back normalized.
   EXPECT_EQ(t.Decode(t.Encode("cafe\xcc\x81")), "caf\xc3\xa9");
 }
 
 // \s is Oniguruma's Unicode \s (HF tokenizers): U+0085 is whitespace, U+FEFF and U+180E are not.
-// (transformers.js uses JavaScript's \s, which has U+FEFF and not U+0085; see tests/data/README.md.)
+// (transformers.js uses JavaScript's \s, which has U+FEFF and not U+0085; see
+// tests/data/README.md.)
 TEST(NeoxTokenizer, WhitespaceIsOnigurumas) {
   REQUIRE_SHARED(kNeoxJson);
   const Tokenizer& t = Neox();
@@ -206,7 +209,8 @@ TEST(NeoxTokenizer, WhitespaceIsOnigurumas) {
   EXPECT_EQ(t.Encode(" \xef\xbb\xbf\xef\xbb\xbfx"),
             concat(t.Encode(" \xef\xbb\xbf\xef\xbb\xbf"), t.Encode("x")));
   // NEL is whitespace: "\u0085 " then " x"... "\s+(?!\S)" leaves the last one for " x".
-  EXPECT_EQ(t.Encode("a\xc2\x85 x"), concat(concat(t.Encode("a"), t.Encode("\xc2\x85")), t.Encode(" x")));
+  EXPECT_EQ(t.Encode("a\xc2\x85 x"),
+            concat(concat(t.Encode("a"), t.Encode("\xc2\x85")), t.Encode(" x")));
   // U+180E (PCRE2's own \s has it) is not whitespace: "x\u180e" stays one symbol piece after "x".
   EXPECT_EQ(t.Encode("x \xe1\xa0\x8e!"), concat(t.Encode("x"), t.Encode(" \xe1\xa0\x8e!")));
 }
@@ -224,17 +228,19 @@ void ExpectRoundTrips(const Tokenizer& t, bool neox) {
     }
   }
   std::mt19937 rng(12345);
-  const std::string pieces[] = {"a", " ", "  ", "\n", "\r\n", "\t", "中", "😀", "'s", "1", "é",
-                                "<|endoftext|>", "\xff", "\x80", "\xe4\xb8", "\x00"};
+  const std::string pieces[] = {"a",    " ",    "  ",       "\n",  "\r\n", "\t",
+                                "中",   "😀",    "'s",       "1",   "é",    "<|endoftext|>",
+                                "\xff", "\x80", "\xe4\xb8", "\x00"};
   for (int trial = 0; trial < 3000; ++trial) {
     std::string s;
     const int len = static_cast<int>(rng() % 48);
     for (int k = 0; k < len; ++k) {
       switch (trial % 3) {
-        case 0: s.push_back(static_cast<char>(rng() & 0xff)); break;           // any bytes
-        case 1: s += pieces[rng() % std::size(pieces)]; break;                   // text-like
-        default: s.push_back(static_cast<char>(rng() % 2 ? 0x80 | (rng() & 0x3f)  // UTF-8-ish
-                                                         : 0xc0 | (rng() & 0x3f)));
+        case 0: s.push_back(static_cast<char>(rng() & 0xff)); break;  // any bytes
+        case 1: s += pieces[rng() % std::size(pieces)]; break;        // text-like
+        default:
+          s.push_back(static_cast<char>(rng() % 2 ? 0x80 | (rng() & 0x3f)  // UTF-8-ish
+                                                  : 0xc0 | (rng() & 0x3f)));
       }
     }
     const std::vector<int32_t> ids = t.Encode(s);
@@ -264,7 +270,9 @@ TEST(NeoxTokenizer, InvalidUtf8IsPiecesOfItsOwn) {
   std::vector<int32_t> want = t.Encode("abc");
   want.push_back(t.Encode("\x80")[0]);
   for (int32_t id : t.Encode("def")) want.push_back(id);
-  EXPECT_EQ(t.Encode("abc\x80" "def"), want);
+  EXPECT_EQ(t.Encode("abc\x80"
+                     "def"),
+            want);
   EXPECT_EQ(t.Encode("\x80").size(), 1u);
   EXPECT_EQ(t.Decode(t.Encode("\xe4\xb8")), "\xe4\xb8");  // half of 中
   // A byte without a token is U+FFFD.
@@ -350,14 +358,14 @@ TEST(WorldVocab, ParsesPythonLiterals) {
       {"'\\''", "'"},
       {"'\\\\'", "\\"},
       {"'\\n\\t\\r\\x00'", std::string("\n\t\r\0", 4)},
-      {"'\\x80'", "\xc2\x80"},   // a str's \x80 is U+0080: two UTF-8 bytes
-      {"b'\\x80'", "\x80"},      // a bytes' \x80 is the byte
+      {"'\\x80'", "\xc2\x80"},  // a str's \x80 is U+0080: two UTF-8 bytes
+      {"b'\\x80'", "\x80"},     // a bytes' \x80 is the byte
       {"b'\\xe4\\xb8\\xad'", "\xe4\xb8\xad"},
       {"'\\u4e2d'", "\xe4\xb8\xad"},
       {"'\\U0001F600'", "\xf0\x9f\x98\x80"},
       {"'中'", "\xe4\xb8\xad"},
       {"'\\101\\0'", std::string("A\0", 2)},
-      {"'\\d'", "\\d"},          // unknown escapes stay as written (Python does the same)
+      {"'\\d'", "\\d"},           // unknown escapes stay as written (Python does the same)
       {"b'\\u0041'", "\\u0041"},  // no \u in bytes
       {"' '", " "},
   };
@@ -367,8 +375,8 @@ TEST(WorldVocab, ParsesPythonLiterals) {
     EXPECT_EQ(out, c.bytes) << c.literal;
   }
   for (const char* bad : {"abc", "'abc", "abc'", "'a'b'", "'\\x4'", "'\\xzz'", "'\\u12'",
-                          "'\\ud800'", "'\\U00110000'", "b'\xc3\xa9'", "'\\N{DASH}'", "'a\\'",
-                          "''", "'", "b", "'''a'''", "b'\\400'"}) {
+                          "'\\ud800'", "'\\U00110000'", "b'\xc3\xa9'", "'\\N{DASH}'", "'a\\'", "''",
+                          "'", "b", "'''a'''", "b'\\400'"}) {
     std::string out, error;
     EXPECT_FALSE(ParsePythonLiteral(bad, &out, &error) && !out.empty()) << bad;
   }
@@ -410,7 +418,10 @@ TEST(WorldVocab, MalformedFilesNameFileAndLine) {
       {"out-of-order", "1 'a' 1\n3 'b' 1\n", ":2:", "out of order"},
       {"starts-at-0", "0 'a' 1\n", ":1:", "out of order"},
       {"not-utf8", "1 'a' 1\n2 '\xff\xfe' 2\n", ":2:", "UTF-8"},
-      {"junk", "\x7f" "ELF\x02\x01\x01\x00\x00\x00", ":1:", ""},
+      {"junk",
+       "\x7f"
+       "ELF\x02\x01\x01\x00\x00\x00",
+       ":1:", ""},
       {"missing-fields", "1 'a'\n", ":1:", "expected"},
       {"bad-id", "x 'a' 1\n", ":1:", "bad token id"},
       {"bad-length", "1 'a' one\n", ":1:", "bad byte length"},
@@ -470,7 +481,8 @@ TEST(TokenizerJson, ByteLevelMapping) {
 std::string MiniJson(const std::string& model, const std::string& extra = "") {
   return R"({"version":"1.0","added_tokens":[{"id":0,"content":"<|endoftext|>","special":true}],)"
          R"("normalizer":{"type":"NFC"},"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false},)"
-         R"("decoder":{"type":"ByteLevel"},"model":)" + model + extra + "}";
+         R"("decoder":{"type":"ByteLevel"},"model":)" +
+         model + extra + "}";
 }
 
 TEST(TokenizerJson, MalformedFilesNameFile) {
@@ -488,18 +500,27 @@ TEST(TokenizerJson, MalformedFilesNameFile) {
       {"no-merges", MiniJson("{\"type\":\"BPE\"," + vocab + "}"), "merges"},
       {"no-vocab", MiniJson(R"({"type":"BPE","merges":[]})"), "vocab"},
       {"wordpiece", MiniJson("{\"type\":\"WordPiece\"," + vocab + "}"), "not supported"},
-      {"unknown-merge", MiniJson("{\"type\":\"BPE\"," + vocab + R"(,"merges":["a c"]})"), "merge 1"},
+      {"unknown-merge", MiniJson("{\"type\":\"BPE\"," + vocab + R"(,"merges":["a c"]})"),
+       "merge 1"},
       {"bad-merge", MiniJson("{\"type\":\"BPE\"," + vocab + R"(,"merges":["abc"]})"), "merge 1"},
       {"bad-id", MiniJson(R"({"type":"BPE","vocab":{"a":-1},"merges":[]})"), "bad id"},
-      {"nfkc", R"({"normalizer":{"type":"NFKC"},"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false},)"
-               R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "normalizer"},
-      {"metaspace", R"({"normalizer":null,"pre_tokenizer":{"type":"Metaspace"},)"
-                    R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "pre-tokenizer"},
+      {"nfkc",
+       R"({"normalizer":{"type":"NFKC"},"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false},)"
+       R"("model":{"type":"BPE","vocab":{},"merges":[]}})",
+       "normalizer"},
+      {"metaspace",
+       R"({"normalizer":null,"pre_tokenizer":{"type":"Metaspace"},)"
+       R"("model":{"type":"BPE","vocab":{},"merges":[]}})",
+       "pre-tokenizer"},
       // Found by fuzz_vocab_file: a number where ByteLevel wants a boolean.
-      {"prefix-space-number", R"({"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":1},)"
-                              R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "add_prefix_space"},
-      {"use-regex-string", R"({"pre_tokenizer":{"type":"ByteLevel","use_regex":"yes"},)"
-                           R"("model":{"type":"BPE","vocab":{},"merges":[]}})", "use_regex"},
+      {"prefix-space-number",
+       R"({"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":1},)"
+       R"("model":{"type":"BPE","vocab":{},"merges":[]}})",
+       "add_prefix_space"},
+      {"use-regex-string",
+       R"({"pre_tokenizer":{"type":"ByteLevel","use_regex":"yes"},)"
+       R"("model":{"type":"BPE","vocab":{},"merges":[]}})",
+       "use_regex"},
   };
   for (const Case& c : cases) {
     const fs::path path = dir / (std::string(c.name) + ".json");
@@ -520,7 +541,8 @@ TEST(TokenizerJson, SmallBpeEncodes) {
   std::string vocab = "{";
   for (int b = 0; b < 256; ++b) {
     std::string key = BytesToByteLevel(std::string(1, static_cast<char>(b)));
-    if (key == "\"" || key == "\\") key = "\\" + key;  // the only characters JSON needs escaped here
+    if (key == "\"" || key == "\\")
+      key = "\\" + key;  // the only characters JSON needs escaped here
     vocab += (b ? ",\"" : "\"") + key + "\":" + std::to_string(b + 1);
   }
   vocab += R"(,"ab":257,"Ġab":258})";
@@ -617,8 +639,8 @@ TEST(TokenizeCommand, RoundTripThroughPipe) {
   for (const char* vocab : {kWorldVocab, kNeoxJson}) {
     const std::string v = Quote(SharedPath(vocab));
     int k = 0;
-    for (const char* name : {"05-emoji.txt", "08-whitespace.txt", "16-invalid-utf8.bin",
-                             "17-random-bytes.bin"}) {
+    for (const char* name :
+         {"05-emoji.txt", "08-whitespace.txt", "16-invalid-utf8.bin", "17-random-bytes.bin"}) {
       const std::string in = (DataDir() / "tokenizer_corpus" / name).string();
       const std::string out = (dir / (std::string(name) + ".out")).string();
       // What should come back: the same bytes (GPT-NeoX: NFC, and U+FFFD for the bytes it has
@@ -653,15 +675,15 @@ TEST(TokenizeCommand, UnusableVocabulariesNameTheirFile) {
   const std::string world = read_all(SharedPath(kWorldVocab));
   size_t cut = 0;
   for (int line = 0; line < 100; ++line) cut = world.find('\n', cut) + 1;
-  const std::string short_vocab = ::testing::TempDir() + "aviary_short_vocab_" +
-                                  std::to_string(::getpid()) + ".txt";
+  const std::string short_vocab =
+      ::testing::TempDir() + "aviary_short_vocab_" + std::to_string(::getpid()) + ".txt";
   std::ofstream(short_vocab, std::ios::binary) << world.substr(0, cut);
   std::string json = read_all(SharedPath(kNeoxJson));
   const size_t at = json.find("\"a\":");  // the single byte 'a'
   ASSERT_NE(at, std::string::npos);
   json.replace(at, 4, "\"a-not-a\":");
-  const std::string bad_json = ::testing::TempDir() + "aviary_gap_tokenizer_" +
-                               std::to_string(::getpid()) + ".json";
+  const std::string bad_json =
+      ::testing::TempDir() + "aviary_gap_tokenizer_" + std::to_string(::getpid()) + ".json";
   std::ofstream(bad_json, std::ios::binary) << json;
   for (const std::string& file : {short_vocab, bad_json}) {
     try {
@@ -670,14 +692,17 @@ TEST(TokenizeCommand, UnusableVocabulariesNameTheirFile) {
     } catch (const Error& e) {
       EXPECT_EQ(std::string(e.what()).rfind(file + ": ", 0), 0u) << e.what();
     }
-    const CommandResult r = RunCommand(Cli("tokenize --tokenizer " + Quote(file) + " --text hi") + " 2>&1");
+    const CommandResult r =
+        RunCommand(Cli("tokenize --tokenizer " + Quote(file) + " --text hi") + " 2>&1");
     EXPECT_EQ(r.exit_code, 1) << r.output;
     EXPECT_EQ(r.output.rfind("aviary: " + file + ": ", 0), 0u) << r.output;
     // convert embeds a vocabulary: it refuses it before writing anything.
     REQUIRE_SHARED(kTinyModel);
-    const std::string out = ::testing::TempDir() + "aviary_vocab_" + std::to_string(::getpid()) + ".gguf";
-    const CommandResult c = RunCommand(Cli("convert " + Quote(SharedPath(kTinyModel)) + " " + Quote(out) +
-                                           " --tokenizer " + Quote(file)) + " 2>&1");
+    const std::string out =
+        ::testing::TempDir() + "aviary_vocab_" + std::to_string(::getpid()) + ".gguf";
+    const CommandResult c = RunCommand(Cli("convert " + Quote(SharedPath(kTinyModel)) + " " +
+                                           Quote(out) + " --tokenizer " + Quote(file)) +
+                                       " 2>&1");
     EXPECT_EQ(c.exit_code, 1) << c.output;
     EXPECT_NE(c.output.find("aviary: " + file + ": "), std::string::npos) << c.output;
     EXPECT_FALSE(std::filesystem::exists(out));
@@ -691,11 +716,13 @@ TEST(TokenizeCommand, CommasStandBetweenIds) {
   REQUIRE_SHARED(kWorldVocab);
   const std::string world = Quote(SharedPath(kWorldVocab));
   for (const char* ids : {"'[1,2,,3]'", "'[,1]'", "'1,'", "'[1,2,]'", ", 5"}) {
-    const CommandResult r = RunCommand(Cli("detokenize --tokenizer " + world + " -- " + ids) + " 2>&1");
+    const CommandResult r =
+        RunCommand(Cli("detokenize --tokenizer " + world + " -- " + ids) + " 2>&1");
     EXPECT_EQ(r.exit_code, 2) << ids << "\n" << r.output;
     EXPECT_NE(r.output.find("a comma without an id"), std::string::npos) << ids << "\n" << r.output;
   }
-  const CommandResult s = RunCommand("echo '[66,,67]' | " + Cli("detokenize --tokenizer " + world) + " 2>&1");
+  const CommandResult s =
+      RunCommand("echo '[66,,67]' | " + Cli("detokenize --tokenizer " + world) + " 2>&1");
   EXPECT_EQ(s.exit_code, 1) << s.output;
   EXPECT_NE(s.output.find("stdin: a comma without an id"), std::string::npos) << s.output;
   for (const char* ids : {"'[66,67]'", "'66, 67'", "66, 67", "'[66, 67]'", "66 67"}) {
@@ -734,10 +761,12 @@ TEST(TokenizeCommand, Errors) {
     EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << c.args << "\n" << r.output;
   }
   // Nothing is written before an unknown id is found.
-  const CommandResult r = RunCommand(Cli("detokenize --tokenizer " + world + " 50 51 70000 2>/dev/null"));
+  const CommandResult r =
+      RunCommand(Cli("detokenize --tokenizer " + world + " 50 51 70000 2>/dev/null"));
   EXPECT_EQ(r.output, "");
   // Non-numeric input on stdin is bad input.
-  const CommandResult s = RunCommand("echo '1 2 x' | " + Cli("detokenize --tokenizer " + world) + " 2>&1");
+  const CommandResult s =
+      RunCommand("echo '1 2 x' | " + Cli("detokenize --tokenizer " + world) + " 2>&1");
   EXPECT_EQ(s.exit_code, 1) << s.output;
   EXPECT_NE(s.output.find("stdin"), std::string::npos) << s.output;
 }

@@ -33,7 +33,7 @@ struct ChatTemplate {
   // A chat message; the reply follows it and ends with "\n\n" (the turn separator).
   std::string message_format = "{user}{sep} {text}\n\n{bot}{sep}";
   std::string instruction_format = "Instruction: {text}\n\nResponse:";  // +i
-  std::string qa_format = "{user}{sep} {text}\n\n{bot}{sep}";          // +qa
+  std::string qa_format = "{user}{sep} {text}\n\n{bot}{sep}";           // +qa
   std::string gen_format = "\n{text}";                                  // +gen (as ChatRWKV)
   std::string think;  // appended after the reply prefix in think mode ("" = no think mode)
   // Besides "\n\n", a reply ends at any of these (never printed nor kept): the model starting
@@ -143,17 +143,19 @@ class ChatSession {
 
   // The commands behind Handle.
   ChatResult Say(std::string_view message, const ChatCallbacks& cb = {},
-                 const std::atomic<bool>* cancel = nullptr);             // a chat message
+                 const std::atomic<bool>* cancel = nullptr);  // a chat message
   ChatResult Retry(const ChatCallbacks& cb = {}, const std::atomic<bool>* cancel = nullptr);  // +
-  ChatResult Reset();                                                                         // +reset
+  ChatResult Reset();  // +reset
   ChatResult Generate(std::string_view text, const ChatCallbacks& cb = {},
-                      const std::atomic<bool>* cancel = nullptr);        // +gen
+                      const std::atomic<bool>* cancel = nullptr);  // +gen
   ChatResult Instruct(std::string_view text, const ChatCallbacks& cb = {},
-                      const std::atomic<bool>* cancel = nullptr);        // +i
+                      const std::atomic<bool>* cancel = nullptr);  // +i
   ChatResult Ask(std::string_view text, const ChatCallbacks& cb = {},
-                 const std::atomic<bool>* cancel = nullptr);             // +qa
-  ChatResult Continue(const ChatCallbacks& cb = {}, const std::atomic<bool>* cancel = nullptr);    // +++
-  ChatResult Regenerate(const ChatCallbacks& cb = {}, const std::atomic<bool>* cancel = nullptr);  // ++
+                 const std::atomic<bool>* cancel = nullptr);  // +qa
+  ChatResult Continue(const ChatCallbacks& cb = {},
+                      const std::atomic<bool>* cancel = nullptr);  // +++
+  ChatResult Regenerate(const ChatCallbacks& cb = {},
+                        const std::atomic<bool>* cancel = nullptr);  // ++
 
   // +save: the conversation (state and logits after the last reply and after the last user
   // message, history, temperature, top-p) in a versioned file tied to this model.
@@ -217,10 +219,10 @@ class ChatSession {
   ChatOptions options_;
   Sampler sampler_;
   std::vector<int32_t> newline_tokens_;  // "\n" and "\n\n" when each is one token
-  std::vector<int32_t> avoid_repeat_;    // ChatRWKV's AVOID_REPEAT: ，：？！ when one token each
-  std::vector<int32_t> always_banned_;   // ids the model has but the tokenizer cannot decode
-  std::vector<std::string> stops_;       // expanded template stops
-  std::vector<float> work_;              // logits being prepared for sampling
+  std::vector<int32_t> avoid_repeat_;   // ChatRWKV's AVOID_REPEAT: ，：？！ when one token each
+  std::vector<int32_t> always_banned_;  // ids the model has but the tokenizer cannot decode
+  std::vector<std::string> stops_;      // expanded template stops
+  std::vector<float> work_;             // logits being prepared for sampling
 
   Snapshot current_;
   std::optional<Snapshot> chat_init_, chat_, chat_pre_, gen_0_, gen_1_;

@@ -22,16 +22,16 @@ enum class Arch : uint32_t { kV4 = 40, kV5_1 = 51, kV5_2 = 52, kV6 = 60, kV7 = 7
 std::string_view ArchName(Arch arch);
 
 struct ModelInfo {
-  std::string path;         // file it was read from
-  std::string format;       // e.g. "rwkv.cpp ggmf v101"
+  std::string path;    // file it was read from
+  std::string format;  // e.g. "rwkv.cpp ggmf v101"
   Arch arch = Arch::kV4;
   int n_layer = 0;
   int n_embd = 0;
-  int n_head = 0;           // 1 for v4 (no heads)
-  int head_size = 0;        // n_embd for v4
-  int n_ffn = 0;            // channel-mix hidden width
+  int n_head = 0;     // 1 for v4 (no heads)
+  int head_size = 0;  // n_embd for v4
+  int n_ffn = 0;      // channel-mix hidden width
   int n_vocab = 0;
-  std::string main_type;    // the file header's data type, e.g. "Q5_1"
+  std::string main_type;                    // the file header's data type, e.g. "Q5_1"
   std::map<std::string, int> tensor_types;  // data type name -> tensor count
   uint64_t n_params = 0;
   uint64_t file_size = 0;
@@ -40,7 +40,7 @@ struct ModelInfo {
   std::string load_mode;
   uint64_t fingerprint = 0;  // identifies these exact weights (used by saved states)
   std::shared_ptr<const TokenizerData> tokenizer_data;  // embedded in the file, if any
-  std::vector<std::string> notes;  // what the reader converted on the fly
+  std::vector<std::string> notes;                       // what the reader converted on the fly
 };
 
 // A loaded model: its weights and the runtime it evaluates on. Eval is const and keeps no state

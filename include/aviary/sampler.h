@@ -20,8 +20,9 @@ enum class SamplingOrder { kTemperatureFirst, kChatRwkv };
 
 struct SamplerOptions {
   float temperature = 1.0f;  // 0 = greedy argmax
-  float top_p = 1.0f;        // keep the smallest set of tokens whose probability sums to top_p; 0 = greedy
-  int top_k = 0;             // 0 = off
+  float top_p =
+      1.0f;       // keep the smallest set of tokens whose probability sums to top_p; 0 = greedy
+  int top_k = 0;  // 0 = off
   uint64_t seed = 0;
   SamplingOrder order = SamplingOrder::kTemperatureFirst;
   // Repetition penalties (GPT-3 style, as in ChatRWKV): before sampling, every token seen since
@@ -29,7 +30,7 @@ struct SamplerOptions {
   // number of occurrences, each decayed by `penalty_decay` per sampled token. 0 = off.
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
-  float penalty_decay = 1.0f;  // in (0, 1]
+  float penalty_decay = 1.0f;          // in (0, 1]
   std::vector<int32_t> banned_tokens;  // never sampled
 };
 

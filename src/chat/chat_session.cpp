@@ -73,7 +73,9 @@ struct Writer {
     bytes.insert(bytes.end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + n);
   }
   template <typename T>
-  void Pod(T v) { Put(&v, sizeof v); }
+  void Pod(T v) {
+    Put(&v, sizeof v);
+  }
   void Str(std::string_view s) {
     Pod<uint32_t>(static_cast<uint32_t>(s.size()));
     Put(s.data(), s.size());
@@ -118,7 +120,8 @@ struct Reader {
     pos += n;
     const uint32_t count = Pod<uint32_t>();
     if (count != 0 && count != static_cast<uint32_t>(model.info().n_vocab)) {
-      throw Error(name + ": conversation file is corrupt (logit count " + std::to_string(count) + ")");
+      throw Error(name + ": conversation file is corrupt (logit count " + std::to_string(count) +
+                  ")");
     }
     Need(uint64_t{count} * sizeof(float));
     s.logits.resize(count);
@@ -126,7 +129,8 @@ struct Reader {
     pos += count * sizeof(float);
     s.last_token = Pod<int32_t>();
     if (s.last_token < -1 || s.last_token >= model.info().n_vocab) {
-      throw Error(name + ": conversation file is corrupt (token " + std::to_string(s.last_token) + ")");
+      throw Error(name + ": conversation file is corrupt (token " + std::to_string(s.last_token) +
+                  ")");
     }
     return s;
   }
@@ -137,7 +141,8 @@ std::vector<uint8_t> ReadAll(const std::string& path) {
   if (std::filesystem::is_directory(path, ec)) throw Error(path + ": is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open");
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
   if (in.bad()) throw Error(path + ": read error");
   return bytes;
 }
@@ -157,12 +162,14 @@ ChatSession::ChatSession(const Model& model, const Tokenizer& tokenizer, ChatTem
   if (!(t >= kMinChatTemperature && t <= kMaxChatTemperature)) {
     throw UsageError("temperature must be from 0.2 to 5 (got " + Num(t) + ")");
   }
-  if (!(p >= 0.0f && p <= 1.0f)) throw UsageError("top-p must be from 0.0 to 1.0 (got " + Num(p) + ")");
+  if (!(p >= 0.0f && p <= 1.0f))
+    throw UsageError("top-p must be from 0.0 to 1.0 (got " + Num(p) + ")");
   if (options_.chat_len_short < 0 || options_.chat_len_long < options_.chat_len_short) {
     throw UsageError("the newline schedule needs 0 <= chat_len_short <= chat_len_long");
   }
   if (options_.max_reply_tokens < 1) throw UsageError("the reply length limit must be >= 1 token");
-  if (options_.free_gen_tokens < 1) throw UsageError("the free generation length must be >= 1 token");
+  if (options_.free_gen_tokens < 1)
+    throw UsageError("the free generation length must be >= 1 token");
   if (!options_.system.empty() && template_.system_role.empty()) {
     throw UsageError("the " + template_.name + " template has no system prompt");
   }
@@ -174,26 +181,31 @@ ChatSession::ChatSession(const Model& model, const Tokenizer& tokenizer, ChatTem
   for (const char* s : {"\n", "\n\n"}) {
     const std::vector<int32_t> ids = tokenizer_.Encode(s);
     if (ids.size() == 1 && ids[0] >= 0 && ids[0] < n_vocab &&
-        std::find(newline_tokens_.begin(), newline_tokens_.end(), ids[0]) == newline_tokens_.end()) {
+        std::find(newline_tokens_.begin(), newline_tokens_.end(), ids[0]) ==
+            newline_tokens_.end()) {
       newline_tokens_.push_back(ids[0]);
     }
   }
-  for (const char* s : {"\xef\xbc\x8c", "\xef\xbc\x9a", "\xef\xbc\x9f", "\xef\xbc\x81"}) {  // ，：？！
+  for (const char* s :
+       {"\xef\xbc\x8c", "\xef\xbc\x9a", "\xef\xbc\x9f", "\xef\xbc\x81"}) {  // ，：？！
     const std::vector<int32_t> ids = tokenizer_.Encode(s);
     if (ids.size() == 1 && ids[0] >= 0 && ids[0] < n_vocab) avoid_repeat_.push_back(ids[0]);
   }
-  for (int32_t id = std::max(0, tokenizer_.vocab_size()); id < n_vocab; ++id) always_banned_.push_back(id);
+  for (int32_t id = std::max(0, tokenizer_.vocab_size()); id < n_vocab; ++id)
+    always_banned_.push_back(id);
   stops_.push_back("\n\n");
   for (const std::string& s : template_.stop) {
     std::string e = template_.Expand(s);
-    if (!e.empty() && std::find(stops_.begin(), stops_.end(), e) == stops_.end()) stops_.push_back(e);
+    if (!e.empty() && std::find(stops_.begin(), stops_.end(), e) == stops_.end())
+      stops_.push_back(e);
   }
   // The initial prompt: system line, then intro.
   Snapshot init{model_.NewState(), {}, -1};
   std::string prompt;
   if (!options_.system.empty()) {
-    const std::string sys = template_.fold_newlines ? chat::FoldNewlines(chat::Trim(options_.system))
-                                                    : chat::Trim(options_.system);
+    const std::string sys = template_.fold_newlines
+                                ? chat::FoldNewlines(chat::Trim(options_.system))
+                                : chat::Trim(options_.system);
     prompt += template_.Expand(template_.system_format, sys);
   }
   prompt += template_.intro;
@@ -245,8 +257,8 @@ void ChatSession::PrepareLogits(const Snapshot& snap, float newline_bias, bool b
       work_[*eot] = kNegInf;
     }
   }
-  if (snap.last_token >= 0 &&
-      std::find(avoid_repeat_.begin(), avoid_repeat_.end(), snap.last_token) != avoid_repeat_.end()) {
+  if (snap.last_token >= 0 && std::find(avoid_repeat_.begin(), avoid_repeat_.end(),
+                                        snap.last_token) != avoid_repeat_.end()) {
     work_[snap.last_token] = kNegInf;
   }
   for (int32_t id : always_banned_) work_[id] = kNegInf;
@@ -316,8 +328,7 @@ ChatResult ChatSession::ChatReply(const ChatCallbacks& cb, const std::atomic<boo
   if (const std::string rest = utf8.Flush(); !rest.empty() && cb.text) cb.text(rest);
 
   // Close the turn so that the state holds exactly: message, reply, "\n\n".
-  if (stop == ChatStop::kEndOfTurn && stop_pos + stop_len == text.size() &&
-      clean_len == stop_pos) {
+  if (stop == ChatStop::kEndOfTurn && stop_pos + stop_len == text.size() && clean_len == stop_pos) {
     // The model ended the turn itself: the state already ends with "\n\n".
   } else if (stop == ChatStop::kEndOfTurn || stop == ChatStop::kStopString) {
     // The stop string is followed by more bytes, or is an invented turn: rebuild from the
@@ -358,7 +369,8 @@ ChatResult ChatSession::FreeGeneration(Mode mode, bool first_unbiased, const Cha
   for (int j = 0;; ++j) {
     // ChatRWKV's FREE_GEN_LEN: stop at the first character boundary after the length, but
     // never more than 100 tokens later.
-    if (j >= options_.free_gen_tokens && (pushed == emitted || j >= options_.free_gen_tokens + 100)) {
+    if (j >= options_.free_gen_tokens &&
+        (pushed == emitted || j >= options_.free_gen_tokens + 100)) {
       break;
     }
     if (Cancelled(cancel)) {
@@ -546,10 +558,13 @@ std::string ChatSession::StateSummary() const {
 
 std::string ChatSession::Help() {
   return "Commands (one per line; anything else is a chat message):\n"
-         "  -temp=X        set the temperature, 0.2 to 5; stays until changed; may prefix a message\n"
-         "  -top_p=Y       set top-p, 0.0 to 1.0 (0 = always the most likely token); stays until changed\n"
+         "  -temp=X        set the temperature, 0.2 to 5; stays until changed; may prefix a "
+         "message\n"
+         "  -top_p=Y       set top-p, 0.0 to 1.0 (0 = always the most likely token); stays until "
+         "changed\n"
          "  -seed=N        restart the random numbers from seed N (exact repeats)\n"
-         "  +              retry the last reply with an alternative (the rejected one is forgotten)\n"
+         "  +              retry the last reply with an alternative (the rejected one is "
+         "forgotten)\n"
          "  +reset         back to the state right after the initial prompt; history cleared\n"
          "  +gen TEXT      free generation continuing TEXT from a blank state (no chat template)\n"
          "  +++            continue the last free generation from where it stopped\n"
@@ -605,9 +620,7 @@ ChatResult ChatSession::Handle(std::string_view line, const ChatCallbacks& cb,
       } catch (const Error& e) {
         return Refuse(e.what());
       }
-    case Command::kLoad:
-      try {
-        return Status(Load(p.text));
+    case Command::kLoad: try { return Status(Load(p.text));
       } catch (const Error& e) {
         return Refuse(e.what());
       }
@@ -670,13 +683,15 @@ std::string ChatSession::Load(const std::string& path) {
                 " is not supported (expected " + std::to_string(kChatFormatVersion) + ")");
   }
   if (r.Pod<uint64_t>() != model_.info().fingerprint) {
-    throw Error(path + ": conversation was saved with a different model than " + model_.info().path);
+    throw Error(path + ": conversation was saved with a different model than " +
+                model_.info().path);
   }
   if (Fnv1a(bytes.data(), bytes.size() - 8) != stored) {
     throw Error(path + ": conversation file is corrupt (checksum mismatch)");
   }
   if (r.Pod<uint32_t>() != static_cast<uint32_t>(model_.info().n_vocab)) {
-    throw Error(path + ": conversation was saved with a different model than " + model_.info().path);
+    throw Error(path + ": conversation was saved with a different model than " +
+                model_.info().path);
   }
   const float temp = r.Pod<float>(), top_p_value = r.Pod<float>();
   if (!(temp >= kMinChatTemperature && temp <= kMaxChatTemperature) ||

@@ -12,7 +12,9 @@
 namespace aviary::chat {
 namespace {
 
-bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+bool IsSpace(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
 
 std::string Lower(std::string_view s) {
   std::string out(s);
@@ -154,10 +156,13 @@ ParsedLine ParseLine(std::string_view line, float current_temperature, float cur
   while (word_end < msg.size() && !IsSpace(msg[word_end])) ++word_end;
   const std::string word = Lower(msg.substr(0, word_end));
   const std::string arg = Trim(std::string_view(msg).substr(word_end));
-  struct Exact { const char* word; Command command; };
+  struct Exact {
+    const char* word;
+    Command command;
+  };
   static constexpr Exact kExact[] = {
-      {"+", Command::kRetry},       {"++", Command::kRegenerate}, {"+++", Command::kContinue},
-      {"+reset", Command::kReset},  {"+state", Command::kState},  {"+help", Command::kHelp},
+      {"+", Command::kRetry},      {"++", Command::kRegenerate}, {"+++", Command::kContinue},
+      {"+reset", Command::kReset}, {"+state", Command::kState},  {"+help", Command::kHelp},
       {"+exit", Command::kExit},
   };
   if (arg.empty()) {
@@ -168,9 +173,12 @@ ParsedLine ParseLine(std::string_view line, float current_temperature, float cur
       }
     }
   }
-  struct WithArg { const char* word; Command command; };
+  struct WithArg {
+    const char* word;
+    Command command;
+  };
   static constexpr WithArg kWithArg[] = {
-      {"+gen", Command::kGen}, {"+i", Command::kInstruct}, {"+qa", Command::kQa},
+      {"+gen", Command::kGen},   {"+i", Command::kInstruct}, {"+qa", Command::kQa},
       {"+save", Command::kSave}, {"+load", Command::kLoad},
   };
   for (const WithArg& w : kWithArg) {

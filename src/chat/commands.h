@@ -28,7 +28,7 @@ enum class Command {
 
 struct ParsedLine {
   Command command = Command::kEmpty;
-  std::string text;       // message, prompt or file name (settings words removed, trimmed)
+  std::string text;  // message, prompt or file name (settings words removed, trimmed)
   bool had_settings = false;
   std::optional<float> temperature, top_p;
   std::optional<uint64_t> seed;

@@ -131,7 +131,8 @@ ChatTemplate LoadChatTemplate(const std::string& path) {
     while (i < line.size() && std::isspace(static_cast<unsigned char>(line[i]))) ++i;
     if (i >= line.size() || line[i] == '#') continue;
     size_t k = i;
-    while (k < line.size() && (std::isalnum(static_cast<unsigned char>(line[k])) || line[k] == '_')) ++k;
+    while (k < line.size() && (std::isalnum(static_cast<unsigned char>(line[k])) || line[k] == '_'))
+      ++k;
     const std::string key = line.substr(i, k - i);
     if (key.empty()) throw Error(where + ": expected key = \"value\"");
     while (k < line.size() && (line[k] == ' ' || line[k] == '\t')) ++k;
@@ -191,7 +192,8 @@ ChatTemplate LoadChatTemplate(const std::string& path) {
   }
   if (in.bad()) throw Error(path + ": read error");
   if (t.user.empty() || t.bot.empty()) throw Error(path + ": user and bot names must not be empty");
-  for (const std::string* f : {&t.message_format, &t.instruction_format, &t.qa_format, &t.gen_format}) {
+  for (const std::string* f :
+       {&t.message_format, &t.instruction_format, &t.qa_format, &t.gen_format}) {
     if (f->find("{text}") == std::string::npos) {
       throw Error(path + ": every format (message, instruction, qa, gen) needs {text}");
     }
@@ -204,7 +206,8 @@ ChatTemplate ChatTemplateByName(const std::string& name_or_path) {
   if (name_or_path == "raven") return RavenTemplate();
   std::error_code ec;
   if (!std::filesystem::exists(name_or_path, ec)) {
-    throw UsageError("unknown template '" + name_or_path + "': give world, raven, or a template file");
+    throw UsageError("unknown template '" + name_or_path +
+                     "': give world, raven, or a template file");
   }
   return LoadChatTemplate(name_or_path);
 }

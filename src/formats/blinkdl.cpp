@@ -63,9 +63,9 @@ std::string FromTransformers(const std::string& name) {
   if (part == "attention") part = "att";
   if (part == "feed_forward") part = "ffn";
   static const std::pair<const char*, const char*> kSuffixes[] = {
-      {"time_mix_key", "time_mix_k"},     {"time_mix_value", "time_mix_v"},
+      {"time_mix_key", "time_mix_k"},        {"time_mix_value", "time_mix_v"},
       {"time_mix_receptance", "time_mix_r"}, {"time_mix_gate", "time_mix_g"},
-      {"time_maa_key", "time_maa_k"},     {"time_maa_value", "time_maa_v"},
+      {"time_maa_key", "time_maa_k"},        {"time_maa_value", "time_maa_v"},
       {"time_maa_receptance", "time_maa_r"}, {"time_maa_gate", "time_maa_g"}};
   for (const auto& [from, to] : kSuffixes) {
     if (rest == from) rest = to;
@@ -84,18 +84,22 @@ std::string FromFla(const std::string& name, bool* lowrank_canonical) {
   if (name == "lm_head.weight") return "head.weight";
   std::string layer, part, rest;
   if (!SplitBlock(name, "model.layers.", &layer, &part, &rest)) return name;
-  static const std::pair<const char*, const char*> kParts[] = {
-      {"attn", "att"}, {"ffn", "ffn"}, {"pre_norm", "ln0"}, {"attn_norm", "ln1"},
-      {"ffn_norm", "ln2"}};
+  static const std::pair<const char*, const char*> kParts[] = {{"attn", "att"},
+                                                               {"ffn", "ffn"},
+                                                               {"pre_norm", "ln0"},
+                                                               {"attn_norm", "ln1"},
+                                                               {"ffn_norm", "ln2"}};
   bool known = false;
   for (const auto& [from, to] : kParts) {
     if (part == from) part = to, known = true;
   }
   if (!known) return name;
   if (part == "att") {
-    static const std::pair<const char*, const char*> kProj[] = {
-        {"r_proj.", "receptance."}, {"k_proj.", "key."}, {"v_proj.", "value."},
-        {"o_proj.", "output."},     {"g_norm.", "ln_x."}};
+    static const std::pair<const char*, const char*> kProj[] = {{"r_proj.", "receptance."},
+                                                                {"k_proj.", "key."},
+                                                                {"v_proj.", "value."},
+                                                                {"o_proj.", "output."},
+                                                                {"g_norm.", "ln_x."}};
     for (const auto& [from, to] : kProj) {
       if (StartsWith(rest, from)) rest = to + rest.substr(std::strlen(from));
     }
@@ -250,8 +254,8 @@ class Converter final : public BlinkDlTensors {
              ", expected a 2-D low-rank matrix");
       }
       const int64_t a = t.shape[0], b = t.shape[1];
-      const bool raw = keep_type && (t.type == DType::kF32 || t.type == DType::kF16 ||
-                                     t.type == DType::kBF16);
+      const bool raw =
+          keep_type && (t.type == DType::kF32 || t.type == DType::kF16 || t.type == DType::kBF16);
       if (raw) {
         const size_t size = t.type == DType::kF32 ? 4 : 2;
         std::vector<uint8_t> out(static_cast<size_t>(a * b) * size);

@@ -10,7 +10,8 @@ namespace aviary {
 WeightFile ReadWeightFile(std::span<const uint8_t> bytes, const std::string& name) {
   if (LooksLikeRwkvCppBin(bytes)) return ReadRwkvCppBin(bytes, name);
   if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0) return ReadGguf(bytes, name);
-  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "PK\x03\x04", 4) == 0) return ReadPth(bytes, name);
+  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "PK\x03\x04", 4) == 0)
+    return ReadPth(bytes, name);
   // safetensors: u64 little-endian header length, then a JSON object.
   if (bytes.size() >= 9 && bytes[8] == '{') return ReadSafetensors(bytes, name);
   if (bytes.size() < 4) {

@@ -54,12 +54,12 @@ std::optional<DType> DTypeFromGgml(uint32_t ggml_type) {
 
 std::string GgmlTypeName(uint32_t ggml_type) {
   static const char* const kNames[] = {
-      "F32",     "F16",    "Q4_0",    "Q4_1",   "Q4_2",   "Q4_3",   "Q5_0",     "Q5_1",
-      "Q8_0",    "Q8_1",   "Q2_K",    "Q3_K",   "Q4_K",   "Q5_K",   "Q6_K",     "Q8_K",
-      "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",  "IQ4_NL", "IQ3_S",  "IQ2_S",    "IQ4_XS",
-      "I8",      "I16",    "I32",     "I64",    "F64",    "IQ1_M",  "BF16",     "Q4_0_4_4",
-      "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
-      "MXFP4"};
+      "F32",   "F16",        "Q4_0",       "Q4_1",       "Q4_2",     "Q4_3",     "Q5_0",
+      "Q5_1",  "Q8_0",       "Q8_1",       "Q2_K",       "Q3_K",     "Q4_K",     "Q5_K",
+      "Q6_K",  "Q8_K",       "IQ2_XXS",    "IQ2_XS",     "IQ3_XXS",  "IQ1_S",    "IQ4_NL",
+      "IQ3_S", "IQ2_S",      "IQ4_XS",     "I8",         "I16",      "I32",      "I64",
+      "F64",   "IQ1_M",      "BF16",       "Q4_0_4_4",   "Q4_0_4_8", "Q4_0_8_8", "TQ1_0",
+      "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4"};
   if (ggml_type < std::size(kNames)) return kNames[ggml_type];
   return "type " + std::to_string(ggml_type);
 }
@@ -80,11 +80,15 @@ std::optional<DType> DTypeFromFileType(uint32_t file_type) {
 
 bool Value::IsInteger() const {
   switch (type) {
-    case ValueType::kU8: case ValueType::kI8: case ValueType::kU16: case ValueType::kI16:
-    case ValueType::kU32: case ValueType::kI32: case ValueType::kU64: case ValueType::kI64:
-      return true;
-    default:
-      return false;
+    case ValueType::kU8:
+    case ValueType::kI8:
+    case ValueType::kU16:
+    case ValueType::kI16:
+    case ValueType::kU32:
+    case ValueType::kI32:
+    case ValueType::kU64:
+    case ValueType::kI64: return true;
+    default: return false;
   }
 }
 
@@ -92,10 +96,17 @@ namespace {
 
 size_t ScalarSize(ValueType t) {
   switch (t) {
-    case ValueType::kU8: case ValueType::kI8: case ValueType::kBool: return 1;
-    case ValueType::kU16: case ValueType::kI16: return 2;
-    case ValueType::kU32: case ValueType::kI32: case ValueType::kF32: return 4;
-    case ValueType::kU64: case ValueType::kI64: case ValueType::kF64: return 8;
+    case ValueType::kU8:
+    case ValueType::kI8:
+    case ValueType::kBool: return 1;
+    case ValueType::kU16:
+    case ValueType::kI16: return 2;
+    case ValueType::kU32:
+    case ValueType::kI32:
+    case ValueType::kF32: return 4;
+    case ValueType::kU64:
+    case ValueType::kI64:
+    case ValueType::kF64: return 8;
     default: return 0;  // string, array
   }
 }
@@ -134,7 +145,10 @@ void DecodeScalar(ValueType t, const uint8_t* p, Value* v) {
     case ValueType::kI64: set_signed(load(int64_t{})); break;
     case ValueType::kF32: v->f = load(float{}); break;
     case ValueType::kF64: v->f = load(double{}); break;
-    case ValueType::kBool: v->u = p[0]; v->is_unsigned_ok = true; break;
+    case ValueType::kBool:
+      v->u = p[0];
+      v->is_unsigned_ok = true;
+      break;
     default: break;
   }
 }
@@ -166,8 +180,8 @@ class Reader {
   std::string_view String(const std::string& what, uint64_t max_len) {
     const uint64_t n = Read<uint64_t>(what + " length");
     if (n > max_len) {
-      file_.Fail(what + ": length " + std::to_string(n) + " at offset " +
-                 std::to_string(pos_ - 8) + " is larger than " + std::to_string(max_len));
+      file_.Fail(what + ": length " + std::to_string(n) + " at offset " + std::to_string(pos_ - 8) +
+                 " is larger than " + std::to_string(max_len));
     }
     if (n > remaining()) {
       file_.Fail("truncated: " + what + " of " + std::to_string(n) + " bytes at offset " +
@@ -217,8 +231,8 @@ Value ReadValue(Reader& in, const File& file, const std::string& key) {
     // Each string takes at least its 8-byte length: refuse counts the file cannot hold
     // before reserving anything.
     if (v.count > in.remaining() / 8) {
-      file.Fail("key '" + key + "' claims " + std::to_string(v.count) +
-                " strings but only " + std::to_string(in.remaining()) + " bytes are left");
+      file.Fail("key '" + key + "' claims " + std::to_string(v.count) + " strings but only " +
+                std::to_string(in.remaining()) + " bytes are left");
     }
     v.strings.reserve(v.count);
     for (uint64_t i = 0; i < v.count; ++i) {
@@ -329,8 +343,9 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
   if (std::memcmp(magic, kMagic, 4) != 0) f.Fail("not a GGUF file (no 'GGUF' magic)");
   f.version = in.Read<uint32_t>("the GGUF version");
   if (f.version == 1) {
-    f.Fail("GGUF version 1 (before October 2023) is not supported; convert it again with a "
-           "current llama.cpp or aviary");
+    f.Fail(
+        "GGUF version 1 (before October 2023) is not supported; convert it again with a "
+        "current llama.cpp or aviary");
   }
   if (f.version != 2 && f.version != 3) {
     uint32_t swapped = __builtin_bswap32(f.version);
@@ -394,8 +409,7 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
       // Every supported type packs at least 4 elements per 9 bytes: more elements than the
       // file could hold means a corrupt shape (and stops the product from overflowing).
       if (numel > bytes.size() * uint64_t{2} / ne + 1) {
-        f.Fail(where + ": shape larger than the file (" + std::to_string(bytes.size()) +
-               " bytes)");
+        f.Fail(where + ": shape larger than the file (" + std::to_string(bytes.size()) + " bytes)");
       }
       numel *= ne;
       t.ne.push_back(static_cast<int64_t>(ne));
@@ -408,7 +422,8 @@ File Parse(std::span<const uint8_t> bytes, const std::string& name) {
       const std::string number = "ggml type " + std::to_string(t.ggml_type);
       const std::string named =
           name.rfind("type ", 0) == 0 ? number : "type " + name + " (" + number + ")";
-      f.Fail(where + " has " + named + ", which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
+      f.Fail(where + " has " + named +
+             ", which aviary does not read (it reads F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, "
              "Q5_0, Q4_K, Q4_1, Q4_0)");
     }
     t.type = *type;
@@ -555,7 +570,11 @@ std::string ByteLevelDecode(std::string_view text) {
   size_t i = 0;
   while (i < text.size()) {
     const unsigned char c = text[i];
-    int len = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
+    int len = c < 0x80             ? 1
+              : (c & 0xe0) == 0xc0 ? 2
+              : (c & 0xf0) == 0xe0 ? 3
+              : (c & 0xf8) == 0xf0 ? 4
+                                   : 0;
     uint32_t cp = 0;
     bool valid = len > 0 && i + len <= text.size();
     if (valid) {
@@ -660,11 +679,13 @@ std::shared_ptr<const TokenizerData> ReadTokenizer(const File& f, std::vector<st
   if (f.Find("tokenizer.ggml.token_type")) {
     types = f.GetIntArray("tokenizer.ggml.token_type");
     if (types.size() != tokens.size()) {
-      f.Fail("tokenizer.ggml.token_type has " + std::to_string(types.size()) +
-             " entries for " + std::to_string(tokens.size()) + " tokens");
+      f.Fail("tokenizer.ggml.token_type has " + std::to_string(types.size()) + " entries for " +
+             std::to_string(tokens.size()) + " tokens");
     }
   }
-  auto type_of = [&](size_t i) -> int64_t { return types.empty() ? int64_t{gguf::kTokenNormal} : types[i]; };
+  auto type_of = [&](size_t i) -> int64_t {
+    return types.empty() ? int64_t{gguf::kTokenNormal} : types[i];
+  };
   auto data = std::make_shared<TokenizerData>();
   data->tokens.reserve(tokens.size());
   if (kind == "rwkv") {
@@ -681,7 +702,8 @@ std::shared_ptr<const TokenizerData> ReadTokenizer(const File& f, std::vector<st
     }
     bool byte_vocab = data->tokens.size() == 256;
     for (size_t i = 0; byte_vocab && i < 256; ++i) {
-      byte_vocab = data->tokens[i].size() == 1 && static_cast<unsigned char>(data->tokens[i][0]) == i;
+      byte_vocab =
+          data->tokens[i].size() == 1 && static_cast<unsigned char>(data->tokens[i][0]) == i;
     }
     if (byte_vocab) data->kind = "bytes";
   } else {
@@ -753,7 +775,8 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
 
   const uint64_t n_layer = f.GetUint(a + ".block_count");
   const uint64_t n_embd = f.GetUint(a + ".embedding_length");
-  if (n_layer < 1 || n_layer > 4096) f.Fail("implausible " + a + ".block_count " + std::to_string(n_layer));
+  if (n_layer < 1 || n_layer > 4096)
+    f.Fail("implausible " + a + ".block_count " + std::to_string(n_layer));
   if (n_embd < 1 || n_embd > (1 << 20)) {
     f.Fail("implausible " + a + ".embedding_length " + std::to_string(n_embd));
   }
@@ -879,7 +902,8 @@ WeightFile ReadGguf(std::span<const uint8_t> bytes, const std::string& name) {
       int scaled = 0;
       for (uint64_t l = every; l < n_layer; ++l) {
         const int k = static_cast<int>(l / every);
-        if (k > 60) f.Fail(a + ".rescale_every_n_layers " + std::to_string(every) + " is implausible");
+        if (k > 60)
+          f.Fail(a + ".rescale_every_n_layers " + std::to_string(every) + " is implausible");
         for (const char* s : {"att.output.weight", "ffn.value.weight"}) {
           Tensor& t = wf.tensors.at("blocks." + std::to_string(l) + "." + s);
           wf.owned.push_back(ScaledByPowerOfTwo(t, k));

@@ -25,19 +25,39 @@ namespace aviary::gguf {
 constexpr char kMagic[4] = {'G', 'G', 'U', 'F'};
 constexpr uint32_t kVersion = 3;  // what aviary writes; it reads 2 and 3
 constexpr uint32_t kDefaultAlignment = 32;
-constexpr int kMaxDims = 4;              // GGML_MAX_DIMS
-constexpr size_t kMaxTensorName = 63;    // ggml's GGML_MAX_NAME (64) minus the terminating NUL
+constexpr int kMaxDims = 4;            // GGML_MAX_DIMS
+constexpr size_t kMaxTensorName = 63;  // ggml's GGML_MAX_NAME (64) minus the terminating NUL
 
 enum class ValueType : uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
-  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
 };
 std::string_view ValueTypeName(ValueType type);
 
 // ggml's tensor type codes for the types aviary stores.
 enum class GgmlType : uint32_t {
-  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
-  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kBF16 = 30,
 };
 uint32_t GgmlTypeOf(DType type);
 // nullopt for ggml types aviary does not read (Q2_K, Q3_K, I-quants, integers...).
@@ -51,8 +71,12 @@ std::optional<DType> DTypeFromFileType(uint32_t file_type);
 
 // tokenizer.ggml.token_type values (llama_token_type).
 enum TokenType : int32_t {
-  kTokenNormal = 1, kTokenUnknown = 2, kTokenControl = 3, kTokenUserDefined = 4,
-  kTokenUnused = 5, kTokenByte = 6,
+  kTokenNormal = 1,
+  kTokenUnknown = 2,
+  kTokenControl = 3,
+  kTokenUserDefined = 4,
+  kTokenUnused = 5,
+  kTokenByte = 6,
 };
 
 // Architecture names (general.architecture) are in the version table (models/versions.cpp):
@@ -68,15 +92,15 @@ constexpr std::string_view kKeyTokenizerNormalizer = "aviary.tokenizer.normalize
 // floats into `f`. Arrays keep a view of their bytes (numbers) or of each string, so a large
 // token list costs no copies. All views point into the parsed bytes.
 struct Value {
-  ValueType type = ValueType::kU8;   // kArray for arrays
-  ValueType elem = ValueType::kU8;   // element type of an array
-  uint64_t count = 0;                // array length
+  ValueType type = ValueType::kU8;  // kArray for arrays
+  ValueType elem = ValueType::kU8;  // element type of an array
+  uint64_t count = 0;               // array length
   uint64_t u = 0;
   int64_t i = 0;
   bool is_unsigned_ok = false, is_signed_ok = false;  // does the integer fit u / i
   double f = 0;
   std::string_view str;
-  std::span<const uint8_t> raw;          // array of numbers: count * element size bytes
+  std::span<const uint8_t> raw;           // array of numbers: count * element size bytes
   std::vector<std::string_view> strings;  // array of strings
 
   bool IsInteger() const;
@@ -100,7 +124,7 @@ struct File {
   std::string name;  // for error messages
   uint32_t version = 0;
   uint64_t alignment = kDefaultAlignment;
-  uint64_t data_offset = 0;  // start of the data section in the file
+  uint64_t data_offset = 0;                        // start of the data section in the file
   std::vector<std::pair<std::string, Value>> kvs;  // in file order
   std::vector<TensorInfo> tensors;                 // in file order
 

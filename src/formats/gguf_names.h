@@ -16,12 +16,12 @@ namespace aviary::gguf {
 
 // How the writer chooses a tensor's type (docs/GGUF.md, "Type policy").
 enum class Role {
-  kVector,      // 1-D parameters, norms, token-shift mixes, decay/bonus vectors: always F32
-  kDecayLora,   // v6 time_maa_w1/w2, time_decay_w1/w2; v7 w1/w2: F32 for float targets,
-                // never block-quantized (llama.cpp keeps them F32)
-  kLora,        // v7 a1/a2, v1/v2, g1/g2: target float type, never block-quantized
-  kEmbedHead,   // emb, head: target float type, kept unquantized for block types
-  kMatrix,      // the large projections: the target type
+  kVector,     // 1-D parameters, norms, token-shift mixes, decay/bonus vectors: always F32
+  kDecayLora,  // v6 time_maa_w1/w2, time_decay_w1/w2; v7 w1/w2: F32 for float targets,
+               // never block-quantized (llama.cpp keeps them F32)
+  kLora,       // v7 a1/a2, v1/v2, g1/g2: target float type, never block-quantized
+  kEmbedHead,  // emb, head: target float type, kept unquantized for block types
+  kMatrix,     // the large projections: the target type
 };
 
 enum NameFlags : unsigned {

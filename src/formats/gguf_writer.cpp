@@ -56,22 +56,21 @@ DType ChooseType(Role role, DType src, const std::optional<DType>& target, int64
   const DType t = *target;
   const bool block_target = IsQuantized(t);
   switch (role) {
-    case Role::kDecayLora:
-      return block_target ? src : DType::kF32;
+    case Role::kDecayLora: return block_target ? src : DType::kF32;
     case Role::kLora:
-    case Role::kEmbedHead:
-      return block_target ? src : t;
+    case Role::kEmbedHead: return block_target ? src : t;
     case Role::kMatrix:
       if (block_target && row % Traits(t).block_elems != 0) {
         // A row that is no whole number of K-quant super-blocks takes the 32-weight type
         // llama.cpp falls back to (at least as many bits); failing that, its source type.
-        const DType fallback = t == DType::kQ4_K ? DType::kQ5_0 : t == DType::kQ5_K ? DType::kQ5_1
-                             : t == DType::kQ6_K ? DType::kQ8_0 : src;
+        const DType fallback = t == DType::kQ4_K   ? DType::kQ5_0
+                               : t == DType::kQ5_K ? DType::kQ5_1
+                               : t == DType::kQ6_K ? DType::kQ8_0
+                                                   : src;
         return row % Traits(fallback).block_elems == 0 ? fallback : src;
       }
       return t;
-    case Role::kVector:
-      break;
+    case Role::kVector: break;
   }
   return DType::kF32;
 }
@@ -106,7 +105,8 @@ class Planner {
           Fail("missing tensor '" + canonical + "'");
         }
         const bool vector = m.role == Role::kVector;
-        Add(blk + std::string(m.gguf), m.role, {t}, vector ? VectorShape(m, *t) : std::vector<int64_t>{});
+        Add(blk + std::string(m.gguf), m.role, {t},
+            vector ? VectorShape(m, *t) : std::vector<int64_t>{});
       }
       if (!spec.fused_mixes.slots.empty()) {
         std::vector<const Tensor*> slots;
@@ -187,7 +187,9 @@ class Meta {
     bytes_.insert(bytes_.end(), b, b + n);
   }
   template <typename T>
-  void Pod(T v) { Raw(&v, sizeof v); }
+  void Pod(T v) {
+    Raw(&v, sizeof v);
+  }
   void Str(std::string_view s) {
     Pod<uint64_t>(s.size());
     Raw(s.data(), s.size());
@@ -197,9 +199,18 @@ class Meta {
     Pod<uint32_t>(static_cast<uint32_t>(type));
     ++count_;
   }
-  void U32(std::string_view key, uint32_t v) { Key(key, ValueType::kU32); Pod(v); }
-  void F32(std::string_view key, float v) { Key(key, ValueType::kF32); Pod(v); }
-  void String(std::string_view key, std::string_view v) { Key(key, ValueType::kString); Str(v); }
+  void U32(std::string_view key, uint32_t v) {
+    Key(key, ValueType::kU32);
+    Pod(v);
+  }
+  void F32(std::string_view key, float v) {
+    Key(key, ValueType::kF32);
+    Pod(v);
+  }
+  void String(std::string_view key, std::string_view v) {
+    Key(key, ValueType::kString);
+    Str(v);
+  }
   void StringArray(std::string_view key, const std::vector<std::string>& v) {
     Key(key, ValueType::kArray);
     Pod<uint32_t>(static_cast<uint32_t>(ValueType::kString));
@@ -221,8 +232,8 @@ class Meta {
 };
 
 // Low-rank sizes llama.cpp's rwkv6/rwkv7 need as keys: one per kind, the same in every layer.
-uint32_t UniformRank(const WeightFile& wf, const ModelInfo& info, const char* suffix, int first_layer,
-                     int64_t divisor = 1) {
+uint32_t UniformRank(const WeightFile& wf, const ModelInfo& info, const char* suffix,
+                     int first_layer, int64_t divisor = 1) {
   int64_t rank = -1;
   for (int l = first_layer; l < info.n_layer; ++l) {
     const std::string name = "blocks." + std::to_string(l) + "." + suffix;
@@ -231,8 +242,8 @@ uint32_t UniformRank(const WeightFile& wf, const ModelInfo& info, const char* su
     const int64_t r = t->rows() / divisor;
     if (rank >= 0 && r != rank) {
       throw Error(wf.path + ": '" + name + "' has rank " + std::to_string(r) + " but layer " +
-                  std::to_string(first_layer) + " has " + std::to_string(rank) +
-                  "; llama.cpp's " + std::string(Version(info.arch).gguf.architecture) +
+                  std::to_string(first_layer) + " has " + std::to_string(rank) + "; llama.cpp's " +
+                  std::string(Version(info.arch).gguf.architecture) +
                   " needs the same rank in every layer");
     }
     rank = r;
@@ -262,7 +273,8 @@ void WriteTokenizer(Meta& m, const TokenizerData& tok, int n_vocab, const std::s
   if (bpe) {
     for (int32_t id : tok.added_tokens) {
       if (id < 0 || id >= n_vocab || static_cast<size_t>(id) >= tok.tokens.size()) {
-        throw Error(path + ": tokenizer added token id " + std::to_string(id) + " is outside the vocabulary");
+        throw Error(path + ": tokenizer added token id " + std::to_string(id) +
+                    " is outside the vocabulary");
       }
       added[id] = true;
     }
@@ -271,8 +283,9 @@ void WriteTokenizer(Meta& m, const TokenizerData& tok, int n_vocab, const std::s
   std::vector<int32_t> types(n_vocab, gguf::kTokenNormal);
   std::set<std::string, std::less<>> seen;  // GGUF token texts must be unique
   for (int i = 0; i < n_vocab; ++i) {
-    const std::string_view t =
-        i < static_cast<int>(tok.tokens.size()) ? std::string_view(tok.tokens[i]) : std::string_view();
+    const std::string_view t = i < static_cast<int>(tok.tokens.size())
+                                   ? std::string_view(tok.tokens[i])
+                                   : std::string_view();
     if (t.empty()) {
       // World id 0 is the end-of-text token llama.cpp calls "<s>"; the rest is padding.
       const bool eot = i == 0 && !bpe;
@@ -287,8 +300,8 @@ void WriteTokenizer(Meta& m, const TokenizerData& tok, int n_vocab, const std::s
       tokens[i] = bpe ? gguf::ByteLevelEncode(t) : gguf::EscapeRwkvToken(t);
     }
     if (!seen.insert(tokens[i]).second) {
-      throw Error(path + ": tokenizer token " + std::to_string(i) + " ('" + tokens[i].substr(0, 40) +
-                  "') appears twice in GGUF's encoding");
+      throw Error(path + ": tokenizer token " + std::to_string(i) + " ('" +
+                  tokens[i].substr(0, 40) + "') appears twice in GGUF's encoding");
     }
   }
   m.String("tokenizer.ggml.model", bpe ? "gpt2" : "rwkv");
@@ -426,7 +439,8 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
   Meta infos;
   for (OutTensor& t : tensors) {
     t.offset = offset;
-    offset += (t.nbytes + gguf::kDefaultAlignment - 1) / gguf::kDefaultAlignment * gguf::kDefaultAlignment;
+    offset += (t.nbytes + gguf::kDefaultAlignment - 1) / gguf::kDefaultAlignment *
+              gguf::kDefaultAlignment;
     infos.Str(t.name);
     infos.Pod<uint32_t>(static_cast<uint32_t>(t.ne.size()));
     for (int64_t d : t.ne) infos.Pod<uint64_t>(static_cast<uint64_t>(d));
@@ -453,7 +467,8 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
   std::vector<uint8_t> batch;
   constexpr int64_t kBatchRows = 256;  // rows converted (in parallel) per write
   for (const OutTensor& t : tensors) {
-    if (out.written() != data_start + t.offset) throw Error(path + ": internal error: offset mismatch");
+    if (out.written() != data_start + t.offset)
+      throw Error(path + ": internal error: offset mismatch");
     const int64_t cols = t.ne[0];
     const size_t out_row = StorageBytes(t.type, cols);
     for (const Tensor* p : t.pieces) {
@@ -492,8 +507,9 @@ GgufWriteReport WriteGguf(const WeightFile& wf, const ModelInfo& info,
                            "F32/F16 model for the best quality");
   }
   if (!options.tokenizer) {
-    report.notes.push_back("no tokenizer embedded: llama.cpp cannot load the file; aviary needs "
-                           "--tokenizer");
+    report.notes.push_back(
+        "no tokenizer embedded: llama.cpp cannot load the file; aviary needs "
+        "--tokenizer");
   }
   return report;
 }

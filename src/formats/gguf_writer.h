@@ -34,7 +34,7 @@ struct GgufWriteReport {
   uint64_t tensor_bytes_in = 0, tensor_bytes_out = 0;
   uint64_t file_bytes = 0;
   int tensors_out = 0;
-  std::string architecture;  // general.architecture written
+  std::string architecture;        // general.architecture written
   std::vector<std::string> notes;  // e.g. "requantized 24 Q5_1 matrices to Q4_0"
 };
 

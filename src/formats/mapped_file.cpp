@@ -41,8 +41,8 @@ const uint8_t* ReadAll(int fd, size_t size, const std::string& path, void** regi
   const size_t bytes = size + kHugePage;  // slack to align the start
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
-    throw Error(path + ": cannot allocate " + std::to_string(size >> 20) + " MiB to read it into: " +
-                std::strerror(errno));
+    throw Error(path + ": cannot allocate " + std::to_string(size >> 20) +
+                " MiB to read it into: " + std::strerror(errno));
   }
   *region = p;
   *region_bytes = bytes;

@@ -58,8 +58,18 @@ constexpr size_t kMaxGlobalLine = 256;
 // What the allow-listed globals are, as values: we interpret them, never import them.
 enum class Global : uint8_t { kOrderedDict, kRebuildTensorV2, kRebuildParameter, kStorageType };
 
-enum class Kind : uint8_t { kNone, kBool, kInt, kString, kTuple, kList, kDict, kGlobal,
-                            kStorage, kTensor };
+enum class Kind : uint8_t {
+  kNone,
+  kBool,
+  kInt,
+  kString,
+  kTuple,
+  kList,
+  kDict,
+  kGlobal,
+  kStorage,
+  kTensor
+};
 
 const char* KindName(Kind k) {
   switch (k) {
@@ -79,9 +89,9 @@ const char* KindName(Kind k) {
 
 struct Value {
   Kind kind = Kind::kNone;
-  int64_t i = 0;                // bool/int value; Global; index into storages_/tensors_
+  int64_t i = 0;  // bool/int value; Global; index into storages_/tensors_
   StorageType storage_type = StorageType::kFloat;  // for Global::kStorageType
-  std::string s;                // string; global's dotted name
+  std::string s;                                   // string; global's dotted name
   std::vector<uint32_t> items;  // tuple/list items; dict: key, value, key, value, ...
 };
 
@@ -177,8 +187,7 @@ class Unpickler {
     const uint32_t top = Execute();
     const Value& root = values_[top];
     if (root.kind != Kind::kDict) {
-      Fail(std::string("the top-level object is ") + KindName(root.kind) +
-           ", not a state dict");
+      Fail(std::string("the top-level object is ") + KindName(root.kind) + ", not a state dict");
     }
     std::vector<std::pair<std::string, TensorRecord>> out;
     out.reserve(root.items.size() / 2);
@@ -293,11 +302,11 @@ class Unpickler {
     v.kind = Kind::kGlobal;
     v.s = module + "." + qualname;
     static const std::pair<const char*, StorageType> kStorages[] = {
-        {"FloatStorage", StorageType::kFloat},   {"HalfStorage", StorageType::kHalf},
+        {"FloatStorage", StorageType::kFloat},       {"HalfStorage", StorageType::kHalf},
         {"BFloat16Storage", StorageType::kBFloat16}, {"DoubleStorage", StorageType::kDouble},
-        {"LongStorage", StorageType::kLong},     {"IntStorage", StorageType::kInt},
-        {"ShortStorage", StorageType::kShort},   {"CharStorage", StorageType::kChar},
-        {"ByteStorage", StorageType::kByte},     {"BoolStorage", StorageType::kBool}};
+        {"LongStorage", StorageType::kLong},         {"IntStorage", StorageType::kInt},
+        {"ShortStorage", StorageType::kShort},       {"CharStorage", StorageType::kChar},
+        {"ByteStorage", StorageType::kByte},         {"BoolStorage", StorageType::kBool}};
     if (module == "collections" && qualname == "OrderedDict") {
       v.i = static_cast<int64_t>(Global::kOrderedDict);
     } else if (module == "torch._utils" && qualname == "_rebuild_tensor_v2") {
@@ -341,10 +350,8 @@ class Unpickler {
         }
         return args[0];
       }
-      case Global::kRebuildTensorV2:
-        return RebuildTensor(args, op_at);
-      case Global::kStorageType:
-        break;
+      case Global::kRebuildTensorV2: return RebuildTensor(args, op_at);
+      case Global::kStorageType: break;
     }
     FailAt(op_at, "refusing REDUCE on " + Printable(f.s));
   }
@@ -353,8 +360,8 @@ class Unpickler {
   // [, metadata])
   uint32_t RebuildTensor(std::vector<uint32_t> args, size_t op_at) {
     if (args.size() < 4 || args.size() > 7) {
-      FailAt(op_at, "torch._utils._rebuild_tensor_v2 with " + std::to_string(args.size()) +
-                        " arguments");
+      FailAt(op_at,
+             "torch._utils._rebuild_tensor_v2 with " + std::to_string(args.size()) + " arguments");
     }
     const Value& storage = values_[args[0]];
     if (storage.kind != Kind::kStorage) {
@@ -439,7 +446,8 @@ class Unpickler {
           break;
         case 'X':
         case 0x8c: {  // BINUNICODE, SHORT_BINUNICODE
-          const uint64_t n = op == 'X' ? ReadLE(4, "a string length") : ReadLE(1, "a string length");
+          const uint64_t n =
+              op == 'X' ? ReadLE(4, "a string length") : ReadLE(1, "a string length");
           const uint8_t* p = Take(n, "a string");
           Value v;
           v.kind = Kind::kString;
@@ -479,9 +487,7 @@ class Unpickler {
           Push(New(std::move(v)));
           break;
         }
-        case 'N':
-          Push(New(Value{}));
-          break;
+        case 'N': Push(New(Value{})); break;
         case 't': {  // TUPLE
           Value v;
           v.kind = Kind::kTuple;
@@ -530,21 +536,13 @@ class Unpickler {
           l.items.insert(l.items.end(), items.begin(), items.end());
           break;
         }
-        case 'q':
-          Memo(ReadLE(1, "a memo index"), Top(at), at);
-          break;
-        case 'r':
-          Memo(ReadLE(4, "a memo index"), Top(at), at);
-          break;
+        case 'q': Memo(ReadLE(1, "a memo index"), Top(at), at); break;
+        case 'r': Memo(ReadLE(4, "a memo index"), Top(at), at); break;
         case 0x94:  // MEMOIZE
           Memo(memo_.size(), Top(at), at);
           break;
-        case 'h':
-          Push(Recall(ReadLE(1, "a memo index"), at));
-          break;
-        case 'j':
-          Push(Recall(ReadLE(4, "a memo index"), at));
-          break;
+        case 'h': Push(Recall(ReadLE(1, "a memo index"), at)); break;
+        case 'j': Push(Recall(ReadLE(4, "a memo index"), at)); break;
         case 'c': {  // GLOBAL module\nname\n
           const std::string module = ReadLine("a global's module");
           const std::string qualname = ReadLine("a global's name");
@@ -584,8 +582,8 @@ class Unpickler {
           const char* opname = OpcodeName(op);
           char hex[8];
           std::snprintf(hex, sizeof hex, "0x%02x", op);
-          FailAt(at, std::string("refusing pickle opcode ") + (opname ? opname : "unknown") +
-                         " (" + hex + ")");
+          FailAt(at, std::string("refusing pickle opcode ") + (opname ? opname : "unknown") + " (" +
+                         hex + ")");
         }
       }
     }

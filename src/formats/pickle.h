@@ -16,17 +16,27 @@
 namespace aviary::pickle {
 
 // The element type of a torch storage, from its class name (torch.FloatStorage -> kFloat).
-enum class StorageType { kFloat, kHalf, kBFloat16, kDouble, kLong, kInt, kShort, kChar, kByte,
-                         kBool };
+enum class StorageType {
+  kFloat,
+  kHalf,
+  kBFloat16,
+  kDouble,
+  kLong,
+  kInt,
+  kShort,
+  kChar,
+  kByte,
+  kBool
+};
 const char* StorageTypeName(StorageType type);  // "FloatStorage", ...
 int StorageElementSize(StorageType type);
 
 // One tensor of the state dict, as _rebuild_tensor_v2 would build it. Not yet checked against
 // the archive (pth.cpp does that).
 struct TensorRecord {
-  std::string storage_key;    // names the archive entry <top>/data/<key>
+  std::string storage_key;  // names the archive entry <top>/data/<key>
   StorageType type = StorageType::kFloat;
-  int64_t storage_numel = 0;  // elements the persistent id says the storage holds
+  int64_t storage_numel = 0;   // elements the persistent id says the storage holds
   int64_t storage_offset = 0;  // in elements
   std::vector<int64_t> shape, strides;
 };

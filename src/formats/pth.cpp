@@ -138,7 +138,8 @@ WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name) {
     int64_t expected_stride = 1;
     for (size_t i = rec.shape.size(); i-- > 0;) {
       if (rec.shape[i] != 1 && rec.strides[i] != expected_stride) {
-        fail(where + " is not contiguous (strides do not match its shape); save it after "
+        fail(where +
+             " is not contiguous (strides do not match its shape); save it after "
              ".contiguous()");
       }
       expected_stride *= rec.shape[i];

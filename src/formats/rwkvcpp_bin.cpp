@@ -93,9 +93,12 @@ WeightFile ReadRwkvCppBin(std::span<const uint8_t> bytes, const std::string& nam
   wf.n_embd = in.I32("n_embed");
   wf.n_layer = in.I32("n_layer");
   const int32_t main_code = in.I32("the data type");
-  if (wf.n_vocab <= 0 || wf.n_vocab > (1 << 24)) in.Fail("implausible n_vocab " + std::to_string(wf.n_vocab));
-  if (wf.n_embd <= 0 || wf.n_embd > (1 << 20)) in.Fail("implausible n_embed " + std::to_string(wf.n_embd));
-  if (wf.n_layer <= 0 || wf.n_layer > 4096) in.Fail("implausible n_layer " + std::to_string(wf.n_layer));
+  if (wf.n_vocab <= 0 || wf.n_vocab > (1 << 24))
+    in.Fail("implausible n_vocab " + std::to_string(wf.n_vocab));
+  if (wf.n_embd <= 0 || wf.n_embd > (1 << 20))
+    in.Fail("implausible n_embed " + std::to_string(wf.n_embd));
+  if (wf.n_layer <= 0 || wf.n_layer > 4096)
+    in.Fail("implausible n_layer " + std::to_string(wf.n_layer));
   if (!DTypeFromCode(main_code, &wf.main_type)) {
     in.Fail("unsupported data type " + std::to_string(main_code) + " in the header");
   }

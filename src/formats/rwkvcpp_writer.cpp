@@ -11,8 +11,8 @@
 namespace aviary {
 namespace {
 
-constexpr int32_t kMagic = 0x67676d66;  // "ggmf"
-constexpr int32_t kVersion = 101;       // ggml's block layouts of May 2023 onwards
+constexpr int32_t kMagic = 0x67676d66;    // "ggmf"
+constexpr int32_t kVersion = 101;         // ggml's block layouts of May 2023 onwards
 constexpr size_t kChunkBytes = 16 << 20;  // floats generated and converted per write
 
 }  // namespace

@@ -50,12 +50,11 @@ struct Known {
   DType type;
 };
 constexpr Known kDTypes[] = {
-    {"F32", true, DType::kF32},   {"F16", true, DType::kF16},   {"BF16", true, DType::kBF16},
-    {"F64", false, DType::kF32},  {"I64", false, DType::kF32},  {"I32", false, DType::kF32},
-    {"I16", false, DType::kF32},  {"I8", false, DType::kF32},   {"U64", false, DType::kF32},
-    {"U32", false, DType::kF32},  {"U16", false, DType::kF32},  {"U8", false, DType::kF32},
-    {"BOOL", false, DType::kF32}, {"F8_E4M3", false, DType::kF32},
-    {"F8_E5M2", false, DType::kF32}};
+    {"F32", true, DType::kF32},   {"F16", true, DType::kF16},      {"BF16", true, DType::kBF16},
+    {"F64", false, DType::kF32},  {"I64", false, DType::kF32},     {"I32", false, DType::kF32},
+    {"I16", false, DType::kF32},  {"I8", false, DType::kF32},      {"U64", false, DType::kF32},
+    {"U32", false, DType::kF32},  {"U16", false, DType::kF32},     {"U8", false, DType::kF32},
+    {"BOOL", false, DType::kF32}, {"F8_E4M3", false, DType::kF32}, {"F8_E5M2", false, DType::kF32}};
 
 struct Span {
   uint64_t begin, end;
@@ -70,8 +69,8 @@ WeightFile ReadSafetensors(std::span<const uint8_t> bytes, const std::string& na
   uint64_t header_len = 0;
   for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(bytes[i]) << (8 * i);
   if (header_len > bytes.size() - 8) {
-    fail("safetensors header length " + std::to_string(header_len) +
-         " is larger than the file (" + std::to_string(bytes.size()) + " bytes): truncated?");
+    fail("safetensors header length " + std::to_string(header_len) + " is larger than the file (" +
+         std::to_string(bytes.size()) + " bytes): truncated?");
   }
   if (header_len > kMaxHeaderBytes) {
     fail("safetensors header of " + std::to_string(header_len) + " bytes is too large");

@@ -66,7 +66,8 @@ Archive::Archive(std::span<const uint8_t> bytes, const std::string& name)
 void Archive::ReadCentralDirectory() {
   const uint64_t size = bytes_.size();
   const uint8_t* base = bytes_.data();
-  if (size < kEndSize) Fail("file too short (" + std::to_string(size) + " bytes) for a zip archive");
+  if (size < kEndSize)
+    Fail("file too short (" + std::to_string(size) + " bytes) for a zip archive");
 
   // The end record sits in the last 22 + 65535 bytes (a comment of up to 65535 bytes may
   // follow it). Prefer a record whose comment ends exactly at the end of the file.
@@ -91,10 +92,10 @@ void Archive::ReadCentralDirectory() {
   uint64_t directory_end = end;  // the central directory must end before this
 
   // ZIP64: a locator just before the end record points at the ZIP64 end record.
-  const bool has_locator = end >= kZip64LocatorSize &&
-                           U32(base + end - kZip64LocatorSize) == kZip64LocatorSig;
-  const bool needs_zip64 = entries_on_disk == 0xffff || total == 0xffff ||
-                           cd_size == 0xffffffff || cd_offset == 0xffffffff;
+  const bool has_locator =
+      end >= kZip64LocatorSize && U32(base + end - kZip64LocatorSize) == kZip64LocatorSig;
+  const bool needs_zip64 = entries_on_disk == 0xffff || total == 0xffff || cd_size == 0xffffffff ||
+                           cd_offset == 0xffffffff;
   if (has_locator) {
     const uint8_t* loc = base + end - kZip64LocatorSize;
     const uint64_t z_off = U64(loc + 8);
@@ -130,8 +131,8 @@ void Archive::ReadCentralDirectory() {
     Fail("multi-disk archives are not supported");
   }
   if (cd_offset > directory_end || cd_size > directory_end - cd_offset) {
-    Fail("central directory (offset " + std::to_string(cd_offset) + ", " +
-         std::to_string(cd_size) + " bytes) lies outside the file (" + std::to_string(size) +
+    Fail("central directory (offset " + std::to_string(cd_offset) + ", " + std::to_string(cd_size) +
+         " bytes) lies outside the file (" + std::to_string(size) +
          " bytes): truncated or corrupt");
   }
   if (total == 0) Fail("the archive is empty");
@@ -215,8 +216,8 @@ void Archive::ReadCentralDirectory() {
     // directory.
     const uint64_t lho = entry.local_header_offset;
     if (lho > cd_offset || cd_offset - lho < kLocalHeaderSize) {
-      Fail(ewhere + ": local header offset " + std::to_string(lho) +
-           " is outside the data area (" + std::to_string(cd_offset) + " bytes)");
+      Fail(ewhere + ": local header offset " + std::to_string(lho) + " is outside the data area (" +
+           std::to_string(cd_offset) + " bytes)");
     }
     const uint8_t* l = base + lho;
     if (U32(l) != kLocalHeaderSig) {
@@ -234,8 +235,7 @@ void Archive::ReadCentralDirectory() {
     if (!(l_flags & kFlagDataDescriptor)) {
       // Sizes are in the local header (all ones when they live in its ZIP64 extra field).
       if ((l_csize != 0xffffffff && l_csize != entry.compressed_size) ||
-          (l_usize != 0xffffffff && l_usize != entry.uncompressed_size) ||
-          l_crc != entry.crc32) {
+          (l_usize != 0xffffffff && l_usize != entry.uncompressed_size) || l_crc != entry.crc32) {
         Fail(ewhere + ": local header disagrees with the central directory on sizes or CRC");
       }
     }
@@ -296,8 +296,8 @@ std::span<const uint8_t> Archive::Read(const Entry& entry, std::vector<uint8_t>*
          std::to_string(entry.compressed_size) + " compressed bytes");
   }
   buffer->clear();
-  buffer->resize(static_cast<size_t>(std::min<uint64_t>(want, std::max<uint64_t>(
-                                                                 65536, raw.size() * 4))));
+  buffer->resize(
+      static_cast<size_t>(std::min<uint64_t>(want, std::max<uint64_t>(65536, raw.size() * 4))));
   z_stream zs{};
   if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) Fail(where + ": cannot initialise zlib");
   size_t in_done = 0, out_done = 0;

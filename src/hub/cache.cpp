@@ -30,8 +30,8 @@ std::string ResolveModelArgument(const std::string& argument, const std::string&
       if (auto found = hub::FindCachedModel(*entry, cache_dir)) return *found;
       throw Error(argument + ": not downloaded yet: run aviary pull " + argument + " (" +
                   std::string(entry->description) + ", " +
-                  (entry->size ? hub::FormatBytes(entry->size) : "size unknown") +
-                  ", into " + (cache_dir.empty() ? "the cache folder" : cache_dir) + ")");
+                  (entry->size ? hub::FormatBytes(entry->size) : "size unknown") + ", into " +
+                  (cache_dir.empty() ? "the cache folder" : cache_dir) + ")");
     }
     if (auto found = FindInCache(argument, cache_dir)) return *found;
   }

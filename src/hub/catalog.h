@@ -28,11 +28,11 @@ struct CatalogEntry {
 
 // A tokenizer file, served from a pinned commit of BlinkDL/ChatRWKV on GitHub.
 struct TokenizerRelease {
-  std::string_view name;         // "world-vocab"
+  std::string_view name;  // "world-vocab"
   std::string_view description;
   Vocab vocab;
-  std::string_view file;         // "rwkv_vocab_v20230424.txt": the name TokenizerForModel looks for
-  std::string_view path;         // under the raw GitHub endpoint: "BlinkDL/ChatRWKV/<commit>/..."
+  std::string_view file;  // "rwkv_vocab_v20230424.txt": the name TokenizerForModel looks for
+  std::string_view path;  // under the raw GitHub endpoint: "BlinkDL/ChatRWKV/<commit>/..."
   uint64_t size;
   std::string_view sha256;
 };
@@ -63,8 +63,7 @@ std::string CachePath(const TokenizerRelease& tokenizer, const std::string& cach
 // The downloaded file of a catalog model: its cache path, else a file of the same name anywhere
 // in the cache. nullopt when it is not there. Throws aviary::Error when the file found has the
 // wrong size (an interrupted copy, or another release under the same name).
-std::optional<std::string> FindCachedModel(const CatalogEntry& entry,
-                                           const std::string& cache_dir);
+std::optional<std::string> FindCachedModel(const CatalogEntry& entry, const std::string& cache_dir);
 
 // Percent-encodes a URL path segment (RFC 3986 unreserved characters stay; '%' -> "%25").
 std::string EncodePathSegment(std::string_view segment);

@@ -42,7 +42,8 @@ std::string Lower(std::string_view s) {
 
 std::string_view Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n')) {
+  while (!s.empty() &&
+         (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n')) {
     s.remove_suffix(1);
   }
   return s;
@@ -200,7 +201,8 @@ class Progress {
     const double secs = started_ ? Seconds(Clock::now()) : 0;
     std::string line = label_ + ": done, " + FormatBytes(size);
     if (secs > 0.05 && received_ > 0) {
-      line += " in " + FormatDuration(secs) + " (" + FormatBytes(static_cast<uint64_t>(received_ / secs)) + "/s)";
+      line += " in " + FormatDuration(secs) + " (" +
+              FormatBytes(static_cast<uint64_t>(received_ / secs)) + "/s)";
     }
     if (first_offset_ > 0) line += ", resumed at " + FormatBytes(first_offset_);
     if (!verified_against.empty()) line += "; SHA-256 matches the " + verified_against;
@@ -246,10 +248,12 @@ class Progress {
       std::string bar(kWidth, ' ');
       for (int i = 0; i < fill; ++i) bar[i] = '=';
       if (fill < kWidth) bar[fill] = '>';
-      const double eta = rate > 0 ? static_cast<double>(total_ - std::min(offset_, total_)) / rate : -1;
+      const double eta =
+          rate > 0 ? static_cast<double>(total_ - std::min(offset_, total_)) / rate : -1;
       std::snprintf(buf, sizeof buf, "\r%s %5.1f%% [%s] %s / %s  %s/s  ETA %s   ", name.c_str(),
-                    frac * 100, bar.c_str(), FormatBytes(offset_).c_str(), FormatBytes(total_).c_str(),
-                    FormatBytes(static_cast<uint64_t>(rate)).c_str(), FormatDuration(eta).c_str());
+                    frac * 100, bar.c_str(), FormatBytes(offset_).c_str(),
+                    FormatBytes(total_).c_str(), FormatBytes(static_cast<uint64_t>(rate)).c_str(),
+                    FormatDuration(eta).c_str());
     } else {
       std::snprintf(buf, sizeof buf, "\r%s %s  %s/s   ", name.c_str(), FormatBytes(offset_).c_str(),
                     FormatBytes(static_cast<uint64_t>(rate)).c_str());
@@ -275,9 +279,9 @@ class Progress {
 
 enum class Failure {
   kNone,
-  kRetry,      // dropped or stalled: resume if retries are left
-  kRestart,    // the server answered a resume request with other bytes: start from 0
-  kFatal,      // give up; delete_part says whether the bytes on disk are bad
+  kRetry,    // dropped or stalled: resume if retries are left
+  kRestart,  // the server answered a resume request with other bytes: start from 0
+  kFatal,    // give up; delete_part says whether the bytes on disk are bad
 };
 
 struct Transfer {
@@ -297,8 +301,8 @@ struct Transfer {
   long status = 0;
   std::optional<uint64_t> content_length;
   std::optional<uint64_t> range_start, range_total;
-  bool accepting = false;       // body bytes go to the file
-  bool complete_416 = false;    // the .part already holds the whole file
+  bool accepting = false;     // body bytes go to the file
+  bool complete_416 = false;  // the .part already holds the whole file
 
   // From any response of the redirect chain (Hugging Face sends them on the 302).
   std::optional<uint64_t> linked_size;
@@ -350,13 +354,15 @@ bool Transfer::HeadersDone() {
   if (status == 206) {
     if (!range_start || *range_start != request_offset) {
       Fail(Failure::kRestart,
-           "asked to resume at byte " + std::to_string(request_offset) + ", the server answered from " +
+           "asked to resume at byte " + std::to_string(request_offset) +
+               ", the server answered from " +
                (range_start ? "byte " + std::to_string(*range_start) : "an unknown byte"));
       return false;
     }
   } else if (request_offset > 0) {
     // The server ignored the Range header: take the whole file from this response.
-    progress->Note(options->label + ": the server does not resume downloads; starting again from 0");
+    progress->Note(options->label +
+                   ": the server does not resume downloads; starting again from 0");
     ResetHashFromZero();
     if (failure != Failure::kNone) return false;
   }
@@ -408,8 +414,10 @@ bool Transfer::HeadersDone() {
 size_t Transfer::Write(const char* data, size_t n) {
   if (!accepting) return n;  // the body of a redirect or an error page
   if (total && offset + n > total) {
-    Fail(Failure::kFatal, "size mismatch: " + *url + ": the server sent more than the expected " +
-                              std::to_string(total) + " bytes", true);
+    Fail(Failure::kFatal,
+         "size mismatch: " + *url + ": the server sent more than the expected " +
+             std::to_string(total) + " bytes",
+         true);
     return 0;
   }
   size_t done = 0;
@@ -420,7 +428,8 @@ size_t Transfer::Write(const char* data, size_t n) {
       const int err = w < 0 ? errno : ENOSPC;
       if (err == ENOSPC || err == EDQUOT) {
         Fail(Failure::kFatal, "disk full: cannot write " + *part_path + " (" +
-                                  FormatBytes(offset + done) + " written; free some space and run "
+                                  FormatBytes(offset + done) +
+                                  " written; free some space and run "
                                   "again to resume)");
       } else {
         Fail(Failure::kFatal, *part_path + ": write error: " + std::strerror(err));
@@ -563,10 +572,13 @@ CURLcode Perform(const std::string& url, Transfer& t, char* errbuf) {
 class Fd {
  public:
   explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() { if (fd_ >= 0) ::close(fd_); }
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   int get() const { return fd_; }
+
  private:
   int fd_;
 };
@@ -607,25 +619,26 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
   t.progress = &progress;
   t.fd = fd.get();
 
-  auto delete_part = [&] {
-    ::unlink(part.c_str());
-  };
+  auto delete_part = [&] { ::unlink(part.c_str()); };
 
   // Bytes already there from an interrupted download: hash them, then resume after them.
   DownloadResult result;
   uint64_t existing = regular ? static_cast<uint64_t>(st.st_size) : 0;
   if (options.expected_size && existing > options.expected_size) {
     progress.Note(options.label + ": " + part + " is larger than the file; starting again");
-    if (::ftruncate(fd.get(), 0) != 0) throw Error(part + ": cannot truncate: " + std::strerror(errno));
+    if (::ftruncate(fd.get(), 0) != 0)
+      throw Error(part + ": cannot truncate: " + std::strerror(errno));
     existing = 0;
   }
   if (existing > 0) {
-    progress.Note(options.label + ": resuming after " + FormatBytes(existing) + " already in " + part);
+    progress.Note(options.label + ": resuming after " + FormatBytes(existing) + " already in " +
+                  part);
     std::vector<char> buf(1 << 20);
     uint64_t pos = 0;
     while (pos < existing) {
-      const ssize_t r = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), existing - pos),
-                                static_cast<off_t>(pos));
+      const ssize_t r =
+          ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), existing - pos),
+                  static_cast<off_t>(pos));
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) throw Error(part + ": read error: " + std::strerror(r < 0 ? errno : EIO));
       t.sha.Update(buf.data(), static_cast<size_t>(r));
@@ -650,7 +663,8 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
     ++result.requests;
     const CURLcode rc = Perform(url, t, errbuf);
     if (t.complete_416) break;
-    if (t.failure == Failure::kNone && rc == CURLE_OK && (t.status == 200 || t.status == 206)) break;
+    if (t.failure == Failure::kNone && rc == CURLE_OK && (t.status == 200 || t.status == 206))
+      break;
 
     Failure failure = t.failure;
     std::string why = t.message;
@@ -667,14 +681,17 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
         } else {
           failure = Failure::kFatal;
           why = "HTTP " + std::to_string(s) + (StatusText(s).empty() ? "" : " " + StatusText(s)) +
-                ": " + url + (s == 401 || s == 403 ? " (private or gated? aviary sends no token)" : "");
+                ": " + url +
+                (s == 401 || s == 403 ? " (private or gated? aviary sends no token)" : "");
         }
       } else if (rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_CONNECT ||
                  rc == CURLE_COULDNT_RESOLVE_PROXY ||
                  (rc == CURLE_OPERATION_TIMEDOUT && t.status == 0 && t.offset == t.request_offset &&
-                  (std::strstr(detail.c_str(), "onnect") || std::strstr(detail.c_str(), "esolv")))) {
+                  (std::strstr(detail.c_str(), "onnect") ||
+                   std::strstr(detail.c_str(), "esolv")))) {
         failure = Failure::kFatal;
-        why = "cannot reach " + HostOf(url) + " (" + detail + "): no network? Offline, copy the "
+        why = "cannot reach " + HostOf(url) + " (" + detail +
+              "): no network? Offline, copy the "
               "file from a machine that has it and pass its path to --model" +
               (options.unreachable_hint.empty() ? "" : "; " + options.unreachable_hint);
       } else if (rc == CURLE_OPERATION_TIMEDOUT) {
@@ -712,7 +729,8 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
     progress.Break();
     if (t.delete_part || (regular && t.offset == 0)) delete_part();  // bad, or nothing to resume
     if (failure == Failure::kRetry && options.retries > 0) {
-      why += " (gave up after " + std::to_string(options.retries) + " retries; run again to resume)";
+      why +=
+          " (gave up after " + std::to_string(options.retries) + " retries; run again to resume)";
     } else if (failure == Failure::kRetry) {
       why += " (run again to resume)";
     } else if (failure == Failure::kRestart) {

@@ -16,29 +16,29 @@ enum class ProgressStyle {
 };
 
 struct DownloadOptions {
-  uint64_t expected_size = 0;    // bytes, from a catalog; 0 = unknown
-  std::string expected_sha256;   // lowercase hex, from a catalog; empty = unknown
-  std::string label;             // what progress lines call the file; default its name
+  uint64_t expected_size = 0;   // bytes, from a catalog; 0 = unknown
+  std::string expected_sha256;  // lowercase hex, from a catalog; empty = unknown
+  std::string label;            // what progress lines call the file; default its name
   long connect_timeout_s = 30;
   // A transfer that moves fewer than stall_min_bytes_per_s for stall_timeout_s seconds (including
   // a server that never answers) is aborted, then resumed if retries are left.
   long stall_timeout_s = 60;
   long stall_min_bytes_per_s = 1024;
-  int retries = 5;               // further attempts after a dropped or stalled transfer
-  int retry_delay_ms = 1000;     // before the first retry; doubles each time, at most 30 s
+  int retries = 5;            // further attempts after a dropped or stalled transfer
+  int retry_delay_ms = 1000;  // before the first retry; doubles each time, at most 30 s
   ProgressStyle progress = ProgressStyle::kAuto;
   // Added to the error when the host cannot be reached: how to point at a mirror of it.
   std::string unreachable_hint;
-  std::FILE* log = stderr;       // progress and notes; nullptr = silent
+  std::FILE* log = stderr;  // progress and notes; nullptr = silent
 };
 
 struct DownloadResult {
   std::string path;
   uint64_t size = 0;
-  std::string sha256;              // of the whole file, lowercase hex
-  std::string verified_against;    // "catalog", "X-Linked-ETag", or empty when nothing to check
-  int requests = 0;                // HTTP requests made (1 when nothing went wrong)
-  bool resumed = false;            // continued bytes already on disk
+  std::string sha256;            // of the whole file, lowercase hex
+  std::string verified_against;  // "catalog", "X-Linked-ETag", or empty when nothing to check
+  int requests = 0;              // HTTP requests made (1 when nothing went wrong)
+  bool resumed = false;          // continued bytes already on disk
 };
 
 // Downloads `url` (http or https; redirects followed) to `path`. Bytes go to `path + ".part"`

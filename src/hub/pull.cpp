@@ -61,9 +61,8 @@ bool AlreadyThere(const std::string& path, uint64_t expected, const PullOptions&
 std::string EnsureTokenizer(const TokenizerRelease& tok, const PullOptions& options,
                             const std::string& model_path) {
   const std::string file(tok.file);
-  const std::string dest =
-      options.dir.empty() ? CachePath(tok, options.hub.cache_dir)
-                          : (fs::path(options.dir) / file).string();
+  const std::string dest = options.dir.empty() ? CachePath(tok, options.hub.cache_dir)
+                                               : (fs::path(options.dir) / file).string();
   if (AlreadyThere(dest, tok.size, options)) return dest;
   const fs::path beside = fs::path(model_path).parent_path() / file;
   if (FileSize(beside.string()) == tok.size) return beside.string();
@@ -93,7 +92,8 @@ std::optional<Vocab> DetectVocab(const std::string& path) {
   } catch (const Error&) {
     // Not loadable here (yet): go by the release naming.
   }
-  if (name.find("world") != std::string::npos || name.rfind("rwkv7-g", 0) == 0) return Vocab::kWorld;
+  if (name.find("world") != std::string::npos || name.rfind("rwkv7-g", 0) == 0)
+    return Vocab::kWorld;
   if (name.find("pile") != std::string::npos || name.find("raven") != std::string::npos) {
     return Vocab::kNeox;
   }
@@ -128,7 +128,8 @@ std::vector<std::string> Suggestions(const std::string& target) {
   std::vector<std::string> out;
   const std::string t = Lower(target);
   for (const CatalogEntry& e : Catalog()) {
-    if (out.size() < 4 && std::string(e.name).find(t) != std::string::npos) out.emplace_back(e.name);
+    if (out.size() < 4 && std::string(e.name).find(t) != std::string::npos)
+      out.emplace_back(e.name);
   }
   return out;
 }
@@ -255,10 +256,13 @@ PullResult PullUrl(const std::string& url, const PullOptions& options) {
     result.path = DownloadFile(url, dest, d).path;
     result.downloaded = true;
   }
-  const std::optional<Vocab> vocab = entry ? std::optional<Vocab>(entry->vocab) : DetectVocab(result.path);
+  const std::optional<Vocab> vocab =
+      entry ? std::optional<Vocab>(entry->vocab) : DetectVocab(result.path);
   if (!vocab) {
-    Note(options, "note: cannot tell which tokenizer " + file + " needs; if it has none inside, "
-                  "run aviary pull world-vocab (RWKV World) or neox-20b-tokenizer (Pile, Raven)");
+    Note(options,
+         "note: cannot tell which tokenizer " + file +
+             " needs; if it has none inside, "
+             "run aviary pull world-vocab (RWKV World) or neox-20b-tokenizer (Pile, Raven)");
   } else if (*vocab != Vocab::kNone) {
     result.tokenizer_path = EnsureTokenizer(TokenizerFor(*vocab), options, result.path);
   }
@@ -268,7 +272,8 @@ PullResult PullUrl(const std::string& url, const PullOptions& options) {
 PullResult Pull(const std::string& target, const PullOptions& options) {
   if (target.find("://") != std::string::npos) return PullUrl(target, options);
   if (const CatalogEntry* entry = FindCatalogEntry(target)) return PullModel(*entry, options);
-  if (const TokenizerRelease* tok = FindTokenizerRelease(target)) return PullTokenizer(*tok, options);
+  if (const TokenizerRelease* tok = FindTokenizerRelease(target))
+    return PullTokenizer(*tok, options);
   std::string message = "unknown model '" + target + "'";
   const std::vector<std::string> close = Suggestions(target);
   if (!close.empty()) {
@@ -312,8 +317,8 @@ std::string FormatCatalogList(const HubSettings& hub) {
     std::snprintf(line, sizeof line, "%-18s %-24s %10s  %-5s  %-11s %s/%s\n",
                   std::string(e.name).c_str(), std::string(e.description).c_str(), size.c_str(),
                   std::string(VocabName(e.vocab)).c_str(),
-                  status(CachePath(e, hub.cache_dir), e.file, e.size).c_str(), std::string(e.repo).c_str(),
-                  std::string(e.file).c_str());
+                  status(CachePath(e, hub.cache_dir), e.file, e.size).c_str(),
+                  std::string(e.repo).c_str(), std::string(e.file).c_str());
     out += line;
   }
   out += "\nTokenizer files (pulled with the models that need them):\n";
@@ -321,11 +326,13 @@ std::string FormatCatalogList(const HubSettings& hub) {
     std::snprintf(line, sizeof line, "%-18s %-24s %10s  %-5s  %-11s %s\n",
                   std::string(t.name).c_str(), std::string(t.file).c_str(),
                   FormatBytes(t.size).c_str(), std::string(VocabName(t.vocab)).c_str(),
-                  status(CachePath(t, hub.cache_dir), t.file, t.size).c_str(), DownloadUrl(t, hub).c_str());
+                  status(CachePath(t, hub.cache_dir), t.file, t.size).c_str(),
+                  DownloadUrl(t, hub).c_str());
     out += line;
   }
   out += "\ncache: " + hub.cache_dir + " (set AVIARY_CACHE_DIR to move it)\n";
-  out += "models from " + hub.hf_endpoint + " (set AVIARY_HF_ENDPOINT for a mirror); size ? = unknown, "
+  out += "models from " + hub.hf_endpoint +
+         " (set AVIARY_HF_ENDPOINT for a mirror); size ? = unknown, "
          "checked against Hugging Face's X-Linked-Size\n";
   return out;
 }

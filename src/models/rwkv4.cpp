@@ -60,10 +60,10 @@ class Rwkv4 final : public RwkvModel {
 
   // One layer's part of the state, each (C).
   struct LayerState {
-    float* att_x;       // the time mix's normed input at the last token
-    float *aa, *bb;     // wkv4's numerator and denominator, scaled by e^-pp
-    float* pp;          // wkv4's running exponent
-    float* ffn_x;       // the channel mix's normed input at the last token
+    float* att_x;    // the time mix's normed input at the last token
+    float *aa, *bb;  // wkv4's numerator and denominator, scaled by e^-pp
+    float* pp;       // wkv4's running exponent
+    float* ffn_x;    // the channel mix's normed input at the last token
   };
   LayerState StateOfLayer(float* state, int layer) const {
     float* st = state + layer * StateFloatsPerLayer();

@@ -96,16 +96,16 @@ class Rwkv5 final : public RwkvModel {
         *p = s.Take(T * C);
       }
     }
-    float* x;                // (T, C) the residual stream
-    float* xx;               // (T, C) the normed input of the time mix, then of the channel mix
-    float* prev;             // (T, C) xx one token back
-    float *xk, *xv, *xr;     // (T, C) xx m + prev (1 - m), one m per input
-    float* xg;               // (T, C) likewise, v5.2 only
-    float *k, *v, *r;        // (T, C) key, value, receptance
-    float* g;                // (T, C) the output gate Wg xg, then silu of it (v5.2 only)
-    float* wkv;              // (T, C) wkv5 output
-    float* out;              // (T, C) GroupNorm(wkv) (* g): the input of Wo
-    float* dx;               // (T, C) Wo out: what the time mix adds to x
+    float* x;             // (T, C) the residual stream
+    float* xx;            // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;          // (T, C) xx one token back
+    float *xk, *xv, *xr;  // (T, C) xx m + prev (1 - m), one m per input
+    float* xg;            // (T, C) likewise, v5.2 only
+    float *k, *v, *r;     // (T, C) key, value, receptance
+    float* g;             // (T, C) the output gate Wg xg, then silu of it (v5.2 only)
+    float* wkv;           // (T, C) wkv5 output
+    float* out;           // (T, C) GroupNorm(wkv) (* g): the input of Wo
+    float* dx;            // (T, C) Wo out: what the time mix adds to x
   };
 
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,

@@ -137,8 +137,8 @@ class Rwkv6 final : public RwkvModel {
     MixInputs(L, n, mix_rank_, T, acts);
     Projections(L, decay_rank_, T, acts);
     ForTokens(T, [&](int t0, int t1) { DecayAndGate(L, n, t0, t1, acts); });
-    Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, acts.w, /*decay_per_token=*/true, L.first.data(),
-            s.S, acts.wkv);
+    Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, acts.w, /*decay_per_token=*/true, L.first.data(), s.S,
+            acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
       for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
         GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);

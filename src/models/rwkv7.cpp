@@ -108,23 +108,23 @@ class Rwkv7 final : public RwkvModel {
         *p = s.Take(T * C);
       }
     }
-    float* x;           // (T, C) the residual stream
-    float* xx;          // (T, C) the normed input of the time mix, then of the channel mix
-    float* prev;        // (T, C) xx one token back
-    float* xs[kSlots];  // (T, C) xx + (prev - xx) x_rwkvag[s] for s in r, w, k, v, a, g
-    float* w_low;       // (T, Dw) tanh(xw w1)
-    float* a_low;       // (T, Da) xa a1
-    float* g_low;       // (T, Dg) sigmoid(xg g1)
-    float* v_low;       // (T, Dv) xv v1
+    float* x;              // (T, C) the residual stream
+    float* xx;             // (T, C) the normed input of the time mix, then of the channel mix
+    float* prev;           // (T, C) xx one token back
+    float* xs[kSlots];     // (T, C) xx + (prev - xx) x_rwkvag[s] for s in r, w, k, v, a, g
+    float* w_low;          // (T, Dw) tanh(xw w1)
+    float* a_low;          // (T, Da) xa a1
+    float* g_low;          // (T, Dg) sigmoid(xg g1)
+    float* v_low;          // (T, Dv) xv v1
     float *r, *w, *k, *v;  // (T, C) receptance, decay, key, value
-    float* a;           // (T, C) in-context learning rate
-    float* g;           // (T, C) output gate
-    float* kk;          // (T, C) normalised k k_k: the key whose old value the state removes
-    float* v_first;     // (T, C) layer 0's v, mixed into the v of every later layer
-    float* v_mix;       // (T, C) how much of v_first a later layer's v takes
-    float* wkv;         // (T, C) wkv7 output
-    float* out;         // (T, C) (GroupNorm(wkv) + bonus) g: the input of Wo
-    float* dx;          // (T, C) Wo out: what the time mix adds to x
+    float* a;              // (T, C) in-context learning rate
+    float* g;              // (T, C) output gate
+    float* kk;             // (T, C) normalised k k_k: the key whose old value the state removes
+    float* v_first;        // (T, C) layer 0's v, mixed into the v of every later layer
+    float* v_mix;          // (T, C) how much of v_first a later layer's v takes
+    float* wkv;            // (T, C) wkv7 output
+    float* out;            // (T, C) (GroupNorm(wkv) + bonus) g: the input of Wo
+    float* dx;             // (T, C) Wo out: what the time mix adds to x
   };
 
   void Forward(std::span<const int32_t> tokens, float* state, float* logits,
@@ -200,8 +200,7 @@ class Rwkv7 final : public RwkvModel {
   // Row stage: w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a) and, after layer 0,
   // v_mix = sigmoid(v0 + v_mix) (T, C): the offsets per channel, then the transcendental parts
   // in whole-range (SIMD) passes.
-  static void DecayAndGates(const Layer& L, bool first_layer, int C, int t0, int t1,
-                            Acts& acts) {
+  static void DecayAndGates(const Layer& L, bool first_layer, int C, int t0, int t1, Acts& acts) {
     float *w = acts.w, *a = acts.a, *v_mix = acts.v_mix;
     const size_t b = static_cast<size_t>(t0) * C, e = static_cast<size_t>(t1) * C;
     for (int t = t0; t < t1; ++t) {

@@ -6,15 +6,15 @@
 
 namespace aviary {
 
-void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
-                   int T, int C, float eps, float* y) {
+void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b, int T,
+                   int C, float eps, float* y) {
   ForTokens(T, [&](int t0, int t1) {
     for (int t = t0; t < t1; ++t) LayerNorm(x + t * C, w.data(), b.data(), C, eps, y + t * C);
   });
 }
 
-void AddAndNorm(float* x, const float* dx, const std::vector<float>& w,
-                const std::vector<float>& b, int T, int C, float eps, float* xx) {
+void AddAndNorm(float* x, const float* dx, const std::vector<float>& w, const std::vector<float>& b,
+                int T, int C, float eps, float* xx) {
   ForTokens(T, [&](int t0, int t1) {
     for (size_t i = static_cast<size_t>(t0) * C; i < static_cast<size_t>(t1) * C; ++i) {
       x[i] += dx[i];
@@ -39,8 +39,7 @@ void MixLerp(const float* xx, const float* prev, const float* m, int C, int t0, 
   }
 }
 
-void MixAdd(const float* xx, const float* prev, const float* m, int C, int t0, int t1,
-            float* out) {
+void MixAdd(const float* xx, const float* prev, const float* m, int C, int t0, int t1, float* out) {
   for (int t = t0; t < t1; ++t) {
     for (int c = 0; c < C; ++c) {
       const int i = t * C + c;
@@ -63,15 +62,15 @@ void Gate(const float* g, int C, int t0, int t1, float* out) {
   }
 }
 
-void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
-                const float* xk, const float* xr, int T, float* x) {
+void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance, const float* xk,
+                const float* xr, int T, float* x) {
   const size_t C = value.rows(), F = key.rows();
   Scratch& s = Scratch::ForThisThread();
-  Scratch::Scope scope(s);  // every layer reuses the same k, v, r blocks
-  float* k = s.Take(T * F);  // (T, F)
-  float* v = s.Take(T * C);  // (T, C)
+  Scratch::Scope scope(s);                          // every layer reuses the same k, v, r blocks
+  float* k = s.Take(T * F);                         // (T, F)
+  float* v = s.Take(T * C);                         // (T, C)
   float* r = receptance ? s.Take(T * C) : nullptr;  // (T, C)
-  if (receptance) {  // the receptance runs beside the key (v4-v6)
+  if (receptance) {                                 // the receptance runs beside the key (v4-v6)
     const MatMulJob kr[] = {{key, xk, k}, {*receptance, xr, r}};
     MatMulBatch(kr, T);
   } else {

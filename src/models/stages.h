@@ -17,13 +17,13 @@
 namespace aviary {
 
 // x (T, C) -> y (T, C): LayerNorm with weight w (C) and bias b (C) of every row.
-void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b,
-                   int T, int C, float eps, float* y);
+void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b, int T,
+                   int C, float eps, float* y);
 
 // x (T, C) += dx (T, C), then xx (T, C) = LayerNorm(x): the residual add of a time mix and the
 // channel mix's norm in one pass.
-void AddAndNorm(float* x, const float* dx, const std::vector<float>& w,
-                const std::vector<float>& b, int T, int C, float eps, float* xx);
+void AddAndNorm(float* x, const float* dx, const std::vector<float>& w, const std::vector<float>& b,
+                int T, int C, float eps, float* xx);
 
 // xx (T, C), last (C) -> prev (T, C): the input before each token, `last` for t = 0, then
 // xx[t-1]; `last` becomes xx[T-1] (the layer state the next chunk starts from).
@@ -32,10 +32,8 @@ void TokenShift(const float* xx, int T, int C, float* last, float* prev);
 // Row stages, token mixes: xx, prev (T, C), m (C) -> out (T, C).
 //   MixLerp (v4, v5):  out = xx m + prev (1 - m)
 //   MixAdd (v6, v7):   out = xx + (prev - xx) m
-void MixLerp(const float* xx, const float* prev, const float* m, int C, int t0, int t1,
-             float* out);
-void MixAdd(const float* xx, const float* prev, const float* m, int C, int t0, int t1,
-            float* out);
+void MixLerp(const float* xx, const float* prev, const float* m, int C, int t0, int t1, float* out);
+void MixAdd(const float* xx, const float* prev, const float* m, int C, int t0, int t1, float* out);
 
 // Row stage: wkv (T, C) -> out (T, C), GroupNorm of each row over its H heads with weight w (C)
 // and bias b (C) (v5-v7's ln_x).
@@ -48,7 +46,7 @@ void Gate(const float* g, int C, int t0, int t1, float* out);
 // Channel mix (FFN): xk, xr (T, C), key (F, C), value (C, F), receptance (C, C) ->
 // x (T, C) += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), without the receptance gate when
 // `receptance` is null (v7, which passes no xr).
-void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance,
-                const float* xk, const float* xr, int T, float* x);
+void ChannelMix(const Tensor& key, const Tensor& value, const Tensor* receptance, const float* xk,
+                const float* xr, int T, float* x);
 
 }  // namespace aviary

@@ -62,9 +62,7 @@ std::vector<uint8_t> State::Serialize() const {
   return bytes;
 }
 
-void State::Save(const std::string& path) const {
-  WriteFileAtomically(path, Serialize());
-}
+void State::Save(const std::string& path) const { WriteFileAtomically(path, Serialize()); }
 
 State State::Load(const std::string& path, const Model& model) {
   std::ifstream in(path, std::ios::binary);

@@ -21,7 +21,8 @@ struct Spec {
 // rwkv.cpp's converter: which tensors an FP16 file keeps in F32 (convert_pytorch_to_ggml.py).
 bool ConverterKeepsF32(const std::string& name, size_t dims) {
   if (dims < 2) return true;
-  for (const char* s : {".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0"}) {
+  for (const char* s :
+       {".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0"}) {
     if (name.find(s) != std::string::npos) return true;
   }
   return false;
@@ -191,13 +192,12 @@ SynthReport WriteSynthModel(const SynthOptions& options, const std::string& path
     int64_t numel = 1;
     for (int64_t d : s.tensor.shape) numel *= d;
     report.n_params += static_cast<uint64_t>(numel);
-    writer.AddTensor(s.tensor.name, s.tensor.shape, s.tensor.type,
-                     [&](int64_t row0, int64_t n, float* out) {
-                       ParallelFor(n, [&](int64_t r, int) {
-                         FillRow(s.init, Mix(stream + static_cast<uint64_t>(row0 + r)), cols,
-                                 out + r * cols);
-                       });
-                     });
+    writer.AddTensor(
+        s.tensor.name, s.tensor.shape, s.tensor.type, [&](int64_t row0, int64_t n, float* out) {
+          ParallelFor(n, [&](int64_t r, int) {
+            FillRow(s.init, Mix(stream + static_cast<uint64_t>(row0 + r)), cols, out + r * cols);
+          });
+        });
   }
   report.tensors = writer.tensors();
   report.types = writer.type_counts();

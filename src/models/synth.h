@@ -57,7 +57,7 @@ inline SynthInit Uniform(float lo, float hi, SynthInit::Post post = SynthInit::k
 // initialisations, and `add` for each of its tensors (name without "blocks.N.", shape
 // outermost first, in the order rwkv.cpp's converter writes them).
 struct SynthLayer {
-  int64_t layer = 0, C = 0, H = 1, N = 0;  // N: head size; H heads of N make C
+  int64_t layer = 0, C = 0, H = 1, N = 0;     // N: head size; H heads of N make C
   SynthInit proj, out_proj, mix, ln_w, ln_b;  // matrices ~ N(0, 1/C), output ones halved
   std::function<void(std::string_view name, std::vector<int64_t> shape, SynthInit init)> add;
 };

@@ -101,8 +101,9 @@ int32_t Sampler::SampleTemperatureFirst(std::span<const float> logits) {
     scratch_[i] = {p, static_cast<int32_t>(i)};
     total += p;
   }
-  std::sort(scratch_.begin(), scratch_.end(),
-            [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  std::sort(scratch_.begin(), scratch_.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
   // Keep the smallest prefix whose mass reaches top_p (at least one token), then top-k.
   size_t keep = scratch_.size();
   if (options_.top_p < 1.0f) {
@@ -140,8 +141,9 @@ int32_t Sampler::SampleChatRwkv(std::span<const float> logits) {
     total += p;
   }
   for (auto& [p, id] : probs_) p /= total;
-  std::sort(probs_.begin(), probs_.end(),
-            [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  std::sort(probs_.begin(), probs_.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
   // Top-p cut: the cutoff is the probability of the token where the cumulative sum first
   // reaches top_p; every token at least that likely stays (ties included, as in ChatRWKV). When
   // the sum never reaches top_p (top_p = 1 and rounding), every token stays.

@@ -21,11 +21,13 @@ struct AlignedAllocator {
   template <typename U>
   AlignedAllocator(const AlignedAllocator<U>&) {}
   T* allocate(size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kVectorAlign}));
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{kVectorAlign}));
   }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{kVectorAlign}); }
+  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{kVectorAlign}); }
   template <typename U>
-  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  bool operator==(const AlignedAllocator<U>&) const {
+    return true;
+  }
 };
 
 template <typename T>

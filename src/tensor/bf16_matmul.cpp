@@ -29,7 +29,6 @@
 namespace aviary::bf16 {
 namespace {
 
-
 // The bfloat16 the kernels use for weight c of a row.
 uint16_t WeightBits(DType type, const uint8_t* row, int64_t c) {
   uint16_t h;
@@ -48,8 +47,9 @@ template <DType kType>
 AVIARY_BF16 __m512bh LoadWeights(const uint8_t* row, int64_t c, int n) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + c;
   if constexpr (kType == DType::kBF16) {
-    const __m512i v = n == kChunk ? _mm512_loadu_si512(p)
-                                  : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
+    const __m512i v = n == kChunk
+                          ? _mm512_loadu_si512(p)
+                          : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
     return (__m512bh)v;  // vdpbf16ps reads subnormals as zero, as WeightBits does
   } else {
     __m256i lo, hi;
@@ -101,11 +101,13 @@ AVIARY_BF16 void GemvRows(const uint8_t* w, size_t row_bytes, int64_t cols, cons
     int64_t c = 0;
     for (; c + kChunk <= cols; c += kChunk) {
       _mm_prefetch(ahead + c * 2, _MM_HINT_T0);  // a chunk is one cache line of weights
-      sum = _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, kChunk), (__m512bh)_mm512_load_si512(x + c));
+      sum = _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, kChunk),
+                             (__m512bh)_mm512_load_si512(x + c));
     }
     if (c < cols) {
       const int n = static_cast<int>(cols - c);
-      sum = _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, n), (__m512bh)_mm512_load_si512(x + c));
+      sum =
+          _mm512_dpbf16_ps(sum, LoadWeights<kType>(row, c, n), (__m512bh)_mm512_load_si512(x + c));
     }
     acc[r] = sum;
   }
@@ -228,7 +230,8 @@ void MatMulRows(DType type, const uint8_t* w, size_t row_bytes, int64_t rows, in
     default: break;
   }
 #endif
-  (void)type, (void)w, (void)row_bytes, (void)rows, (void)cols, (void)r0, (void)r1, (void)a, (void)y;
+  (void)type, (void)w, (void)row_bytes, (void)rows, (void)cols, (void)r0, (void)r1, (void)a,
+      (void)y;
   std::abort();  // callers check SupportsType() and CpuSupported()
 }
 

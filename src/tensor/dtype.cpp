@@ -58,8 +58,8 @@ uint16_t F32ToF16(float f) {
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
   const uint32_t abs = x & 0x7fffffff;
   if (abs >= 0x7f800000) return sign | 0x7c00 | (abs > 0x7f800000 ? 0x200 : 0);  // inf / nan
-  if (abs >= 0x477ff000) return sign | 0x7c00;  // rounds past the largest half: inf
-  if (abs < 0x38800000) {  // subnormal half (or zero)
+  if (abs >= 0x477ff000) return sign | 0x7c00;        // rounds past the largest half: inf
+  if (abs < 0x38800000) {                             // subnormal half (or zero)
     const float scaled = std::fabs(f) * 16777216.0f;  // 2^24: units of the smallest subnormal
     return sign | static_cast<uint16_t>(std::nearbyint(scaled));
   }
@@ -143,7 +143,8 @@ void DequantQ6_K(const BlockQ6_K* b, float* y) {
     for (int k = 0; k < 4; ++k) {
       for (int l = 0; l < 32; ++l) {
         const uint8_t lo = b->ql[64 * h + l + 32 * (k & 1)];
-        const int q = ((k < 2 ? lo & 0x0f : lo >> 4) | (((b->qh[32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
+        const int q =
+            ((k < 2 ? lo & 0x0f : lo >> 4) | (((b->qh[32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
         const int e = 128 * h + 32 * k + l;
         y[e] = d * static_cast<float>(b->scales[e / 16]) * static_cast<float>(q);
       }
@@ -165,9 +166,7 @@ void DequantBlocks(const uint8_t* src, float* dst, int64_t n) {
 
 void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n) {
   switch (type) {
-    case DType::kF32:
-      std::memcpy(dst, src, n * sizeof(float));
-      return;
+    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); return;
     case DType::kF16:
       for (int64_t i = 0; i < n; ++i) {
         uint16_t h;

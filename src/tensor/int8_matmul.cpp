@@ -55,9 +55,19 @@ WBlock UnpackBlockScalar(DType type, const uint8_t* p) {
       for (int i = 0; i < 32; ++i) b.u[i] = static_cast<uint8_t>(p[2 + i] ^ 0x80);
       return b;
     case DType::kQ4_0: qs = p + 2; break;
-    case DType::kQ4_1: b.m = Half(p + 2); qs = p + 4; break;
-    case DType::kQ5_0: std::memcpy(&qh, p + 2, 4); qs = p + 6; break;
-    case DType::kQ5_1: b.m = Half(p + 2); std::memcpy(&qh, p + 4, 4); qs = p + 8; break;
+    case DType::kQ4_1:
+      b.m = Half(p + 2);
+      qs = p + 4;
+      break;
+    case DType::kQ5_0:
+      std::memcpy(&qh, p + 2, 4);
+      qs = p + 6;
+      break;
+    case DType::kQ5_1:
+      b.m = Half(p + 2);
+      std::memcpy(&qh, p + 4, 4);
+      qs = p + 8;
+      break;
     default: return b;
   }
   for (int i = 0; i < 16; ++i) {
@@ -83,11 +93,13 @@ WBlock UnpackScalar(DType type, const uint8_t* row, int64_t b) {
     const uint8_t* p = row + (b / 8) * BlockBytes(type);
     const int j = static_cast<int>(b % 8);
     SubBlockScalesK(p, j, &w.d, &w.m);
-    const uint8_t* qs = p + (type == DType::kQ4_K ? offsetof(BlockQ4_K, qs) : offsetof(BlockQ5_K, qs));
+    const uint8_t* qs =
+        p + (type == DType::kQ4_K ? offsetof(BlockQ4_K, qs) : offsetof(BlockQ5_K, qs));
     for (int i = 0; i < 32; ++i) {
       const uint8_t byte = qs[32 * (j / 2) + i];
       w.u[i] = static_cast<uint8_t>((j & 1) ? byte >> 4 : byte & 0x0f);
-      if (type == DType::kQ5_K) w.u[i] |= static_cast<uint8_t>(((p[offsetof(BlockQ5_K, qh) + i] >> j) & 1) << 4);
+      if (type == DType::kQ5_K)
+        w.u[i] |= static_cast<uint8_t>(((p[offsetof(BlockQ5_K, qh) + i] >> j) & 1) << 4);
     }
     return w;
   }
@@ -111,8 +123,10 @@ AVIARY_VNNI_FN void QuantizeVnni(const float* x, int t0, int t1, int64_t cols, A
       // Round to nearest even (the default MXCSR mode), clamp to [-127, 127] like the scalar
       // version (NaN converts to INT_MIN, so -127).
       const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-      const __m512i i0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), hi), lo);
-      const __m512i i1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), hi), lo);
+      const __m512i i0 =
+          _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), hi), lo);
+      const __m512i i1 =
+          _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), hi), lo);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32), _mm512_cvtepi32_epi8(i0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
       const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
@@ -126,7 +140,8 @@ AVIARY_VNNI_FN void QuantizeVnni(const float* x, int t0, int t1, int64_t cols, A
 AVIARY_VNNI_FN void RegroupActivations(Activations* a, int t0, int t1) {
   for (int t = t0; t < t1; ++t) {
     vnni::Regroup(reinterpret_cast<const uint8_t*>(a->q_at(t)),
-                  reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32), a->padded_blocks / 16);
+                  reinterpret_cast<uint8_t*>(a->qt.data() + t * a->padded_blocks * 32),
+                  a->padded_blocks / 16);
   }
 }
 #endif  // AVIARY_HAVE_VNNI_CODE

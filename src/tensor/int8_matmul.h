@@ -37,13 +37,13 @@ inline bool SupportsType(DType type) { return IsQuantized(type) && type != DType
 struct Activations {
   int64_t cols = 0, blocks = 0, padded_blocks = 0;  // per token
   int T = 0;
-  AlignedVector<int8_t> q;       // [T][padded_blocks * 32], element order
+  AlignedVector<int8_t> q;  // [T][padded_blocks * 32], element order
   // T > 1 only: the same bytes regrouped for 16 blocks per vector: within each group of 16
   // blocks, 8 steps of 64 bytes, step k holding bytes 4k..4k+3 of blocks 0..15 in turn.
   AlignedVector<int8_t> qt;
-  AlignedVector<float> d;      // [T][padded_blocks]: the block's step d_x
-  AlignedVector<int32_t> sums; // [T][padded_blocks]: sum of the block's q
-  AlignedVector<float> ds;     // [T][padded_blocks]: d_x * sum q (for types with a minimum)
+  AlignedVector<float> d;       // [T][padded_blocks]: the block's step d_x
+  AlignedVector<int32_t> sums;  // [T][padded_blocks]: sum of the block's q
+  AlignedVector<float> ds;      // [T][padded_blocks]: d_x * sum q (for types with a minimum)
 
   const int8_t* q_at(int t) const { return q.data() + t * padded_blocks * 32; }
   const int8_t* qt_at(int t) const { return qt.data() + t * padded_blocks * 32; }

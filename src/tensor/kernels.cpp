@@ -280,13 +280,12 @@ void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n) {
   HWY_DYNAMIC_DISPATCH(DecodeRowAny)(type, src, dst, n);
 }
 
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
-               float* y) {
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y) {
   HWY_DYNAMIC_DISPATCH(LayerNormF)(x, weight, bias, n, eps, y);
 }
 
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y) {
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
+               float* y) {
   const int g = n / groups;
   const auto norm = HWY_DYNAMIC_DISPATCH(LayerNormF);
   for (int h = 0; h < groups; ++h) norm(x + h * g, weight + h * g, bias + h * g, g, eps, y + h * g);
@@ -320,22 +319,19 @@ void GatherRow(const Tensor& table, int64_t row, float* y) {
   fast::DequantizeRow(table.type, table.row(row), y, table.cols());
 }
 
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
-               float* y) {
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y) {
   if (Reference()) return ref::LayerNorm(x, weight, bias, n, eps, y);
   fast::LayerNorm(x, weight, bias, n, eps, y);
 }
 
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y) {
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
+               float* y) {
   if (Reference()) return ref::GroupNorm(x, weight, bias, n, groups, eps, y);
   fast::GroupNorm(x, weight, bias, n, groups, eps, y);
 }
 
 void TanhInPlace(float* x, size_t n) { Reference() ? ref::Tanh(x, n) : fast::Tanh(x, n); }
-void SigmoidInPlace(float* x, size_t n) {
-  Reference() ? ref::Sigmoid(x, n) : fast::Sigmoid(x, n);
-}
+void SigmoidInPlace(float* x, size_t n) { Reference() ? ref::Sigmoid(x, n) : fast::Sigmoid(x, n); }
 void ExpInPlace(float* x, size_t n) { Reference() ? ref::Exp(x, n) : fast::Exp(x, n); }
 void SiluInPlace(float* x, size_t n) { Reference() ? ref::Silu(x, n) : fast::Silu(x, n); }
 void SquaredReluInPlace(float* x, size_t n) {

@@ -49,11 +49,10 @@ void MatMulBatch(std::span<const MatMulJob> jobs, int T);
 // Row `row` of `table` (e.g. the embedding) widened to float.
 void GatherRow(const Tensor& table, int64_t row, float* y);
 
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
-               float* y);
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y);
 // GroupNorm over `groups` equal slices of x[0..n), each normalised on its own.
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y);
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
+               float* y);
 
 inline float Sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
 
@@ -62,7 +61,7 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
 void TanhInPlace(float* x, size_t n);
 void SigmoidInPlace(float* x, size_t n);
 void ExpInPlace(float* x, size_t n);
-void SiluInPlace(float* x, size_t n);  // x * sigmoid(x)
+void SiluInPlace(float* x, size_t n);         // x * sigmoid(x)
 void SquaredReluInPlace(float* x, size_t n);  // max(x, 0)^2 (channel mix)
 
 // The fast implementations, callable directly (tests and benchmarks compare them with the
@@ -71,10 +70,9 @@ namespace fast {
 void MatMul(const Tensor& w, const float* x, int T, float* y, int max_threads = 0);
 void MatMulBatch(const MatMulJob* jobs, int n_jobs, int T, int max_threads = 0);
 void DequantizeRow(DType type, const uint8_t* src, float* dst, int64_t n);
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y);
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
                float* y);
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y);
 void Tanh(float* x, size_t n);
 void Sigmoid(float* x, size_t n);
 void Exp(float* x, size_t n);

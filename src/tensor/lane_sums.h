@@ -26,7 +26,8 @@ AVIARY_LANE_SUMS __m512 Fold2(__m512 a, __m512 b) {
 }
 AVIARY_LANE_SUMS __m512 Fold4(__m512 a, __m512 b) {
   const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
 }
 AVIARY_LANE_SUMS __m512 FoldLanes(__m512 a, __m512 b) {  // 128-bit lanes (0+1, 2+3) of a, then b
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));

@@ -365,8 +365,8 @@ AffineKCode EncodeAffineK(const float* src) {
     for (int dmin_top : {kMaxScale, kMaxScale - 1}) {
       const HalfScale try_d = ToHalf(max_scale / static_cast<float>(d_top), k);
       const HalfScale try_dmin = ToHalf(max_offset / static_cast<float>(dmin_top), k);
-      const double error = ChooseSubScales<kMaxLevel>(x, w, fits, try_d.normalized,
-                                                      try_dmin.normalized, 0, sc, m);
+      const double error =
+          ChooseSubScales<kMaxLevel>(x, w, fits, try_d.normalized, try_dmin.normalized, 0, sc, m);
       if (error < best_error) {
         best_error = error;
         d = try_d;
@@ -506,8 +506,8 @@ void Q6_K(const float* src, BlockQ6_K* y) {
   for (int j = 0; j < kSubs; ++j) {
     const float* xj = x + kSub * j;
     const float* wj = w + kSub * j;
-    const int sc0 = d.normalized != 0.0f ? NearestClamped(fits[j].scale / d.normalized, -128, 127)
-                                         : 0;
+    const int sc0 =
+        d.normalized != 0.0f ? NearestClamped(fits[j].scale / d.normalized, -128, 127) : 0;
     int best_sc = sc0;
     double best_error = std::numeric_limits<double>::infinity();
     for (int s = std::max(sc0 - 1, -128); s <= std::min(sc0 + 1, 127); ++s) {
@@ -558,9 +558,7 @@ uint16_t F32ToBF16(float f) {
 void QuantizeRow(DType type, const float* src, uint8_t* dst, int64_t n, QuantRounding rounding) {
   const bool fused = rounding == QuantRounding::kFusedMultiplyAdd;
   switch (type) {
-    case DType::kF32:
-      std::memcpy(dst, src, n * sizeof(float));
-      return;
+    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); return;
     case DType::kF16:
       for (int64_t i = 0; i < n; ++i) {
         const uint16_t h = F32ToF16(src[i]);

@@ -44,8 +44,7 @@ void MatMul(const Tensor& w, const float* x, int T, float* y) {
   }
 }
 
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
-               float* y) {
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y) {
   double mean = 0;
   for (int i = 0; i < n; ++i) mean += x[i];
   mean /= n;
@@ -57,8 +56,8 @@ void LayerNorm(const float* x, const float* weight, const float* bias, int n, fl
   for (int i = 0; i < n; ++i) y[i] = (x[i] - m) * inv * weight[i] + bias[i];
 }
 
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y) {
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
+               float* y) {
   const int g = n / groups;
   for (int h = 0; h < groups; ++h) {
     LayerNorm(x + h * g, weight + h * g, bias + h * g, g, eps, y + h * g);
@@ -84,8 +83,8 @@ void SquaredRelu(float* x, size_t n) {
   }
 }
 
-void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
-          float* aa, float* bb, float* pp, float* out) {
+void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay, float* aa,
+          float* bb, float* pp, float* out) {
   for (int c = 0; c < C; ++c) {
     const float ww = first[c] + k[c];
     float p = std::max(pp[c], ww);

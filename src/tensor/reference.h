@@ -15,10 +15,9 @@ namespace aviary::ref {
 void MatMul(const Tensor& w, const float* x, int T, float* y);
 
 // Double-precision statistics.
-void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps,
+void LayerNorm(const float* x, const float* weight, const float* bias, int n, float eps, float* y);
+void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups, float eps,
                float* y);
-void GroupNorm(const float* x, const float* weight, const float* bias, int n, int groups,
-               float eps, float* y);
 
 // Element-wise, in place, with <cmath>: x = tanh(x), 1 / (1 + e^-x), e^x, x * sigmoid(x).
 void Tanh(float* x, size_t n);
@@ -28,8 +27,8 @@ void Silu(float* x, size_t n);
 void SquaredRelu(float* x, size_t n);
 
 // One token of the WKV recurrences (see wkv.h for the math).
-void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
-          float* aa, float* bb, float* pp, float* out);
+void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay, float* aa,
+          float* bb, float* pp, float* out);
 void Wkv5(int H, int N, const float* r, const float* k, const float* v, const float* decay,
           const float* first, float* S, float* out);
 void Wkv7(int H, int N, const float* r, const float* decay, const float* k, const float* v,

@@ -140,7 +140,7 @@ class Workers {
 
 // A runtime's workers, started by its first parallel loop, and what the stats report.
 struct Runtime::Pool {
-  std::mutex run_mutex;  // one ParallelFor at a time uses the workers
+  std::mutex run_mutex;              // one ParallelFor at a time uses the workers
   std::unique_ptr<Workers> workers;  // created under run_mutex
   std::atomic<uint64_t> parallel_runs{0};
   std::atomic<uint64_t> busy_fallbacks{0};

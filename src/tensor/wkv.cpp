@@ -37,8 +37,8 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // One head, one token. D has lanes dividing N.
 template <class D>
-HWY_INLINE void Wkv5Head(D d, int N, const float* r, const float* k, const float* v,
-                         const float* w, const float* u, float* s, float* out) {
+HWY_INLINE void Wkv5Head(D d, int N, const float* r, const float* k, const float* v, const float* w,
+                         const float* u, float* s, float* out) {
   const int L = static_cast<int>(hn::Lanes(d));
   for (int j = 0; j < N; j += L) {
     const auto vv = hn::LoadU(d, v + j);
@@ -60,15 +60,18 @@ HWY_INLINE void Wkv5Head(D d, int N, const float* r, const float* k, const float
 template <class D, class V>
 HWY_INLINE void SumsOf4(D d, V a, V b, V c, V e, float* out) {
 #if HWY_TARGET == HWY_SCALAR  // one lane (Fits() keeps this target on the scalar code anyway)
-  out[0] = hn::GetLane(a), out[1] = hn::GetLane(b), out[2] = hn::GetLane(c), out[3] = hn::GetLane(e);
+  out[0] = hn::GetLane(a), out[1] = hn::GetLane(b), out[2] = hn::GetLane(c),
+  out[3] = hn::GetLane(e);
   (void)d;
 #else
   const hn::Repartition<uint64_t, D> du64;
   // Per block: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], likewise for c, e.
   const V ab = hn::Add(hn::InterleaveLower(d, a, b), hn::InterleaveUpper(d, a, b));
   const V ce = hn::Add(hn::InterleaveLower(d, c, e), hn::InterleaveUpper(d, c, e));
-  const V lo = hn::BitCast(d, hn::InterleaveLower(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
-  const V hi = hn::BitCast(d, hn::InterleaveUpper(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
+  const V lo =
+      hn::BitCast(d, hn::InterleaveLower(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
+  const V hi =
+      hn::BitCast(d, hn::InterleaveUpper(du64, hn::BitCast(du64, ab), hn::BitCast(du64, ce)));
   HWY_ALIGN float blocks[hn::MaxLanes(d)];
   hn::Store(hn::Add(lo, hi), d, blocks);  // per block: [a, b, c, e]
   const hn::Full128<float> d4;
@@ -83,11 +86,12 @@ constexpr int kMaxWkv7Head = 1024;
 
 // One head, one token, four state rows at a time (their dot products reduced together).
 template <class D>
-HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float* k,
-                         const float* v, const float* kk, const float* a, float* s, float* out) {
+HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float* k, const float* v,
+                         const float* kk, const float* a, float* s, float* out) {
   const int L = static_cast<int>(hn::Lanes(d));
   HWY_ALIGN float kka[kMaxWkv7Head];
-  for (int j = 0; j < N; j += L) hn::Store(hn::Mul(hn::LoadU(d, kk + j), hn::LoadU(d, a + j)), d, kka + j);
+  for (int j = 0; j < N; j += L)
+    hn::Store(hn::Mul(hn::LoadU(d, kk + j), hn::LoadU(d, a + j)), d, kka + j);
   for (int i = 0; i < N; i += 4) {
     float* rows[4];
     for (int q = 0; q < 4; ++q) rows[q] = s + static_cast<int64_t>(i + q) * N;
@@ -103,14 +107,17 @@ HWY_INLINE void Wkv7Head(D d, int N, const float* r, const float* w, const float
     SumsOf4(d, acc0, acc1, acc2, acc3, sa);
     using V = decltype(hn::Zero(d));
     V o[4] = {hn::Zero(d), hn::Zero(d), hn::Zero(d), hn::Zero(d)};
-    const V neg_sa[4] = {hn::Set(d, -sa[0]), hn::Set(d, -sa[1]), hn::Set(d, -sa[2]), hn::Set(d, -sa[3])};
-    const V vi[4] = {hn::Set(d, v[i]), hn::Set(d, v[i + 1]), hn::Set(d, v[i + 2]), hn::Set(d, v[i + 3])};
+    const V neg_sa[4] = {hn::Set(d, -sa[0]), hn::Set(d, -sa[1]), hn::Set(d, -sa[2]),
+                         hn::Set(d, -sa[3])};
+    const V vi[4] = {hn::Set(d, v[i]), hn::Set(d, v[i + 1]), hn::Set(d, v[i + 2]),
+                     hn::Set(d, v[i + 3])};
     for (int j = 0; j < N; j += L) {
       const V kkaj = hn::Load(d, kka + j), kj = hn::LoadU(d, k + j);
       const V wj = hn::LoadU(d, w + j), rj = hn::LoadU(d, r + j);
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
-        const V sn = hn::MulAdd(hn::LoadU(d, rows[q] + j), wj, hn::MulAdd(neg_sa[q], kkaj, hn::Mul(vi[q], kj)));
+        const V sn = hn::MulAdd(hn::LoadU(d, rows[q] + j), wj,
+                                hn::MulAdd(neg_sa[q], kkaj, hn::Mul(vi[q], kj)));
         hn::StoreU(sn, d, rows[q] + j);
         o[q] = hn::MulAdd(sn, rj, o[q]);
       }
@@ -129,9 +136,8 @@ HWY_INLINE bool Fits(D d, int N) {
 }  // namespace
 
 // Heads [h0, h1) for T tokens. C = H * N is the row stride.
-void Wkv5Heads(int T, int C, int N, int h0, int h1, const float* r, const float* k,
-               const float* v, const float* decay, bool decay_per_token, const float* first,
-               float* S, float* out) {
+void Wkv5Heads(int T, int C, int N, int h0, int h1, const float* r, const float* k, const float* v,
+               const float* decay, bool decay_per_token, const float* first, float* S, float* out) {
   // Head by head, all tokens: the head's state stays in L1 throughout.
   for (int h = h0; h < h1; ++h) {
     for (int t = 0; t < T; ++t) {
@@ -183,9 +189,8 @@ void Wkv7Heads(int T, int C, int N, int h0, int h1, const float* r, const float*
 
 // Channels [c0, c1) of RWKV-4 for T tokens (row stride C). The tail of a range is padded into
 // a whole vector, so every channel goes through the same vector code.
-void Wkv4Channels(int T, int C, int c0, int c1, const float* k, const float* v,
-                  const float* first, const float* decay, float* aa, float* bb, float* pp,
-                  float* out) {
+void Wkv4Channels(int T, int C, int c0, int c1, const float* k, const float* v, const float* first,
+                  const float* decay, float* aa, float* bb, float* pp, float* out) {
   const hn::CappedTag<float, 16> d;
   constexpr size_t L = hn::MaxLanes(d);
   HWY_ALIGN float pad[10][L];
@@ -260,8 +265,8 @@ void ForUnits(int units, int64_t work, int max_threads, F&& f) {
 
 namespace fast {
 
-void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first,
-             const float* decay, float* aa, float* bb, float* pp, float* out, int max_threads) {
+void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first, const float* decay,
+             float* aa, float* bb, float* pp, float* out, int max_threads) {
   constexpr int kGroup = 64;  // channels per unit of work (a multiple of every lane count)
   const int units = (C + kGroup - 1) / kGroup;
   const auto fn = HWY_DYNAMIC_DISPATCH(Wkv4Channels);
@@ -283,9 +288,8 @@ void Wkv7Seq(int T, int H, int N, const float* r, const float* decay, const floa
              const float* v, const float* kk, const float* a, float* S, float* out,
              int max_threads) {
   const auto fn = HWY_DYNAMIC_DISPATCH(Wkv7Heads);
-  ForUnits(H, static_cast<int64_t>(T) * H * N * N * 2, max_threads, [&](int h0, int h1) {
-    fn(T, H * N, N, h0, h1, r, decay, k, v, kk, a, S, out);
-  });
+  ForUnits(H, static_cast<int64_t>(T) * H * N * N * 2, max_threads,
+           [&](int h0, int h1) { fn(T, H * N, N, h0, h1, r, decay, k, v, kk, a, S, out); });
 }
 
 }  // namespace fast
@@ -294,8 +298,8 @@ namespace {
 bool UseReference() { return ActiveKernels() == Kernels::kReference; }
 }  // namespace
 
-void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
-          float* aa, float* bb, float* pp, float* out) {
+void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay, float* aa,
+          float* bb, float* pp, float* out) {
   Wkv4Seq(1, C, k, v, first, decay, aa, bb, pp, out);
 }
 
@@ -309,8 +313,8 @@ void Wkv7(int H, int N, const float* r, const float* decay, const float* k, cons
   Wkv7Seq(1, H, N, r, decay, k, v, kk, a, S, out);
 }
 
-void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first,
-             const float* decay, float* aa, float* bb, float* pp, float* out) {
+void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first, const float* decay,
+             float* aa, float* bb, float* pp, float* out) {
   if (!UseReference()) return fast::Wkv4Seq(T, C, k, v, first, decay, aa, bb, pp, out);
   for (int t = 0; t < T; ++t) {
     const int64_t o = static_cast<int64_t>(t) * C;

@@ -13,8 +13,8 @@ namespace aviary {
 // RWKV-4, per channel c < C, numerically stable form with a running exponent pp:
 //   wkv = (e^pp aa + e^(u+k) v) / (e^pp bb + e^(u+k));  then decay by e^w and add k, v.
 // `decay` is the prepared w = -exp(time_decay); `first` is u = time_first.
-void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay,
-          float* aa, float* bb, float* pp, float* out);
+void Wkv4(int C, const float* k, const float* v, const float* first, const float* decay, float* aa,
+          float* bb, float* pp, float* out);
 
 // RWKV-5/6, per head h, state S[h] is [N key, N value]:
 //   out[j] = sum_i r[i] (u[i] k[i] v[j] + S[i][j]);  S[i][j] = w[i] S[i][j] + k[i] v[j].
@@ -30,8 +30,8 @@ void Wkv7(int H, int N, const float* r, const float* decay, const float* k, cons
 
 // T tokens. Wkv5Seq: `decay_per_token` false = one decay row for all tokens (v5), true = a
 // row per token (v6).
-void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first,
-             const float* decay, float* aa, float* bb, float* pp, float* out);
+void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first, const float* decay,
+             float* aa, float* bb, float* pp, float* out);
 void Wkv5Seq(int T, int H, int N, const float* r, const float* k, const float* v,
              const float* decay, bool decay_per_token, const float* first, float* S, float* out);
 void Wkv7Seq(int T, int H, int N, const float* r, const float* decay, const float* k,
@@ -40,8 +40,8 @@ void Wkv7Seq(int T, int H, int N, const float* r, const float* decay, const floa
 // The fast implementations, callable directly (tests compare them with reference.h).
 // `max_threads` 0 = the pool's thread count.
 namespace fast {
-void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first,
-             const float* decay, float* aa, float* bb, float* pp, float* out, int max_threads = 0);
+void Wkv4Seq(int T, int C, const float* k, const float* v, const float* first, const float* decay,
+             float* aa, float* bb, float* pp, float* out, int max_threads = 0);
 void Wkv5Seq(int T, int H, int N, const float* r, const float* k, const float* v,
              const float* decay, bool decay_per_token, const float* first, float* S, float* out,
              int max_threads = 0);

@@ -64,11 +64,12 @@ const ByteMaps& Maps() {
   return maps;
 }
 
-// \s as Oniguruma (and so HF tokenizers) defines it for Unicode: U+0009..U+000D, U+0085, Zs, Zl, Zp.
+// \s as Oniguruma (and so HF tokenizers) defines it for Unicode: U+0009..U+000D, U+0085, Zs, Zl,
+// Zp.
 #define AVIARY_WS "\\t-\\r\\x{85}\\p{Z}"
-constexpr char kPattern[] =
-    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^" AVIARY_WS "\\p{L}\\p{N}]+"
-    "|[" AVIARY_WS "]+(?![^" AVIARY_WS "])|[" AVIARY_WS "]+";
+constexpr char kPattern[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^" AVIARY_WS
+                            "\\p{L}\\p{N}]+"
+                            "|[" AVIARY_WS "]+(?![^" AVIARY_WS "])|[" AVIARY_WS "]+";
 #undef AVIARY_WS
 
 struct Pcre2CodeDeleter {
@@ -81,9 +82,9 @@ struct Pcre2MatchDataDeleter {
 std::unique_ptr<pcre2_code, Pcre2CodeDeleter> CompilePattern() {
   int err = 0;
   PCRE2_SIZE offset = 0;
-  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kPattern), PCRE2_ZERO_TERMINATED,
-                                   PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &err, &offset,
-                                   nullptr);
+  pcre2_code* code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kPattern), PCRE2_ZERO_TERMINATED,
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &err, &offset, nullptr);
   if (!code) {
     PCRE2_UCHAR msg[256];
     pcre2_get_error_message(err, msg, sizeof msg);
@@ -147,7 +148,8 @@ uint64_t PairKey(int32_t a, int32_t b) {
 
 class BpeTokenizer final : public Tokenizer {
  public:
-  explicit BpeTokenizer(const TokenizerData& data) : tokens_(data.tokens), regex_(CompilePattern()) {
+  explicit BpeTokenizer(const TokenizerData& data)
+      : tokens_(data.tokens), regex_(CompilePattern()) {
     if (tokens_.empty()) throw Error("BPE vocabulary is empty");
     if (tokens_.size() > static_cast<size_t>(INT32_MAX)) throw Error("BPE vocabulary is too large");
     if (data.normalizer == "NFC") {
@@ -198,8 +200,8 @@ class BpeTokenizer final : public Tokenizer {
       const std::string& m = data.merges[rank];
       const size_t sp = m.find(' ');
       const auto fail = [&](const std::string& problem) {
-        throw Error("BPE merge " + std::to_string(rank + 1) + " ('" + m.substr(0, 80) + "'): " +
-                    problem);
+        throw Error("BPE merge " + std::to_string(rank + 1) + " ('" + m.substr(0, 80) +
+                    "'): " + problem);
       };
       if (sp == std::string::npos || m.find(' ', sp + 1) != std::string::npos || sp == 0 ||
           sp + 1 == m.size()) {
@@ -209,7 +211,8 @@ class BpeTokenizer final : public Tokenizer {
           !ByteLevelToBytes(std::string_view(m).substr(sp + 1), &right)) {
         fail("not byte-level text");
       }
-      const auto a = by_bytes.find(left), b = by_bytes.find(right), ab = by_bytes.find(left + right);
+      const auto a = by_bytes.find(left), b = by_bytes.find(right),
+                 ab = by_bytes.find(left + right);
       if (a == by_bytes.end() || b == by_bytes.end()) fail("a token that is not in the vocabulary");
       if (ab == by_bytes.end()) fail("the merged token is not in the vocabulary");
       // A repeated pair takes its last rank, as HF's HashMap (and transformers.js's Map) do.
@@ -298,7 +301,8 @@ class BpeTokenizer final : public Tokenizer {
       icu::StringByteSink<std::string> sink(&w.normalized, static_cast<int32_t>(run.size()));
       nfc_->normalizeUTF8(0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
                           nullptr, status);
-      if (U_FAILURE(status)) throw Error(std::string("NFC normalization failed: ") + u_errorName(status));
+      if (U_FAILURE(status))
+        throw Error(std::string("NFC normalization failed: ") + u_errorName(status));
       text = w.normalized;
     }
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
@@ -337,8 +341,8 @@ class BpeTokenizer final : public Tokenizer {
     }
     if (!high) return false;
     UErrorCode status = U_ZERO_ERROR;
-    const bool normalized =
-        nfc_->isNormalizedUTF8(icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), status);
+    const bool normalized = nfc_->isNormalizedUTF8(
+        icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), status);
     return U_FAILURE(status) || !normalized;
   }
 
@@ -409,7 +413,8 @@ class BpeTokenizer final : public Tokenizer {
 using nlohmann::json;
 
 std::string TypeOf(const json& j) {
-  if (j.is_object() && j.contains("type") && j["type"].is_string()) return j["type"].get<std::string>();
+  if (j.is_object() && j.contains("type") && j["type"].is_string())
+    return j["type"].get<std::string>();
   return j.is_null() ? "null" : "?";
 }
 
@@ -449,7 +454,8 @@ std::string NormalizeNfc(std::string_view utf8) {
     nfc->normalizeUTF8(0, icu::StringPiece(utf8.data(), static_cast<int32_t>(utf8.size())), sink,
                        nullptr, status);
   }
-  if (U_FAILURE(status)) throw Error(std::string("NFC normalization failed: ") + u_errorName(status));
+  if (U_FAILURE(status))
+    throw Error(std::string("NFC normalization failed: ") + u_errorName(status));
   return out;
 }
 
@@ -464,20 +470,24 @@ TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::stri
     throw Error(name + ": not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) fail("not a tokenizer.json (expected a JSON object)");
-  if (!j.contains("model") || !j["model"].is_object()) fail("no \"model\" object (not a tokenizer.json?)");
+  if (!j.contains("model") || !j["model"].is_object())
+    fail("no \"model\" object (not a tokenizer.json?)");
   const json& model = j["model"];
   if (model.contains("type") && model["type"] != "BPE") {
     fail("model type " + model["type"].dump() + " is not supported (only byte-level BPE)");
   }
-  if (!model.contains("vocab") || !model["vocab"].is_object()) fail("the model has no \"vocab\" object");
-  if (!model.contains("merges") || !model["merges"].is_array()) fail("the model has no \"merges\" list");
+  if (!model.contains("vocab") || !model["vocab"].is_object())
+    fail("the model has no \"vocab\" object");
+  if (!model.contains("merges") || !model["merges"].is_array())
+    fail("the model has no \"merges\" list");
   for (const char* key : {"dropout", "continuing_subword_prefix", "end_of_word_suffix"}) {
     if (model.contains(key) && !model[key].is_null() && model[key] != "") {
       fail(std::string("BPE option \"") + key + "\" is not supported");
     }
   }
   for (const char* key : {"byte_fallback", "ignore_merges"}) {
-    if (model.contains(key) && model[key] != false) fail(std::string("BPE option \"") + key + "\" is not supported");
+    if (model.contains(key) && model[key] != false)
+      fail(std::string("BPE option \"") + key + "\" is not supported");
   }
 
   TokenizerData data;
@@ -494,10 +504,12 @@ TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::stri
   }
   for (const char* key : {"add_prefix_space", "use_regex", "trim_offsets"}) {
     if (pre.contains(key) && !pre[key].is_boolean()) {
-      fail(std::string("ByteLevel \"") + key + "\" is " + pre[key].dump().substr(0, 40) + ", not true or false");
+      fail(std::string("ByteLevel \"") + key + "\" is " + pre[key].dump().substr(0, 40) +
+           ", not true or false");
     }
   }
-  if (pre.value("add_prefix_space", true) != false) fail("ByteLevel add_prefix_space is not supported");
+  if (pre.value("add_prefix_space", true) != false)
+    fail("ByteLevel add_prefix_space is not supported");
   if (pre.value("use_regex", true) != true) fail("ByteLevel use_regex=false is not supported");
   const json decoder = j.value("decoder", json());
   if (!decoder.is_null() && TypeOf(decoder) != "ByteLevel") {
@@ -528,7 +540,8 @@ TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::stri
   if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
     if (!j["added_tokens"].is_array()) fail("\"added_tokens\" is not a list");
     for (const json& t : j["added_tokens"]) {
-      if (!t.is_object() || !t.contains("content") || !t["content"].is_string() || !t.contains("id")) {
+      if (!t.is_object() || !t.contains("content") || !t["content"].is_string() ||
+          !t.contains("id")) {
         fail("an added token without \"id\" and \"content\"");
       }
       const std::string content = t["content"].get<std::string>();
@@ -570,7 +583,8 @@ TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::stri
       const std::string s = m.get<std::string>();
       const size_t sp = s.find(' ');
       if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos) {
-        fail("merge " + std::to_string(index) + " " + m.dump() + " is not two tokens separated by one space");
+        fail("merge " + std::to_string(index) + " " + m.dump() +
+             " is not two tokens separated by one space");
       }
       a = s.substr(0, sp);
       b = s.substr(sp + 1);
@@ -580,7 +594,8 @@ TokenizerData ParseTokenizerJsonUnchecked(std::string_view text, const std::stri
     } else {
       fail("merge " + std::to_string(index) + " " + m.dump().substr(0, 80) + " is malformed");
     }
-    if (a.empty() || b.empty() || a.find(' ') != std::string::npos || b.find(' ') != std::string::npos) {
+    if (a.empty() || b.empty() || a.find(' ') != std::string::npos ||
+        b.find(' ') != std::string::npos) {
       fail("merge " + std::to_string(index) + " " + m.dump().substr(0, 80) + " is malformed");
     }
     if (!vocab.count(a) || !vocab.count(b) || !vocab.count(a + b)) {

@@ -14,9 +14,9 @@ namespace aviary {
 std::unique_ptr<Tokenizer> MakeWorldTokenizer(const TokenizerData& data);  // world.cpp
 std::unique_ptr<Tokenizer> MakeBpeTokenizer(const TokenizerData& data);    // bpe.cpp
 // rwkv_vocab_v20230424.txt: lines "<id> <python literal> <byte length>".
-TokenizerData ReadWorldVocab(const std::string& path);                     // world.cpp
+TokenizerData ReadWorldVocab(const std::string& path);  // world.cpp
 // Hugging Face tokenizer.json with a byte-level BPE model.
-TokenizerData ReadTokenizerJson(const std::string& path);                  // bpe.cpp
+TokenizerData ReadTokenizerJson(const std::string& path);  // bpe.cpp
 
 // The concatenated bytes of `ids` in a table of tokens; an id outside it throws aviary::Error
 // naming `vocabulary` ("World", "GPT-NeoX").                                 // tokenizer.cpp

@@ -88,7 +88,8 @@ class ByteTrie {
       auto& ch = build[u].children;
       if (ch.empty()) continue;
       std::sort(ch.begin(), ch.end());
-      while (first_free < static_cast<int32_t>(slots_.size()) && slots_[first_free].check != kNone) {
+      while (first_free < static_cast<int32_t>(slots_.size()) &&
+             slots_[first_free].check != kNone) {
         ++first_free;
       }
       int32_t b = std::max<int32_t>(1, first_free - ch.front().first);
@@ -181,7 +182,6 @@ class WorldTokenizer final : public Tokenizer {
     return DecodeTokens(tokens_, ids, "World");
   }
 
-
  private:
   std::vector<std::string> tokens_;
   ByteTrie trie_;
@@ -249,7 +249,14 @@ bool ParsePythonLiteral(std::string_view literal, std::string* out, std::string*
       case 'r': out->push_back('\r'); break;
       case 't': out->push_back('\t'); break;
       case 'v': out->push_back('\v'); break;
-      case '0': case '1': case '2': case '3': case '4': case '5': case '6': case '7': {
+      case '0':
+      case '1':
+      case '2':
+      case '3':
+      case '4':
+      case '5':
+      case '6':
+      case '7': {
         v = static_cast<uint32_t>(e - '0');
         for (int k = 0; k < 2 && i < body.size() && body[i] >= '0' && body[i] <= '7'; ++k, ++i) {
           v = v * 8 + static_cast<uint32_t>(body[i] - '0');
@@ -385,7 +392,8 @@ TokenizerData ReadWorldVocab(const std::string& path) {
 
 std::unique_ptr<Tokenizer> MakeWorldTokenizer(const TokenizerData& data) {
   if (data.tokens.empty()) throw Error("World vocabulary is empty");
-  if (data.tokens.size() > static_cast<size_t>(INT32_MAX)) throw Error("World vocabulary is too large");
+  if (data.tokens.size() > static_cast<size_t>(INT32_MAX))
+    throw Error("World vocabulary is too large");
   return std::make_unique<WorldTokenizer>(data.tokens);
 }
 

@@ -67,8 +67,8 @@ LoadOptions ModelLoadOptions() {
   r.activations = !f.activations.empty() ? ParseActivations(f.activations, "--activations")
                                          : env.activations.value_or(Activations::kAuto);
   LoadOptions options;
-  options.load_mode = !f.load.empty() ? ParseLoadMode(f.load, "--load")
-                                      : env.load_mode.value_or(LoadMode::kAuto);
+  options.load_mode =
+      !f.load.empty() ? ParseLoadMode(f.load, "--load") : env.load_mode.value_or(LoadMode::kAuto);
   options.runtime = std::make_shared<Runtime>(r);
   return options;
 }
@@ -105,7 +105,8 @@ std::vector<int32_t> PromptTokens(const Tokenizer& tokenizer, const std::string&
     throw UsageError("give either --prompt or --prompt-file, not both");
   }
   const std::string text = prompt_file.empty() ? prompt : ReadFile(prompt_file);
-  if (text.empty()) throw UsageError("the prompt is empty (give --prompt TEXT or --prompt-file FILE)");
+  if (text.empty())
+    throw UsageError("the prompt is empty (give --prompt TEXT or --prompt-file FILE)");
   return tokenizer.Encode(text);
 }
 
@@ -113,15 +114,16 @@ void CheckStdout() {
   errno = 0;
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
     const int err = errno;
-    throw Error(std::string("cannot write to stdout") + (err ? ": " + std::string(std::strerror(err)) : ""));
+    throw Error(std::string("cannot write to stdout") +
+                (err ? ": " + std::string(std::strerror(err)) : ""));
   }
 }
 
 void CheckFinite(std::span<const float> logits, size_t position) {
   for (size_t i = 0; i < logits.size(); ++i) {
     if (!std::isfinite(logits[i])) {
-      throw Error("the model's logits are not finite at token " + std::to_string(position) +
-                  " (" + (std::isnan(logits[i]) ? "NaN" : "infinity") + " for token id " +
+      throw Error("the model's logits are not finite at token " + std::to_string(position) + " (" +
+                  (std::isnan(logits[i]) ? "NaN" : "infinity") + " for token id " +
                   std::to_string(i) + "): the weights or the input overflow");
     }
   }
@@ -144,7 +146,8 @@ CLI::Validator SeedValidator() {
 
 void AddPromptOptions(CLI::App* cmd, std::string* prompt, std::string* prompt_file) {
   cmd->add_option("--prompt", *prompt, "Prompt text (raw bytes: UTF-8, tabs, newlines as given)");
-  cmd->add_option("--prompt-file", *prompt_file, "Read the prompt from a file instead (- for stdin)");
+  cmd->add_option("--prompt-file", *prompt_file,
+                  "Read the prompt from a file instead (- for stdin)");
 }
 
 }  // namespace aviary::cli

@@ -63,11 +63,11 @@ void RegisterInfo(CLI::App& app);
 void RegisterLogits(CLI::App& app);
 void RegisterGenerate(CLI::App& app);
 void RegisterPerplexity(CLI::App& app);
-void RegisterTokenize(CLI::App& app);    // cmd_tokenize.cpp: tokenize and detokenize
-void RegisterConvert(CLI::App& app);     // cmd_convert.cpp: convert and quantize
-void RegisterPull(CLI::App& app);        // cmd_pull.cpp
-void RegisterBench(CLI::App& app);       // cmd_bench.cpp: speed and memory
-void RegisterSynth(CLI::App& app);       // cmd_synth.cpp: random models of real sizes
-void RegisterChat(CLI::App& app);        // cmd_chat.cpp
+void RegisterTokenize(CLI::App& app);  // cmd_tokenize.cpp: tokenize and detokenize
+void RegisterConvert(CLI::App& app);   // cmd_convert.cpp: convert and quantize
+void RegisterPull(CLI::App& app);      // cmd_pull.cpp
+void RegisterBench(CLI::App& app);     // cmd_bench.cpp: speed and memory
+void RegisterSynth(CLI::App& app);     // cmd_synth.cpp: random models of real sizes
+void RegisterChat(CLI::App& app);      // cmd_chat.cpp
 
 }  // namespace aviary::cli

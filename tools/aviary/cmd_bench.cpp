@@ -64,7 +64,8 @@ double ReadBandwidthGBs(size_t bytes, int threads) {
   const size_t n = bytes / sizeof(uint64_t);
   std::unique_ptr<uint64_t[]> buf(new uint64_t[n]);
   ParallelFor(
-      64, [&](int64_t task, int) {
+      64,
+      [&](int64_t task, int) {
         const size_t b = n * task / 64, e = n * (task + 1) / 64;
         for (size_t i = b; i < e; ++i) buf[i] = i * 0x9e3779b97f4a7c15ull;
       },
@@ -154,8 +155,8 @@ void RegisterBench(CLI::App& app) {
     int bandwidth_mib = 1024;
   };
   auto o = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand(
-      "bench", "Measure load time, prompt and generation speed and peak memory");
+  CLI::App* cmd =
+      app.add_subcommand("bench", "Measure load time, prompt and generation speed and peak memory");
   cmd->add_option("--model", o->model, "Model file (or a name pulled into the cache)");
   AddRuntimeOptions(cmd);
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "Tokens fed in sequence mode")
@@ -198,8 +199,9 @@ void RegisterBench(CLI::App& app) {
       if (o->json) {
         std::printf("{\"threads\": %d, \"read_bandwidth_gb_s\": %.2f}\n", threads, bandwidth);
       } else {
-        std::printf("threads:        %d\nread bandwidth: %.2f GB/s (best of 7 passes over %d MiB)\n",
-                    threads, bandwidth, o->bandwidth_mib);
+        std::printf(
+            "threads:        %d\nread bandwidth: %.2f GB/s (best of 7 passes over %d MiB)\n",
+            threads, bandwidth, o->bandwidth_mib);
       }
       return;
     }
@@ -253,41 +255,46 @@ void RegisterBench(CLI::App& app) {
     const double gflops_pp = 2.0 * ws.macs_per_token * pp / 1e9;
     const double bound = bandwidth > 0 ? bandwidth * 1e9 / ws.bytes_per_token : 0;
     if (o->json) {
-      std::printf("{\"model\": %s, \"arch\": \"%s\", \"layers\": %d, \"embd\": %d, \"vocab\": %d, "
-                  "\"type\": \"%s\", \"file_bytes\": %llu, \"weight_bytes_per_token\": %llu, "
-                  "\"macs_per_token\": %llu, \"threads\": %d, \"kernels\": \"%s\", "
-                  "\"target\": \"%s\", \"activations\": \"%s\", \"activations_f16\": \"%s\", "
-                  "\"repeat\": %d, \"load_mode\": \"%s\", \"load_ms\": %.3f, "
-                  "\"load_ms_all\": %s, \"prompt_tokens\": %d, \"prompt_tok_s\": %.3f, "
-                  "\"prompt_tok_s_all\": %s, \"prompt_gflop_s\": %.2f, \"gen_tokens\": %d, "
-                  "\"gen_tok_s\": %.3f, \"gen_tok_s_all\": %s, \"peak_rss_bytes\": %llu",
-                  JsonString(path).c_str(), std::string(ArchName(info.arch)).c_str(),
-                  info.n_layer, info.n_embd, info.n_vocab, info.main_type.c_str(),
-                  static_cast<unsigned long long>(info.file_size),
-                  static_cast<unsigned long long>(ws.bytes_per_token),
-                  static_cast<unsigned long long>(ws.macs_per_token), threads, kernels.c_str(),
-                  target.c_str(), activations.c_str(), activations_16.c_str(), o->repeat, info.load_mode.c_str(), load, JsonList(load_ms).c_str(), o->prompt_tokens,
-                  pp, JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg,
-                  JsonList(gen_tps).c_str(), static_cast<unsigned long long>(rss));
+      std::printf(
+          "{\"model\": %s, \"arch\": \"%s\", \"layers\": %d, \"embd\": %d, \"vocab\": %d, "
+          "\"type\": \"%s\", \"file_bytes\": %llu, \"weight_bytes_per_token\": %llu, "
+          "\"macs_per_token\": %llu, \"threads\": %d, \"kernels\": \"%s\", "
+          "\"target\": \"%s\", \"activations\": \"%s\", \"activations_f16\": \"%s\", "
+          "\"repeat\": %d, \"load_mode\": \"%s\", \"load_ms\": %.3f, "
+          "\"load_ms_all\": %s, \"prompt_tokens\": %d, \"prompt_tok_s\": %.3f, "
+          "\"prompt_tok_s_all\": %s, \"prompt_gflop_s\": %.2f, \"gen_tokens\": %d, "
+          "\"gen_tok_s\": %.3f, \"gen_tok_s_all\": %s, \"peak_rss_bytes\": %llu",
+          JsonString(path).c_str(), std::string(ArchName(info.arch)).c_str(), info.n_layer,
+          info.n_embd, info.n_vocab, info.main_type.c_str(),
+          static_cast<unsigned long long>(info.file_size),
+          static_cast<unsigned long long>(ws.bytes_per_token),
+          static_cast<unsigned long long>(ws.macs_per_token), threads, kernels.c_str(),
+          target.c_str(), activations.c_str(), activations_16.c_str(), o->repeat,
+          info.load_mode.c_str(), load, JsonList(load_ms).c_str(), o->prompt_tokens, pp,
+          JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg, JsonList(gen_tps).c_str(),
+          static_cast<unsigned long long>(rss));
       if (bandwidth > 0) {
-        std::printf(", \"read_bandwidth_gb_s\": %.2f, \"gen_bound_tok_s\": %.3f, "
-                    "\"gen_pct_of_bound\": %.1f",
-                    bandwidth, bound, 100.0 * tg / bound);
+        std::printf(
+            ", \"read_bandwidth_gb_s\": %.2f, \"gen_bound_tok_s\": %.3f, "
+            "\"gen_pct_of_bound\": %.1f",
+            bandwidth, bound, 100.0 * tg / bound);
       }
       std::printf("}\n");
       return;
     }
     std::printf("model:       %s\n", path.c_str());
     std::printf("             RWKV %s, %d layers x %d, vocab %d, %s, %.1f MiB\n",
-                std::string(ArchName(info.arch)).c_str(), info.n_layer, info.n_embd,
-                info.n_vocab, info.main_type.c_str(), info.file_size / 1048576.0);
-    std::printf("kernels:     %s (%s), %d thread%s, %s activations for quantized matrices, %s for "
-                "F16/BF16\n",
-                kernels.c_str(), target.c_str(), threads, threads == 1 ? "" : "s",
-                activations.c_str(), activations_16.c_str());
+                std::string(ArchName(info.arch)).c_str(), info.n_layer, info.n_embd, info.n_vocab,
+                info.main_type.c_str(), info.file_size / 1048576.0);
+    std::printf(
+        "kernels:     %s (%s), %d thread%s, %s activations for quantized matrices, %s for "
+        "F16/BF16\n",
+        kernels.c_str(), target.c_str(), threads, threads == 1 ? "" : "s", activations.c_str(),
+        activations_16.c_str());
     // The first load can differ most (fresh memory, cold page cache), so it is shown too.
     std::printf("load:        %.2f ms (median of %d, first %.2f ms; %s)\n", load, o->repeat,
-                load_ms.front(), info.load_mode == "read" ? "read into huge pages" : "memory-mapped");
+                load_ms.front(),
+                info.load_mode == "read" ? "read into huge pages" : "memory-mapped");
     std::printf("prompt:      %.2f tok/s (%d tokens, median of %d; %.1f GFLOP/s)\n", pp,
                 o->prompt_tokens, o->repeat, gflops_pp);
     if (o->gen_tokens > 0) {

@@ -220,10 +220,8 @@ bool Show(const ChatResult& r, const Output& out, bool* refused) {
       std::fflush(stderr);
       *refused = true;
       return true;
-    case ChatResult::Kind::kExit:
-      return false;
-    case ChatResult::Kind::kNone:
-      return true;
+    case ChatResult::Kind::kExit: return false;
+    case ChatResult::Kind::kNone: return true;
   }
   return true;
 }
@@ -231,10 +229,11 @@ bool Show(const ChatResult& r, const Output& out, bool* refused) {
 void PrintBanner(const ChatSession& s, const LoadedModel& m, uint64_t seed, FILE* f) {
   const ModelInfo& i = m.model->info();
   const ChatTemplate& t = s.chat_template();
-  std::fprintf(f, "aviary chat: RWKV %s, %d layers x %d, %s\n", std::string(ArchName(i.arch)).c_str(),
-               i.n_layer, i.n_embd, i.main_type.c_str());
+  std::fprintf(f, "aviary chat: RWKV %s, %d layers x %d, %s\n",
+               std::string(ArchName(i.arch)).c_str(), i.n_layer, i.n_embd, i.main_type.c_str());
   std::fprintf(f, "model:     %s\n", i.path.c_str());
-  std::fprintf(f, "tokenizer: %s (%d tokens)\n", m.tokenizer->name().c_str(), m.tokenizer->vocab_size());
+  std::fprintf(f, "tokenizer: %s (%d tokens)\n", m.tokenizer->name().c_str(),
+               m.tokenizer->vocab_size());
   std::fprintf(f, "template:  %s (%s / %s%s%s)\n", t.name.c_str(), t.Expand("{user}{sep}").c_str(),
                s.ReplyPrefix().c_str(), s.options().system.empty() ? "" : ", with a system prompt",
                s.options().think ? ", think mode" : "");
@@ -383,20 +382,24 @@ void RegisterChat(CLI::App& app) {
                   "Start from a conversation saved with +save, or from a state file");
   cmd->add_option("--temperature", o->temperature, "Temperature, 0.2 to 5 (-temp=X in the chat)")
       ->capture_default_str();
-  cmd->add_option("--top-p", o->top_p, "Top-p, 0 to 1; 0 = most likely token (-top_p=Y in the chat)")
+  cmd->add_option("--top-p", o->top_p,
+                  "Top-p, 0 to 1; 0 = most likely token (-top_p=Y in the chat)")
       ->capture_default_str();
-  cmd->add_option("--top-k", o->top_k, "Keep only the k most likely tokens (0 = off)")->capture_default_str();
+  cmd->add_option("--top-k", o->top_k, "Keep only the k most likely tokens (0 = off)")
+      ->capture_default_str();
   cmd->add_option("--presence-penalty", o->presence, "Presence penalty")->capture_default_str();
   cmd->add_option("--frequency-penalty", o->frequency, "Frequency penalty")->capture_default_str();
   cmd->add_option("--penalty-decay", o->decay, "Penalty decay per generated token, in (0, 1]")
       ->capture_default_str();
   cmd->add_option("--ban", o->ban, "Token id never to generate (repeatable)");
-  cmd->add_option("--max-tokens", o->max_tokens, "Longest chat reply, in tokens")->capture_default_str();
-  cmd->add_option("--gen-tokens", o->gen_tokens, "Length of a free generation (+gen, +i, +qa, +++, ++)")
+  cmd->add_option("--max-tokens", o->max_tokens, "Longest chat reply, in tokens")
+      ->capture_default_str();
+  cmd->add_option("--gen-tokens", o->gen_tokens,
+                  "Length of a free generation (+gen, +i, +qa, +++, ++)")
       ->capture_default_str();
   cmd->add_option_function<uint64_t>(
-      "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
-      "Random seed for an exact repeat (default: random)")
+         "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
+         "Random seed for an exact repeat (default: random)")
       ->check(SeedValidator());
   cmd->callback([o] {
     const int code = RunChat(*o);

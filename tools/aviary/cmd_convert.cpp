@@ -27,7 +27,8 @@ struct ConvertOptions {
 };
 
 DType ParseType(std::string name) {
-  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
   for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ6_K, DType::kQ5_K,
                   DType::kQ5_1, DType::kQ5_0, DType::kQ4_K, DType::kQ4_1, DType::kQ4_0}) {
     std::string n(DTypeName(t));
@@ -81,8 +82,9 @@ std::shared_ptr<const TokenizerData> ChooseTokenizer(const ModelInfo& info, cons
   if (!found) found = FindInCache(file, Hub().cache_dir);
   if (!found) {
     throw Error(info.path + ": needs the " + std::string(world ? "World" : "GPT-NeoX") +
-                " vocabulary " + file + " to embed in the GGUF file; put it next to the model, in " +
-                Hub().cache_dir + " (aviary pull does), or give --tokenizer FILE");
+                " vocabulary " + file +
+                " to embed in the GGUF file; put it next to the model, in " + Hub().cache_dir +
+                " (aviary pull does), or give --tokenizer FILE");
   }
   *source = *found;
   return std::make_shared<TokenizerData>(ReadTokenizerFile(*found));
@@ -90,7 +92,8 @@ std::shared_ptr<const TokenizerData> ChooseTokenizer(const ModelInfo& info, cons
 
 std::string TypeCounts(const std::map<std::string, int>& counts) {
   std::string s;
-  for (const auto& [name, n] : counts) s += (s.empty() ? "" : ", ") + name + " x" + std::to_string(n);
+  for (const auto& [name, n] : counts)
+    s += (s.empty() ? "" : ", ") + name + " x" + std::to_string(n);
   return s;
 }
 
@@ -121,7 +124,7 @@ void RunConvert(const ConvertOptions& o) {
   OutputFile out(o.out);
   const GgufWriteReport report = WriteGguf(wf, info, options, out.temp_path());
   LoadOptions check;
-  check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+  check.load_mode = LoadMode::kMmap;    // touches the headers and small tensors only
   Model::Load(out.temp_path(), check);  // the result must load
   out.Commit();
   const double seconds =
@@ -151,7 +154,8 @@ void RegisterConvert(CLI::App& app) {
   CLI::App* convert = app.add_subcommand(
       "convert", "Convert a model file (rwkv.cpp .bin, .pth, safetensors, GGUF) to GGUF");
   convert->add_option("IN", c->in, "Input model file")->required();
-  convert->add_option("OUT", c->out, "Output GGUF file (written as OUT.tmp, then renamed)")->required();
+  convert->add_option("OUT", c->out, "Output GGUF file (written as OUT.tmp, then renamed)")
+      ->required();
   convert->add_option("--type", c->type,
                       std::string("Weight type of the large matrices: ") + kTypes +
                           " (default: keep each tensor's type)");

@@ -81,13 +81,14 @@ void RegisterGenerate(CLI::App& app) {
   cmd->add_option("--tokens", o->tokens, "Tokens to generate")->capture_default_str();
   cmd->add_option("--temperature", o->temperature, "Sampling temperature; 0 = greedy argmax")
       ->capture_default_str();
-  cmd->add_option("--top-p", o->top_p, "Nucleus sampling: keep the most likely tokens up to this probability mass")
+  cmd->add_option("--top-p", o->top_p,
+                  "Nucleus sampling: keep the most likely tokens up to this probability mass")
       ->capture_default_str();
   cmd->add_option("--top-k", o->top_k, "Keep only the k most likely tokens (0 = off)")
       ->capture_default_str();
   cmd->add_option_function<uint64_t>(
-      "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
-      "Random seed for an exact repeat (default: random)")
+         "--seed", [o](uint64_t s) { o->seed = s, o->seed_given = true; },
+         "Random seed for an exact repeat (default: random)")
       ->check(SeedValidator());
   cmd->add_flag("-v,--verbose", o->verbose, "Print the model, seed and speed on stderr");
   cmd->callback([o] { RunGenerate(*o); });

@@ -10,7 +10,8 @@ void RegisterInfo(CLI::App& app) {
     std::string model, tokenizer;
   };
   auto o = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand("info", "Show a model's version, shape, weight types and size");
+  CLI::App* cmd =
+      app.add_subcommand("info", "Show a model's version, shape, weight types and size");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
   cmd->callback([o] {
     const LoadedModel m = LoadModel(o->model, o->tokenizer);

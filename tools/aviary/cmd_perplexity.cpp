@@ -59,8 +59,8 @@ void RunPerplexity(const PerplexityOptions& o) {
 
 void RegisterPerplexity(CLI::App& app) {
   auto o = std::make_shared<PerplexityOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "perplexity", "Average loss and perplexity of the model on a text file");
+  CLI::App* cmd =
+      app.add_subcommand("perplexity", "Average loss and perplexity of the model on a text file");
   AddModelOptions(cmd, &o->model, &o->tokenizer);
   AddRuntimeOptions(cmd);
   cmd->add_option("--text", o->text, "Text file (- for stdin)")->required();

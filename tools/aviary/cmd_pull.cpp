@@ -27,7 +27,8 @@ void RunPull(const PullCliOptions& o) {
     return;
   }
   if (o.target.empty()) {
-    throw UsageError("give a model name or an https:// URL to pull (aviary pull --list shows the names)");
+    throw UsageError(
+        "give a model name or an https:// URL to pull (aviary pull --list shows the names)");
   }
   hub::PullOptions p;
   p.hub = Hub();
@@ -52,13 +53,16 @@ void RunPull(const PullCliOptions& o) {
 void RegisterPull(CLI::App& app) {
   auto o = std::make_shared<PullCliOptions>();
   CLI::App* cmd = app.add_subcommand(
-      "pull", "Download a model (and the tokenizer file it needs) from Hugging Face into the cache");
-  cmd->add_option("target", o->target,
-                  "A catalog name (see --list), world-vocab / neox-20b-tokenizer, or an http(s) URL");
+      "pull",
+      "Download a model (and the tokenizer file it needs) from Hugging Face into the cache");
+  cmd->add_option(
+      "target", o->target,
+      "A catalog name (see --list), world-vocab / neox-20b-tokenizer, or an http(s) URL");
   cmd->add_flag("--list", o->list, "List the catalog: sizes, tokenizer, whether already cached");
   cmd->add_option("--dir", o->dir, "Download into this folder instead of the cache");
   cmd->add_flag("-q,--quiet", o->quiet, "No progress or notes; only the final path (and errors)");
-  cmd->add_option("--retries", o->retries, "Resume this many times after a dropped or stalled transfer")
+  cmd->add_option("--retries", o->retries,
+                  "Resume this many times after a dropped or stalled transfer")
       ->capture_default_str()
       ->check(CLI::Range(0, 100));
   cmd->add_option("--stall-timeout", o->stall_timeout,

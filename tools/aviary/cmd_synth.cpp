@@ -26,8 +26,8 @@ DType ParseSynthType(std::string name) {
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   if (name == "fp32") name = "f32";
   if (name == "fp16") name = "f16";
-  for (DType t : {DType::kF32, DType::kF16, DType::kQ8_0, DType::kQ6_K, DType::kQ5_K,
-                  DType::kQ5_1, DType::kQ5_0, DType::kQ4_K, DType::kQ4_1, DType::kQ4_0}) {
+  for (DType t : {DType::kF32, DType::kF16, DType::kQ8_0, DType::kQ6_K, DType::kQ5_K, DType::kQ5_1,
+                  DType::kQ5_0, DType::kQ4_K, DType::kQ4_1, DType::kQ4_0}) {
     std::string n(DTypeName(t));
     std::transform(n.begin(), n.end(), n.begin(),
                    [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
@@ -38,12 +38,14 @@ DType ParseSynthType(std::string name) {
 }
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string Counts(const std::map<std::string, int>& types) {
   std::string s;
-  for (const auto& [name, n] : types) s += (s.empty() ? "" : ", ") + name + " x" + std::to_string(n);
+  for (const auto& [name, n] : types)
+    s += (s.empty() ? "" : ", ") + name + " x" + std::to_string(n);
   return s;
 }
 
@@ -58,15 +60,18 @@ void RegisterSynth(CLI::App& app) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
       "synth", "Write a model with random, well-scaled weights (for speed measurements)");
-  cmd->add_option("--version", o->version, "RWKV version: 4, 5.1, 5.2, 6 or 7")->capture_default_str();
+  cmd->add_option("--version", o->version, "RWKV version: 4, 5.1, 5.2, 6 or 7")
+      ->capture_default_str();
   cmd->add_option("--layers", o->layers, "Layers")->capture_default_str();
   cmd->add_option("--embd", o->embd, "Embedding width (a multiple of 32)")->capture_default_str();
   cmd->add_option("--vocab", o->vocab, "Vocabulary size")->capture_default_str();
   cmd->add_option("--head-size", o->head_size, "Head size (v5, v6, v7)")->capture_default_str();
-  cmd->add_option("--ffn", o->ffn, "Channel-mix width (0: the release default)")->capture_default_str();
-  cmd->add_option("--type", o->type,
-                  "f32, f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (rwkv.cpp's type policy); q6_k, q5_k, q4_k "
-                  "(GGUF output only; rows that are no multiple of 256 fall back as in convert)")
+  cmd->add_option("--ffn", o->ffn, "Channel-mix width (0: the release default)")
+      ->capture_default_str();
+  cmd->add_option(
+         "--type", o->type,
+         "f32, f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (rwkv.cpp's type policy); q6_k, q5_k, q4_k "
+         "(GGUF output only; rows that are no multiple of 256 fall back as in convert)")
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str()->check(SeedValidator());
   cmd->add_option("-o,--output", o->output,
@@ -86,7 +91,8 @@ void RegisterSynth(CLI::App& app) {
     std::optional<DType> gguf_type;
     if (Traits(s.type).block_elems == kQKBlock) {
       if (!EndsWith(o->output, ".gguf")) {
-        throw UsageError(std::string(DTypeName(s.type)) + " needs GGUF output (a name ending in .gguf): "
+        throw UsageError(std::string(DTypeName(s.type)) +
+                         " needs GGUF output (a name ending in .gguf): "
                          "rwkv.cpp's .bin format has no K-quants");
       }
       gguf_type = s.type;
@@ -105,9 +111,9 @@ void RegisterSynth(CLI::App& app) {
     }
     if (gguf) need *= 2;
     std::error_code ec;
-    if (std::filesystem::is_directory(o->output, ec)) throw UsageError(o->output + ": is a directory");
-    const std::filesystem::path dir =
-        std::filesystem::absolute(o->output, ec).parent_path();
+    if (std::filesystem::is_directory(o->output, ec))
+      throw UsageError(o->output + ": is a directory");
+    const std::filesystem::path dir = std::filesystem::absolute(o->output, ec).parent_path();
     const std::filesystem::space_info space = std::filesystem::space(dir, ec);
     if (!ec && need > space.available) {
       throw Error(o->output + ": the model needs " + std::to_string(need >> 20) + " MiB but " +
@@ -140,14 +146,14 @@ void RegisterSynth(CLI::App& app) {
       format = "GGUF (" + g.architecture + ")";
     }  // `bin` is removed here, never committed
     LoadOptions check;
-    check.load_mode = LoadMode::kMmap;  // touches the headers and small tensors only
+    check.load_mode = LoadMode::kMmap;    // touches the headers and small tensors only
     Model::Load(out.temp_path(), check);  // the result must load
     out.Commit();
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("wrote %s: %s, RWKV %s, %d layers x %d, vocab %d, %.1f M parameters\n",
-                o->output.c_str(), format.c_str(), std::string(ArchName(s.arch)).c_str(),
-                s.n_layer, s.n_embd, s.n_vocab, report.n_params / 1e6);
+                o->output.c_str(), format.c_str(), std::string(ArchName(s.arch)).c_str(), s.n_layer,
+                s.n_embd, s.n_vocab, report.n_params / 1e6);
     std::printf("types: %s; %llu bytes (%.1f MiB) in %.1f s\n", Counts(types).c_str(),
                 static_cast<unsigned long long>(out_bytes), out_bytes / 1048576.0, seconds);
   });

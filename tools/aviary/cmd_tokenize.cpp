@@ -78,7 +78,8 @@ std::vector<int32_t> ParseIds(const std::string& text, MakeError make_error) {
   while (i < text.size()) {
     const char c = text[i];
     if (c == ',' || c == '[' || c == ']') {
-      if (after_comma || (c == ',' && !after_id)) throw make_error("a comma without an id before it");
+      if (after_comma || (c == ',' && !after_id))
+        throw make_error("a comma without an id before it");
       after_comma = c == ',';
       after_id = false;
       ++i;
@@ -95,11 +96,13 @@ std::vector<int32_t> ParseIds(const std::string& text, MakeError make_error) {
     const std::string word = text.substr(i, j - i);
     i = j;
     size_t k = word[0] == '-' ? 1 : 0;
-    const bool numeric = k < word.size() && word.find_first_not_of("0123456789", k) == std::string::npos;
+    const bool numeric =
+        k < word.size() && word.find_first_not_of("0123456789", k) == std::string::npos;
     if (!numeric) throw make_error("'" + word.substr(0, 40) + "' is not a token id");
     // Ids beyond int32 are outside every vocabulary: report them as such, not as overflow.
-    const long long v = word.size() > 12 ? (word[0] == '-' ? -1 : std::numeric_limits<long long>::max())
-                                         : std::stoll(word);
+    const long long v = word.size() > 12
+                            ? (word[0] == '-' ? -1 : std::numeric_limits<long long>::max())
+                            : std::stoll(word);
     if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
       throw Error("token id " + word.substr(0, 40) + " is outside the vocabulary");
     }
@@ -112,7 +115,8 @@ std::vector<int32_t> ParseIds(const std::string& text, MakeError make_error) {
 void RunDetokenize(const DetokenizeOptions& o) {
   std::vector<int32_t> ids;
   if (o.ids.empty()) {  // read the ids from stdin
-    const std::string input((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+    const std::string input((std::istreambuf_iterator<char>(std::cin)),
+                            std::istreambuf_iterator<char>());
     ids = ParseIds(input, [](const std::string& m) { return Error("stdin: " + m); });
   } else {
     std::string args;  // "1, 2" as two arguments reads as "1, 2"
@@ -131,7 +135,8 @@ void RegisterTokenize(CLI::App& app) {
   CLI::App* tok = app.add_subcommand("tokenize", "Print the token ids of a text");
   AddTokenizerOptions(tok, &t->tok);
   t->text_opt = tok->add_option("--text", t->text, "The text (raw bytes, as given)");
-  t->file_opt = tok->add_option("--file", t->file, "Read the text from a file (raw bytes; - for stdin)");
+  t->file_opt =
+      tok->add_option("--file", t->file, "Read the text from a file (raw bytes; - for stdin)");
   tok->add_flag("--json", t->json, "Print a JSON array instead of ids separated by spaces");
   tok->callback([t] { RunTokenize(*t); });
 

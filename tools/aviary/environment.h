@@ -23,7 +23,7 @@ struct Environment {
   // ./.cache/aviary); endpoints: AVIARY_HF_ENDPOINT, AVIARY_RAW_GITHUB_ENDPOINT (trailing '/'
   // removed), else HubSettings' defaults.
   HubSettings hub;
-  std::optional<long> stall_timeout_s;     // AVIARY_STALL_TIMEOUT: seconds, 1..86400
+  std::optional<long> stall_timeout_s;  // AVIARY_STALL_TIMEOUT: seconds, 1..86400
 };
 
 // A variable's value, or nullptr when unset (std::getenv in the CLI, a table in tests).
