@@ -75,19 +75,7 @@ class Rwkv6 final : public RwkvModel {
   };
 
   size_t StateFloatsPerLayer() const override {
-    return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
-  }
-
-  // One layer's part of the state.
-  struct LayerState {
-    float* att_x;  // (C) the time mix's normed input at the last token
-    float* S;      // (H, N, N) the wkv state, per head [key, value]
-    float* ffn_x;  // (C) the channel mix's normed input at the last token
-  };
-  LayerState StateOfLayer(float* state, int layer) const {
-    float* st = state + layer * StateFloatsPerLayer();
-    const size_t n = C();
-    return {st, st + n, st + n + n * info_.head_size};
+    return HeadLayerState::Floats(C(), info_.head_size);
   }
 
   // The activations of one chunk of T tokens, reused by every layer. D = the token shift's
@@ -125,11 +113,13 @@ class Rwkv6 final : public RwkvModel {
     const int T = static_cast<int>(tokens.size());
     Acts acts(Scratch::ForThisThread(), T, C(), mix_rank_, decay_rank_);
     Embed(tokens, acts.x);
-    for (int l = 0; l < info_.n_layer; ++l) RunLayer(layers_[l], StateOfLayer(state, l), acts, T);
+    for (int l = 0; l < info_.n_layer; ++l) {
+      RunLayer(layers_[l], HeadLayerState::Of(state, l, C(), info_.head_size), acts, T);
+    }
     if (logits) Head(acts.x, T, logits, all_positions);
   }
 
-  void RunLayer(const Layer& L, const LayerState& s, Acts& acts, int T) const {
+  void RunLayer(const Layer& L, const HeadLayerState& s, Acts& acts, int T) const {
     const int n = C(), H = info_.n_head, N = info_.head_size;
     // Time mix: x += Wo (GroupNorm(wkv5(r, k, v, w, u)) g).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);

@@ -82,19 +82,7 @@ class Rwkv7 final : public RwkvModel {
   };
 
   size_t StateFloatsPerLayer() const override {
-    return 2 * static_cast<size_t>(C()) + static_cast<size_t>(C()) * info_.head_size;
-  }
-
-  // One layer's part of the state.
-  struct LayerState {
-    float* att_x;  // (C) the time mix's normed input at the last token
-    float* S;      // (H, N, N) the wkv state, per head [value, key]
-    float* ffn_x;  // (C) the channel mix's normed input at the last token
-  };
-  LayerState StateOfLayer(float* state, int layer) const {
-    float* st = state + layer * StateFloatsPerLayer();
-    const size_t n = C();
-    return {st, st + n, st + n + n * info_.head_size};
+    return HeadLayerState::Floats(C(), info_.head_size);
   }
 
   // The activations of one chunk of T tokens, reused by every layer. D = the widest low-rank
@@ -132,11 +120,13 @@ class Rwkv7 final : public RwkvModel {
     const int T = static_cast<int>(tokens.size());
     Acts acts(Scratch::ForThisThread(), T, C(), max_rank_);
     Embed(tokens, acts.x);
-    for (int l = 0; l < info_.n_layer; ++l) RunLayer(l, StateOfLayer(state, l), acts, T);
+    for (int l = 0; l < info_.n_layer; ++l) {
+      RunLayer(l, HeadLayerState::Of(state, l, C(), info_.head_size), acts, T);
+    }
     if (logits) Head(acts.x, T, logits, all_positions);
   }
 
-  void RunLayer(int l, const LayerState& s, Acts& acts, int T) const {
+  void RunLayer(int l, const HeadLayerState& s, Acts& acts, int T) const {
     const Layer& L = layers_[l];
     const int n = C(), H = info_.n_head, N = info_.head_size;
     const bool first_layer = l == 0;

@@ -9,12 +9,30 @@
 // result depends on how the tokens are split.
 #pragma once
 
+#include <cstddef>
 #include <vector>
 
 #include "models/model_impl.h"
 #include "tensor/tensor.h"
 
 namespace aviary {
+
+// One layer's part of the recurrent state in the versions with heads (v5-v7): the last normed
+// input of each token shift and the wkv state, 2 C + C N floats.
+struct HeadLayerState {
+  float* att_x;  // (C) the time mix's normed input at the last token
+  float* S;      // (H, N, N) the wkv state, each head's matrix indexed as its WKV (wkv.h) says
+  float* ffn_x;  // (C) the channel mix's normed input at the last token
+
+  static size_t Floats(int C, int N) {
+    return 2 * static_cast<size_t>(C) + static_cast<size_t>(C) * N;
+  }
+  // Layer `layer`'s part of the whole state.
+  static HeadLayerState Of(float* state, int layer, int C, int N) {
+    float* st = state + layer * Floats(C, N);
+    return {st, st + C, st + C + static_cast<size_t>(C) * N};
+  }
+};
 
 // x (T, C) -> y (T, C): LayerNorm with weight w (C) and bias b (C) of every row.
 void LayerNormRows(const float* x, const std::vector<float>& w, const std::vector<float>& b, int T,
