@@ -38,7 +38,10 @@ void RunLogits(const LogitsOptions& o) {
   };
   for (size_t start = 0; start < tokens.size();) {
     const size_t n = o.one_by_one ? 1 : std::min(kChunk, tokens.size() - start);
-    m.model->Eval(std::span(tokens).subspan(start, n), state, &logits, o.all_positions);
+    const bool last = start + n == tokens.size();
+    // Without --all-positions only the last token's row is written: the head runs once.
+    std::vector<float>* out = o.all_positions || last ? &logits : nullptr;
+    m.model->Eval(std::span(tokens).subspan(start, n), state, out, o.all_positions);
     start += n;
     if (o.all_positions) write_rows(n);
   }
