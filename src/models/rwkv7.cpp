@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "models/model_impl.h"
+#include "models/rwkv7_stages.h"
 #include "models/stages.h"
 #include "tensor/kernels.h"
 #include "tensor/wkv.h"
@@ -136,14 +137,16 @@ class Rwkv7 final : public RwkvModel {
     MixInputs(L, n, T, acts);
     Projections(L, first_layer, T, acts);
     ForTokens(T, [&](int t0, int t1) {
-      DecayAndGates(L, first_layer, n, t0, t1, acts);
-      KeysAndValues(L, first_layer, H, N, t0, t1, acts);
+      Rwkv7DecayAndGates(L.w0.data(), L.a0.data(), first_layer ? nullptr : L.v0.data(), n, t0, t1,
+                         acts.w, acts.a, acts.v_mix);
+      Rwkv7KeysAndValues(L.k_k.data(), L.k_a.data(), first_layer, H, N, t0, t1, acts.a,
+                         acts.v_mix, acts.k, acts.v, acts.kk, acts.v_first);
     });
     Wkv7Seq(T, H, N, acts.r, acts.w, acts.k, acts.v, acts.kk, acts.a, s.S, acts.wkv);
     ForTokens(T, [&](int t0, int t1) {
       for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
         GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);
-        Bonus(L.r_k, H, N, t, t + 1, acts);
+        Rwkv7Bonus(L.r_k.data(), H, N, t, t + 1, acts.r, acts.k, acts.v, acts.out);
         Gate(acts.g, n, t, t + 1, acts.out);
       }
     });
@@ -185,74 +188,6 @@ class Rwkv7 final : public RwkvModel {
                                 {L.g2, acts.g_low, acts.g},
                                 {L.v2, acts.v_low, acts.v_mix}};
     MatMulBatch(std::span(second, 3 + v_jobs), T);
-  }
-
-  // Row stage: w = exp(-e^-0.5 sigmoid(w0 + w)), a = sigmoid(a0 + a) and, after layer 0,
-  // v_mix = sigmoid(v0 + v_mix) (T, C): the offsets per channel, then the transcendental parts
-  // in whole-range (SIMD) passes.
-  static void DecayAndGates(const Layer& L, bool first_layer, int C, int t0, int t1, Acts& acts) {
-    float *w = acts.w, *a = acts.a, *v_mix = acts.v_mix;
-    const size_t b = static_cast<size_t>(t0) * C, e = static_cast<size_t>(t1) * C;
-    for (int t = t0; t < t1; ++t) {
-      for (int c = 0; c < C; ++c) {
-        const size_t i = static_cast<size_t>(t) * C + c;
-        w[i] = L.w0[c] + w[i];
-        a[i] = L.a0[c] + a[i];
-        if (!first_layer) v_mix[i] = L.v0[c] + v_mix[i];
-      }
-    }
-    const float decay_scale = std::exp(-0.5f);
-    SigmoidInPlace(w + b, e - b);
-    for (size_t i = b; i < e; ++i) w[i] = -decay_scale * w[i];
-    ExpInPlace(w + b, e - b);
-    SigmoidInPlace(a + b, e - b);
-    if (!first_layer) SigmoidInPlace(v_mix + b, e - b);
-  }
-
-  // Row stage: kk = k k_k normalised per head (to at most 1/1e-12); k = k (1 + (a - 1) k_a);
-  // layer 0 keeps its v as v_first, later layers take v += (v_first - v) v_mix (T, C).
-  static void KeysAndValues(const Layer& L, bool first_layer, int H, int N, int t0, int t1,
-                            Acts& acts) {
-    float *k = acts.k, *v = acts.v, *kk = acts.kk, *v_first = acts.v_first;
-    const float *a = acts.a, *v_mix = acts.v_mix;
-    const int C = H * N;
-    for (int t = t0; t < t1; ++t) {
-      for (int c = 0; c < C; ++c) {
-        const size_t i = static_cast<size_t>(t) * C + c;
-        kk[i] = k[i] * L.k_k[c];
-        k[i] = k[i] * (1.0f + (a[i] - 1.0f) * L.k_a[c]);
-        if (first_layer) {
-          v_first[i] = v[i];
-        } else {
-          v[i] += (v_first[i] - v[i]) * v_mix[i];
-        }
-      }
-      for (int h = 0; h < H; ++h) {  // kk /= max(|kk|, 1e-12) per head
-        float* kh = kk + static_cast<size_t>(t) * C + h * N;
-        float norm = 0.0f;
-        for (int j = 0; j < N; ++j) norm += kh[j] * kh[j];
-        const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
-        for (int j = 0; j < N; ++j) kh[j] *= inv;
-      }
-    }
-  }
-
-  // Row stage: out (T, C) += (sum over each head of r k r_k) v, r_k (C): the current token's
-  // bonus, added after the norm.
-  static void Bonus(const std::vector<float>& r_k, int H, int N, int t0, int t1, Acts& acts) {
-    const float *r = acts.r, *k = acts.k, *v = acts.v;
-    float* out = acts.out;
-    for (int t = t0; t < t1; ++t) {
-      const size_t o = static_cast<size_t>(t) * H * N;
-      for (int h = 0; h < H; ++h) {
-        float bonus = 0.0f;
-        for (int j = 0; j < N; ++j) {
-          const size_t i = o + h * N + j;
-          bonus += r[i] * k[i] * r_k[h * N + j];
-        }
-        for (int j = 0; j < N; ++j) out[o + h * N + j] += bonus * v[o + h * N + j];
-      }
-    }
   }
 
   int64_t max_rank_ = 1;
