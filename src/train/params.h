@@ -46,8 +46,8 @@ enum class ParamGroup {
 };
 
 struct ParamEntry {
-  std::string name;            // "blocks.3.att.key.weight"
-  std::vector<int64_t> shape;  // aviary's layout (see above)
+  std::string name;                // "blocks.3.att.key.weight"
+  std::vector<int64_t> shape;      // aviary's layout (see above)
   std::vector<int64_t> pth_shape;  // the shape in a BlinkDL .pth
   bool transposed_in_pth = false;  // stored [out, in] here, [in, out] in the .pth
   size_t offset = 0;               // in floats, into the flat buffer
@@ -83,14 +83,14 @@ struct Rwkv7Tensors {
     float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  // (C)
     float* ln0_w = nullptr;                // (C), layer 0 only
     float* ln0_b = nullptr;
-    float* x_rwkvag;    // (6, C) x_r x_w x_k x_v x_a x_g
+    float* x_rwkvag;      // (6, C) x_r x_w x_k x_v x_a x_g
     float *w0, *a0, *v0;  // (C)
-    float *w1, *w2;     // (Dd, C), (C, Dd)
-    float *a1, *a2;     // (Da, C), (C, Da)
-    float *v1, *v2;     // (Dv, C), (C, Dv); unused in layer 0 (present in every .pth)
-    float *g1, *g2;     // (Dg, C), (C, Dg)
-    float *k_k, *k_a;   // (C)
-    float* r_k;         // (H, N)
+    float *w1, *w2;       // (Dd, C), (C, Dd)
+    float *a1, *a2;       // (Da, C), (C, Da)
+    float *v1, *v2;       // (Dv, C), (C, Dv); unused in layer 0 (present in every .pth)
+    float *g1, *g2;       // (Dg, C), (C, Dg)
+    float *k_k, *k_a;     // (C)
+    float* r_k;           // (H, N)
     float *receptance, *key, *value, *output;  // (C, C)
     float *ln_x_w, *ln_x_b;                    // (C)
     float* ffn_x_k;                            // (C)
