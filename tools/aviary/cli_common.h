@@ -69,5 +69,6 @@ void RegisterPull(CLI::App& app);      // cmd_pull.cpp
 void RegisterBench(CLI::App& app);     // cmd_bench.cpp: speed and memory
 void RegisterSynth(CLI::App& app);     // cmd_synth.cpp: random models of real sizes
 void RegisterChat(CLI::App& app);      // cmd_chat.cpp
+void RegisterTrain(CLI::App& app);     // cmd_train.cpp: training and its loss plot
 
 }  // namespace aviary::cli

@@ -1,0 +1,465 @@
+#include "train/trainer.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "aviary/error.h"
+#include "tensor/aligned.h"
+#include "tensor/thread_pool.h"
+#include "tokenizers/tokenizers.h"
+#include "train/checkpoint.h"
+#include "train/dataset.h"
+#include "train/export.h"
+#include "train/import.h"
+#include "train/init.h"
+#include "train/optimizer.h"
+#include "train/rwkv7_graph.h"
+
+namespace aviary::train {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+nlohmann::json OptionsJson(const TrainOptions& o) {
+  return {{"data", o.data},
+          {"tokenizer", o.tokenizer},
+          {"init", o.init_model},
+          {"layers", o.layers},
+          {"embd", o.embd},
+          {"ctx_len", o.ctx_len},
+          {"batch", o.batch},
+          {"steps", o.steps},
+          {"lr", o.lr},
+          {"lr_final", o.lr_final},
+          {"warmup", o.warmup},
+          {"weight_decay", o.weight_decay},
+          {"grad_clip", o.grad_clip},
+          {"seed", o.seed},
+          {"val_fraction", o.val_fraction},
+          {"eval_every", o.eval_every},
+          {"eval_windows", o.eval_windows},
+          {"save_every", o.save_every}};
+}
+
+TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
+  try {
+    TrainOptions o;
+    o.data = j.at("data").get<std::vector<std::string>>();
+    o.tokenizer = j.at("tokenizer").get<std::string>();
+    o.init_model = j.at("init").get<std::string>();
+    o.layers = j.at("layers").get<int>();
+    o.embd = j.at("embd").get<int>();
+    o.ctx_len = j.at("ctx_len").get<int>();
+    o.batch = j.at("batch").get<int>();
+    o.steps = j.at("steps").get<int64_t>();
+    o.lr = j.at("lr").get<double>();
+    o.lr_final = j.at("lr_final").get<double>();
+    o.warmup = j.at("warmup").get<int64_t>();
+    o.weight_decay = j.at("weight_decay").get<double>();
+    o.grad_clip = j.at("grad_clip").get<double>();
+    o.seed = j.at("seed").get<uint64_t>();
+    o.val_fraction = j.at("val_fraction").get<double>();
+    o.eval_every = j.at("eval_every").get<int64_t>();
+    o.eval_windows = j.at("eval_windows").get<int>();
+    o.save_every = j.at("save_every").get<int64_t>();
+    o.out_dir = dir;
+    return o;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(dir + ": the checkpoint's options are incomplete (" + e.what() + ")");
+  }
+}
+
+void ValidateOptions(const TrainOptions& o) {
+  auto fail = [](const std::string& s) { throw UsageError(s); };
+  if (o.ctx_len < 1 || o.ctx_len > 1 << 20) fail("--ctx-len must be 1..1048576");
+  if (o.batch < 1 || o.batch > 65536) fail("--batch must be 1..65536");
+  if (static_cast<int64_t>(o.batch) * o.ctx_len > (int64_t{1} << 24)) {
+    fail("--batch x --ctx-len must be at most 16777216 tokens per step");
+  }
+  if (o.steps < 1) fail("--steps must be at least 1");
+  if (!(o.lr > 0) || !std::isfinite(o.lr) || o.lr > 1) fail("--lr must be in (0, 1]");
+  if (!(o.lr_final >= 0) || o.lr_final > 1) fail("--lr-final must be in [0, 1]");
+  if (o.warmup < 0) fail("--warmup must be >= 0");
+  if (!(o.weight_decay >= 0) || o.weight_decay > 10) fail("--weight-decay must be in [0, 10]");
+  if (!(o.grad_clip >= 0) || !std::isfinite(o.grad_clip)) fail("--grad-clip must be >= 0");
+  if (!(o.val_fraction >= 0 && o.val_fraction < 1)) fail("--val-fraction must be in [0, 1)");
+  if (o.eval_every < 0) fail("--eval-every must be >= 0");
+  if (o.eval_windows < 1) fail("--eval-windows must be >= 1");
+  if (o.save_every < 0) fail("--save-every must be >= 0");
+  if (o.data.empty()) fail("--data: give at least one file");
+  if (o.out_dir.empty()) fail("--out DIR is required");
+}
+
+std::string Describe(const Rwkv7Config& c) {
+  return "RWKV-7, " + std::to_string(c.n_layer) + " layers x " + std::to_string(c.n_embd) +
+         ", head size " + std::to_string(c.head_size) + ", vocabulary " + std::to_string(c.vocab);
+}
+
+// Runs fn(begin, end) over the floats of a flat buffer in fixed blocks.
+template <typename F>
+void ForBlocks(size_t n, F&& fn) {
+  ParallelForRanges(static_cast<int64_t>(n), int64_t{1} << 16,
+                    [&](int64_t b, int64_t e) { fn(static_cast<size_t>(b), static_cast<size_t>(e)); });
+}
+
+}  // namespace
+
+struct Trainer::Impl {
+  TrainOptions o;
+  Runtime& runtime;
+  TrainingTokenizer tok;
+  ParamLayout layout;
+  AlignedVector<float> params, grads, adam_m, adam_v;
+  std::unique_ptr<TokenDataset> data;
+  DataSplit split;
+  std::unique_ptr<WindowSampler> sampler;
+  std::unique_ptr<ValidationWindows> validation;
+  std::unique_ptr<Rwkv7Graph> graph;
+  std::unique_ptr<AdamW> adamw;
+  int64_t step = 0;
+  RunSummary summary;
+  std::ofstream log;
+  double train_seconds = 0;  // time in training steps (not validation, not saving)
+
+  Impl(TrainOptions options, Runtime& rt) : o(std::move(options)), runtime(rt) {}
+
+  void OpenData() {
+    const PreparedData prepared = PrepareDataset(o.data, *tok.tokenizer, o.out_dir);
+    data = std::make_unique<TokenDataset>(prepared.prefix);
+    split = SplitTokens(data->size(), o.val_fraction);
+    const int32_t V = layout.config().vocab;
+    sampler = std::make_unique<WindowSampler>(*data, split.train, o.ctx_len, o.seed, V);
+    if (split.validation.size() > 0) {
+      validation = std::make_unique<ValidationWindows>(*data, split.validation, o.ctx_len,
+                                                       o.eval_windows, V);
+    }
+  }
+
+  void Prepare() {
+    const Rwkv7Config& c = layout.config();
+    if (tok.tokenizer->vocab_size() > c.vocab) {
+      throw Error("the tokenizer has " + std::to_string(tok.tokenizer->vocab_size()) +
+                  " tokens but the model's vocabulary is " + std::to_string(c.vocab));
+    }
+    const size_t n = layout.total_floats();
+    grads.assign(n, 0.0f);
+    if (adam_m.size() != n) adam_m.assign(n, 0.0f);
+    if (adam_v.size() != n) adam_v.assign(n, 0.0f);
+    AdamWOptions a;
+    a.lr_init = static_cast<float>(o.lr);
+    a.lr_final = static_cast<float>(o.lr_final);
+    a.warmup_steps = o.warmup;
+    a.total_steps = o.steps;
+    a.weight_decay = static_cast<float>(o.weight_decay);
+    a.grad_clip = static_cast<float>(o.grad_clip);
+    adamw = std::make_unique<AdamW>(layout, a);
+    graph = std::make_unique<Rwkv7Graph>(layout, o.batch, o.ctx_len);
+    summary.model = Describe(c);
+    int64_t count = 0;
+    for (const ParamEntry& e : layout.entries()) count += static_cast<int64_t>(e.size);
+    summary.parameters = count;
+    summary.train_tokens = split.train.size();
+    summary.validation_tokens = split.validation.size();
+    summary.weight_bytes = summary.gradient_bytes = n * sizeof(float);
+    summary.adam_bytes = 2 * n * sizeof(float);
+    summary.activation_bytes = graph->ActivationBytes();
+    summary.start_step = step;
+  }
+
+  void OpenLog(bool resumed) {
+    const std::string path = o.out_dir + "/log.jsonl";
+    if (resumed) {
+      // Drop the lines of steps after the checkpoint: the resumed run writes them again.
+      std::ifstream in(path);
+      std::string line, kept;
+      while (std::getline(in, line)) {
+        try {
+          if (nlohmann::json::parse(line).at("step").get<int64_t>() <= step) kept += line + "\n";
+        } catch (const nlohmann::json::exception&) {
+          break;  // a line cut short by the kill that ended the run
+        }
+      }
+      std::ofstream out(path, std::ios::trunc);
+      out << kept;
+    }
+    log.open(path, std::ios::app);
+    if (!log) throw Error(path + ": cannot write the training log");
+  }
+
+  void Save() {
+    CheckpointMeta meta;
+    meta.options = OptionsJson(o);
+    meta.step = step;
+    meta.sampler_state = sampler->State();
+    SaveCheckpoint(o.out_dir + "/checkpoint", layout, params.data(), adam_m.data(), adam_v.data(),
+                   meta);
+  }
+};
+
+Trainer::Trainer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Trainer::~Trainer() = default;
+
+const RunSummary& Trainer::summary() const { return impl_->summary; }
+
+std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
+                                        const TokenizerResolver& tokenizers, Runtime& runtime) {
+  ValidateOptions(options);
+  auto impl = std::make_unique<Impl>(options, runtime);
+  TrainOptions& o = impl->o;
+  if (fs::exists(o.out_dir + "/checkpoint") || fs::exists(o.out_dir + "/log.jsonl")) {
+    throw UsageError(o.out_dir + " already holds a training run: continue it with --resume " +
+                     o.out_dir + " or choose another --out");
+  }
+  fs::create_directories(o.out_dir);
+  ScopedRuntime scope(&runtime);
+  if (!o.init_model.empty()) {
+    if (o.layers || o.embd) throw UsageError("--init takes the model's size: drop --layers/--embd");
+    ImportedRwkv7 imported = LoadRwkv7Params(o.init_model);
+    impl->layout = std::move(imported.layout);
+    impl->params = std::move(imported.params);
+    impl->tok = tokenizers(o.tokenizer, impl->layout.config().vocab);
+  } else {
+    impl->tok = tokenizers(o.tokenizer, 0);
+    if (o.layers < 1 || o.embd < 1) {
+      throw UsageError("give --init MODEL to finetune, or --layers and --embd to start from "
+                       "scratch");
+    }
+    impl->layout = ParamLayout::Rwkv7(
+        Rwkv7Config::Official(o.layers, o.embd, impl->tok.tokenizer->vocab_size()));
+    impl->params.assign(impl->layout.total_floats(), 0.0f);
+    InitRwkv7(impl->layout, o.seed, impl->params.data());
+  }
+  o.tokenizer = impl->tok.spec;
+  impl->OpenData();
+  impl->Prepare();
+  impl->OpenLog(false);
+  return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
+}
+
+std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
+                                         const TokenizerResolver& tokenizers, Runtime& runtime) {
+  Checkpoint ck = LoadCheckpoint(dir + "/checkpoint");
+  TrainOptions options = OptionsFromJson(ck.meta.options, dir);
+  if (steps > 0) options.steps = steps;
+  ValidateOptions(options);
+  if (ck.meta.step > options.steps) {
+    throw UsageError(dir + " is at step " + std::to_string(ck.meta.step) + ", past --steps " +
+                     std::to_string(options.steps));
+  }
+  auto impl = std::make_unique<Impl>(options, runtime);
+  ScopedRuntime scope(&runtime);
+  impl->layout = std::move(ck.layout);
+  impl->tok = tokenizers(options.tokenizer, impl->layout.config().vocab);
+  impl->params = std::move(ck.params);
+  impl->adam_m = std::move(ck.adam_m);
+  impl->adam_v = std::move(ck.adam_v);
+  impl->step = ck.meta.step;
+  impl->OpenData();
+  impl->sampler->Restore(ck.meta.sampler_state);
+  impl->Prepare();
+  impl->summary.resumed = true;
+  impl->OpenLog(true);
+  return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
+}
+
+double Trainer::ValidationLoss() {
+  Impl& r = *impl_;
+  if (!r.validation || r.validation->count() == 0) return -1;
+  ScopedRuntime scope(&r.runtime);
+  const int B = r.o.batch, T = r.o.ctx_len;
+  std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  double sum = 0;
+  int64_t tokens = 0;
+  for (int first = 0; first < r.validation->count();) {
+    const int n = r.validation->Fill(first, B, in.data(), tg.data());
+    const size_t used = static_cast<size_t>(n) * T;
+    const LossSum loss = r.graph->Forward(r.params.data(), std::span(in).first(used),
+                                          std::span(tg).first(used), n, T, nullptr, nullptr);
+    sum += loss.sum;
+    tokens += loss.tokens;
+    first += n;
+  }
+  return sum / static_cast<double>(tokens);
+}
+
+void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
+  Impl& r = *impl_;
+  ScopedRuntime scope(&r.runtime);
+  const int B = r.o.batch, T = r.o.ctx_len;
+  const size_t n = r.layout.total_floats();
+  std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  auto write_log = [&](const nlohmann::json& j) {
+    r.log << j.dump() << "\n";
+    r.log.flush();
+    if (!r.log) throw Error(r.o.out_dir + "/log.jsonl: write failed (disk full?)");
+  };
+  if (r.step == 0 && r.validation) {
+    StepReport report;
+    report.steps = r.o.steps;
+    report.val_loss = ValidationLoss();
+    report.lr = LearningRate(0, r.adamw->options());
+    write_log({{"step", 0}, {"val_loss", report.val_loss}});
+    if (on_step) on_step(report);
+  }
+  const auto run_start = Clock::now();
+  const int64_t first_step = r.step;
+  while (r.step < r.o.steps) {
+    const auto t0 = Clock::now();
+    r.sampler->Next(B, in.data(), tg.data());
+    ForBlocks(n, [&](size_t b, size_t e) { std::fill(&r.grads[b], &r.grads[0] + e, 0.0f); });
+    const LossSum loss = r.graph->Forward(r.params.data(), in, tg, B, T, nullptr, nullptr);
+    r.graph->Backward(r.params.data(), r.grads.data(), 1.0f / (static_cast<float>(B) * T),
+                      nullptr, nullptr);
+    const double norm = r.adamw->ClipGradients(r.grads.data());
+    const double lr = LearningRate(r.step, r.adamw->options());
+    r.adamw->Step(r.step, r.params.data(), r.grads.data(), r.adam_m.data(), r.adam_v.data());
+    ++r.step;
+    r.train_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+
+    StepReport report;
+    report.step = r.step;
+    report.steps = r.o.steps;
+    report.loss = loss.sum / static_cast<double>(loss.tokens);
+    if (!std::isfinite(report.loss)) {
+      throw Error("the loss is not finite at step " + std::to_string(r.step) +
+                  ": lower --lr (the checkpoint holds the last good weights)");
+    }
+    report.lr = lr;
+    report.grad_norm = norm;
+    report.tokens_per_second =
+        static_cast<double>(r.step - first_step) * B * T / std::max(r.train_seconds, 1e-9);
+    nlohmann::json line = {{"step", r.step},
+                           {"loss", report.loss},
+                           {"lr", lr},
+                           {"grad_norm", norm},
+                           {"tokens", r.step * static_cast<int64_t>(B) * T},
+                           {"tokens_per_s", report.tokens_per_second}};
+    const bool last = r.step == r.o.steps;
+    if (r.validation && ((r.o.eval_every > 0 && r.step % r.o.eval_every == 0) || last)) {
+      report.val_loss = ValidationLoss();
+      line["val_loss"] = report.val_loss;
+    }
+    report.elapsed_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+    line["elapsed_s"] = report.elapsed_seconds;
+    const double per_step = report.elapsed_seconds / static_cast<double>(r.step - first_step);
+    report.eta_seconds = per_step * static_cast<double>(r.o.steps - r.step);
+    write_log(line);
+    if ((r.o.save_every > 0 && r.step % r.o.save_every == 0) || last) r.Save();
+    if (on_step) on_step(report);
+  }
+  const std::string pth = r.o.out_dir + "/model.pth";
+  ExportRwkv7Pth(pth, r.layout, r.params.data());
+  ExportRwkv7Gguf(r.o.out_dir + "/model.gguf", pth, r.tok.data);
+}
+
+TrainingTokenizer LoadTrainingTokenizer(const std::string& spec) {
+  TrainingTokenizer t;
+  t.spec = spec;
+  if (spec == "bytes") {
+    t.tokenizer = MakeByteTokenizer();
+    return t;
+  }
+  auto data = std::make_shared<TokenizerData>(spec.ends_with(".json") ? ReadTokenizerJson(spec)
+                                                                      : ReadWorldVocab(spec));
+  t.tokenizer = MakeTokenizer(*data);
+  t.data = std::move(data);
+  return t;
+}
+
+// ---- the loss plot ----
+
+void PlotLoss(const std::string& log_path, const std::string& png) {
+  std::ifstream in(log_path);
+  if (!in) throw Error(log_path + ": cannot read the training log");
+  std::vector<std::pair<int64_t, double>> train, val;
+  std::string line;
+  int64_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (line.empty()) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("step")) {
+      throw Error(log_path + ":" + std::to_string(line_no) + ": not a training log line");
+    }
+    const int64_t step = j["step"].get<int64_t>();
+    if (j.contains("loss")) train.emplace_back(step, j["loss"].get<double>());
+    if (j.contains("val_loss")) val.emplace_back(step, j["val_loss"].get<double>());
+  }
+  if (train.empty() && val.empty()) throw Error(log_path + ": no losses to plot");
+  std::string gnuplot;
+  for (const char* dir : {"/usr/bin", "/usr/local/bin", "/bin"}) {
+    const std::string p = std::string(dir) + "/gnuplot";
+    if (access(p.c_str(), X_OK) == 0) gnuplot = p;
+    if (!gnuplot.empty()) break;
+  }
+  if (gnuplot.empty()) {
+    throw Error("plotting needs gnuplot (Debian: apt-get install gnuplot-nox)");
+  }
+  // gnuplot reads its data and writes its picture in a private folder, so no user path ever
+  // appears in its script; the picture is then moved into place.
+  char tmpl[] = "/tmp/aviary-plot-XXXXXX";
+  if (!mkdtemp(tmpl)) throw Error("cannot create a temporary folder for the plot");
+  const std::string tmp = tmpl;
+  {
+    std::ofstream t(tmp + "/train.dat"), v(tmp + "/val.dat");
+    // A moving mean over 5% of the run (at least 1 step) shows the trend under the noise of
+    // single batches.
+    const size_t window = std::max<size_t>(1, train.size() / 20);
+    double sum = 0;
+    for (size_t i = 0; i < train.size(); ++i) {
+      sum += train[i].second;
+      if (i >= window) sum -= train[i - window].second;
+      t << train[i].first << " " << train[i].second << " "
+        << sum / static_cast<double>(std::min(i + 1, window)) << "\n";
+    }
+    for (const auto& [step, loss] : val) v << step << " " << loss << "\n";
+    std::ofstream s(tmp + "/plot.gp");
+    s << "set terminal pngcairo size 1000,600 font 'sans,11'\n"
+      << "set output 'loss.png'\n"
+      << "set title 'training and validation loss'\n"
+      << "set xlabel 'step'\nset ylabel 'loss (nats per token)'\nset grid\nset key top right\n"
+      << "plot ";
+    if (!train.empty()) {
+      s << "'train.dat' using 1:2 with lines lw 1 lc rgb '#a6bddb' title 'training (each step)', "
+        << "'train.dat' using 1:3 with lines lw 2 lc rgb '#045a8d' title 'training (moving mean)'"
+        << (val.empty() ? "" : ", ");
+    }
+    if (!val.empty()) {
+      s << "'val.dat' using 1:2 with linespoints lw 2 pt 7 ps 0.8 lc rgb '#d95f0e' "
+           "title 'validation'";
+    }
+    s << "\n";
+  }
+  const std::string cmd = "cd '" + tmp + "' && '" + gnuplot + "' plot.gp 2> gnuplot.err";
+  const int rc = std::system(cmd.c_str());
+  std::string err;
+  {
+    std::ifstream e(tmp + "/gnuplot.err");
+    std::getline(e, err);
+  }
+  const bool ok = rc == 0 && fs::exists(tmp + "/loss.png");
+  if (ok) {
+    std::error_code ec;
+    fs::rename(tmp + "/loss.png", png, ec);
+    if (ec) {  // another file system: copy, then replace
+      fs::copy_file(tmp + "/loss.png", png + ".tmp", fs::copy_options::overwrite_existing);
+      fs::rename(png + ".tmp", png);
+    }
+  }
+  fs::remove_all(tmp);
+  if (!ok) throw Error("gnuplot failed" + (err.empty() ? std::string() : ": " + err));
+}
+
+}  // namespace aviary::train
