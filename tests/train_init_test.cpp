@@ -158,7 +158,9 @@ TEST(TrainInit, MatchesRwkvLmFormulasNarrowerThanLowRank) {
 
 TEST(TrainInit, OrthogonalIsTorchsQrWithSignFix) {
   REQUIRE_TORCH();
-  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{40, 24}, {24, 40}, {32, 32}}) {
+  // Tall, wide and square; the last two span three blocks of reflections.
+  for (auto [rows, cols] :
+       {std::pair<int64_t, int64_t>{40, 24}, {24, 40}, {32, 32}, {150, 70}, {70, 150}}) {
     SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
     InitRng rng(7, static_cast<uint64_t>(rows));
     std::vector<double> gaussian(rows * cols);
