@@ -459,6 +459,66 @@ TEST(Tokenize, MissingEmptyAndBadDataAreErrors) {
   EXPECT_FALSE(fs::exists(out + "/data/tokens.bin.tmp"));
 }
 
+TEST(Tokenize, LargeInputsGiveTheSameTokensOnAnyNumberOfThreads) {
+  REQUIRE_SHARED("tokenizers/rwkv_vocab_v20230424.txt");
+  REQUIRE_SHARED("data/tinyshakespeare.txt");
+  const auto world = WorldTokenizer();
+  const std::string dir = TempPath("threads");
+  fs::create_directories(dir);
+  // 3.3 MB of text (several pieces), and a JSONL of 60,000 lines (several runs of lines).
+  const std::string shakespeare = ReadText(SharedPath("data/tinyshakespeare.txt"));
+  WriteText(dir + "/big.txt", shakespeare + shakespeare + shakespeare);
+  std::string jsonl;
+  std::vector<int32_t> expected;
+  for (int i = 0; i < 60000; ++i) {
+    const std::string text = "Line " + std::to_string(i) + (i % 7 ? " of text" : " \u00e9");
+    jsonl += "{\"text\": \"" + text + "\"}\n";
+    const std::vector<int32_t> ids =
+        world->Encode("Line " + std::to_string(i) + (i % 7 ? " of text" : " \u00e9"));
+    expected.insert(expected.end(), ids.begin(), ids.end());
+    expected.push_back(0);
+  }
+  WriteText(dir + "/big.jsonl", jsonl);
+  ::aviary::testing::RuntimeGuard guard;
+  std::vector<std::vector<uint8_t>> outputs;
+  for (int threads : {1, 3}) {
+    ::aviary::testing::SetNumThreads(threads);
+    const std::string out = dir + "/out" + std::to_string(threads);
+    const PreparedData p = PrepareDataset({dir + "/big.txt", dir + "/big.jsonl"}, *world, out);
+    EXPECT_EQ(p.documents, 60001u);
+    outputs.push_back(::aviary::testing::ReadFileBytes(p.prefix + ".bin"));
+    const TokenDataset data(p.prefix);
+    std::vector<int32_t> all = AllTokens(data, world->vocab_size());
+    std::vector<int32_t> whole = world->Encode(shakespeare + shakespeare + shakespeare);
+    whole.push_back(0);
+    ASSERT_GE(all.size(), whole.size());
+    EXPECT_TRUE(std::equal(whole.begin(), whole.end(), all.begin()));
+    EXPECT_TRUE(
+        std::equal(expected.begin(), expected.end(), all.begin() + whole.size(), all.end()));
+  }
+  EXPECT_EQ(outputs[0], outputs[1]);
+
+  // The first bad line is the one named, wherever the runs of lines begin and end.
+  const size_t line_40 = [&] {
+    size_t at = 0;
+    for (int i = 0; i < 39; ++i) at = jsonl.find('\n', at) + 1;
+    return at;
+  }();
+  std::string bad = jsonl;
+  bad.insert(bad.size() - 1, ",");  // line 60000
+  WriteText(dir + "/bad.jsonl", bad);
+  EXPECT_NE(ErrorOf([&] {
+              PrepareDataset({dir + "/bad.jsonl"}, *world, dir + "/o");
+            }).find("bad.jsonl:60000: not valid JSON"),
+            std::string::npos);
+  bad.insert(line_40, "{}\n");  // a new line 40, without text
+  WriteText(dir + "/bad.jsonl", bad);
+  EXPECT_NE(ErrorOf([&] {
+              PrepareDataset({dir + "/bad.jsonl"}, *world, dir + "/o");
+            }).find("bad.jsonl:40: no \"text\""),
+            std::string::npos);
+}
+
 TEST(Tokenize, TinyShakespeareBytesKeepsEveryByte) {
   REQUIRE_SHARED("data/tinyshakespeare.txt");
   const std::string path = SharedPath("data/tinyshakespeare.txt");

@@ -6,12 +6,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "aviary/error.h"
 #include "formats/mapped_file.h"
+#include "tensor/thread_pool.h"
 
 namespace aviary::train {
 namespace {
@@ -19,9 +22,12 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// Tokenizing works through a large file in pieces of about this size, so that only one piece's
-// ids are held at a time.
-constexpr size_t kPieceBytes = size_t{1} << 20;
+// Tokenizing works through the data in tasks of about kTaskBytes (pieces of a text file, runs
+// of JSONL lines), kTasksPerBatch of them at a time in parallel, and writes each batch's ids in
+// order before the next: memory stays at one batch's ids whatever the size of the data, and
+// the result does not depend on the number of threads.
+constexpr size_t kTaskBytes = size_t{1} << 20;
+constexpr size_t kTasksPerBatch = 32;
 constexpr char kManifestFormat[] = "aviary binidx cache 1";
 
 class Sha256 {
@@ -173,16 +179,115 @@ void WriteFileAtomically(const std::string& path, const std::string& text) {
   if (ec) throw Error(path + ": cannot write: " + ec.message());
 }
 
-// Tokenizes one document, piece by piece, and closes it. `piece_done` (if any) is called with
-// the end of each piece.
-void AddDocument(std::string_view text, const Tokenizer& tokenizer, BinidxWriter& writer,
-                 const std::function<void(const char* end)>& piece_done = {}) {
-  for (std::string_view piece : TextPieces(text, kPieceBytes)) {
-    writer.Add(tokenizer.Encode(piece));
-    if (piece_done) piece_done(piece.data() + piece.size());
+// The text of one JSONL line: nullopt for a blank line; throws aviary::Error
+// "NAME:LINE: ..." for a line that is not an object with a "text" string.
+std::optional<std::string> JsonlLineText(std::string_view line, const std::string& name,
+                                         uint64_t line_number) {
+  if (line.find_first_not_of(" \t\r") == std::string_view::npos) return std::nullopt;
+  auto where = [&] { return name + ":" + std::to_string(line_number) + ": "; };
+  json doc;
+  try {
+    doc = json::parse(line);
+  } catch (const json::exception& e) {
+    std::string why = e.what();  // "[json.exception.parse_error.101] parse error at ..."
+    if (const size_t bracket = why.find("] ");
+        why.starts_with("[json") && bracket != std::string::npos) {
+      why = why.substr(bracket + 2);
+    }
+    throw Error(where() + "not valid JSON: " + why);
   }
+  if (!doc.is_object()) throw Error(where() + "not a JSON object");
+  const auto text = doc.find("text");
+  if (text == doc.end() || !text->is_string()) {
+    throw Error(where() + "no \"text\" string in the object");
+  }
+  return std::move(text->get_ref<std::string&>());
+}
+
+// Runs task(i) for i in [0, n) on the current runtime's threads and rethrows the exception of
+// the first task (in order) that threw, so errors are the ones a serial run would give.
+template <typename F>
+void RunTasks(size_t n, F&& task) {
+  std::vector<std::exception_ptr> errors(n);
+  ParallelFor(static_cast<int64_t>(n), [&](int64_t i, int) {
+    try {
+      task(static_cast<size_t>(i));
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  });
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+void EndDocument(const Tokenizer& tokenizer, BinidxWriter& writer) {
   if (const auto eot = tokenizer.end_of_text()) writer.Add(std::span<const int32_t>(&*eot, 1));
   writer.EndDocument();
+}
+
+// A plain text file: one document, its pieces tokenized in parallel.
+void TokenizeText(std::string_view text, const Tokenizer& tokenizer, BinidxWriter& writer,
+                  const std::function<void(size_t done)>& progress) {
+  const std::vector<std::string_view> pieces = TextPieces(text, kTaskBytes);
+  for (size_t first = 0; first < pieces.size(); first += kTasksPerBatch) {
+    const size_t n = std::min(kTasksPerBatch, pieces.size() - first);
+    std::vector<std::vector<int32_t>> ids(n);
+    RunTasks(n, [&](size_t i) { ids[i] = tokenizer.Encode(pieces[first + i]); });
+    for (const auto& part : ids) writer.Add(part);
+    const std::string_view last = pieces[first + n - 1];
+    progress(last.data() + last.size() - text.data());
+  }
+  EndDocument(tokenizer, writer);
+}
+
+// A JSONL file: runs of lines parsed and tokenized in parallel, documents written in order.
+void TokenizeJsonl(std::string_view bytes, const std::string& name, const Tokenizer& tokenizer,
+                   BinidxWriter& writer, const std::function<void(size_t done)>& progress) {
+  struct Task {
+    size_t begin = 0, end = 0;  // whole lines
+    uint64_t first_line = 0;
+    std::vector<std::vector<int32_t>> documents;
+  };
+  size_t at = 0;
+  uint64_t line = 1;
+  while (at < bytes.size()) {
+    std::vector<Task> tasks;
+    while (tasks.size() < kTasksPerBatch && at < bytes.size()) {
+      Task t;
+      t.begin = at;
+      t.first_line = line;
+      const size_t newline = bytes.find('\n', std::min(bytes.size(), at + kTaskBytes) - 1);
+      t.end = newline == std::string_view::npos ? bytes.size() : newline + 1;
+      line += std::count(bytes.begin() + t.begin, bytes.begin() + t.end, '\n');
+      at = t.end;
+      tasks.push_back(std::move(t));
+    }
+    RunTasks(tasks.size(), [&](size_t i) {
+      Task& t = tasks[i];
+      uint64_t number = t.first_line;
+      for (size_t begin = t.begin; begin < t.end; ++number) {
+        size_t end = bytes.find('\n', begin);
+        if (end == std::string_view::npos || end > t.end) end = t.end;
+        const std::optional<std::string> text =
+            JsonlLineText(bytes.substr(begin, end - begin), name, number);
+        begin = end + 1;
+        if (!text) continue;
+        std::vector<int32_t>& ids = t.documents.emplace_back();
+        for (std::string_view piece : TextPieces(*text, kTaskBytes)) {
+          const std::vector<int32_t> part = tokenizer.Encode(piece);
+          ids.insert(ids.end(), part.begin(), part.end());
+        }
+      }
+    });
+    for (const Task& t : tasks) {
+      for (const auto& ids : t.documents) {
+        writer.Add(ids);
+        EndDocument(tokenizer, writer);
+      }
+    }
+    progress(at);
+  }
 }
 
 // Deterministic 64-bit mixing (SplitMix64), for deriving the sampler's order from a seed.
@@ -239,29 +344,10 @@ void ForEachJsonlText(std::string_view bytes, const std::string& name, const Jso
   while (begin < bytes.size()) {
     size_t end = bytes.find('\n', begin);
     if (end == std::string_view::npos) end = bytes.size();
-    const std::string_view line = bytes.substr(begin, end - begin);
-    begin = end + 1;
-    ++line_number;
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    auto where = [&] { return name + ":" + std::to_string(line_number) + ": "; };
-    json doc;
-    try {
-      doc = json::parse(line);
-    } catch (const json::exception& e) {
-      std::string why = e.what();  // "[json.exception.parse_error.101] parse error at ..."
-      if (const size_t bracket = why.find("] ");
-          why.starts_with("[json") && bracket != std::string::npos) {
-        why = why.substr(bracket + 2);
-      }
-      throw Error(where() + "not valid JSON: " + why);
-    }
-    if (!doc.is_object()) throw Error(where() + "not a JSON object");
-    const auto text = doc.find("text");
-    if (text == doc.end() || !text->is_string()) {
-      throw Error(where() + "no \"text\" string in the object");
-    }
-    fn(text->get_ref<const std::string&>(), line_number,
-       begin < bytes.size() ? begin : bytes.size());
+    const std::optional<std::string> text =
+        JsonlLineText(bytes.substr(begin, end - begin), name, ++line_number);
+    begin = std::min(end + 1, bytes.size());
+    if (text) fn(*text, line_number, begin);
   }
 }
 
@@ -309,18 +395,16 @@ PreparedData PrepareDataset(const std::vector<std::string>& inputs, const Tokeni
     const std::string_view bytes(reinterpret_cast<const char*>(file.bytes().data()),
                                  file.bytes().size());
     const uint64_t documents_before = writer.documents();
+    auto file_progress = [&](size_t done) {
+      if (progress) progress(done_bytes + done, total_bytes);
+    };
     if (IsJsonl(path)) {
-      ForEachJsonlText(bytes, path, [&](std::string_view text, uint64_t, size_t line_end) {
-        AddDocument(text, tokenizer, writer);
-        if (progress) progress(done_bytes + line_end, total_bytes);
-      });
+      TokenizeJsonl(bytes, path, tokenizer, writer, file_progress);
       if (writer.documents() == documents_before) {
         throw Error(path + ": no documents (every line is blank or its text empty)");
       }
     } else {
-      AddDocument(bytes, tokenizer, writer, [&](const char* end) {
-        if (progress) progress(done_bytes + (end - bytes.data()), total_bytes);
-      });
+      TokenizeText(bytes, tokenizer, writer, file_progress);
     }
     done_bytes += files[i].bytes;
     if (progress) progress(done_bytes, total_bytes);

@@ -51,6 +51,8 @@ using TokenizeProgress = std::function<void(uint64_t done_bytes, uint64_t total_
 // GPT-NeoX, as RWKV-LM's make_data.py writes). The bytes tokenizer has no such token: its 256
 // ids are all byte values, so its documents follow each other with nothing between them (a
 // plain text file keeps exactly its bytes).
+// Tokenizing runs on the current runtime's threads (tensor/thread_pool.h), in batches written
+// in order: the files it writes are the same for any number of threads.
 // Throws aviary::Error on missing or empty inputs and on data without a single token;
 // UsageError on an empty list or a binidx mixed with other inputs.
 PreparedData PrepareDataset(const std::vector<std::string>& inputs, const Tokenizer& tokenizer,
