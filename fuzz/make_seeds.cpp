@@ -2,6 +2,8 @@
 //   make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR
 //   make_seeds --gguf MODEL_SEED_DIR GGUF_SEED_DIR   (each .bin seed written again as GGUF, and
 //                                                     a 256-wide Q4_K one)
+//   make_seeds --train-data SEED_DIR                 (fuzz_train_data: .idx files as the
+//                                                     binidx writer makes them, JSONL files)
 // Model seeds: every stress model (../shared/models/stress) shrunk to a few KB -- width 16,
 // 2 heads of 8, FFN 32, vocabulary 16, 2 layers -- keeping its tensor names, types and the first
 // values of each tensor, plus a quantized variant of each (width 32, matrices in Q4_0..Q8_0
@@ -24,6 +26,7 @@
 #include "formats/gguf_writer.h"
 #include "formats/weight_file.h"
 #include "models/synth.h"
+#include "train/binidx.h"
 
 namespace {
 
@@ -188,10 +191,61 @@ int MakeGgufSeeds(const std::string& bin_dir, const std::string& gguf_dir) {
   return written > 0 ? 0 : 1;
 }
 
+// fuzz_train_data's inputs: a first byte choosing the reader (even: .idx, odd: JSONL), then for
+// an index the size of its .bin (uint64) and the .idx itself.
+int MakeTrainDataSeeds(const std::string& dir) {
+  int written = 0;
+  auto write_index = [&](const std::string& name, aviary::train::TokenType type,
+                         const std::vector<std::vector<int32_t>>& docs) {
+    const std::string prefix = dir + "/" + name + ".tmp";
+    try {
+      aviary::train::BinidxWriter writer(prefix, type);
+      for (const auto& doc : docs) {
+        writer.Add(doc);
+        writer.EndDocument();
+      }
+      writer.Finish();
+    } catch (const aviary::Error& e) {
+      std::fprintf(stderr, "make_seeds: %s\n", e.what());
+      return;
+    }
+    const Bytes idx = ReadFile(prefix + ".idx");
+    const uint64_t bin_bytes = std::filesystem::file_size(prefix + ".bin");
+    std::filesystem::remove(prefix + ".idx");
+    std::filesystem::remove(prefix + ".bin");
+    Bytes seed = {0};
+    seed.resize(9);
+    std::memcpy(&seed[1], &bin_bytes, 8);
+    seed.insert(seed.end(), idx.begin(), idx.end());
+    if (WriteFile(dir + "/" + name, seed)) ++written;
+  };
+  // make_data.py's layout (each document ended by token 0), and Megatron's int32.
+  write_index("idx-uint16", aviary::train::TokenType::kUInt16,
+              {{33, 44, 65529, 0}, {0}, {7, 8, 9, 0}});
+  write_index("idx-int32", aviary::train::TokenType::kInt32, {{1, 100000, 0}, {5, 0}});
+  write_index("idx-one-item", aviary::train::TokenType::kUInt16, {{1, 2, 3}});
+  const char* jsonl[] = {
+      "{\"text\": \"Hello world.\\nSecond line.\"}\n{\"text\": \"Zweites\"}\n",
+      "{\"meta\": {\"id\": 3}, \"text\": \"a\\u00e9\\ud83d\\ude00\"}\r\n\n  \n{\"text\": \"\"}",
+      "{\"text\": \"ok\"}\n{\"text\": 5}\n",
+      "{\"text\": \"ok\"}\n{\"text\" \"x\"}\n",
+      "[\"text\"]\n",
+  };
+  int n = 0;
+  for (const char* text : jsonl) {
+    Bytes seed = {1};
+    seed.insert(seed.end(), text, text + std::strlen(text));
+    if (WriteFile(dir + "/jsonl-" + std::to_string(n++), seed)) ++written;
+  }
+  std::printf("make_seeds: wrote %d training data seeds\n", written);
+  return written > 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "--gguf") return MakeGgufSeeds(argv[2], argv[3]);
+  if (argc == 3 && std::string(argv[1]) == "--train-data") return MakeTrainDataSeeds(argv[2]);
   if (argc != 5) {
     std::fprintf(stderr,
                  "usage: make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR\n");
