@@ -1,0 +1,29 @@
+// A trained RWKV-7 model out of the flat parameter buffer (params.h): as the .pth BlinkDL's code
+// writes and reads (official names and shapes, F32 or BF16), and as aviary's GGUF of that .pth.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "aviary/tokenizer.h"
+#include "tensor/dtype.h"
+#include "train/params.h"
+
+namespace aviary::train {
+
+// Writes every entry of `layout` (values at params + entry.offset) under its BlinkDL name in its
+// .pth shape: the low-rank matrices transposed back to (C, D) / (D, C), the (C) vectors as
+// (1, 1, C). `type` is kF32 or kBF16. Written as path.tmp, then renamed (callers that have
+// inputs check RefuseOverwritingInputs first).
+void ExportRwkv7Pth(const std::string& path, const ParamLayout& layout, const float* params,
+                    DType type = DType::kF32);
+
+// Converts the .pth at `pth_path` (as ExportRwkv7Pth wrote it) to GGUF at `gguf_path` with the
+// code of `aviary convert`, keeping each tensor's type, so that the GGUF gives the same logits.
+// `tokenizer` is embedded (GGUF readers take the vocabulary from the file); null embeds the
+// byte vocabulary for a 256-token model and is an error for any other size. The file is
+// written as gguf_path.tmp, loaded back, then renamed.
+void ExportRwkv7Gguf(const std::string& gguf_path, const std::string& pth_path,
+                     std::shared_ptr<const TokenizerData> tokenizer = nullptr);
+
+}  // namespace aviary::train
