@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tensor/dtype.h"
+#include "tensor/gemm.h"
 #include "tensor/kernels.h"
 #include "tensor/reference.h"
 #include "tensor/tensor.h"
@@ -119,6 +120,53 @@ void MatMulArgs(benchmark::internal::Benchmark* b) {
   b->UseRealTime();
 }
 BENCHMARK(BM_MatMul)->Apply(MatMulArgs);
+
+// The training products (gemm.h) at RWKV-7 training shapes, and MatMul on the same F32 weights
+// for comparison with the forward. Args: product (0 forward, 1 backward input, 2 backward
+// weight, 3 MatMul), rows, cols, T, threads.
+void BM_Gemm(benchmark::State& state) {
+  const int product = static_cast<int>(state.range(0));
+  const int64_t rows = state.range(1), cols = state.range(2);
+  const int T = static_cast<int>(state.range(3));
+  const int threads = static_cast<int>(state.range(4));
+  Case c = MakeCase(DType::kF32, rows, cols, T);
+  const float* w = reinterpret_cast<const float*>(c.bytes.data());
+  std::vector<float> dy(static_cast<size_t>(T) * rows, 0.01f), dx(c.x.size());
+  std::vector<float> dw(static_cast<size_t>(rows) * cols);
+  aviary::Runtime runtime({.threads = threads});
+  const aviary::ScopedRuntime on_runtime(&runtime);
+  for (auto _ : state) {
+    switch (product) {
+      case 0: aviary::MatMulForwardF32(w, rows, cols, c.x.data(), T, c.y.data()); break;
+      case 1: aviary::MatMulBackwardInput(w, rows, cols, dy.data(), T, dx.data(), false); break;
+      case 2: aviary::MatMulBackwardWeight(dy.data(), c.x.data(), T, rows, cols, dw.data(), false);
+        break;
+      default: aviary::fast::MatMul(c.w, c.x.data(), T, c.y.data(), threads); break;
+    }
+    benchmark::ClobberMemory();
+  }
+  static const char* const kNames[] = {"forward", "backward input", "backward weight", "MatMul"};
+  state.SetLabel(std::string(kNames[product]) + " " + aviary::KernelTarget());
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * rows * cols * T * state.iterations(), benchmark::Counter::kIsRate);
+}
+
+void GemmArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"product", "rows", "cols", "T", "threads"});
+  // RWKV-7 at 768 wide: the square projections, the FFN key and value, the low-rank paths and
+  // a small model's matrices; T = 768 and 6144 positions per step.
+  const std::pair<int, int> shapes[] = {{768, 768}, {3072, 768}, {768, 3072}, {128, 128},
+                                        {512, 128}, {32, 768},   {768, 32},   {256, 128}};
+  for (int product = 0; product < 4; ++product) {
+    for (auto [rows, cols] : shapes) {
+      for (int T : {768, 6144}) {
+        for (int threads : {1, 2}) b->Args({product, rows, cols, T, threads});
+      }
+    }
+  }
+  b->UseRealTime();
+}
+BENCHMARK(BM_Gemm)->Apply(GemmArgs);
 
 // WKV-7 and WKV-5 over a 0.4B-sized layer (16 heads of 64): one token, and 64 tokens.
 void BM_Wkv(benchmark::State& state) {
