@@ -97,7 +97,8 @@ uint64_t MagicPrime(uint64_t tokens, int ctx_len);
 
 // Training windows, drawn as RWKV-LM draws them (see the top of this file), never leaving
 // `range`. Its state is the number of windows drawn: a sampler restored to another's State()
-// draws what that one would have drawn next.
+// (same dataset, range, ctx_len and seed) draws what that one would have drawn next. `data`
+// must outlive the sampler (and the ValidationWindows below).
 class WindowSampler {
  public:
   // Throws aviary::Error when `range` holds too few tokens for windows of ctx_len + 1 (at least
