@@ -57,6 +57,8 @@ void MixAddBackward(const float* xx, const float* prev, const float* m, const fl
 // `every` tokens by the forward (ckpt: (T / every + 1, H, N, N), the first the start state):
 // dr, dw, dk, dv, dkk, da are written (overwritten); dS: (H, N, N) holds the gradient with
 // respect to the end state on entry and the one with respect to the start state on return.
+// Heads run in parallel; SIMD unless the runtime asks for the reference kernels
+// (wkv7_backward.cpp).
 void Wkv7Backward(int T, int H, int N, const float* r, const float* w, const float* k,
                   const float* v, const float* kk, const float* a, const float* dy,
                   const float* ckpt, int every, float* dS, float* dr, float* dw, float* dk,

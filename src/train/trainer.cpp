@@ -202,7 +202,7 @@ struct Trainer::Impl {
     CheckpointMeta meta;
     meta.options = OptionsJson(o);
     meta.step = step;
-    meta.sampler_state = sampler->State();
+    meta.sampler_state = std::to_string(sampler->State());
     SaveCheckpoint(o.out_dir + "/checkpoint", layout, params.data(), adam_m.data(), adam_v.data(),
                    meta);
   }
@@ -267,7 +267,11 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->adam_v = std::move(ck.adam_v);
   impl->step = ck.meta.step;
   impl->OpenData();
-  impl->sampler->Restore(ck.meta.sampler_state);
+  try {
+    impl->sampler->Restore(std::stoull(ck.meta.sampler_state));
+  } catch (const std::exception&) {
+    throw Error(dir + "/checkpoint: the data sampler's position is not a number");
+  }
   impl->Prepare();
   impl->summary.resumed = true;
   impl->OpenLog(true);
