@@ -59,18 +59,26 @@ def token_shift(x, last):
 def wkv7(r, decay, k, v, kk, a, state):
   """The RWKV-7 recurrence, one time step at a time. All inputs (B, T, H, N); state
   (B, H, N, N) as S[value i][key j]. Per step: S = S diag(decay) + (S (-kk)) (kk a)^T + v k^T,
-  y = S r. Returns y (B, T, H, N) and the last state."""
-  T = r.shape[1]
-  S = state
-  minus_kk = (-kk).unsqueeze(-1)         # (B, T, H, N, 1)
-  kk_a = (kk * a).unsqueeze(-2)          # (B, T, H, 1, N)
+  y = S r. Returns y (B, T, H, N) and the last state.
+
+  Each head's state is one (N, N) matrix of a batch of B H, so a step is three batched products
+  (bmm, baddbmm) on per-step slices laid out ahead of the loop; autograd then keeps one state
+  per step for the backward pass and nothing larger. The slices come from unbind, whose
+  backward stacks the T gradients once (indexing x[t] would add each step's gradient into a
+  zero tensor of all T steps: quadratic in T)."""
+  B, T, H, N = r.shape
+  steps = lambda x, shape: x.permute(1, 0, 2, 3).reshape(T, B * H, *shape).unbind(0)
+  r_t, k_t, v_t = steps(r, (N, 1)), steps(k, (1, N)), steps(v, (N, 1))
+  decay_t = steps(decay, (1, N))
+  minus_kk_t, kk_a_t = steps(-kk, (N, 1)), steps(kk * a, (1, N))
+  S = state.reshape(B * H, N, N)
   ys = []
   for t in range(T):
-    removed = S @ minus_kk[:, t]        # (B, H, N, 1): what the state holds along kk
-    S = (S * decay[:, t].unsqueeze(-2) + removed @ kk_a[:, t]
-         + v[:, t].unsqueeze(-1) @ k[:, t].unsqueeze(-2))
-    ys.append(S @ r[:, t].unsqueeze(-1))
-  return torch.cat(ys, dim=-1).permute(0, 3, 1, 2), S
+    removed = torch.bmm(S, minus_kk_t[t])  # (B H, N, 1): what the state holds along kk
+    S = torch.baddbmm(torch.baddbmm(S * decay_t[t], removed, kk_a_t[t]), v_t[t], k_t[t])
+    ys.append(torch.bmm(S, r_t[t]))
+  y = torch.stack(ys).view(T, B, H, N).permute(1, 0, 2, 3)
+  return y, S.view(B, H, N, N)
 
 
 def time_mix(p, prefix, layer, x, last_x, S, v_first, cfg):
