@@ -101,7 +101,11 @@ def run_case(args, label, tool, workdir, model_path, params32, tokens, targets, 
   if state is not None:
     cmd += ["--state", os.path.join(workdir, "state.f32")]
   print(f"\n== {label}: {' '.join(shlex.quote(c) for c in cmd)}")
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+  except OSError as e:
+    print(f"FAIL: cannot run the tool: {e}")
+    return False
   if proc.returncode != 0:
     print(proc.stdout + proc.stderr)
     print(f"FAIL: the tool exited with status {proc.returncode}")
