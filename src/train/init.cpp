@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 #include <string>
+#include <utility>
 
 #include "aviary/error.h"
 #include "tensor/thread_pool.h"
@@ -224,29 +225,34 @@ double InitRng::Normal() {
 }
 
 std::vector<float> OrthogonalFrom(int64_t rows, int64_t cols, double gain,
-                                  const std::vector<double>& gaussian) {
+                                  std::vector<double> gaussian) {
   if (rows < 1 || cols < 1 || gaussian.size() != static_cast<size_t>(rows * cols)) {
     throw Error("orthogonal init: " + std::to_string(gaussian.size()) + " values for a " +
                 std::to_string(rows) + " x " + std::to_string(cols) + " matrix");
   }
-  std::vector<float> out(gaussian.size());
-  if (rows >= cols) {
-    // QR of the matrix itself: column j of the column-major copy is column j of the matrix.
-    std::vector<double> a(gaussian.size());
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j) a[j * rows + i] = gaussian[i * cols + j];
-    }
-    const std::vector<double> q = OrthonormalColumns(rows, cols, a);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j)
-        out[i * cols + j] = static_cast<float>(q[j * rows + i] * gain);
-    }
-  } else {
+  // Buffers are released as soon as they are used: a 0.1B model's head is 400 MB in double.
+  if (rows < cols) {
     // QR of the transpose (cols x rows), whose column-major form is the row-major matrix; the
     // result is Q transposed, so row i of the output is column i of Q.
-    std::vector<double> a = gaussian;
-    const std::vector<double> q = OrthonormalColumns(cols, rows, a);
+    std::vector<double> q = OrthonormalColumns(cols, rows, gaussian);
+    gaussian = {};
+    std::vector<float> out(q.size());
     for (size_t i = 0; i < q.size(); ++i) out[i] = static_cast<float>(q[i] * gain);
+    return out;
+  }
+  // QR of the matrix itself: column j of the column-major copy is column j of the matrix.
+  std::vector<double> a(gaussian.size());
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) a[j * rows + i] = gaussian[i * cols + j];
+  }
+  gaussian = {};
+  const std::vector<double> q = OrthonormalColumns(rows, cols, a);
+  a = {};
+  std::vector<float> out(q.size());
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      out[i * cols + j] = static_cast<float>(q[j * rows + i] * gain);
+    }
   }
   return out;
 }
@@ -263,7 +269,7 @@ void InitRwkv7(const ParamLayout& layout, uint64_t seed, float* params) {
     InitRng rng(seed, index);
     std::vector<double> gaussian(e.size);
     for (double& g : gaussian) g = rng.Normal();
-    const std::vector<float> w = OrthogonalFrom(rows, cols, gain, gaussian);
+    const std::vector<float> w = OrthogonalFrom(rows, cols, gain, std::move(gaussian));
     float* out = params + e.offset;
     if (e.transposed_in_pth) {
       for (int64_t i = 0; i < rows; ++i) {

@@ -56,8 +56,8 @@ class InitRng {
 };
 
 // torch.nn.init.orthogonal_ applied to the rows x cols matrix whose values were drawn as
-// `gaussian` (row-major): the result, row-major, times `gain`.
+// `gaussian` (row-major; consumed): the result, row-major, times `gain`.
 std::vector<float> OrthogonalFrom(int64_t rows, int64_t cols, double gain,
-                                  const std::vector<double>& gaussian);
+                                  std::vector<double> gaussian);
 
 }  // namespace aviary::train
