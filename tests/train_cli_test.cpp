@@ -59,7 +59,8 @@ std::vector<LogLine> ReadLog(const std::string& dir) {
 std::string SmallRun(const std::string& dir, const std::string& extra) {
   return CliPath() + " train --data " + ShakespearePart(60000) +
          " --layers 2 --embd 64 --ctx-len 32 --batch 4 --lr 3e-3 --warmup 5 --eval-windows 8 "
-         "--out " + dir + " " + extra + " 2>&1";
+         "--out " +
+         dir + " " + extra + " 2>&1";
 }
 
 TEST(TrainCli, FromScratchLearnsAndEveryCommandRunsTheResult) {
@@ -71,8 +72,8 @@ TEST(TrainCli, FromScratchLearnsAndEveryCommandRunsTheResult) {
   const std::vector<LogLine> log = ReadLog(dir);
   ASSERT_EQ(log.size(), 41u);  // the step-0 validation, then 40 steps
   EXPECT_EQ(log.front().step, 0);
-  EXPECT_GT(log.front().val_loss, 5.0);      // ln 256 = 5.55 from the official init
-  EXPECT_LT(log.back().val_loss, 3.3);       // bytes of English after 40 small steps
+  EXPECT_GT(log.front().val_loss, 5.0);  // ln 256 = 5.55 from the official init
+  EXPECT_LT(log.back().val_loss, 3.3);   // bytes of English after 40 small steps
   EXPECT_LT(log.back().loss, log[1].loss - 2.0);
   for (const char* f : {"model.pth", "model.gguf", "checkpoint", "data"}) {
     EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
@@ -82,24 +83,26 @@ TEST(TrainCli, FromScratchLearnsAndEveryCommandRunsTheResult) {
   for (int i = 0; i < 2; ++i) {
     const std::string model = dir + (i ? "/model.gguf" : "/model.pth");
     const std::string out = dir + "/logits" + std::to_string(i) + ".f32";
-    const CommandResult l = RunCommand(CliPath() + " logits --activations f32 --model " + model +
-                                       " --prompt 'ROMEO:' --all-positions --output " + out +
-                                       " 2>&1");
+    const CommandResult l =
+        RunCommand(CliPath() + " logits --activations f32 --model " + model +
+                   " --prompt 'ROMEO:' --all-positions --output " + out + " 2>&1");
     ASSERT_EQ(l.exit_code, 0) << l.output;
     const std::vector<uint8_t> bytes = ReadFileBytes(out);
     outputs[i].assign(bytes.begin(), bytes.end());
   }
   EXPECT_EQ(outputs[0].size(), 6u * 256 * 4);
   EXPECT_EQ(outputs[0], outputs[1]);
-  const CommandResult g = RunCommand(CliPath() + " generate --model " + dir +
-                                     "/model.gguf --prompt 'KING' --tokens 20 --temperature 0 2>&1");
+  const CommandResult g =
+      RunCommand(CliPath() + " generate --model " + dir +
+                 "/model.gguf --prompt 'KING' --tokens 20 --temperature 0 2>&1");
   EXPECT_EQ(g.exit_code, 0) << g.output;
   // PyTorch reads the .pth, and its independent forward gives aviary's logits.
   std::ofstream(dir + "/prompt.txt") << "ROMEO:";
-  const CommandResult torch = RunCommand(
-      "/usr/bin/python3 -c 'import torch' 2>&1 && /usr/bin/python3 " AVIARY_SOURCE_DIR
-      "/tests/train/check_export.py --pth " + dir + "/model.pth --aviary-logits " + dir +
-      "/logits0.f32 --tokens " + dir + "/prompt.txt --vocab 256 2>&1");
+  const CommandResult torch =
+      RunCommand("/usr/bin/python3 -c 'import torch' 2>&1 && /usr/bin/python3 " AVIARY_SOURCE_DIR
+                 "/tests/train/check_export.py --pth " +
+                 dir + "/model.pth --aviary-logits " + dir + "/logits0.f32 --tokens " + dir +
+                 "/prompt.txt --vocab 256 2>&1");
   if (torch.output.find("No module named") != std::string::npos) {
     if (InCI()) FAIL() << "CI needs Debian's python3-torch: " << torch.output;
     GTEST_SKIP() << "no python3-torch: " << torch.output;
@@ -163,15 +166,14 @@ TEST(TrainCli, ResumeAfterAKillMatchesTheUninterruptedRun) {
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + SmallRun(cut, args) + " > /dev/null").c_str(),
-          nullptr);
+    execl("/bin/sh", "sh", "-c", ("exec " + SmallRun(cut, args) + " > /dev/null").c_str(), nullptr);
     _exit(127);
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
   bool killed = false;
   while (std::chrono::steady_clock::now() < deadline) {
-    const std::vector<LogLine> log = fs::exists(cut + "/log.jsonl") ? ReadLog(cut)
-                                                                    : std::vector<LogLine>{};
+    const std::vector<LogLine> log =
+        fs::exists(cut + "/log.jsonl") ? ReadLog(cut) : std::vector<LogLine>{};
     if (!log.empty() && log.back().step >= 12) {
       kill(pid, SIGKILL);
       killed = true;
@@ -200,8 +202,8 @@ TEST(TrainCli, FinetuningATestModelLowersItsValidationLoss) {
   REQUIRE_SHARED("models/tiny-rwkv-7v0-834K-Q5_1.bin");
   const std::string dir = ProcessTempDir() + "finetune";
   const CommandResult r = RunCommand(
-      CliPath() + " train --init " + SharedPath("models/tiny-rwkv-7v0-834K-Q5_1.bin") +
-      " --data " + ShakespearePart(60000) +
+      CliPath() + " train --init " + SharedPath("models/tiny-rwkv-7v0-834K-Q5_1.bin") + " --data " +
+      ShakespearePart(60000) +
       " --ctx-len 32 --batch 4 --steps 12 --lr 1e-3 --eval-every 6 --eval-windows 8 --out " + dir +
       " 2>&1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -214,8 +216,8 @@ TEST(TrainCli, PlotDrawsThePng) {
   REQUIRE_SHARED("data/tinyshakespeare.txt");
   const std::string dir = ProcessTempDir() + "plot";
   ASSERT_EQ(RunCommand(SmallRun(dir, "--steps 4 --eval-every 2")).exit_code, 0);
-  const CommandResult r = RunCommand(CliPath() + " train --plot " + dir + "/log.jsonl -o " + dir +
-                                     "/loss.png 2>&1");
+  const CommandResult r =
+      RunCommand(CliPath() + " train --plot " + dir + "/log.jsonl -o " + dir + "/loss.png 2>&1");
   if (r.output.find("needs gnuplot") != std::string::npos && !InCI()) {
     GTEST_SKIP() << r.output;
   }
@@ -269,6 +271,16 @@ TEST(TrainCli, AFinishedRunIsNeverOverwritten) {
   const CommandResult other = RunCommand(CliPath() + " train --resume " + dir + " --batch 8 2>&1");
   EXPECT_EQ(other.exit_code, 2) << other.output;
   EXPECT_NE(other.output.find("--batch cannot be given"), std::string::npos) << other.output;
+  // Resuming on other data is refused: the windows would not be the run's.
+  const std::string data = ShakespearePart(60000);
+  const std::vector<uint8_t> text = ReadFileBytes(data);
+  std::ofstream(data, std::ios::app) << "More text than the run had.";
+  const CommandResult changed =
+      RunCommand(CliPath() + " train --resume " + dir + " --steps 4 2>&1");
+  EXPECT_EQ(changed.exit_code, 1) << changed.output;
+  EXPECT_NE(changed.output.find("training data changed"), std::string::npos) << changed.output;
+  std::ofstream(data, std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(text.data()), text.size());
   // A damaged checkpoint is refused and left as it is.
   std::string params;
   for (const auto& e : fs::directory_iterator(dir + "/checkpoint")) {
@@ -280,7 +292,8 @@ TEST(TrainCli, AFinishedRunIsNeverOverwritten) {
     f.seekp(1000);
     f.put('\x7f');
   }
-  const CommandResult damaged = RunCommand(CliPath() + " train --resume " + dir + " --steps 4 2>&1");
+  const CommandResult damaged =
+      RunCommand(CliPath() + " train --resume " + dir + " --steps 4 2>&1");
   EXPECT_EQ(damaged.exit_code, 1) << damaged.output;
   EXPECT_EQ(ReadFileBytes(dir + "/model.pth"), before);
 }

@@ -50,7 +50,8 @@ nlohmann::json OptionsJson(const TrainOptions& o) {
           {"val_fraction", o.val_fraction},
           {"eval_every", o.eval_every},
           {"eval_windows", o.eval_windows},
-          {"save_every", o.save_every}};
+          {"save_every", o.save_every},
+          {"pth_type", o.pth_type}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
@@ -74,6 +75,7 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     o.eval_every = j.at("eval_every").get<int64_t>();
     o.eval_windows = j.at("eval_windows").get<int>();
     o.save_every = j.at("save_every").get<int64_t>();
+    o.pth_type = j.at("pth_type").get<std::string>();
     o.out_dir = dir;
     return o;
   } catch (const nlohmann::json::exception& e) {
@@ -98,6 +100,7 @@ void ValidateOptions(const TrainOptions& o) {
   if (o.eval_every < 0) fail("--eval-every must be >= 0");
   if (o.eval_windows < 1) fail("--eval-windows must be >= 1");
   if (o.save_every < 0) fail("--save-every must be >= 0");
+  if (o.pth_type != "f32" && o.pth_type != "bf16") fail("--pth-type must be f32 or bf16");
   if (o.data.empty()) fail("--data: give at least one file");
   if (o.out_dir.empty()) fail("--out DIR is required");
 }
@@ -107,11 +110,20 @@ std::string Describe(const Rwkv7Config& c) {
          ", head size " + std::to_string(c.head_size) + ", vocabulary " + std::to_string(c.vocab);
 }
 
+// The process's resident memory now, in MiB (0 where /proc is missing).
+double ResidentMiB() {
+  std::ifstream statm("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  if (!(statm >> pages >> resident)) return 0;
+  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / 1048576.0;
+}
+
 // Runs fn(begin, end) over the floats of a flat buffer in fixed blocks.
 template <typename F>
 void ForBlocks(size_t n, F&& fn) {
-  ParallelForRanges(static_cast<int64_t>(n), int64_t{1} << 16,
-                    [&](int64_t b, int64_t e) { fn(static_cast<size_t>(b), static_cast<size_t>(e)); });
+  ParallelForRanges(static_cast<int64_t>(n), int64_t{1} << 16, [&](int64_t b, int64_t e) {
+    fn(static_cast<size_t>(b), static_cast<size_t>(e));
+  });
 }
 
 }  // namespace
@@ -135,8 +147,12 @@ struct Trainer::Impl {
 
   Impl(TrainOptions options, Runtime& rt) : o(std::move(options)), runtime(rt) {}
 
+  uint64_t data_tokens = 0, data_documents = 0;
+
   void OpenData() {
     const PreparedData prepared = PrepareDataset(o.data, *tok.tokenizer, o.out_dir);
+    data_tokens = prepared.tokens;
+    data_documents = prepared.documents;
     data = std::make_unique<TokenDataset>(prepared.prefix);
     split = SplitTokens(data->size(), o.val_fraction);
     const int32_t V = layout.config().vocab;
@@ -202,6 +218,7 @@ struct Trainer::Impl {
     CheckpointMeta meta;
     meta.options = OptionsJson(o);
     meta.step = step;
+    meta.extra = {{"data_tokens", data_tokens}, {"data_documents", data_documents}};
     meta.sampler_state = std::to_string(sampler->State());
     SaveCheckpoint(o.out_dir + "/checkpoint", layout, params.data(), adam_m.data(), adam_v.data(),
                    meta);
@@ -233,8 +250,9 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   } else {
     impl->tok = tokenizers(o.tokenizer, 0);
     if (o.layers < 1 || o.embd < 1) {
-      throw UsageError("give --init MODEL to finetune, or --layers and --embd to start from "
-                       "scratch");
+      throw UsageError(
+          "give --init MODEL to finetune, or --layers and --embd to start from "
+          "scratch");
     }
     impl->layout = ParamLayout::Rwkv7(
         Rwkv7Config::Official(o.layers, o.embd, impl->tok.tokenizer->vocab_size()));
@@ -267,6 +285,13 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->adam_v = std::move(ck.adam_v);
   impl->step = ck.meta.step;
   impl->OpenData();
+  if (ck.meta.extra.value("data_tokens", uint64_t{0}) != impl->data_tokens ||
+      ck.meta.extra.value("data_documents", uint64_t{0}) != impl->data_documents) {
+    throw Error(dir + ": the training data changed since the run started (" +
+                std::to_string(impl->data_tokens) + " tokens now, " +
+                std::to_string(ck.meta.extra.value("data_tokens", uint64_t{0})) +
+                " then): start a new run");
+  }
   try {
     impl->sampler->Restore(std::stoull(ck.meta.sampler_state));
   } catch (const std::exception&) {
@@ -324,8 +349,8 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
     r.sampler->Next(B, in.data(), tg.data());
     ForBlocks(n, [&](size_t b, size_t e) { std::fill(&r.grads[b], &r.grads[0] + e, 0.0f); });
     const LossSum loss = r.graph->Forward(r.params.data(), in, tg, B, T, nullptr, nullptr);
-    r.graph->Backward(r.params.data(), r.grads.data(), 1.0f / (static_cast<float>(B) * T),
-                      nullptr, nullptr);
+    r.graph->Backward(r.params.data(), r.grads.data(), 1.0f / (static_cast<float>(B) * T), nullptr,
+                      nullptr);
     const double norm = r.adamw->ClipGradients(r.grads.data());
     const double lr = LearningRate(r.step, r.adamw->options());
     r.adamw->Step(r.step, r.params.data(), r.grads.data(), r.adam_m.data(), r.adam_v.data());
@@ -357,6 +382,7 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
     }
     report.elapsed_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
     line["elapsed_s"] = report.elapsed_seconds;
+    line["rss_mib"] = ResidentMiB();
     const double per_step = report.elapsed_seconds / static_cast<double>(r.step - first_step);
     report.eta_seconds = per_step * static_cast<double>(r.o.steps - r.step);
     write_log(line);
@@ -364,7 +390,8 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
     if (on_step) on_step(report);
   }
   const std::string pth = r.o.out_dir + "/model.pth";
-  ExportRwkv7Pth(pth, r.layout, r.params.data());
+  ExportRwkv7Pth(pth, r.layout, r.params.data(),
+                 r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);
   ExportRwkv7Gguf(r.o.out_dir + "/model.gguf", pth, r.tok.data);
 }
 

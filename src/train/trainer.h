@@ -51,14 +51,15 @@ struct TrainOptions {
   int64_t eval_every = 100;
   int eval_windows = 64;  // validation windows scored each time (at most)
   int64_t save_every = 500;
+  std::string pth_type = "f32";  // the exported weights: "f32" (as trained) or "bf16"
   std::string out_dir;
 };
 
 // What the loop reports after each step.
 struct StepReport {
-  int64_t step = 0;   // steps done, 1..steps
-  int64_t steps = 0;  // of the run
-  double loss = 0;    // this step's mean training loss
+  int64_t step = 0;      // steps done, 1..steps
+  int64_t steps = 0;     // of the run
+  double loss = 0;       // this step's mean training loss
   double val_loss = -1;  // when this step ran a validation: its mean loss; else < 0
   double lr = 0;
   double grad_norm = 0;

@@ -82,7 +82,8 @@ void BackwardHead(D d, const Wkv7HeadArgs& p) {
       float* sa = sas.data() + static_cast<size_t>(t - t0) * N;
       for (int i = 0; i < N; ++i) {
         V acc = hn::Zero(d);
-        for (int j = 0; j < N; j += L) acc = hn::MulAdd(hn::LoadU(d, S + i * N + j), hn::Load(d, av + j), acc);
+        for (int j = 0; j < N; j += L)
+          acc = hn::MulAdd(hn::LoadU(d, S + i * N + j), hn::Load(d, av + j), acc);
         sa[i] = hn::GetLane(hn::SumOfLanes(d, acc));
         const V s = hn::Set(d, sa[i]), vi = hn::Set(d, p.v[o + i]);
         for (int j = 0; j < N; j += L) {
@@ -245,8 +246,16 @@ void Wkv7Backward(int T, int H, int N, const float* r, const float* w, const flo
                   float* dv, float* dkk, float* da) {
   const bool simd = ActiveKernels() != Kernels::kReference;
   ParallelFor(H, [&](int64_t h, int) {
-    const Wkv7HeadArgs p{T,  H * N, N,  static_cast<int>(h), every, r,   w,  k,  v,  kk, a,
-                         dy, ckpt,  dS + h * static_cast<size_t>(N) * N, dr, dw, dk, dv, dkk, da};
+    const Wkv7HeadArgs p{T,     H * N,
+                         N,     static_cast<int>(h),
+                         every, r,
+                         w,     k,
+                         v,     kk,
+                         a,     dy,
+                         ckpt,  dS + h * static_cast<size_t>(N) * N,
+                         dr,    dw,
+                         dk,    dv,
+                         dkk,   da};
     if (!simd || !HWY_DYNAMIC_DISPATCH(Wkv7BackwardHeadSimd)(p)) BackwardHeadScalar(p);
   });
 }

@@ -75,9 +75,9 @@ int Run(int argc, char** argv) {
   double loss = 0;
   for (int k = 0; k < K; ++k) {
     states[k + 1].resize(state.size());
-    const LossSum l = chunks[k]->Forward(model_params.params.data(), slice(inputs, k),
-                                         slice(targets, k), B, Tc, states[k].data(),
-                                         states[k + 1].data(), part_logits.data());
+    const LossSum l =
+        chunks[k]->Forward(model_params.params.data(), slice(inputs, k), slice(targets, k), B, Tc,
+                           states[k].data(), states[k + 1].data(), part_logits.data());
     loss += l.sum;
     for (int b = 0; b < B; ++b) {
       std::copy(part_logits.begin() + size_t(b) * Tc * c.vocab,
@@ -103,7 +103,8 @@ int Run(int argc, char** argv) {
     if (e.transposed_in_pth) {  // [out, in] here, [in, out] in the .pth
       const int64_t rows = e.shape[0], cols = e.shape[1];
       for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t col = 0; col < cols; ++col) g[col * rows + r] = grads[e.offset + r * cols + col];
+        for (int64_t col = 0; col < cols; ++col)
+          g[col * rows + r] = grads[e.offset + r * cols + col];
       }
     }
     WriteRaw(out + "/" + e.name + ".grad.f32", g.data(), g.size());

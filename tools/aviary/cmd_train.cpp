@@ -100,14 +100,14 @@ void RunTrain(TrainCli& c) {
     for (const char* flag :
          {"--data", "--tokenizer", "--init", "--layers", "--embd", "--ctx-len", "--batch", "--lr",
           "--lr-final", "--warmup", "--weight-decay", "--grad-clip", "--seed", "--val-fraction",
-          "--eval-every", "--eval-windows", "--save-every", "--out"}) {
+          "--eval-every", "--eval-windows", "--save-every", "--pth-type", "--out"}) {
       if (c.cmd->count(flag) > 0) {
         throw UsageError(std::string("--resume continues the run with its own options: ") + flag +
                          " cannot be given with it (only --steps and --threads)");
       }
     }
-    trainer = train::Trainer::Resume(c.resume, c.cmd->count("--steps") ? c.o.steps : 0,
-                                     tokenizers, runtime);
+    trainer = train::Trainer::Resume(c.resume, c.cmd->count("--steps") ? c.o.steps : 0, tokenizers,
+                                     runtime);
   } else {
     trainer = train::Trainer::Start(c.o, tokenizers, runtime);
   }
@@ -146,9 +146,10 @@ void RunTrain(TrainCli& c) {
       std::fprintf(stderr, "%s\n", line);
     }
   });
-  std::printf("wrote %s/model.pth and %s/model.gguf (checkpoint in %s/checkpoint, log in "
-              "%s/log.jsonl)\n",
-              dir.c_str(), dir.c_str(), dir.c_str(), dir.c_str());
+  std::printf(
+      "wrote %s/model.pth and %s/model.gguf (checkpoint in %s/checkpoint, log in "
+      "%s/log.jsonl)\n",
+      dir.c_str(), dir.c_str(), dir.c_str(), dir.c_str());
   CheckStdout();
 }
 
@@ -169,7 +170,8 @@ void RegisterTrain(CLI::App& app) {
   cmd->add_option("--init", o.init_model,
                   "Finetune this RWKV-7 model (.pth, safetensors, GGUF, rwkv.cpp .bin; any weight "
                   "type, widened to float)");
-  cmd->add_option("--layers", o.layers, "From scratch: number of layers")->check(CLI::Range(1, 1024));
+  cmd->add_option("--layers", o.layers, "From scratch: number of layers")
+      ->check(CLI::Range(1, 1024));
   cmd->add_option("--embd", o.embd, "From scratch: width (a multiple of 64, or below 64)")
       ->check(CLI::Range(1, 65536));
   cmd->add_option("--ctx-len", o.ctx_len, "Tokens per training window")->capture_default_str();
@@ -196,6 +198,10 @@ void RegisterTrain(CLI::App& app) {
                   "Validation windows scored each time (at most; spread over the held-out tail)")
       ->capture_default_str();
   cmd->add_option("--save-every", o.save_every, "Checkpoint every N steps (0 = at the end)")
+      ->capture_default_str();
+  cmd->add_option("--pth-type", o.pth_type,
+                  "Type of model.pth's weights: f32 (as trained) or bf16 (as BlinkDL releases)")
+      ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--threads", c->threads,
                   "Threads (default: $AVIARY_THREADS, else the hardware threads)")
