@@ -445,15 +445,15 @@ void PlotLoss(const std::string& log_path, const std::string& png) {
   const std::string tmp = tmpl;
   {
     std::ofstream t(tmp + "/train.dat"), v(tmp + "/val.dat");
-    // A moving mean over 5% of the run (at least 1 step) shows the trend under the noise of
-    // single batches.
-    const size_t window = std::max<size_t>(1, train.size() / 20);
-    double sum = 0;
+    // A centred moving mean over 5% of the run (at least 1 step) shows the trend under the
+    // noise of single batches without lagging behind it.
+    const size_t half = train.size() / 40;
+    std::vector<double> prefix(train.size() + 1, 0.0);
+    for (size_t i = 0; i < train.size(); ++i) prefix[i + 1] = prefix[i] + train[i].second;
     for (size_t i = 0; i < train.size(); ++i) {
-      sum += train[i].second;
-      if (i >= window) sum -= train[i - window].second;
+      const size_t b = i >= half ? i - half : 0, e = std::min(train.size(), i + half + 1);
       t << train[i].first << " " << train[i].second << " "
-        << sum / static_cast<double>(std::min(i + 1, window)) << "\n";
+        << (prefix[e] - prefix[b]) / static_cast<double>(e - b) << "\n";
     }
     for (const auto& [step, loss] : val) v << step << " " << loss << "\n";
     std::ofstream s(tmp + "/plot.gp");
