@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "aviary/cache.h"
 #include "aviary/error.h"
 #include "cli_common.h"
 #include "environment.h"
@@ -90,6 +91,9 @@ void RunTrain(TrainCli& c) {
   r.threads = c.threads > 0 ? c.threads : ProcessEnvironment().threads.value_or(0);
   r.kernels = ProcessEnvironment().kernels.value_or(Kernels::kFast);
   Runtime runtime(r);
+  // --init takes a file or the name of a model pulled into the cache, as --model does.
+  if (!c.o.init_model.empty())
+    c.o.init_model = ResolveModelArgument(c.o.init_model, Hub().cache_dir);
   const std::string init = c.o.init_model;
   auto tokenizers = [&init](const std::string& spec, int vocab) {
     return ResolveTokenizer(spec, vocab, init);
@@ -168,8 +172,8 @@ void RegisterTrain(CLI::App& app) {
                   "bytes, world, neox or a vocabulary file (default: the --init model's own; "
                   "bytes from scratch)");
   cmd->add_option("--init", o.init_model,
-                  "Finetune this RWKV-7 model (.pth, safetensors, GGUF, rwkv.cpp .bin; any weight "
-                  "type, widened to float)");
+                  "Finetune this RWKV-7 model: a file (.pth, safetensors, GGUF, rwkv.cpp .bin; "
+                  "any weight type, widened to float) or a model pulled into the cache");
   cmd->add_option("--layers", o.layers, "From scratch: number of layers")
       ->check(CLI::Range(1, 1024));
   cmd->add_option("--embd", o.embd, "From scratch: width (a multiple of 64, or below 64)")
