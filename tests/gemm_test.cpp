@@ -222,6 +222,23 @@ TEST(Gemm, EveryTargetMatchesExactSumsAndMatMul) {
   }
 }
 
+// An optimizer step changes W in place between two forwards: the second must see the new values
+// (the kernels keep aligned copies of W's rows within one call only).
+TEST(Gemm, ForwardSeesWeightsChangedInPlace) {
+  const Shape s{40, 100, 300};  // W's rows unaligned (copied), several token blocks per row block
+  Operands o = MakeOperands(s, 99);
+  for (int threads : {1, 2}) {
+    aviary::Runtime runtime({.threads = threads});
+    const aviary::ScopedRuntime scope(&runtime);
+    std::vector<float> y(s.T * s.rows);
+    for (int step = 0; step < 3; ++step) {
+      for (size_t i = 0; i < o.w.size(); ++i) o.w.data()[i] *= -0.5f;
+      aviary::MatMulForwardF32(o.w.data(), s.rows, s.cols, o.x.data(), s.T, y.data());
+      EXPECT_TRUE(SameBits(y, InferenceMatMul(s, o))) << "threads " << threads << " step " << step;
+    }
+  }
+}
+
 TEST(Gemm, EmptySumsGiveZerosOrKeepTheValues) {
   float dx[3] = {1, 2, 3}, dw[2] = {4, 5};
   const float w = 0, dy = 0, x[3] = {0, 0, 0};

@@ -25,6 +25,7 @@
 #ifndef AVIARY_GEMM_ONCE
 #define AVIARY_GEMM_ONCE
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -115,18 +116,27 @@ HWY_INLINE void FinishDots(const VF (&acc)[R][TT], const float* const (&wr)[R],
   }
 }
 
-// Outputs [t0, t1) x [r0, r1) of y = x W^T.
-void ForwardBlock(const float* w, int64_t rows, int64_t cols, const float* x, float* y, int64_t r0,
-                  int64_t r1, int64_t t0, int64_t t1) {
+// Outputs [t0, t1) x [r0, r1) of y = x W^T; `call` numbers the product (MatMulForwardF32 call).
+void ForwardBlock(uint64_t call, const float* w, int64_t rows, int64_t cols, const float* x,
+                  float* y, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   constexpr int R = kDotRows, TT = kDotTokens;
   constexpr size_t kTileFloats = R * TT * kLanes;
   const DF df;
   const int64_t vec_cols = cols / static_cast<int64_t>(kLanes) * static_cast<int64_t>(kLanes);
   const int64_t row_tiles = (r1 - r0 + R - 1) / R;
   // Per thread, grown once: the block's rows and a token tile, aligned; each row tile's
-  // accumulators between passes over the columns.
+  // accumulators between passes over the columns. A thread's next block of the same product
+  // usually has the same rows (consecutive blocks share their rows): their copy is kept.
   thread_local AlignedVector<float> w_copy, x_copy, parked;
-  const Rows wb = AlignedRows(w + r0 * cols, r1 - r0, cols, w_copy);
+  thread_local uint64_t copied_call = 0;
+  thread_local int64_t copied_r0 = -1;
+  Rows wb;
+  if (copied_call == call && copied_r0 == r0) {
+    wb = {w_copy.data(), (cols + 15) / 16 * 16};
+  } else {
+    wb = AlignedRows(w + r0 * cols, r1 - r0, cols, w_copy);
+    if (wb.data == w_copy.data()) copied_call = call, copied_r0 = r0;
+  }
   if (vec_cols > kDotDepth && parked.size() < row_tiles * kTileFloats) {
     parked.resize(row_tiles * kTileFloats);
   }
@@ -362,6 +372,8 @@ void MatMulForwardF32(const float* w, int64_t rows, int64_t cols, const float* x
     return ref::MatMul(tensor, x, T, y);
   }
   const auto block = HWY_DYNAMIC_DISPATCH(ForwardBlock);
+  static std::atomic<uint64_t> calls{0};  // never 0: ForwardBlock's copies start unnumbered
+  const uint64_t call = ++calls;
   // Blocks of up to 256 rows, fewer for wide rows: the block's rows (at most 1 MiB) stay in L2
   // while every token tile passes over them.
   int64_t block_rows = 256;
@@ -370,7 +382,7 @@ void MatMulForwardF32(const float* w, int64_t rows, int64_t cols, const float* x
   }
   ForBlocks(rows, T, block_rows, 96, 16, 12, rows * cols * T,
             [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-              block(w, rows, cols, x, y, r0, r1, t0, t1);
+              block(call, w, rows, cols, x, y, r0, r1, t0, t1);
             });
 }
 
