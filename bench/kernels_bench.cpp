@@ -139,7 +139,8 @@ void BM_Gemm(benchmark::State& state) {
     switch (product) {
       case 0: aviary::MatMulForwardF32(w, rows, cols, c.x.data(), T, c.y.data()); break;
       case 1: aviary::MatMulBackwardInput(w, rows, cols, dy.data(), T, dx.data(), false); break;
-      case 2: aviary::MatMulBackwardWeight(dy.data(), c.x.data(), T, rows, cols, dw.data(), false);
+      case 2:
+        aviary::MatMulBackwardWeight(dy.data(), c.x.data(), T, rows, cols, dw.data(), false);
         break;
       default: aviary::fast::MatMul(c.w, c.x.data(), T, c.y.data(), threads); break;
     }

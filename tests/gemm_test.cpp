@@ -29,11 +29,12 @@ struct Shape {
   int T;
 };
 
-// Odd sizes around the vector widths and register tiles; cols > 512 takes the forward in
-// several passes over the columns, a reduction over 128 the backward in several passes.
-const Shape kShapes[] = {{1, 1, 1},    {3, 17, 5},     {17, 33, 7},   {33, 100, 13},
-                         {100, 257, 19}, {257, 3, 33}, {65, 1030, 9}, {300, 40, 130},
-                         {16, 64, 12},  {200, 700, 150}};
+// Odd sizes around the vector widths and register tiles; cols > 1024 takes the forward in
+// several passes over the columns, a reduction over 128 the backward in several passes; 32
+// columns the backward's narrow tiles.
+const Shape kShapes[] = {{1, 1, 1},      {3, 17, 5},      {17, 33, 7},   {33, 100, 13},
+                         {100, 257, 19}, {257, 3, 33},    {65, 1030, 9}, {300, 40, 130},
+                         {16, 64, 12},   {200, 700, 150}, {70, 32, 100}};
 
 std::string Name(const Shape& s) {
   return std::to_string(s.rows) + "x" + std::to_string(s.cols) + " T=" + std::to_string(s.T);
@@ -154,7 +155,9 @@ Results Run(const Shape& s, const Operands& o) {
 
 // MatMul on an F32 Tensor over the same floats.
 std::vector<float> InferenceMatMul(const Shape& s, const Operands& o) {
-  const aviary::Tensor w{"w", aviary::DType::kF32, {s.rows, s.cols},
+  const aviary::Tensor w{"w",
+                         aviary::DType::kF32,
+                         {s.rows, s.cols},
                          reinterpret_cast<const uint8_t*>(o.w.data()),
                          static_cast<size_t>(s.rows * s.cols) * sizeof(float)};
   std::vector<float> y(s.T * s.rows, NAN);
@@ -216,6 +219,23 @@ TEST(Gemm, EveryTargetMatchesExactSumsAndMatMul) {
     SCOPED_TRACE(aviary::KernelTarget());
     std::vector<Results> single;
     for (int threads : {1, 2}) CheckAll(Kernels::kFast, threads, &single);
+  }
+}
+
+// An optimizer step changes W in place between two forwards: the second must see the new values
+// (the kernels keep aligned copies of W's rows within one call only).
+TEST(Gemm, ForwardSeesWeightsChangedInPlace) {
+  const Shape s{40, 100, 300};  // W's rows unaligned (copied), several token blocks per row block
+  Operands o = MakeOperands(s, 99);
+  for (int threads : {1, 2}) {
+    aviary::Runtime runtime({.threads = threads});
+    const aviary::ScopedRuntime scope(&runtime);
+    std::vector<float> y(s.T * s.rows);
+    for (int step = 0; step < 3; ++step) {
+      for (size_t i = 0; i < o.w.size(); ++i) o.w.data()[i] *= -0.5f;
+      aviary::MatMulForwardF32(o.w.data(), s.rows, s.cols, o.x.data(), s.T, y.data());
+      EXPECT_TRUE(SameBits(y, InferenceMatMul(s, o))) << "threads " << threads << " step " << step;
+    }
   }
 }
 

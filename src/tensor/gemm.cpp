@@ -11,12 +11,12 @@
 // on a vector boundary are read from aligned copies.
 //
 // Backward (dX = dY W, dW = dY^T X): both are C (+)= A B with B row-major, so one kernel serves
-// both: a register tile of kAxpyRows rows of C x kAxpyVecs vectors of its columns, one
-// broadcast of A times kAxpyVecs vectors of B per step of the reduction. A and B are copied
-// into contiguous panels (B's stays in L1, its rows would otherwise be a whole matrix row
-// apart), the reduction taken in passes of kAxpyDepth that store C and load it back. Every
-// output is one multiply-add chain over the reduction index in increasing order, whatever the
-// blocks.
+// both: a register tile of kAxpyRows rows of C x kAxpyVecs vectors of its columns (kNarrowRows x
+// kNarrowVecs for outputs 32 columns wide), one broadcast of A times the row's vectors of B per
+// step of the reduction. A is read in place, B from a contiguous panel (its rows are a whole
+// matrix row apart in memory, which would thrash L1), the reduction taken in passes of
+// kAxpyDepth that store C and load it back. Every output is one multiply-add chain over the
+// reduction index in increasing order, whatever the blocks.
 //
 // Threads split the outputs into blocks and never a sum, so results do not depend on the
 // thread count. Compiled with -ffp-contract=off (CMakeLists.txt), like the MatMul it matches.
@@ -25,6 +25,7 @@
 #ifndef AVIARY_GEMM_ONCE
 #define AVIARY_GEMM_ONCE
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -38,10 +39,11 @@
 
 namespace aviary {
 // The operands of C (M x N, row stride ldc) = A (M x K) B (K x N, row stride ldb), with
-// A(i, k) = a[i * a_row + k * a_step].
+// A(i, k) = a[i * lda + k], or a[k * lda + i] when a_transposed.
 struct AxpyArgs {
   const float* a;
-  int64_t a_row, a_step;
+  int64_t lda;
+  bool a_transposed;
   const float* b;
   int64_t ldb;
   float* c;
@@ -67,14 +69,15 @@ namespace HWY_NAMESPACE {
 #if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
 constexpr int kDotRows = 2, kDotTokens = 4;
 constexpr int kAxpyRows = 6, kAxpyVecs = 2;
+constexpr int kNarrowRows = 12, kNarrowVecs = 1;
 #else
 constexpr int kDotRows = 4, kDotTokens = 4;
 constexpr int kAxpyRows = 6, kAxpyVecs = 4;
+constexpr int kNarrowRows = 12, kNarrowVecs = 2;
 #endif
-constexpr int64_t kAxpyWidth = kAxpyVecs * static_cast<int64_t>(kLanes);
 // Columns per forward pass: a token tile's x (kDotTokens x kDotDepth floats) stays in L1.
 constexpr int64_t kDotDepth = 1024;
-// Reduction steps per backward pass: the B panel (kAxpyDepth x kAxpyWidth floats, 32 KiB with
+// Reduction steps per backward pass: the B panel (kAxpyDepth x kAxpyVecs vectors, 32 KiB with
 // 512-bit vectors) stays in L1.
 constexpr int64_t kAxpyDepth = 128;
 
@@ -85,8 +88,7 @@ struct Rows {
   const float* data;
   int64_t stride;
 };
-HWY_INLINE Rows AlignedRows(const float* src, int64_t n, int64_t cols,
-                            AlignedVector<float>& copy) {
+HWY_INLINE Rows AlignedRows(const float* src, int64_t n, int64_t cols, AlignedVector<float>& copy) {
   if (reinterpret_cast<uintptr_t>(src) % kVectorAlign == 0 && cols % 16 == 0) return {src, cols};
   const int64_t stride = (cols + 15) / 16 * 16;
   if (copy.size() < static_cast<size_t>(n * stride)) copy.resize(n * stride);
@@ -114,18 +116,27 @@ HWY_INLINE void FinishDots(const VF (&acc)[R][TT], const float* const (&wr)[R],
   }
 }
 
-// Outputs [t0, t1) x [r0, r1) of y = x W^T.
-void ForwardBlock(const float* w, int64_t rows, int64_t cols, const float* x, float* y,
-                  int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+// Outputs [t0, t1) x [r0, r1) of y = x W^T; `call` numbers the product (MatMulForwardF32 call).
+void ForwardBlock(uint64_t call, const float* w, int64_t rows, int64_t cols, const float* x,
+                  float* y, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   constexpr int R = kDotRows, TT = kDotTokens;
   constexpr size_t kTileFloats = R * TT * kLanes;
   const DF df;
   const int64_t vec_cols = cols / static_cast<int64_t>(kLanes) * static_cast<int64_t>(kLanes);
   const int64_t row_tiles = (r1 - r0 + R - 1) / R;
   // Per thread, grown once: the block's rows and a token tile, aligned; each row tile's
-  // accumulators between passes over the columns.
+  // accumulators between passes over the columns. A thread's next block of the same product
+  // usually has the same rows (consecutive blocks share their rows): their copy is kept.
   thread_local AlignedVector<float> w_copy, x_copy, parked;
-  const Rows wb = AlignedRows(w + r0 * cols, r1 - r0, cols, w_copy);
+  thread_local uint64_t copied_call = 0;
+  thread_local int64_t copied_r0 = -1;
+  Rows wb;
+  if (copied_call == call && copied_r0 == r0) {
+    wb = {w_copy.data(), (cols + 15) / 16 * 16};
+  } else {
+    wb = AlignedRows(w + r0 * cols, r1 - r0, cols, w_copy);
+    if (wb.data == w_copy.data()) copied_call = call, copied_r0 = r0;
+  }
   if (vec_cols > kDotDepth && parked.size() < row_tiles * kTileFloats) {
     parked.resize(row_tiles * kTileFloats);
   }
@@ -171,11 +182,14 @@ void ForwardBlock(const float* w, int64_t rows, int64_t cols, const float* x, fl
 
 // ---- backward ----
 
-// C tile (kAxpyRows x kAxpyWidth, row stride ldc) = (load ? C : 0) + A panel x B panel over kc
-// steps; the panels hold kAxpyRows values of A, then kAxpyWidth of B, per step.
-HWY_INLINE void AxpyTile(const float* ap, const float* bp, int64_t kc, float* c, int64_t ldc,
-                         bool load) {
-  constexpr int MR = kAxpyRows, NV = kAxpyVecs;
+// C tile (MR x NV vectors, row stride ldc) = (load ? C : 0) + A x B over kc steps: A read in
+// place at one broadcast per row and step (rows of `a`, or, kTransposed, its columns), B from its
+// panel (NV vectors per step). Rows of A: a short tile (`rows` valid) repeats its last one, the
+// caller drops those outputs. Columns of A: all MR are read.
+template <bool kTransposed, int MR, int NV>
+HWY_INLINE void AxpyTile(const float* a, int64_t lda, int rows, const float* bp, int64_t kc,
+                         float* c, int64_t ldc, bool load) {
+  constexpr int64_t kWidth = NV * static_cast<int64_t>(kLanes);
   const DF df;
   VF acc[MR][NV];
   for (int i = 0; i < MR; ++i) {
@@ -183,12 +197,14 @@ HWY_INLINE void AxpyTile(const float* ap, const float* bp, int64_t kc, float* c,
       acc[i][v] = load ? hn::LoadU(df, c + i * ldc + v * kLanes) : hn::Zero(df);
     }
   }
+  const float* ai[MR];  // rows of A
+  for (int i = 0; i < MR; ++i) ai[i] = a + std::min(i, rows - 1) * lda;
   for (int64_t k = 0; k < kc; ++k) {
     VF b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = hn::Load(df, bp + k * kAxpyWidth + v * kLanes);
+    for (int v = 0; v < NV; ++v) b[v] = hn::Load(df, bp + k * kWidth + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const VF a = hn::Set(df, ap[k * MR + i]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = hn::MulAdd(a, b[v], acc[i][v]);
+      const VF av = hn::Set(df, kTransposed ? a[k * lda + i] : ai[i][k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = hn::MulAdd(av, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < MR; ++i) {
@@ -196,56 +212,69 @@ HWY_INLINE void AxpyTile(const float* ap, const float* bp, int64_t kc, float* c,
   }
 }
 
-// Outputs [i0, i1) x [j0, j1) of C (+)= A B (g.K > 0).
-void AxpyBlock(const AxpyArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  constexpr int MR = kAxpyRows;
-  const int64_t row_tiles = (i1 - i0 + MR - 1) / MR;
-  thread_local AlignedVector<float> a_panel, b_panel;  // grow once
-  if (a_panel.size() < static_cast<size_t>(row_tiles * MR * kAxpyDepth)) {
-    a_panel.resize(row_tiles * MR * kAxpyDepth);
-  }
-  if (b_panel.size() < static_cast<size_t>(kAxpyDepth * kAxpyWidth)) {
-    b_panel.resize(kAxpyDepth * kAxpyWidth);
+// Outputs [i0, i1) x [j0, j1) of C (+)= A B (g.K > 0), in tiles of MR x NV vectors.
+template <bool kTransposed, int MR, int NV>
+void AxpyBlockT(const AxpyArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  constexpr int64_t kWidth = NV * static_cast<int64_t>(kLanes);
+  thread_local AlignedVector<float> b_panel;  // grows once
+  if (b_panel.size() < static_cast<size_t>(kAxpyDepth * kWidth)) {
+    b_panel.resize(kAxpyDepth * kWidth);
   }
   for (int64_t k0 = 0; k0 < g.K; k0 += kAxpyDepth) {
     const int64_t kc = std::min(kAxpyDepth, g.K - k0);
     const bool load = k0 > 0 || g.accumulate;
-    // A's rows of this block, kAxpyRows at a time, zeros past i1.
-    for (int64_t tile = 0; tile < row_tiles; ++tile) {
-      float* ap = a_panel.data() + tile * MR * kc;
-      for (int64_t k = 0; k < kc; ++k) {
-        for (int i = 0; i < MR; ++i) {
-          const int64_t row = i0 + tile * MR + i;
-          ap[k * MR + i] = row < i1 ? g.a[row * g.a_row + (k0 + k) * g.a_step] : 0.0f;
-        }
-      }
-    }
-    for (int64_t j = j0; j < j1; j += kAxpyWidth) {
-      const int64_t nj = std::min(kAxpyWidth, j1 - j);
+    for (int64_t j = j0; j < j1; j += kWidth) {
+      // B's rows k0 .. k0 + kc, columns j .. j + kWidth, zeros past j1.
+      const int64_t nj = std::min(kWidth, j1 - j);
       float* bp = b_panel.data();
       for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(bp + k * kAxpyWidth, g.b + (k0 + k) * g.ldb + j, nj * sizeof(float));
-        std::fill(bp + k * kAxpyWidth + nj, bp + (k + 1) * kAxpyWidth, 0.0f);
+        std::memcpy(bp + k * kWidth, g.b + (k0 + k) * g.ldb + j, nj * sizeof(float));
+        std::fill(bp + k * kWidth + nj, bp + (k + 1) * kWidth, 0.0f);
       }
-      for (int64_t tile = 0; tile < row_tiles; ++tile) {
-        const int64_t i = i0 + tile * MR;
-        const int64_t ni = std::min<int64_t>(MR, i1 - i);
-        const float* ap = a_panel.data() + tile * MR * kc;
+      for (int64_t i = i0; i < i1; i += MR) {
+        const int ni = static_cast<int>(std::min<int64_t>(MR, i1 - i));
+        const float* a = kTransposed ? g.a + k0 * g.lda + i : g.a + i * g.lda + k0;
         float* c = g.c + i * g.ldc + j;
-        if (ni == MR && nj == kAxpyWidth) {
-          AxpyTile(ap, bp, kc, c, g.ldc, load);
+        if (ni == MR && nj == kWidth) {
+          AxpyTile<kTransposed, MR, NV>(a, g.lda, ni, bp, kc, c, g.ldc, load);
           continue;
         }
-        // An edge tile: through a full-size copy, the outputs outside C left out.
-        HWY_ALIGN float edge[MR * kAxpyWidth] = {};
-        if (load) {
-          for (int64_t r = 0; r < ni; ++r) std::memcpy(edge + r * kAxpyWidth, c + r * g.ldc, nj * 4);
+        // An edge tile: through a full-size copy, the outputs outside C left out; columns of A
+        // copied with zeros past the last row.
+        HWY_ALIGN float edge[MR * kWidth] = {};
+        HWY_ALIGN float a_edge[kTransposed ? kAxpyDepth * MR : 1];
+        int64_t lda = g.lda;
+        if (kTransposed && ni < MR) {
+          for (int64_t k = 0; k < kc; ++k) {
+            for (int r = 0; r < MR; ++r) a_edge[k * MR + r] = r < ni ? a[k * g.lda + r] : 0.0f;
+          }
+          a = a_edge;
+          lda = MR;
         }
-        AxpyTile(ap, bp, kc, edge, kAxpyWidth, load);
-        for (int64_t r = 0; r < ni; ++r) std::memcpy(c + r * g.ldc, edge + r * kAxpyWidth, nj * 4);
+        if (load) {
+          for (int r = 0; r < ni; ++r) {
+            std::memcpy(edge + r * kWidth, c + r * g.ldc, nj * sizeof(float));
+          }
+        }
+        AxpyTile<kTransposed, MR, NV>(a, lda, ni, bp, kc, edge, kWidth, load);
+        for (int r = 0; r < ni; ++r) {
+          std::memcpy(c + r * g.ldc, edge + r * kWidth, nj * sizeof(float));
+        }
       }
     }
   }
+}
+
+void AxpyBlock(const AxpyArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  constexpr int MR = kAxpyRows, NV = kAxpyVecs, NR = kNarrowRows, NN = kNarrowVecs;
+  // Narrow outputs (a low-rank matrix's 32 columns) in a tile as narrow, not padded with zeros.
+  const bool narrow = j1 - j0 <= NN * static_cast<int64_t>(kLanes);
+  if (g.a_transposed) {
+    return narrow ? AxpyBlockT<true, NR, NN>(g, i0, i1, j0, j1)
+                  : AxpyBlockT<true, MR, NV>(g, i0, i1, j0, j1);
+  }
+  narrow ? AxpyBlockT<false, NR, NN>(g, i0, i1, j0, j1)
+         : AxpyBlockT<false, MR, NV>(g, i0, i1, j0, j1);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -296,15 +325,16 @@ void Axpy(const AxpyArgs& g) {
     return;
   }
   const auto block = HWY_DYNAMIC_DISPATCH(AxpyBlock);
-  // 96 x 256 outputs: C's block (96 KiB) and A's panels (96 KiB) stay in L2 over the passes.
-  ForBlocks(g.M, g.N, 96, 256, 12, 64, g.M * g.N * g.K,
+  // 384 x 256 outputs: each B panel serves many row tiles (its copy costs little), and C's block
+  // (384 KiB) stays in L2 over the passes.
+  ForBlocks(g.M, g.N, 384, 256, 12, 64, g.M * g.N * g.K,
             [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) { block(g, i0, i1, j0, j1); });
 }
 
 // The scalar loops of Kernels::kReference: each output's chain in the order of the sum, as the
 // fast kernels, without fused multiply-adds.
-void RefBackwardInput(const float* w, int64_t rows, int64_t cols, const float* dy, int T,
-                      float* dx, bool accumulate) {
+void RefBackwardInput(const float* w, int64_t rows, int64_t cols, const float* dy, int T, float* dx,
+                      bool accumulate) {
   for (int64_t t = 0; t < T; ++t) {
     float* out = dx + t * cols;
     if (!accumulate) std::fill(out, out + cols, 0.0f);
@@ -334,11 +364,16 @@ void RefBackwardWeight(const float* dy, const float* x, int T, int64_t rows, int
 void MatMulForwardF32(const float* w, int64_t rows, int64_t cols, const float* x, int T, float* y) {
   if (T <= 0 || rows <= 0) return;
   if (ActiveKernels() == Kernels::kReference) {
-    const Tensor tensor{"w", DType::kF32, {rows, cols}, reinterpret_cast<const uint8_t*>(w),
+    const Tensor tensor{"w",
+                        DType::kF32,
+                        {rows, cols},
+                        reinterpret_cast<const uint8_t*>(w),
                         static_cast<size_t>(rows * cols) * sizeof(float)};
     return ref::MatMul(tensor, x, T, y);
   }
   const auto block = HWY_DYNAMIC_DISPATCH(ForwardBlock);
+  static std::atomic<uint64_t> calls{0};  // never 0: ForwardBlock's copies start unnumbered
+  const uint64_t call = ++calls;
   // Blocks of up to 256 rows, fewer for wide rows: the block's rows (at most 1 MiB) stay in L2
   // while every token tile passes over them.
   int64_t block_rows = 256;
@@ -347,7 +382,7 @@ void MatMulForwardF32(const float* w, int64_t rows, int64_t cols, const float* x
   }
   ForBlocks(rows, T, block_rows, 96, 16, 12, rows * cols * T,
             [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-              block(w, rows, cols, x, y, r0, r1, t0, t1);
+              block(call, w, rows, cols, x, y, r0, r1, t0, t1);
             });
 }
 
@@ -357,7 +392,7 @@ void MatMulBackwardInput(const float* w, int64_t rows, int64_t cols, const float
     return RefBackwardInput(w, rows, cols, dy, T, dx, accumulate);
   }
   // dx (T x cols) = dy (T x rows) W (rows x cols).
-  Axpy({dy, rows, 1, w, cols, dx, cols, T, cols, rows, accumulate});
+  Axpy({dy, rows, false, w, cols, dx, cols, T, cols, rows, accumulate});
 }
 
 void MatMulBackwardWeight(const float* dy, const float* x, int T, int64_t rows, int64_t cols,
@@ -366,7 +401,7 @@ void MatMulBackwardWeight(const float* dy, const float* x, int T, int64_t rows, 
     return RefBackwardWeight(dy, x, T, rows, cols, dw, accumulate);
   }
   // dw (rows x cols) = dy^T (rows x T) x (T x cols).
-  Axpy({dy, 1, rows, x, cols, dw, cols, rows, cols, T, accumulate});
+  Axpy({dy, rows, true, x, cols, dw, cols, rows, cols, T, accumulate});
 }
 
 }  // namespace aviary
