@@ -196,8 +196,8 @@ int MakeCheckpointSeeds(const std::string& seed_dir) {
   int written = 0;
   for (int layers : {1, 2}) {
     try {
-      const auto layout = aviary::train::ParamLayout::Rwkv7(
-          aviary::train::Rwkv7Config::Official(layers, 64, 256));
+      const auto layout =
+          aviary::train::ParamLayout::Rwkv7(aviary::train::Rwkv7Config::Official(layers, 64, 256));
       const std::vector<float> zeros(layout.total_floats(), 0.0f);
       aviary::train::CheckpointMeta meta;
       meta.step = 12;
