@@ -4,6 +4,8 @@
 //                                                     a 256-wide Q4_K one)
 //   make_seeds --train-data SEED_DIR                 (fuzz_train_data: .idx files as the
 //                                                     binidx writer makes them, JSONL files)
+//   make_seeds --checkpoint SEED_DIR   (the index of a small training checkpoint, one and two
+//                                       layers: whatever the layout code writes today)
 // Model seeds: every stress model (../shared/models/stress) shrunk to a few KB -- width 16,
 // 2 heads of 8, FFN 32, vocabulary 16, 2 layers -- keeping its tensor names, types and the first
 // values of each tensor, plus a quantized variant of each (width 32, matrices in Q4_0..Q8_0
@@ -27,6 +29,7 @@
 #include "formats/weight_file.h"
 #include "models/synth.h"
 #include "train/binidx.h"
+#include "train/checkpoint.h"
 
 namespace {
 
@@ -241,11 +244,40 @@ int MakeTrainDataSeeds(const std::string& dir) {
   return written > 0 ? 0 : 1;
 }
 
+int MakeCheckpointSeeds(const std::string& seed_dir) {
+  namespace fs = std::filesystem;
+  int written = 0;
+  for (int layers : {1, 2}) {
+    try {
+      const auto layout =
+          aviary::train::ParamLayout::Rwkv7(aviary::train::Rwkv7Config::Official(layers, 64, 256));
+      const std::vector<float> zeros(layout.total_floats(), 0.0f);
+      aviary::train::CheckpointMeta meta;
+      meta.step = 12;
+      meta.rng_state = "5489 1 2 3";
+      meta.sampler_state = "{\"position\": 768}";
+      meta.options = {{"lr", 6e-4}, {"batch", 12}, {"data", {"input.txt"}}};
+      meta.extra = {{"tokens_seen", 9216}};
+      const std::string dir = seed_dir + "/checkpoint.tmp";
+      aviary::train::SaveCheckpoint(dir, layout, zeros.data(), zeros.data(), zeros.data(), meta);
+      fs::copy_file(dir + "/meta.json", seed_dir + "/meta-" + std::to_string(layers) + ".json",
+                    fs::copy_options::overwrite_existing);
+      fs::remove_all(dir);
+      ++written;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "make_seeds: %s\n", e.what());
+    }
+  }
+  std::printf("make_seeds: wrote %d checkpoint index seeds\n", written);
+  return written > 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "--gguf") return MakeGgufSeeds(argv[2], argv[3]);
   if (argc == 3 && std::string(argv[1]) == "--train-data") return MakeTrainDataSeeds(argv[2]);
+  if (argc == 3 && std::string(argv[1]) == "--checkpoint") return MakeCheckpointSeeds(argv[2]);
   if (argc != 5) {
     std::fprintf(stderr,
                  "usage: make_seeds SHARED_MODELS_DIR MODEL_SEED_DIR STATE_MODEL STATE_SEED_DIR\n");

@@ -19,7 +19,7 @@ shared=$(cd "$shared" && pwd)
 build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
 [[ $build == /* ]] || build=$root/$build
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data"}
+targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta"}
 state_model=${AVIARY_FUZZ_MODEL:-$shared/models/stress/stress-rwkv-7v0-FP16.bin}
 
 mkdir -p "$build"
@@ -31,7 +31,7 @@ else
     -DAVIARY_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
     { cat "$build/configure.log"; exit 1; }
 fi
-cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data make_seeds
+cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta make_seeds
 
 corpus_bin=$build/corpus-rwkvcpp-bin
 corpus_state=$build/corpus-state-file
@@ -103,6 +103,11 @@ corpus_train=$build/corpus-train-data
 mkdir -p "$corpus_train"
 "$build/fuzz/make_seeds" --train-data "$corpus_train" ||
   echo "(no training data seeds could be made; going on without them)"
+# Training checkpoints: the index (meta.json) of small ones, as SaveCheckpoint writes it.
+corpus_checkpoint=$build/corpus-checkpoint-meta
+mkdir -p "$corpus_checkpoint"
+"$build/fuzz/make_seeds" --checkpoint "$corpus_checkpoint" ||
+  echo "(no checkpoint seeds could be made; going on without them)"
 
 status=0
 summary=()
@@ -118,6 +123,7 @@ for target in $targets; do
     fuzz_safetensors) corpus=$corpus_safetensors; max_len=4194304 ;;
     fuzz_gguf) corpus=$corpus_gguf; max_len=1048576 ;;
     fuzz_train_data) corpus=$corpus_train; max_len=65536 ;;
+    fuzz_checkpoint_meta) corpus=$corpus_checkpoint; max_len=16384 ;;
     *) echo "unknown target $target"; exit 2 ;;
   esac
   log=$build/$target.log
