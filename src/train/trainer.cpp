@@ -306,6 +306,7 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
 double Trainer::ValidationLoss() {
   Impl& r = *impl_;
   if (!r.validation || r.validation->count() == 0) return -1;
+  if (!r.graph) throw Error("internal: the run has ended");
   ScopedRuntime scope(&r.runtime);
   const int B = r.o.batch, T = r.o.ctx_len;
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
@@ -325,6 +326,7 @@ double Trainer::ValidationLoss() {
 
 void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
   Impl& r = *impl_;
+  if (!r.graph) throw Error("internal: the run has ended");
   ScopedRuntime scope(&r.runtime);
   const int B = r.o.batch, T = r.o.ctx_len;
   const size_t n = r.layout.total_floats();
@@ -389,6 +391,11 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
     if ((r.o.save_every > 0 && r.step % r.o.save_every == 0) || last) r.Save();
     if (on_step) on_step(report);
   }
+  // The checkpoint holds the gradients' and moments' part of the run: free them and the
+  // activations, so the exports' temporary copies fit in the memory the steps used.
+  r.graph.reset();
+  for (AlignedVector<float>* buffer : {&r.grads, &r.adam_m, &r.adam_v})
+    AlignedVector<float>().swap(*buffer);
   const std::string pth = r.o.out_dir + "/model.pth";
   ExportRwkv7Pth(pth, r.layout, r.params.data(),
                  r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);

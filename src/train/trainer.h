@@ -91,7 +91,8 @@ class Trainer {
 
   const RunSummary& summary() const;
   // Runs the remaining steps; `on_step` after each. Writes the checkpoint every save_every
-  // steps and at the end, then model.pth and model.gguf.
+  // steps and at the end, then model.pth and model.gguf. Once per Trainer: it ends by freeing
+  // the gradients, moments and activations.
   void Run(const std::function<void(const StepReport&)>& on_step);
   // Mean validation loss over the run's validation windows (< 0 without validation data).
   double ValidationLoss();
