@@ -30,6 +30,7 @@
 namespace aviary {
 namespace {
 
+using testing::F32Logits;
 using testing::ProcessTempDir;
 using testing::ReadFileBytes;
 
@@ -221,16 +222,6 @@ TEST(PthWriter, RefusesBadInputAndLeavesNoFile) {
 
 // ---- torch.load ----
 
-bool HaveTorch() { return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0; }
-
-#define REQUIRE_TORCH()                                                                           \
-  do {                                                                                            \
-    if (!HaveTorch()) {                                                                           \
-      if (::aviary::testing::InCI()) FAIL() << "/usr/bin/python3 cannot import torch in CI";      \
-      GTEST_SKIP() << "/usr/bin/python3 cannot import torch (Debian: apt install python3-torch)"; \
-    }                                                                                             \
-  } while (0)
-
 // torch.load(pth) -> for each tensor in order: "name|dtype|d0,d1,..." on stdout and its values
 // as float32 appended to `values`.
 struct TorchView {
@@ -335,18 +326,6 @@ std::vector<float> RandomRwkv7(const train::ParamLayout& layout, uint32_t seed) 
   return p;
 }
 
-std::vector<float> Logits(const std::string& path, const std::vector<int32_t>& tokens) {
-  LoadOptions options;
-  RuntimeOptions ro;
-  ro.activations = Activations::kF32;
-  options.runtime = std::make_shared<Runtime>(ro);
-  const auto model = Model::Load(path, options);
-  State state = model->NewState();
-  std::vector<float> logits;
-  model->Eval(tokens, state, &logits, /*all_positions=*/true);
-  return logits;
-}
-
 const std::vector<int32_t> kPrompt = {10, 200, 3, 77, 77, 255, 0, 42, 128, 9, 31, 64};
 
 TEST(Rwkv7Export, PthHasBlinkDlShapesAndLoads) {
@@ -373,7 +352,7 @@ TEST(Rwkv7Export, PthHasBlinkDlShapesAndLoads) {
       EXPECT_EQ(0, std::memcmp(v.data(), params.data() + e.offset, e.size * 4)) << e.name;
     }
   }
-  const std::vector<float> logits = Logits(path, kPrompt);
+  const std::vector<float> logits = F32Logits(path, kPrompt);
   ASSERT_EQ(logits.size(), kPrompt.size() * 256);
   for (float l : logits) ASSERT_TRUE(std::isfinite(l));
 }
@@ -389,8 +368,8 @@ TEST(Rwkv7Export, GgufGivesTheSameLogitsAsThePth) {
       train::ExportRwkv7Pth(stem + ".pth", layout, params.data(), type);
       train::ExportRwkv7Gguf(stem + ".gguf", stem + ".pth");
       EXPECT_FALSE(std::filesystem::exists(stem + ".gguf.tmp"));
-      const std::vector<float> a = Logits(stem + ".pth", kPrompt);
-      const std::vector<float> b = Logits(stem + ".gguf", kPrompt);
+      const std::vector<float> a = F32Logits(stem + ".pth", kPrompt);
+      const std::vector<float> b = F32Logits(stem + ".gguf", kPrompt);
       ASSERT_EQ(a.size(), b.size());
       for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << "logit " << i;
       // The embedded vocabulary is the byte one.

@@ -1,5 +1,7 @@
 #include "test_data.h"
 
+#include "aviary/model.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -104,6 +106,24 @@ CommandResult RunCommand(const std::string& command) {
   const int status = ::pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return result;
+}
+
+bool HaveTorch() {
+  static const bool have =
+      RunCommand(std::string(kTorchPython) + " -c 'import torch, numpy' 2>&1").exit_code == 0;
+  return have;
+}
+
+std::vector<float> F32Logits(const std::string& model_path, const std::vector<int32_t>& tokens) {
+  RuntimeOptions f32;
+  f32.activations = Activations::kF32;
+  LoadOptions options;
+  options.runtime = std::make_shared<Runtime>(f32);
+  const std::unique_ptr<Model> model = Model::Load(model_path, options);
+  State state = model->NewState();
+  std::vector<float> logits;
+  model->Eval(tokens, state, &logits, /*all_positions=*/true);
+  return logits;
 }
 
 }  // namespace aviary::testing

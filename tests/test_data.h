@@ -51,6 +51,9 @@ struct CommandResult {
   std::string output;
 };
 CommandResult RunCommand(const std::string& command);
+// Every position's logits of `tokens` from the model file with float activations (the exact
+// mode), from a zero state.
+std::vector<float> F32Logits(const std::string& model_path, const std::vector<int32_t>& tokens);
 inline std::string CliPath() { return AVIARY_CLI; }
 
 // The runtime the kernels use on this thread, for tests that call kernels directly or evaluate
@@ -122,7 +125,20 @@ class RoundedActivations {
   Activations saved_;
 };
 
+// Debian's Python with PyTorch and NumPy, the independent reference of the training tests.
+inline constexpr char kTorchPython[] = "/usr/bin/python3";
+bool HaveTorch();
+
 }  // namespace aviary::testing
+
+// Skips (or fails in CI, which installs python3-torch) when Debian's PyTorch is missing.
+#define REQUIRE_TORCH()                                                                        \
+  do {                                                                                         \
+    if (!::aviary::testing::HaveTorch()) {                                                     \
+      if (::aviary::testing::InCI()) FAIL() << "CI needs /usr/bin/python3 with python3-torch"; \
+      GTEST_SKIP() << "/usr/bin/python3 has no torch (apt install python3-torch)";             \
+    }                                                                                          \
+  } while (0)
 
 // Skips (or fails in CI) when a shared file is missing.
 #define REQUIRE_SHARED(relative)                                                  \

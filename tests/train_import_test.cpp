@@ -24,20 +24,9 @@
 namespace aviary {
 namespace {
 
+using testing::F32Logits;
 using testing::ProcessTempDir;
 using testing::SharedPath;
-
-std::vector<float> Logits(const std::string& path, const std::vector<int32_t>& tokens) {
-  LoadOptions options;
-  RuntimeOptions ro;
-  ro.activations = Activations::kF32;
-  options.runtime = std::make_shared<Runtime>(ro);
-  const auto model = Model::Load(path, options);
-  State state = model->NewState();
-  std::vector<float> logits;
-  model->Eval(tokens, state, &logits, /*all_positions=*/true);
-  return logits;
-}
 
 const std::vector<int32_t> kPrompt = {0x22, 0x69, 0x6e, 32, 116, 104, 101, 10, 200, 0, 255, 65};
 
@@ -66,7 +55,7 @@ void ExpectSameModel(const std::string& path, double tolerance) {
   const train::ImportedRwkv7 imported = train::LoadRwkv7Params(path);
   const std::string pth = ProcessTempDir() + "imported.pth";
   train::ExportRwkv7Pth(pth, imported.layout, imported.params.data());
-  const std::vector<float> want = Logits(path, kPrompt), got = Logits(pth, kPrompt);
+  const std::vector<float> want = F32Logits(path, kPrompt), got = F32Logits(pth, kPrompt);
   const double diff = MaxAbsDiff(want, got);
   std::printf("%s: max |logit difference| %.3g\n", path.c_str(), diff);
   EXPECT_LE(diff, tolerance);

@@ -22,25 +22,12 @@ namespace aviary::train {
 namespace {
 
 using aviary::testing::InCI;
+using aviary::testing::kTorchPython;
 using aviary::testing::ProcessTempDir;
 using aviary::testing::ReadFloats;
 using aviary::testing::RunCommand;
 
-const char kPython[] = "/usr/bin/python3";
-
 std::string Script() { return std::string(AVIARY_SOURCE_DIR) + "/tests/train/official_init.py"; }
-
-bool HaveTorch() {
-  return RunCommand(std::string(kPython) + " -c 'import torch, numpy' 2>&1").exit_code == 0;
-}
-
-#define REQUIRE_TORCH()                                                                     \
-  do {                                                                                      \
-    if (!HaveTorch()) {                                                                     \
-      if (InCI()) FAIL() << "CI needs " << kPython << " with torch (python3-torch)";        \
-      GTEST_SKIP() << kPython << " has no torch (apt install python3-torch): not compared"; \
-    }                                                                                       \
-  } while (0)
 
 // The .pth-shaped (rows x cols) matrix of an entry from aviary's layout.
 std::vector<double> PthMatrix(const ParamEntry& e, const float* params, int64_t& rows,
@@ -81,8 +68,8 @@ void CompareWithOfficial(const Rwkv7Config& config) {
 
   const std::string dir = ProcessTempDir() + "init-" + std::to_string(config.n_embd);
   const std::string command =
-      std::string(kPython) + " " + Script() + " model " + std::to_string(config.n_layer) + " " +
-      std::to_string(config.n_embd) + " " + std::to_string(config.head_size) + " " +
+      std::string(kTorchPython) + " " + Script() + " model " + std::to_string(config.n_layer) +
+      " " + std::to_string(config.n_embd) + " " + std::to_string(config.head_size) + " " +
       std::to_string(config.vocab) + " " + std::to_string(config.n_ffn) + " " + dir + " 2>&1";
   const auto result = RunCommand(command);
   ASSERT_EQ(result.exit_code, 0) << command << "\n" << result.output;
@@ -170,7 +157,7 @@ TEST(TrainInit, OrthogonalIsTorchsQrWithSignFix) {
     ASSERT_NE(f, nullptr);
     std::fwrite(gaussian.data(), sizeof(double), gaussian.size(), f);
     std::fclose(f);
-    const std::string command = std::string(kPython) + " " + Script() + " orthogonal " +
+    const std::string command = std::string(kTorchPython) + " " + Script() + " orthogonal " +
                                 std::to_string(rows) + " " + std::to_string(cols) + " 0.5 " + in +
                                 " " + out + " 2>&1";
     const auto result = RunCommand(command);

@@ -25,23 +25,10 @@ namespace aviary::train {
 namespace {
 
 using aviary::testing::InCI;
+using aviary::testing::kTorchPython;
 using aviary::testing::ProcessTempDir;
 using aviary::testing::ReadFloats;
 using aviary::testing::RunCommand;
-
-const char kPython[] = "/usr/bin/python3";
-
-bool HaveTorch() {
-  return RunCommand(std::string(kPython) + " -c 'import torch, numpy' 2>&1").exit_code == 0;
-}
-
-#define REQUIRE_TORCH()                                                                     \
-  do {                                                                                      \
-    if (!HaveTorch()) {                                                                     \
-      if (InCI()) FAIL() << "CI needs " << kPython << " with torch (python3-torch)";        \
-      GTEST_SKIP() << kPython << " has no torch (apt install python3-torch): not compared"; \
-    }                                                                                       \
-  } while (0)
 
 void WriteFloats(const std::string& path, const std::vector<float>& v) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
@@ -123,7 +110,7 @@ void CompareWithTorch(const AdamWOptions& options, const std::vector<double>& gr
     adamw.Step(s, ours.params.data(), grads.data(), ours.m.data(), ours.v.data());
   }
 
-  const std::string command = std::string(kPython) +
+  const std::string command = std::string(kTorchPython) +
                               " " AVIARY_SOURCE_DIR "/tests/train/official_adamw.py " + dir +
                               " 2>&1";
   const auto result = RunCommand(command);

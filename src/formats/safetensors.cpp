@@ -9,6 +9,7 @@
 #include "aviary/error.h"
 #include "formats/blinkdl.h"
 #include "formats/weight_file.h"
+#include "formats/json_depth.h"
 
 namespace aviary {
 namespace {
@@ -23,26 +24,6 @@ constexpr size_t kMaxNameLength = 1024;
   throw Error(name + ": " + problem);
 }
 
-// Nesting depth of the JSON text (brackets outside strings), so that a hostile header cannot
-// drive the parser or the destructor into deep recursion.
-int JsonDepth(std::string_view text) {
-  int depth = 0, max_depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      max_depth = std::max(max_depth, ++depth);
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
-  return max_depth;
-}
 
 struct Known {
   const char* name;

@@ -24,6 +24,8 @@
 
 #include "aviary/error.h"
 #include "hub/catalog.h"
+#include "formats/sha256.h"
+#include "formats/unique_fd.h"
 
 namespace aviary::hub {
 namespace {
@@ -77,20 +79,6 @@ std::string ParseLinkedEtag(std::string_view value) {
   return IsSha256Hex(hex) ? hex : std::string();
 }
 
-std::string FormatDuration(double seconds) {
-  if (!(seconds >= 0) || seconds > 99 * 3600) return "--";
-  const long s = std::lround(seconds);
-  char buf[32];
-  if (s >= 3600) {
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, s / 60 % 60);
-  } else if (s >= 60) {
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  } else {
-    std::snprintf(buf, sizeof buf, "%lds", s);
-  }
-  return buf;
-}
-
 std::string HostOf(const std::string& url) {
   std::string host = url;
   CURLU* u = curl_url();
@@ -113,30 +101,6 @@ void EnsureCurlInitialised() {
     }
   });
 }
-
-struct Sha256 {
-  Sha256() : ctx(EVP_MD_CTX_new()) {
-    if (!Reset()) throw Error("SHA-256 is not available from OpenSSL");
-  }
-  ~Sha256() { EVP_MD_CTX_free(ctx); }
-  Sha256(const Sha256&) = delete;
-  Sha256& operator=(const Sha256&) = delete;
-  bool Reset() { return ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1; }
-  void Update(const void* data, size_t n) { EVP_DigestUpdate(ctx, data, n); }
-  std::string HexDigest() {  // ends this hash
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    EVP_DigestFinal_ex(ctx, md, &len);
-    static constexpr char kHex[] = "0123456789abcdef";
-    std::string hex;
-    for (unsigned int i = 0; i < len; ++i) {
-      hex += kHex[md[i] >> 4];
-      hex += kHex[md[i] & 15];
-    }
-    return hex;
-  }
-  EVP_MD_CTX* ctx;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Progress on the log stream
@@ -569,20 +533,6 @@ CURLcode Perform(const std::string& url, Transfer& t, char* errbuf) {
   return curl_easy_perform(h);
 }
 
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
 }  // namespace
 
 DownloadResult DownloadFile(const std::string& url, const std::string& path,
@@ -602,7 +552,7 @@ DownloadResult DownloadFile(const std::string& url, const std::string& path,
     if (ec) throw Error(dir.string() + ": cannot create folder: " + ec.message());
   }
 
-  Fd fd(::open(part.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  UniqueFd fd(::open(part.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (fd.get() < 0) throw Error(part + ": cannot open for writing: " + std::strerror(errno));
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     throw Error(part + ": another aviary pull is downloading this file");
@@ -786,7 +736,7 @@ std::string Sha256Hex(std::string_view bytes) {
 }
 
 std::string Sha256File(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
   Sha256 sha;
   std::vector<char> buf(1 << 20);
@@ -798,6 +748,20 @@ std::string Sha256File(const std::string& path) {
     sha.Update(buf.data(), static_cast<size_t>(r));
   }
   return sha.HexDigest();
+}
+
+std::string FormatDuration(double seconds) {
+  if (!(seconds >= 0) || seconds > 99 * 3600) return "--";
+  const long s = std::lround(seconds);
+  char buf[32];
+  if (s >= 3600) {
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, s / 60 % 60);
+  } else if (s >= 60) {
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  } else {
+    std::snprintf(buf, sizeof buf, "%lds", s);
+  }
+  return buf;
 }
 
 std::string FormatBytes(uint64_t bytes) {

@@ -58,6 +58,8 @@ std::string Sha256Hex(std::string_view bytes);
 // SHA-256 of a file's contents; throws aviary::Error naming the file.
 std::string Sha256File(const std::string& path);
 
+// "45s", "12m05s", "1h02m"; "--" for a negative, unknown or over 99 h time.
+std::string FormatDuration(double seconds);
 // "512 B", "1.5 KiB", "364.5 MiB", "2.75 GiB".
 std::string FormatBytes(uint64_t bytes);
 

@@ -18,6 +18,8 @@
 #include <utility>
 
 #include "aviary/error.h"
+#include "formats/json_depth.h"
+#include "formats/unique_fd.h"
 
 namespace aviary::train {
 namespace {
@@ -37,27 +39,6 @@ constexpr const char* kRoles[] = {"params", "adam_m", "adam_v"};
 
 [[noreturn]] void FailErrno(const std::string& path, const std::string& what, int err) {
   throw Error(path + ": " + what + ": " + std::strerror(err));
-}
-
-// Nesting depth of JSON text (brackets outside strings), checked before parsing so that hostile
-// input cannot drive the parser or the destructor into deep recursion.
-int JsonDepth(std::string_view text) {
-  int depth = 0, max_depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      max_depth = std::max(max_depth, ++depth);
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
-  return max_depth;
 }
 
 // FNV-1a over every entry's name, shape and offset: identifies the layout a buffer was saved
@@ -108,21 +89,6 @@ bool PlainName(const std::string& s) {
 
 // ---- files ----
 
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  int Release() { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
-
 void WriteAll(int fd, const std::string& path, const uint8_t* data, size_t n, uLong* crc) {
   while (n > 0) {
     const size_t chunk = std::min(n, kIoChunk);
@@ -139,7 +105,7 @@ void WriteAll(int fd, const std::string& path, const uint8_t* data, size_t n, uL
 
 // Creates `path` (which must not exist), writes the bytes, fsyncs; returns their CRC-32.
 uint32_t WriteNewFileSynced(const std::string& path, const void* data, size_t n, bool exclusive) {
-  Fd fd(
+  UniqueFd fd(
       ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC), 0644));
   if (fd.get() < 0) FailErrno(path, "cannot create", errno);
   uLong crc = crc32_z(0, nullptr, 0);
@@ -150,14 +116,14 @@ uint32_t WriteNewFileSynced(const std::string& path, const void* data, size_t n,
 }
 
 void SyncFolder(const std::string& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (fd.get() < 0) FailErrno(dir, "cannot open the folder", errno);
   // Some file systems cannot fsync a folder (EINVAL); the rename is then as durable as they get.
   if (::fsync(fd.get()) != 0 && errno != EINVAL) FailErrno(dir, "fsync failed", errno);
 }
 
 std::string ReadSmallFile(const std::string& path, uint64_t max_bytes) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
     if (errno == ENOENT) throw Error(path + ": missing: no checkpoint here");
     FailErrno(path, "cannot open", errno);
@@ -184,7 +150,7 @@ std::string ReadSmallFile(const std::string& path, uint64_t max_bytes) {
 // Reads a data file whose size and CRC the index states.
 AlignedVector<float> ReadDataFile(const std::string& dir, const CheckpointDataFile& file) {
   const std::string path = (fs::path(dir) / file.name).string();
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
     if (errno == ENOENT) throw Error(path + ": missing (meta.json names it)");
     FailErrno(path, "cannot open", errno);

@@ -15,6 +15,7 @@
 #include "aviary/error.h"
 #include "formats/mapped_file.h"
 #include "tensor/thread_pool.h"
+#include "formats/sha256.h"
 
 namespace aviary::train {
 namespace {
@@ -29,36 +30,6 @@ using nlohmann::json;
 constexpr size_t kTaskBytes = size_t{1} << 20;
 constexpr size_t kTasksPerBatch = 32;
 constexpr char kManifestFormat[] = "aviary binidx cache 1";
-
-class Sha256 {
- public:
-  Sha256() : ctx_(EVP_MD_CTX_new()) {
-    if (!ctx_ || EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) != 1) {
-      EVP_MD_CTX_free(ctx_);
-      throw Error("SHA-256 is not available from OpenSSL");
-    }
-  }
-  ~Sha256() { EVP_MD_CTX_free(ctx_); }
-  Sha256(const Sha256&) = delete;
-  Sha256& operator=(const Sha256&) = delete;
-  void Update(const void* data, size_t n) { EVP_DigestUpdate(ctx_, data, n); }
-  void Update(std::string_view s) { Update(s.data(), s.size()); }
-  std::string HexDigest() {  // ends this hash
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    EVP_DigestFinal_ex(ctx_, md, &len);
-    static constexpr char kHex[] = "0123456789abcdef";
-    std::string hex;
-    for (unsigned int i = 0; i < len; ++i) {
-      hex += kHex[md[i] >> 4];
-      hex += kHex[md[i] & 15];
-    }
-    return hex;
-  }
-
- private:
-  EVP_MD_CTX* ctx_;
-};
 
 std::string FileSha256(std::span<const uint8_t> bytes) {
   Sha256 sha;

@@ -10,6 +10,7 @@
 #include "aviary/error.h"
 #include "cli_common.h"
 #include "environment.h"
+#include "hub/download.h"
 #include "train/trainer.h"
 
 namespace aviary::cli {
@@ -23,21 +24,6 @@ struct TrainCli {
   int threads = 0;
   CLI::App* cmd = nullptr;
 };
-
-// "12m05s", "1h02m", "45s".
-std::string Duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "?";
-  const long s = std::lround(seconds);
-  char buf[32];
-  if (s >= 3600) {
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, s / 60 % 60);
-  } else if (s >= 60) {
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  } else {
-    std::snprintf(buf, sizeof buf, "%lds", s);
-  }
-  return buf;
-}
 
 std::string Bytes(size_t bytes) {
   char buf[32];
@@ -141,8 +127,8 @@ void RunTrain(TrainCli& c) {
     std::snprintf(line, sizeof line,
                   "step %lld/%lld  loss %.4f  val %s  %.0f tok/s  lr %.2e  elapsed %s  ETA %s",
                   static_cast<long long>(p.step), static_cast<long long>(p.steps), p.loss, val,
-                  p.tokens_per_second, p.lr, Duration(p.elapsed_seconds).c_str(),
-                  Duration(p.eta_seconds).c_str());
+                  p.tokens_per_second, p.lr, hub::FormatDuration(p.elapsed_seconds).c_str(),
+                  hub::FormatDuration(p.eta_seconds).c_str());
     const bool last = p.step == p.steps;
     if (live) {
       std::fprintf(stderr, "\r\033[K%s%s", line, last ? "\n" : "");
