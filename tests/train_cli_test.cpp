@@ -251,6 +251,10 @@ TEST(TrainCli, BadInputIsAOneLineError) {
            " --out " + dir + "-v",
        "RWKV-7", 1},
       {"--resume " + ProcessTempDir() + "no-such-run", "checkpoint", 1},
+      {"--data " + empty + " --layers 1024 --embd 16384 --out " + dir + "-m",
+       "more than this machine", 1},
+      {"--data " + empty + " --layers 1 --embd 64 --batch 65536 --ctx-len 256 --out " + dir + "-a",
+       "lower --batch or --ctx-len", 1},
   };
   for (const Case& c : cases) {
     const CommandResult r = RunCommand(CliPath() + " train " + c.args + " 2>&1");

@@ -1,7 +1,10 @@
 #include "train/rwkv7_graph.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "aviary/error.h"
@@ -57,7 +60,18 @@ Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
   const size_t head = static_cast<size_t>(kHeadRows) * c.vocab;
   // Every buffer rounded up to 16 floats (64 bytes) by Take.
   const size_t buffers = c.n_layer * 24 + 2 * kSlots + 40;
-  arena_.resize(c.n_layer * per_layer + 4 * M * C + work + head + buffers * 16);
+  const size_t floats = c.n_layer * per_layer + 4 * M * C + work + head + buffers * 16;
+  const double bytes = static_cast<double>(floats) * sizeof(float);
+  const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  if (memory > 0 && bytes > memory) {
+    char what[160];
+    std::snprintf(what, sizeof what,
+                  "the activations of a %d x %d batch need %.1f GiB, more than this machine's "
+                  "%.1f GiB: lower --batch or --ctx-len",
+                  max_batch, max_tokens, bytes / (1 << 30), memory / (1 << 30));
+    throw Error(what);
+  }
+  arena_.resize(floats);
   for (int l = 0; l < c.n_layer; ++l) {
     Rwkv7LayerActs A;
     for (float** p : {&A.x_in, &A.xx, &A.r, &A.w_sig, &A.w, &A.k_raw, &A.k, &A.v_raw, &A.v, &A.a,

@@ -181,7 +181,7 @@ struct Trainer::Impl {
     a.weight_decay = static_cast<float>(o.weight_decay);
     a.grad_clip = static_cast<float>(o.grad_clip);
     adamw = std::make_unique<AdamW>(layout, a);
-    graph = std::make_unique<Rwkv7Graph>(layout, o.batch, o.ctx_len);
+    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, o.batch, o.ctx_len);
     summary.model = Describe(c);
     int64_t count = 0;
     for (const ParamEntry& e : layout.entries()) count += static_cast<int64_t>(e.size);
@@ -256,10 +256,24 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
     }
     impl->layout = ParamLayout::Rwkv7(
         Rwkv7Config::Official(o.layers, o.embd, impl->tok.tokenizer->vocab_size()));
+    // Weights, gradients and two Adam moments: 16 bytes a parameter, before any is allocated.
+    const double bytes = 16.0 * static_cast<double>(impl->layout.total_floats());
+    const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+    if (memory > 0 && bytes > memory) {
+      char what[160];
+      std::snprintf(what, sizeof what,
+                    "%d layers x %d need %.1f GiB for weights, gradients and Adam moments, more "
+                    "than this machine's %.1f GiB",
+                    o.layers, o.embd, bytes / (1 << 30), memory / (1 << 30));
+      throw Error(what);
+    }
     impl->params.assign(impl->layout.total_floats(), 0.0f);
     InitRwkv7(impl->layout, o.seed, impl->params.data());
   }
   o.tokenizer = impl->tok.spec;
+  // The activations are allocated before the data is read, so that a batch too large for the
+  // machine is refused before a long tokenization.
+  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, impl->o.ctx_len);
   impl->OpenData();
   impl->Prepare();
   impl->OpenLog(false);
@@ -284,6 +298,9 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->adam_m = std::move(ck.adam_m);
   impl->adam_v = std::move(ck.adam_v);
   impl->step = ck.meta.step;
+  // The activations are allocated before the data is read, so that a batch too large for the
+  // machine is refused before a long tokenization.
+  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, impl->o.ctx_len);
   impl->OpenData();
   if (ck.meta.extra.value("data_tokens", uint64_t{0}) != impl->data_tokens ||
       ck.meta.extra.value("data_documents", uint64_t{0}) != impl->data_documents) {
