@@ -288,7 +288,7 @@ TEST(TrainOptimizer, ClippingScalesToTheClipAndSkipsFrozenTensors) {
 
 TEST(TrainOptimizer, SameBitsForOneAndTwoThreads) {
   aviary::testing::RuntimeGuard guard;
-  const ParamLayout layout = TestLayout(256, 5000);  // emb and head span several blocks
+  const ParamLayout layout = TestLayout(128, 1100);  // emb and head span several blocks
   AdamWOptions o = Options();
   AdamW adamw(layout, o);
   std::vector<std::vector<float>> results;
