@@ -17,8 +17,8 @@ using aviary::serve::ApiError;
 using aviary::serve::Limits;
 
 // Small limits, so that the fuzzer reaches them.
-const Limits kLimits{.max_body_bytes = 4096, .max_n = 4, .max_tokens = 256, .max_stop = 2,
-                     .max_json_depth = 16};
+const Limits kLimits{
+    .max_body_bytes = 4096, .max_n = 4, .max_tokens = 256, .max_stop = 2, .max_json_depth = 16};
 
 void Check(bool ok, const char* what) {
   if (!ok) {

@@ -225,9 +225,10 @@ TEST(OpenAiRequest, ModelIsRequired) {
 }
 
 TEST(OpenAiRequest, BadBodies) {
-  for (const std::string& body : std::vector<std::string>{"", "{", "not json", "[]", "\"text\"", "null", "42", R"({"model":"m",})",
-        "{\"model\":\"\xff\"}", R"({"model":"m","prompt":"p","max_tokens":1e999})",
-        std::string("{\"model\":\"m\0\"}", 13)}) {
+  for (const std::string& body : std::vector<std::string>{
+           "", "{", "not json", "[]", "\"text\"", "null", "42", R"({"model":"m",})",
+           "{\"model\":\"\xff\"}", R"({"model":"m","prompt":"p","max_tokens":1e999})",
+           std::string("{\"model\":\"m\0\"}", 13)}) {
     const ApiError e = CompletionError(body);
     EXPECT_EQ(e.status, 400) << body;
     EXPECT_EQ(e.param, "") << body;
@@ -310,10 +311,9 @@ TEST(OpenAiResponse, Completion) {
   const json j = json::parse(CompletionJson(kMeta, choices, Usage{2, 16}));
   ExpectEnvelope(j, "text_completion");
   ASSERT_EQ(j["choices"].size(), 1u);
-  EXPECT_EQ(j["choices"][0], json({{"index", 0},
-                                   {"text", " there"},
-                                   {"logprobs", nullptr},
-                                   {"finish_reason", "length"}}));
+  EXPECT_EQ(
+      j["choices"][0],
+      json({{"index", 0}, {"text", " there"}, {"logprobs", nullptr}, {"finish_reason", "length"}}));
   EXPECT_EQ(j["usage"]["total_tokens"], 18);
 }
 
@@ -328,8 +328,7 @@ TEST(OpenAiResponse, ChatChunks) {
   EXPECT_EQ(middle["choices"][0]["index"], 2);
   EXPECT_EQ(middle["choices"][0]["delta"], json({{"content", "lo"}}));
 
-  const json last =
-      json::parse(ChatChunkJson(kMeta, Delta(0, false, "", FinishReason::kStop)));
+  const json last = json::parse(ChatChunkJson(kMeta, Delta(0, false, "", FinishReason::kStop)));
   EXPECT_TRUE(last["choices"][0]["delta"].is_object());
   EXPECT_TRUE(last["choices"][0]["delta"].empty());
   EXPECT_EQ(last["choices"][0]["finish_reason"], "stop");
@@ -343,10 +342,11 @@ TEST(OpenAiResponse, ChatChunks) {
 TEST(OpenAiResponse, CompletionChunks) {
   const json chunk = json::parse(CompletionChunkJson(kMeta, Delta(1, false, "ab")));
   ExpectEnvelope(chunk, "text_completion");
-  EXPECT_EQ(chunk["choices"][0],
-            json({{"index", 1}, {"text", "ab"}, {"logprobs", nullptr}, {"finish_reason", nullptr}}));
-  const json last = json::parse(
-      CompletionChunkJson(kMeta, Delta(0, false, "", FinishReason::kLength)));
+  EXPECT_EQ(
+      chunk["choices"][0],
+      json({{"index", 1}, {"text", "ab"}, {"logprobs", nullptr}, {"finish_reason", nullptr}}));
+  const json last =
+      json::parse(CompletionChunkJson(kMeta, Delta(0, false, "", FinishReason::kLength)));
   EXPECT_EQ(last["choices"][0]["text"], "");
   EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
   const json usage = json::parse(CompletionUsageChunkJson(kMeta, Usage{4, 5}));
@@ -377,7 +377,11 @@ TEST(OpenAiResponse, Models) {
 
 TEST(OpenAiResponse, InvalidUtf8BecomesReplacementCharacters) {
   // A lone continuation byte, a truncated 3-byte character, and a byte never valid in UTF-8.
-  const Choice choices[] = {{"a\x80" "b\xe2\x82" "c\xff", FinishReason::kStop}};
+  const Choice choices[] = {
+      {"a\x80"
+       "b\xe2\x82"
+       "c\xff",
+       FinishReason::kStop}};
   const std::string text = ChatCompletionJson(kMeta, choices, Usage{});
   ASSERT_TRUE(json::accept(text)) << text;
   const std::string content = json::parse(text)["choices"][0]["message"]["content"];
@@ -385,7 +389,8 @@ TEST(OpenAiResponse, InvalidUtf8BecomesReplacementCharacters) {
   EXPECT_EQ(content, "a" + fffd + "b" + fffd + "c" + fffd);
   // Valid text, including 4-byte characters, passes unchanged.
   const std::string emoji = "\xf0\x9f\x90\xa6 bird";
-  EXPECT_EQ(json::parse(CompletionChunkJson(kMeta, Delta(0, false, emoji)))["choices"][0]["text"], emoji);
+  EXPECT_EQ(json::parse(CompletionChunkJson(kMeta, Delta(0, false, emoji)))["choices"][0]["text"],
+            emoji);
 }
 
 TEST(OpenAiResponse, StreamedCharacterSplitOverTokens) {

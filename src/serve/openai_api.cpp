@@ -25,7 +25,8 @@ std::string FormatNumber(double x) {
 // send every optional field.
 class FieldReader {
  public:
-  FieldReader(const json& object, std::string prefix) : object_(object), prefix_(std::move(prefix)) {}
+  FieldReader(const json& object, std::string prefix)
+      : object_(object), prefix_(std::move(prefix)) {}
 
   std::optional<ApiError> error;
 
@@ -67,8 +68,8 @@ class FieldReader {
     const double x = v->get<double>();
     const bool above_lo = lo_open ? x > lo : x >= lo;
     if (!above_lo || !(x <= hi)) {
-      return Fail(name, "must be in " + std::string(lo_open ? "(" : "[") + FormatNumber(lo) +
-                            ", " + FormatNumber(hi) + "]; got " + FormatNumber(x));
+      return Fail(name, "must be in " + std::string(lo_open ? "(" : "[") + FormatNumber(lo) + ", " +
+                            FormatNumber(hi) + "]; got " + FormatNumber(x));
     }
     out = static_cast<float>(x);
   }

@@ -40,27 +40,27 @@ struct ApiError {
 ApiError InvalidRequest(std::string message, std::string param = "");
 
 struct ChatMessage {
-  std::string role;  // "system", "user" or "assistant" ("developer" is read as "system")
+  std::string role;     // "system", "user" or "assistant" ("developer" is read as "system")
   std::string content;  // the text parts of an array content, concatenated
 };
 
 // The sampling and stopping fields common to both endpoints. Optional fields left out (or sent
 // as null) are empty, so the server applies its own defaults.
 struct GenerationParams {
-  std::optional<int> max_tokens;  // max_completion_tokens wins over max_tokens when both are set
-  std::optional<float> temperature;        // [0, 2]; 0 means greedy
-  std::optional<float> top_p;              // (0, 1]
+  std::optional<int> max_tokens;     // max_completion_tokens wins over max_tokens when both are set
+  std::optional<float> temperature;  // [0, 2]; 0 means greedy
+  std::optional<float> top_p;        // (0, 1]
   std::optional<float> presence_penalty;   // [-2, 2]
   std::optional<float> frequency_penalty;  // [-2, 2]
   std::optional<uint64_t> seed;
-  int n = 1;  // [1, Limits::max_n]
+  int n = 1;                      // [1, Limits::max_n]
   std::vector<std::string> stop;  // up to Limits::max_stop, none empty
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a final chunk with the usage
   std::string user;
   // RWKV extras (not in OpenAI's API; clients pass them as extra body fields).
   std::optional<float> penalty_decay;  // (0, 1]: the penalties' decay per sampled token
-  std::string state;  // the id of a state saved through /v1/states to start from
+  std::string state;                   // the id of a state saved through /v1/states to start from
 };
 
 struct ChatRequest {
