@@ -19,7 +19,7 @@ shared=$(cd "$shared" && pwd)
 build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
 [[ $build == /* ]] || build=$root/$build
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta"}
+targets=${FUZZ_TARGETS:-"fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta fuzz_openai_request"}
 state_model=${AVIARY_FUZZ_MODEL:-$shared/models/stress/stress-rwkv-7v0-FP16.bin}
 
 mkdir -p "$build"
@@ -31,7 +31,7 @@ else
     -DAVIARY_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
     { cat "$build/configure.log"; exit 1; }
 fi
-cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta make_seeds
+cmake --build "$build" -j"${FUZZ_BUILD_JOBS:-2}" --target fuzz_rwkvcpp_bin fuzz_state_file fuzz_world_tokenizer fuzz_vocab_file fuzz_pth fuzz_safetensors fuzz_gguf fuzz_train_data fuzz_checkpoint_meta fuzz_openai_request make_seeds
 
 corpus_bin=$build/corpus-rwkvcpp-bin
 corpus_state=$build/corpus-state-file
@@ -109,6 +109,16 @@ mkdir -p "$corpus_checkpoint"
 "$build/fuzz/make_seeds" --checkpoint "$corpus_checkpoint" ||
   echo "(no checkpoint seeds could be made; going on without them)"
 
+# OpenAI API request bodies: chat and completions, minimal and with every field, and a few
+# shapes the parsers refuse.
+corpus_openai=$build/corpus-openai-request
+mkdir -p "$corpus_openai"
+printf '%s' '{"model":"m","messages":[{"role":"user","content":"hi"}]}' >"$corpus_openai/chat-min.json"
+printf '%s' '{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"a"}]},{"role":"assistant","content":null}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":10,"max_completion_tokens":20,"temperature":0.7,"top_p":0.5,"presence_penalty":-1,"frequency_penalty":1.5,"seed":42,"n":2,"stop":["\n","User:"],"user":"u","penalty_decay":0.99,"state":"s1","tools":[]}' \
+  >"$corpus_openai/chat-full.json"
+printf '%s' '{"model":"m","prompt":"Once upon","max_tokens":5,"stop":"\n","stream":false}' >"$corpus_openai/completion.json"
+printf '%s' '{"model":"m","prompt":["a"],"n":9,"temperature":3,"seed":-1}' >"$corpus_openai/completion-bad.json"
+
 status=0
 summary=()
 for target in $targets; do
@@ -124,6 +134,8 @@ for target in $targets; do
     fuzz_gguf) corpus=$corpus_gguf; max_len=1048576 ;;
     fuzz_train_data) corpus=$corpus_train; max_len=65536 ;;
     fuzz_checkpoint_meta) corpus=$corpus_checkpoint; max_len=16384 ;;
+    # Above the target's 4096-byte body limit, so that the size check is reached too.
+    fuzz_openai_request) corpus=$corpus_openai; max_len=8192 ;;
     *) echo "unknown target $target"; exit 2 ;;
   esac
   log=$build/$target.log
