@@ -29,15 +29,17 @@ StateCache::StateCache(size_t max_bytes) : max_bytes_(max_bytes) { stats_.max_by
 
 size_t StateCache::EntryBytes(size_t tokens, size_t state_bytes, size_t logits) {
   // Node sizes as libstdc++ allocates them: a list node holds two links and the shared_ptr; an
-  // unordered_map node holds its link, the pair and the cached hash, plus a bucket pointer; the
+  // unordered_map node holds its link, the pair and the cached hash, plus a bucket pointer; a
+  // std::map node (colour, three links, the pair) per key length, at most one per entry; the
   // shared_ptr's control block lives with the Entry (make_shared).
   constexpr size_t kListNode = 2 * sizeof(void*) + sizeof(EntryPtr);
-  constexpr size_t kIndexNode =
-      sizeof(void*) + sizeof(std::pair<const uint64_t, LruList::iterator>) + sizeof(size_t) +
-      sizeof(void*);
+  constexpr size_t kIndexNode = sizeof(void*) +
+                                sizeof(std::pair<const uint64_t, LruList::iterator>) +
+                                sizeof(size_t) + sizeof(void*);
+  constexpr size_t kLengthNode = sizeof(int) + 3 * sizeof(void*) + 2 * sizeof(size_t);
   constexpr size_t kControlBlock = 2 * sizeof(void*) + 2 * sizeof(int);
-  return sizeof(Entry) + kControlBlock + kListNode + kIndexNode + tokens * sizeof(int32_t) +
-         state_bytes + logits * sizeof(float);
+  return sizeof(Entry) + kControlBlock + kListNode + kIndexNode + kLengthNode +
+         tokens * sizeof(int32_t) + state_bytes + logits * sizeof(float);
 }
 
 bool StateCache::Insert(std::span<const int32_t> tokens, const State& state,
@@ -63,6 +65,7 @@ bool StateCache::Insert(std::span<const int32_t> tokens, const State& state,
   }
   lru_.push_front(std::move(entry));
   index_.emplace(lru_.front()->hash, lru_.begin());
+  ++length_counts_[tokens.size()];
   stats_.bytes += bytes;
   stats_.entries = lru_.size();
   return true;
@@ -78,7 +81,9 @@ std::optional<StateCache::Hit> StateCache::Lookup(std::span<const int32_t> token
   {
     std::lock_guard<std::mutex> lock(mutex_);
     // Longest first: the first verified match is the answer.
-    for (size_t length = lru_.empty() ? 0 : tokens.size(); length > 0 && !entry; --length) {
+    auto it = length_counts_.upper_bound(tokens.size());
+    while (it != length_counts_.begin() && !entry) {
+      const size_t length = (--it)->first;
       const auto found = index_.find(prefix_hashes[length - 1]);
       if (found == index_.end()) continue;
       const Entry& candidate = **found->second;
@@ -107,6 +112,9 @@ StateCache::Stats StateCache::stats() const {
 void StateCache::EvictLocked(LruList::iterator it) {
   stats_.bytes -= (*it)->bytes;
   index_.erase((*it)->hash);
+  if (const auto count = length_counts_.find((*it)->tokens.size()); --count->second == 0) {
+    length_counts_.erase(count);
+  }
   lru_.erase(it);
   stats_.entries = lru_.size();
 }

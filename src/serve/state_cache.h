@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -79,6 +80,9 @@ class StateCache {
   // Hash of a whole key (PrefixHash) -> its entry. A lookup hashes each prefix of the prompt
   // once, incrementally, and compares tokens only on a hash match.
   std::unordered_map<uint64_t, LruList::iterator> index_;
+  // Key length -> entries of that length: a lookup probes the index only at lengths some entry
+  // has, rather than at every prefix of the prompt.
+  std::map<size_t, size_t> length_counts_;
   Stats stats_;
 };
 
