@@ -1,7 +1,8 @@
 // The server's state cache: the recurrent states of conversations seen before, keyed by their
 // token sequences, so a request that repeats a conversation so far only feeds the new tokens.
 // An RWKV state has a fixed size whatever the length of the text behind it, so a cached entry
-// costs the same for turn 1 as for turn 10 (plus 4 bytes a token for its key).
+// costs the same for turn 1 as for turn 10 (plus 4 bytes a token for its key). Keys are tokens
+// alone, so a cache serves one model (and one initial state): the server keeps one per model.
 #pragma once
 
 #include <cstddef>
