@@ -145,9 +145,11 @@ TEST(TrainInit, MatchesRwkvLmFormulasNarrowerThanLowRank) {
 
 TEST(TrainInit, OrthogonalIsTorchsQrWithSignFix) {
   REQUIRE_TORCH();
-  // Tall, wide and square; the last two span three blocks of reflections.
-  for (auto [rows, cols] :
-       {std::pair<int64_t, int64_t>{40, 24}, {24, 40}, {32, 32}, {150, 70}, {70, 150}}) {
+  // Tall, wide and square; 150 x 70 and 70 x 150 span three blocks of reflections, 1100 x 100
+  // four (the last narrower than the others), several row chunks of the block products (the
+  // last one partial) and trailing columns enough to spread over threads.
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{40, 24}, {24, 40}, {32, 32}, {150, 70},
+                            {70, 150}, {1100, 100}}) {
     SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
     InitRng rng(7, static_cast<uint64_t>(rows));
     std::vector<double> gaussian(rows * cols);

@@ -8,6 +8,7 @@
 
 #include "aviary/error.h"
 #include "tensor/thread_pool.h"
+#include "train/init_qr.h"
 
 namespace aviary::train {
 namespace {
@@ -25,157 +26,22 @@ uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 // otherwise contract into a fused multiply-add (the product of two floats is exact in double).
 float Mul(float a, float b) { return static_cast<float>(static_cast<double>(a) * b); }
 
-double Dot(const double* a, const double* b, int64_t n) {
-  // Four partial sums in a fixed order: vectorisable, and the same result on every run.
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += a[i] * b[i];
-    s1 += a[i + 1] * b[i + 1];
-    s2 += a[i + 2] * b[i + 2];
-    s3 += a[i + 3] * b[i + 3];
-  }
-  for (; i < n; ++i) s0 += a[i] * b[i];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// Applies the reflection I - 2 v v^T (v of unit length, `len` values) to rows [row, row + len)
-// of columns [begin, end) of the column-major m-row matrix `a`; columns spread over the pool
-// (each column's arithmetic is the same whichever thread does it).
-void Reflect(const double* v, int64_t len, int64_t row, double* a, int64_t m, int64_t begin,
-             int64_t end) {
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(len, 1));
-  ParallelForRanges(end - begin, chunk, [&](int64_t c0, int64_t c1) {
-    for (int64_t j = begin + c0; j < begin + c1; ++j) {
-      double* col = a + j * m + row;
-      const double s = 2 * Dot(v, col, len);
-      for (int64_t i = 0; i < len; ++i) col[i] -= s * v[i];
-    }
-  });
-}
-
-// A block of reflections H_k0 ... H_{k0+b-1} (H_i = I - tau_i v_i v_i^T) in the compact WY form
-// I - V T V^T: V's rows k0..m-1 copied row-major (b values a row, so the products below run
-// along contiguous memory) and T upper triangular (LAPACK's dlarft, forward, columnwise).
-struct BlockReflector {
-  int64_t m, k0, b;
-  std::vector<double> v;  // (m - k0) x b
-  std::vector<double> t;  // b x b
-};
-
-BlockReflector MakeBlockReflector(const double* a, int64_t m, int64_t k0, int64_t b,
-                                  const std::vector<double>& tau) {
-  BlockReflector r{m, k0, b, std::vector<double>(static_cast<size_t>((m - k0) * b), 0.0),
-                   std::vector<double>(static_cast<size_t>(b * b), 0.0)};
-  for (int64_t i = 0; i < b; ++i) {
-    const double* col = a + (k0 + i) * m;  // v_i: rows k0 + i .. m - 1
-    for (int64_t row = k0 + i; row < m; ++row) r.v[(row - k0) * b + i] = col[row];
-  }
-  std::vector<double> gram(static_cast<size_t>(b * b), 0.0);  // V^T V
-  for (int64_t row = 0; row < m - k0; ++row) {
-    const double* vr = &r.v[row * b];
-    for (int64_t i = 0; i < b; ++i) {
-      for (int64_t j = 0; j < b; ++j) gram[i * b + j] += vr[i] * vr[j];
-    }
-  }
-  for (int64_t i = 0; i < b; ++i) {
-    // T[0:i, i] = -tau_i T[0:i, 0:i] V[:, 0:i]^T v_i
-    for (int64_t p = 0; p < i; ++p) {
-      double s = 0;
-      for (int64_t q = p; q < i; ++q) s += r.t[p * b + q] * gram[q * b + i];
-      r.t[p * b + i] = -tau[k0 + i] * s;
-    }
-    r.t[i * b + i] = tau[k0 + i];
-  }
-  return r;
-}
-
-// Columns [begin, end) of the column-major m-row matrix `a` times (I - V T V^T) from the left,
-// or times its transpose (I - V T^T V^T). Columns spread over the pool in groups; rows go in
-// chunks that keep V's rows in cache across a group. Each value's sums run in the same order
-// whichever thread computes it.
-void ApplyBlockReflector(const BlockReflector& r, bool transpose, double* a, int64_t begin,
-                         int64_t end) {
-  const int64_t b = r.b, rows = r.m - r.k0;
-  constexpr int64_t kRowChunk = 128;
-  ParallelForRanges(end - begin, 32, [&](int64_t c0, int64_t c1) {
-    const int64_t n = c1 - c0;
-    std::vector<double> w(static_cast<size_t>(n * b), 0.0), w2(static_cast<size_t>(n * b));
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {  // w = V^T a
-      const int64_t r1 = std::min(rows, r0 + kRowChunk);
-      for (int64_t j = 0; j < n; ++j) {
-        const double* col = a + (begin + c0 + j) * r.m + r.k0;
-        double* wj = &w[j * b];
-        for (int64_t row = r0; row < r1; ++row) {
-          const double x = col[row];
-          const double* vr = &r.v[row * b];
-          for (int64_t i = 0; i < b; ++i) wj[i] += vr[i] * x;
+// dst (cols x rows, row-major) = convert(src (rows x cols, row-major)) transposed, in square
+// tiles so that both sides use whole cache lines; tile rows spread over the pool.
+template <typename To, typename From, typename Convert>
+void Transpose(const From* src, int64_t rows, int64_t cols, To* dst, Convert convert) {
+  constexpr int64_t kTile = 32;
+  ParallelForRanges((rows + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t i0 = t0 * kTile; i0 < std::min(rows, t1 * kTile); i0 += kTile) {
+      const int64_t i1 = std::min(rows, i0 + kTile);
+      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+        const int64_t j1 = std::min(cols, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = convert(src[i * cols + j]);
         }
       }
     }
-    for (int64_t j = 0; j < n; ++j) {  // w2 = T w or T^T w
-      for (int64_t i = 0; i < b; ++i) {
-        double s = 0;
-        if (transpose) {
-          for (int64_t p = 0; p <= i; ++p) s += r.t[p * b + i] * w[j * b + p];
-        } else {
-          for (int64_t p = i; p < b; ++p) s += r.t[i * b + p] * w[j * b + p];
-        }
-        w2[j * b + i] = s;
-      }
-    }
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {  // a -= V w2
-      const int64_t r1 = std::min(rows, r0 + kRowChunk);
-      for (int64_t j = 0; j < n; ++j) {
-        double* col = a + (begin + c0 + j) * r.m + r.k0;
-        const double* wj = &w2[j * b];
-        for (int64_t row = r0; row < r1; ++row) col[row] -= Dot(&r.v[row * b], wj, b);
-      }
-    }
   });
-}
-
-// The Q of the QR decomposition of the m x n (m >= n) column-major matrix `a` (destroyed), its
-// columns multiplied by the signs of R's diagonal, column-major. Householder reflections in
-// double, in blocks of 32 applied as one product each (a 65536 x 768 head would otherwise
-// stream through memory once per column): the initialisation is the only QR aviary needs, too
-// small a use to add LAPACK.
-std::vector<double> OrthonormalColumns(int64_t m, int64_t n, std::vector<double>& a) {
-  constexpr int64_t kBlock = 32;
-  std::vector<double> r_diag(n), tau(n);
-  for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
-    const int64_t k1 = std::min(n, k0 + kBlock);
-    for (int64_t k = k0; k < k1; ++k) {
-      double* x = a.data() + k * m + k;  // becomes the unit reflection vector
-      const int64_t len = m - k;
-      const double norm = std::sqrt(Dot(x, x, len));
-      const double alpha = x[0] >= 0 ? -norm : norm;
-      r_diag[k] = alpha;
-      x[0] -= alpha;
-      const double v_norm = std::sqrt(Dot(x, x, len));
-      if (v_norm == 0) continue;  // a zero column: no reflection (tau 0, x stays 0)
-      for (int64_t i = 0; i < len; ++i) x[i] /= v_norm;
-      tau[k] = 2;
-      Reflect(x, len, k, a.data(), m, k + 1, k1);  // the rest of this block's columns
-    }
-    if (k1 < n) {
-      ApplyBlockReflector(MakeBlockReflector(a.data(), m, k0, k1 - k0, tau), true, a.data(), k1, n);
-    }
-  }
-  std::vector<double> q(static_cast<size_t>(m * n), 0.0);
-  for (int64_t j = 0; j < n; ++j) q[j * m + j] = 1;
-  // Q = H_0 ... H_{n-1} [I; 0], block by block from the last; a block starting at k0 leaves
-  // the columns before k0 alone (they are still unit vectors above row k0).
-  for (int64_t k0 = (n - 1) / kBlock * kBlock; k0 >= 0; k0 -= kBlock) {
-    const int64_t k1 = std::min(n, k0 + kBlock);
-    ApplyBlockReflector(MakeBlockReflector(a.data(), m, k0, k1 - k0, tau), false, q.data(), k0, n);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    if (r_diag[j] < 0) {
-      for (int64_t i = 0; i < m; ++i) q[j * m + i] = -q[j * m + i];
-    }
-  }
-  return q;
 }
 
 // x_* of the time and channel mixes: 1 - (i/C)^exponent, in torch's float arithmetic.
@@ -242,18 +108,13 @@ std::vector<float> OrthogonalFrom(int64_t rows, int64_t cols, double gain,
   }
   // QR of the matrix itself: column j of the column-major copy is column j of the matrix.
   std::vector<double> a(gaussian.size());
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) a[j * rows + i] = gaussian[i * cols + j];
-  }
+  Transpose(gaussian.data(), rows, cols, a.data(), [](double x) { return x; });
   gaussian = {};
   const std::vector<double> q = OrthonormalColumns(rows, cols, a);
   a = {};
   std::vector<float> out(q.size());
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      out[i * cols + j] = static_cast<float>(q[j * rows + i] * gain);
-    }
-  }
+  Transpose(q.data(), cols, rows, out.data(),
+            [gain](double x) { return static_cast<float>(x * gain); });
   return out;
 }
 
@@ -272,9 +133,7 @@ void InitRwkv7(const ParamLayout& layout, uint64_t seed, float* params) {
     const std::vector<float> w = OrthogonalFrom(rows, cols, gain, std::move(gaussian));
     float* out = params + e.offset;
     if (e.transposed_in_pth) {
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = w[i * cols + j];
-      }
+      Transpose(w.data(), rows, cols, out, [](float x) { return x; });
     } else {
       std::copy(w.begin(), w.end(), out);
     }
