@@ -197,6 +197,51 @@ TEST(TrainCli, ResumeAfterAKillMatchesTheUninterruptedRun) {
   EXPECT_EQ(ReadFileBytes(whole + "/model.pth"), ReadFileBytes(cut + "/model.pth"));
 }
 
+TEST(TrainCli, CtrlCSavesTheStepAndResumeMatchesTheUninterruptedRun) {
+  REQUIRE_SHARED("data/tinyshakespeare.txt");
+  const std::string whole = ProcessTempDir() + "int-whole", cut = ProcessTempDir() + "int-cut";
+  const std::string args = "--steps 40 --eval-every 20 --save-every 1000";
+  ASSERT_EQ(RunCommand(SmallRun(whole, args)).exit_code, 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + SmallRun(cut, args) + " > /dev/null").c_str(), nullptr);
+    _exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+  bool sent = false;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::vector<LogLine> log =
+        fs::exists(cut + "/log.jsonl") ? ReadLog(cut) : std::vector<LogLine>{};
+    if (!log.empty() && log.back().step >= 5) {
+      kill(pid, SIGINT);
+      sent = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(sent) << "the run ended before it could be interrupted";
+  ASSERT_TRUE(WIFEXITED(status)) << "killed instead of stopping";
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_FALSE(fs::exists(cut + "/model.pth"));  // the run did not finish
+  const int64_t stopped_at = ReadLog(cut).back().step;
+  EXPECT_GE(stopped_at, 5);
+  EXPECT_LT(stopped_at, 40);
+  const CommandResult r = RunCommand(CliPath() + " train --resume " + cut + " 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("from step " + std::to_string(stopped_at)), std::string::npos)
+      << r.output;
+  const std::vector<LogLine> a = ReadLog(whole), b = ReadLog(cut);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].loss, b[i].loss) << "line " << i;
+    EXPECT_EQ(a[i].val_loss, b[i].val_loss) << "line " << i;
+  }
+  EXPECT_EQ(ReadFileBytes(whole + "/model.pth"), ReadFileBytes(cut + "/model.pth"));
+}
+
 TEST(TrainCli, FinetuningATestModelLowersItsValidationLoss) {
   REQUIRE_SHARED("data/tinyshakespeare.txt");
   REQUIRE_SHARED("models/tiny-rwkv-7v0-834K-Q5_1.bin");

@@ -341,7 +341,8 @@ double Trainer::ValidationLoss() {
   return sum / static_cast<double>(tokens);
 }
 
-void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
+bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
+                  const std::function<bool()>& stop) {
   Impl& r = *impl_;
   if (!r.graph) throw Error("internal: the run has ended");
   ScopedRuntime scope(&r.runtime);
@@ -405,8 +406,13 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
     const double per_step = report.elapsed_seconds / static_cast<double>(r.step - first_step);
     report.eta_seconds = per_step * static_cast<double>(r.o.steps - r.step);
     write_log(line);
-    if ((r.o.save_every > 0 && r.step % r.o.save_every == 0) || last) r.Save();
+    const bool saved = (r.o.save_every > 0 && r.step % r.o.save_every == 0) || last;
+    if (saved) r.Save();
     if (on_step) on_step(report);
+    if (!last && stop && stop()) {
+      if (!saved) r.Save();
+      return false;
+    }
   }
   // The checkpoint holds the gradients' and moments' part of the run: free them and the
   // activations, so the exports' temporary copies fit in the memory the steps used.
@@ -417,6 +423,7 @@ void Trainer::Run(const std::function<void(const StepReport&)>& on_step) {
   ExportRwkv7Pth(pth, r.layout, r.params.data(),
                  r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);
   ExportRwkv7Gguf(r.o.out_dir + "/model.gguf", pth, r.tok.data);
+  return true;
 }
 
 TrainingTokenizer LoadTrainingTokenizer(const std::string& spec) {

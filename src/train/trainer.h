@@ -93,7 +93,10 @@ class Trainer {
   // Runs the remaining steps; `on_step` after each. Writes the checkpoint every save_every
   // steps and at the end, then model.pth and model.gguf. Once per Trainer: it ends by freeing
   // the gradients, moments and activations.
-  void Run(const std::function<void(const StepReport&)>& on_step);
+  // `stop` (when given) is asked after each step: true saves the checkpoint there and returns
+  // false without the exports (the run continues with --resume); true when the run finished.
+  bool Run(const std::function<void(const StepReport&)>& on_step,
+           const std::function<bool()>& stop = {});
   // Mean validation loss over the run's validation windows (< 0 without validation data).
   double ValidationLoss();
 

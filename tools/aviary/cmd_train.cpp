@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -17,6 +18,9 @@ namespace aviary::cli {
 namespace {
 
 namespace fs = std::filesystem;
+
+// Set by SIGINT/SIGTERM; the training loop stops after the current step.
+volatile std::sig_atomic_t g_stop = 0;
 
 struct TrainCli {
   train::TrainOptions o;
@@ -114,28 +118,49 @@ void RunTrain(TrainCli& c) {
   if (s.resumed) std::fprintf(stderr, "from step %lld\n", static_cast<long long>(s.start_step));
   const bool live = isatty(STDERR_FILENO);
   double last_val = -1;
-  trainer->Run([&](const train::StepReport& p) {
-    if (p.val_loss >= 0) last_val = p.val_loss;
-    char val[32] = "-";
-    if (last_val >= 0) std::snprintf(val, sizeof val, "%.4f", last_val);
-    if (p.step == 0) {
-      std::fprintf(stderr, "step 0/%lld: validation loss %s\n", static_cast<long long>(p.steps),
-                   val);
-      return;
-    }
-    char line[256];
-    std::snprintf(line, sizeof line,
-                  "step %lld/%lld  loss %.4f  val %s  %.0f tok/s  lr %.2e  elapsed %s  ETA %s",
-                  static_cast<long long>(p.step), static_cast<long long>(p.steps), p.loss, val,
-                  p.tokens_per_second, p.lr, hub::FormatDuration(p.elapsed_seconds).c_str(),
-                  hub::FormatDuration(p.eta_seconds).c_str());
-    const bool last = p.step == p.steps;
-    if (live) {
-      std::fprintf(stderr, "\r\033[K%s%s", line, last ? "\n" : "");
-    } else if (p.step % 10 == 0 || p.val_loss >= 0 || last || p.step == 1) {
-      std::fprintf(stderr, "%s\n", line);
-    }
-  });
+  // Ctrl-C or SIGTERM: finish the step, save the checkpoint, stop; a second one kills.
+  g_stop = 0;
+  auto on_signal = [](int sig) {
+    g_stop = 1;
+    std::signal(sig, SIG_DFL);
+  };
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  const bool finished = trainer->Run(
+      [&](const train::StepReport& p) {
+        if (p.val_loss >= 0) last_val = p.val_loss;
+        char val[32] = "-";
+        if (last_val >= 0) std::snprintf(val, sizeof val, "%.4f", last_val);
+        if (p.step == 0) {
+          std::fprintf(stderr, "step 0/%lld: validation loss %s\n", static_cast<long long>(p.steps),
+                       val);
+          return;
+        }
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "step %lld/%lld  loss %.4f  val %s  %.0f tok/s  lr %.2e  elapsed %s  ETA %s",
+                      static_cast<long long>(p.step), static_cast<long long>(p.steps), p.loss, val,
+                      p.tokens_per_second, p.lr, hub::FormatDuration(p.elapsed_seconds).c_str(),
+                      hub::FormatDuration(p.eta_seconds).c_str());
+        const bool last = p.step == p.steps;
+        if (live) {
+          std::fprintf(stderr, "\r\033[K%s%s", line, last ? "\n" : "");
+        } else if (p.step % 10 == 0 || p.val_loss >= 0 || last || p.step == 1) {
+          std::fprintf(stderr, "%s\n", line);
+        }
+      },
+      [] { return g_stop != 0; });
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  if (!finished) {
+    if (live) std::fprintf(stderr, "\n");
+    std::fprintf(stderr,
+                 "stopped: the checkpoint in %s/checkpoint holds the last step; continue with "
+                 "aviary train --resume %s\n",
+                 dir.c_str(), dir.c_str());
+    std::fflush(stdout);
+    std::_Exit(130);  // the shell's code for a run ended by SIGINT
+  }
   std::printf(
       "wrote %s/model.pth and %s/model.gguf (checkpoint in %s/checkpoint, log in "
       "%s/log.jsonl)\n",
