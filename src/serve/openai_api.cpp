@@ -275,8 +275,12 @@ Parsed<Request> ParseRequest(std::string_view body, const Limits& limits, ReadIn
     const json& root = std::get<json>(parsed);
     Request request;
     FieldReader r(root, "");
-    r.String("model", request.model, /*required=*/true);
+    // Optional: a server holds one model, so a request without one means that one.
+    r.String("model", request.model, /*required=*/false);
     if (r.error) return *r.error;
+    if (request.model.empty() && root.contains("model") && root["model"].is_string()) {
+      return InvalidRequest("'model' must not be empty", "model");
+    }
     if (auto e = read_input(r, request)) return *e;
     ReadGenerationParams(r, limits, request.params);
     if (r.error) return *r.error;
@@ -303,7 +307,8 @@ const char* FinishReasonName(FinishReason reason) {
 ojson UsageJson(const Usage& usage) {
   return {{"prompt_tokens", usage.prompt_tokens},
           {"completion_tokens", usage.completion_tokens},
-          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+          {"total_tokens", usage.prompt_tokens + usage.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", usage.cached_tokens}}}};
 }
 
 ojson Envelope(const ResponseMeta& meta, const char* object) {

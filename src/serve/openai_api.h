@@ -92,6 +92,9 @@ enum class FinishReason { kStop, kLength };
 struct Usage {
   int prompt_tokens = 0;
   int completion_tokens = 0;
+  // Prompt tokens whose state came from the state cache instead of being fed again (sent as
+  // usage.prompt_tokens_details.cached_tokens, as OpenAI reports its prompt cache).
+  int cached_tokens = 0;
 };
 
 struct ResponseMeta {
