@@ -287,7 +287,14 @@ TEST(ServeHttp, ModelsHealthPageAndMetrics) {
   EXPECT_FALSE(page->get_header_value("X-Aviary-Instance").empty());
   c.Post("/v1/completions", CompletionBody("metrics", 5).dump(), "application/json");
   c.Post("/v1/completions", "{", "application/json");
-  const std::string metrics = c.Get("/metrics")->body;
+  // A request is counted once its response has gone out, which can be just after the client
+  // has read it.
+  std::string metrics;
+  for (int i = 0; i < 50; ++i) {
+    metrics = c.Get("/metrics")->body;
+    if (metrics.find("status=\"400\"} 1") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   for (const char* name :
        {"aviary_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1",
         "aviary_requests_total{endpoint=\"/v1/completions\",status=\"400\"} 1",

@@ -302,7 +302,11 @@ void Engine::Step() {
     }
   }
   std::vector<std::pair<Job*, size_t>> prefilling;
-  size_t budget = options_.prefill_tokens_per_step;
+  // With no stream waiting on this step, a prompt goes through at full width.
+  constexpr size_t kIdlePrefillTokens = 512;
+  size_t budget = decoding.empty()
+                      ? std::max<size_t>(options_.prefill_tokens_per_step, kIdlePrefillTokens)
+                      : options_.prefill_tokens_per_step;
   for (auto& job : active_) {
     if (job->failed || !job->prefilling || budget == 0) continue;
     const std::span<const int32_t> prompt = job->request.prompt;

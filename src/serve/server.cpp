@@ -9,7 +9,6 @@
 #include <sstream>
 
 #include "aviary/error.h"
-#include "formats/json_depth.h"
 #include "formats/sha256.h"
 #include "serve/chat_prompt.h"
 
@@ -63,13 +62,6 @@ std::string EndpointLabel(const std::string& path) {
   if (path.starts_with("/v1/states/")) return "/v1/states/{id}";
   if (path == "/") return "/";
   return "other";
-}
-
-bool ValidStateId(const std::string& id) {
-  if (id.empty() || id.size() > 64) return false;
-  return std::all_of(id.begin(), id.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
-  });
 }
 
 }  // namespace
@@ -165,8 +157,14 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
       ChatRequest& r = std::get<ChatRequest>(parsed);
       model = r.model, params = std::move(r.params);
       if (!find_start(params.state)) return;
-      const std::vector<std::string> segments =
+      std::vector<std::string> segments =
           RenderChat(chat_template, r.messages, /*from_start=*/start == nullptr);
+      if (r.think) {
+        if (chat_template.think.empty()) {
+          return SendError(res, InvalidRequest("the " + chat_template.name + " template has no think mode", "think"));
+        }
+        segments.back() += chat_template.think;  // the last segment ends with the reply prefix
+      }
       prompt = TokenizeSegments(tokenizer, segments);
     } else {
       Parsed<CompletionRequest> parsed = ParseCompletionRequest(req.body, options.limits);
@@ -312,37 +310,26 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
 }
 
 void Server::Impl::SaveState(const httplib::Request& req, httplib::Response& res) {
-  if (req.body.size() > options.limits.max_body_bytes) {
-    return SendError(res, ApiError{413, "the body is larger than the server's limit", "invalid_request_error", "", ""});
-  }
-  if (JsonDepth(req.body) > options.limits.max_json_depth) {
-    return SendError(res, InvalidRequest("the JSON is nested too deeply"));
-  }
-  const json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
-  if (!body.is_object()) return SendError(res, InvalidRequest("the body must be a JSON object"));
-  if (!body.contains("id") || !body["id"].is_string() || !ValidStateId(body["id"])) {
-    return SendError(res, InvalidRequest("id must be 1 to 64 letters, digits, '-', '_' or '.'", "id"));
-  }
-  const std::string id = body["id"];
-  // The conversation to feed: chat messages or a prompt, parsed as the endpoints parse them.
+  Parsed<StateRequest> parsed = ParseStateRequest(req.body, options.limits);
+  if (auto* e = std::get_if<ApiError>(&parsed)) return SendError(res, *e);
+  StateRequest& r = std::get<StateRequest>(parsed);
+  const std::string id = r.id;
+  // The conversation to feed, rendered as complete (no reply prefix): later requests add turns.
   std::vector<int32_t> prompt;
   std::string start_id;
-  if (body.contains("messages")) {
-    Parsed<ChatRequest> parsed = ParseChatRequest(req.body, options.limits);
-    if (auto* e = std::get_if<ApiError>(&parsed)) return SendError(res, *e);
-    const ChatRequest& r = std::get<ChatRequest>(parsed);
-    start_id = r.params.state;
-    const std::vector<std::string> segments =
-        RenderChat(chat_template, r.messages, start_id.empty(), /*for_reply=*/false);
-    prompt = TokenizeSegments(tokenizer, segments);
-  } else if (body.contains("prompt")) {
-    Parsed<CompletionRequest> parsed = ParseCompletionRequest(req.body, options.limits);
-    if (auto* e = std::get_if<ApiError>(&parsed)) return SendError(res, *e);
-    const CompletionRequest& r = std::get<CompletionRequest>(parsed);
-    start_id = r.params.state;
-    prompt = tokenizer.Encode(r.prompt);
-  } else {
-    return SendError(res, InvalidRequest("give the conversation as messages or prompt", "messages"));
+  try {
+    if (auto* chat = std::get_if<ChatRequest>(&r.conversation)) {
+      start_id = chat->params.state;
+      const std::vector<std::string> segments =
+          RenderChat(chat_template, chat->messages, start_id.empty(), /*for_reply=*/false);
+      prompt = TokenizeSegments(tokenizer, segments);
+    } else {
+      const CompletionRequest& completion = std::get<CompletionRequest>(r.conversation);
+      start_id = completion.params.state;
+      prompt = tokenizer.Encode(completion.prompt);
+    }
+  } catch (const std::exception& e) {
+    return SendError(res, InvalidRequest(std::string("cannot tokenize the conversation: ") + e.what()));
   }
   if (prompt.empty()) return SendError(res, InvalidRequest("the conversation is empty", "messages"));
   if (static_cast<int>(prompt.size()) > options.max_prompt_tokens) {
@@ -544,7 +531,7 @@ Server::Server(Engine& engine, const Tokenizer& tokenizer, ChatTemplate chat_tem
 Server::~Server() = default;
 
 void Server::AddState(const std::string& name, State state) {
-  if (!ValidStateId(name)) throw UsageError("a state name must be 1 to 64 letters, digits, '-', '_' or '.': '" + name + "'");
+  if (!IsValidStateId(name)) throw UsageError("a state name must be 1 to 64 letters, digits, '-', '_' or '.': '" + name + "'");
   std::lock_guard lock(impl_->states_mutex);
   impl_->states[name] = std::make_shared<const StartState>(StartState{std::move(state), impl_->next_tag--});
 }
