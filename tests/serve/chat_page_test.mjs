@@ -115,10 +115,20 @@ async function waitForState(page, states, timeoutMs) {
   return lastReply(page);
 }
 
+// A value of the server's Prometheus text (GET /metrics).
+async function metric(server, name) {
+  const text = await (await fetch(`${server.url}/metrics`)).text();
+  const m = text.match(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm'));
+  assert.ok(m, `${name} is not in /metrics`);
+  return Number(m[1]);
+}
+
 const visible = (page, selector) => page.$eval(selector, (el) => !el.hidden && el.offsetParent !== null);
 
+let server = null;
+
 async function main() {
-  const server = await startServer(binary, ['--model', model]);
+  server = await startServer(binary, ['--model', model]);
   console.log(`server ${server.url} (pid ${server.pid})`);
   browser = await puppeteer.launch({
     executablePath: CHROMIUM,
@@ -216,9 +226,16 @@ async function main() {
   await checks.run('Stop ends a long reply, which then stops growing', async () => {
     await page.click('#new-chat');
     await openSettings(page);
+    // Greedy: the tiny model then repeats itself without ever ending its turn, so the reply is
+    // still running when Stop is clicked.
+    await setField(page, '#temperature', 0);
     await setField(page, '#max-tokens', 4096);
     await page.click('#settings-toggle');
     await watchLastReply(page);
+    // The tiny model writes a whole reply faster than a person could press Stop: the page's
+    // downloads are slowed so that the reply is still arriving when Stop is clicked.
+    await page.emulateNetworkConditions({ download: 40 * 1024, upload: 1024 * 1024, latency: 0 });
+    const cancelledBefore = await metric(server, 'aviary_requests_cancelled_total');
     await sendMessage(page, 'Write a very long story.');
     // Streaming: the text grows in at least two steps before the reply is stopped.
     await page.waitForFunction(() => window.__lengths.filter((n) => n > 0).length >= 2,
@@ -231,12 +248,16 @@ async function main() {
     const grew = lengths.filter((n) => n > 0);
     assert.ok(grew.length >= 2 && grew.every((n, i) => i === 0 || n > grew[i - 1]),
               `the reply grew step by step: ${lengths.join(' ')}`);
+    await page.emulateNetworkConditions(null);
     await sleep(1500);
     const later = await lastReply(page);
     assert.equal(later.text.length, stopped.text.length, 'the reply stopped growing');
     assert.match(later.all, /\(stopped\)/, 'the reply is marked as stopped');
     assert.ok(await visible(page, '#send'), '#send is back');
     assert.ok(!(await visible(page, '#stop')), '#stop is hidden again');
+    // The server noticed the closed stream and dropped the request.
+    const cancelledAfter = await metric(server, 'aviary_requests_cancelled_total');
+    assert.equal(cancelledAfter, cancelledBefore + 1, 'aviary_requests_cancelled_total');
     // The server is free again, and the stopped reply is part of the conversation.
     await setField(page, '#max-tokens', 16);
     await sendMessage(page, 'Thanks.');
