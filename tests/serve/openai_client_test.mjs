@@ -186,7 +186,7 @@ async function main() {
     const started = Date.now();
     const r = await openai.chat.completions.create({
       model: MODEL_ID, messages: MESSAGES, max_tokens: 4096, temperature: 0, n: 8,
-    });
+    }, { timeout: 300000 });  // sanitizer builds are slow
     console.log(`     (took ${Date.now() - started} ms)`);
     assert.equal(r.choices.length, 8);
     const first = r.choices[0].message.content;
