@@ -532,6 +532,9 @@ Server::Server(Engine& engine, const Tokenizer& tokenizer, ChatTemplate chat_tem
   const int threads = std::max(4, s.options.http_threads);
   s.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   s.http.set_payload_max_length(s.options.limits.max_body_bytes);
+  // Replies are many small writes (an event per token); with Nagle's algorithm a write waits for
+  // the peer's delayed ACK, which stalls every reply on a reused connection.
+  s.http.set_tcp_nodelay(true);
   s.http.set_read_timeout(std::chrono::seconds(30));
   s.http.set_write_timeout(std::chrono::seconds(30));
   s.Routes();
