@@ -169,10 +169,11 @@ if (doCache === '1') {
   const last = (r) => r.per_turn.at(-1);
   const onT = median(on.map((r) => last(r).ttft_ms)), offT = median(off.map((r) => last(r).ttft_ms));
   const bytes = on.flatMap((r) => r.metrics_per_turn.map((m) => Object.entries(m).find(([k]) => /bytes/.test(k) && !/max|limit|budget|capacity/.test(k))?.[1] ?? null)).filter((v) => v !== null);
-  console.log(`| state cache | last turn prompt tokens | last turn TTFT ms (median of ${repeats}) | all turns' TTFT ms (first run) |`);
-  console.log('|---|---:|---:|---|');
-  console.log(`| --state-cache-mb ${cacheMb} | ${last(on[0]).prompt_tokens} | ${onT} | ${on[0].per_turn.map((t) => t.ttft_ms).join(' ')} |`);
-  console.log(`| --state-cache-mb 0 | ${last(off[0]).prompt_tokens} | ${offT} | ${off[0].per_turn.map((t) => t.ttft_ms).join(' ')} |`);
+  console.log(`| state cache | last turn prompt tokens | of them from the cache | last turn TTFT ms (median of ${repeats}) | all turns' TTFT ms (first run) |`);
+  console.log('|---|---:|---:|---:|---|');
+  const row = (name, r, t) => `| ${name} | ${last(r[0]).prompt_tokens} | ${last(r[0]).cached_prompt_tokens} | ${t} | ${r[0].per_turn.map((x) => x.ttft_ms).join(' ')} |`;
+  console.log(row(`--state-cache-mb ${cacheMb}`, on, onT));
+  console.log(row('--state-cache-mb 0', off, offT));
   console.log(`state cache: last turn's TTFT ${(offT / onT).toFixed(1)}x shorter with the cache (target >= 10x)`);
   const maxBytes = bytes.length ? Math.max(...bytes) : null;
   console.log(`cache memory (from /metrics): at most ${maxBytes} bytes (${maxBytes === null ? '?' : (maxBytes / 1048576).toFixed(2)} MiB) against --state-cache-mb ${cacheMb}: ${maxBytes !== null && maxBytes <= cacheMb * 1048576 ? 'within' : 'NOT within / unknown'}`);

@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // A chat client's conversation against `aviary serve` (Node's built-ins only): each turn sends
 // the whole conversation so far plus a new user message (as chat clients do), streamed, greedy,
-// and records its time to first token; after each turn it reads the server's state-cache
-// metrics from GET /metrics. Prints a JSON summary. bench/serve_bench.sh runs it with the state
-// cache on and off.
+// and records its time to first token; after each turn it reads the server's state-cache and
+// prompt-token metrics from GET /metrics. Prints a JSON summary. bench/serve_bench.sh runs it
+// with the state cache on and off.
 //
 //   node bench/serve_conversation.mjs --url http://127.0.0.1:8080 [--turns 10] [--max-tokens 64]
 //        [--user-words 60] [--tag A] [--out FILE]
@@ -78,7 +78,7 @@ async function cacheMetrics() {
   const r = await request('GET', '/metrics');
   const m = {};
   for (const line of r.text.split('\n')) {
-    const match = line.match(/^(\S*state_cache\S*)\s+(\S+)/);
+    const match = line.match(/^(aviary_(?:state_cache|prompt_tokens)\S*)\s+(\S+)/);
     if (match) m[match[1]] = Number(match[2]);
   }
   return m;
@@ -104,8 +104,11 @@ for (let turn = 1; turn <= turns; ++turn) {
   }
   messages.push({ role: 'assistant', content: reply });
   metrics.push(await cacheMetrics());
-  perTurn.push({ turn, ttft_ms: Number(r.ttftMs?.toFixed(1)), total_ms: Number(r.totalMs.toFixed(1)), prompt_tokens: usage?.prompt_tokens ?? null, completion_tokens: usage?.completion_tokens ?? null });
-  console.error(`turn ${turn}: prompt ${usage?.prompt_tokens} tokens, TTFT ${r.ttftMs?.toFixed(1)} ms, total ${r.totalMs.toFixed(1)} ms`);
+  // Prompt tokens this turn took from the cache (the server's counter, one request at a time).
+  const cachedKey = 'aviary_prompt_tokens_cached_total';
+  const cached = cachedKey in metrics.at(-1) ? metrics.at(-1)[cachedKey] - metrics.at(-2)[cachedKey] : null;
+  perTurn.push({ turn, ttft_ms: Number(r.ttftMs?.toFixed(1)), total_ms: Number(r.totalMs.toFixed(1)), prompt_tokens: usage?.prompt_tokens ?? null, cached_prompt_tokens: cached, completion_tokens: usage?.completion_tokens ?? null });
+  console.error(`turn ${turn}: prompt ${usage?.prompt_tokens} tokens (${cached} from the cache), TTFT ${r.ttftMs?.toFixed(1)} ms, total ${r.totalMs.toFixed(1)} ms`);
 }
 const result = { url: opt.url, tag: opt.tag, turns, max_tokens: maxTokens, user_words: userWords, per_turn: perTurn, metrics_before: metrics[0], metrics_after: metrics.at(-1), metrics_per_turn: metrics.slice(1) };
 const json = JSON.stringify(result, null, 2);
