@@ -121,12 +121,15 @@ if ((do_batching)); then
       console.log(JSON.stringify({ completion }));
     " >"$expected.new" && mv "$expected.new" "$expected"
   fi
+  # The chat replies come from the first run's requests sent alone, then serve the second run.
   for parallel in 1 "$clients"; do
     echo "load: --parallel $parallel, $clients clients, $seconds s" >&2
     start_server "parallel-$parallel" --parallel "$parallel" --queue $((clients * 2))
     node "$root/tests/serve/load_test.mjs" --url "$url" --clients "$clients" --seconds "$seconds" \
       --max-tokens "$max_tokens" --prompts "$out/prompts.json" --expected "$expected" \
+      --save-expected "$out/expected-all.json" \
       --out "$out/load-parallel-$parallel.json" >/dev/null || echo "load test FAILED (--parallel $parallel)" >&2
+    expected=$out/expected-all.json
     stop_server
   done
 fi
