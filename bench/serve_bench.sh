@@ -122,6 +122,7 @@ if ((do_batching)); then
     " >"$expected.new" && mv "$expected.new" "$expected"
   fi
   # The chat replies come from the first run's requests sent alone, then serve the second run.
+  rm -f "$out/expected-all.json"
   for parallel in 1 "$clients"; do
     echo "load: --parallel $parallel, $clients clients, $seconds s" >&2
     start_server "parallel-$parallel" --parallel "$parallel" --queue $((clients * 2))

@@ -357,7 +357,7 @@ async function main() {
     if (distinct < expected[kind].size)
       console.error(`load_test: warning: ${kind}: ${expected[kind].size} prompts give only ${distinct} distinct replies`);
   }
-  if (opt['save-expected']) {
+  if (opt['save-expected'] && !failures.length) {
     const all = Object.fromEntries(kinds.map((k) => [k, Object.fromEntries(expected[k])]));
     fs.writeFileSync(opt['save-expected'], JSON.stringify(all, null, 1) + '\n');
   }
