@@ -130,7 +130,7 @@ if ((do_batching)); then
       --max-tokens "$max_tokens" --prompts "$out/prompts.json" --expected "$expected" \
       --save-expected "$out/expected-all.json" \
       --out "$out/load-parallel-$parallel.json" >/dev/null || echo "load test FAILED (--parallel $parallel)" >&2
-    expected=$out/expected-all.json
+    [[ -f $out/expected-all.json ]] && expected=$out/expected-all.json
     stop_server
   done
 fi
