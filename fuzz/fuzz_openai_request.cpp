@@ -1,5 +1,5 @@
-// libFuzzer target: arbitrary bytes as the body of POST /v1/chat/completions and of
-// POST /v1/completions. The parsers promise never to throw; each answer must be a request within
+// libFuzzer target: arbitrary bytes as the body of POST /v1/chat/completions, of
+// POST /v1/completions and of POST /v1/states. The parsers promise never to throw; each answer must be a request within
 // the limits or an error whose body is valid JSON naming a field it checked. Anything else (an
 // exception, a sanitizer report, a timeout, a huge allocation) is a bug. Seeds: scripts/fuzz.sh.
 #include <cstdint>
@@ -52,7 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CheckError(*e);
   } else {
     const auto& request = std::get<aviary::serve::ChatRequest>(chat);
-    Check(!request.model.empty() && !request.messages.empty(), "a chat request without input");
+    Check(!request.messages.empty(), "a chat request without input");
     CheckParams(request.params);
   }
   const auto completion = aviary::serve::ParseCompletionRequest(body, kLimits);
@@ -60,6 +60,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CheckError(*e);
   } else {
     CheckParams(std::get<aviary::serve::CompletionRequest>(completion).params);
+  }
+  const auto state = aviary::serve::ParseStateRequest(body, kLimits);
+  if (const auto* e = std::get_if<ApiError>(&state)) {
+    CheckError(*e);
+  } else {
+    const std::string& id = std::get<aviary::serve::StateRequest>(state).id;
+    Check(!id.empty() && id.size() <= 64 && id.find('/') == std::string::npos, "a bad state id");
   }
   return 0;
 }

@@ -55,15 +55,17 @@ class ScriptedModel final : public RwkvModel {
       : RwkvModel(MakeInfo(n_vocab)), script_(std::move(script)), tail_(tail) {}
 
  protected:
-  void Forward(std::span<const int32_t> tokens, float* state, float* logits,
-               bool all_positions) const override {
-    for (size_t t = 0; t < tokens.size(); ++t) {
-      state[0] = tokens[t] == ':' ? 0.0f : state[0] + 1.0f;
-      if (logits && (all_positions || t + 1 == tokens.size())) {
-        float* row = logits + (all_positions ? t * info_.n_vocab : 0);
-        std::fill_n(row, info_.n_vocab, 0.0f);
-        const size_t i = static_cast<size_t>(state[0]);
-        row[i < script_.size() ? script_[i] : tail_] = 20.0f;
+  void Forward(std::span<const int32_t> tokens, std::span<const Segment> segments) const override {
+    for (const Segment& g : segments) {
+      float* state = g.state;
+      for (int t = g.t0; t < g.t1; ++t) {
+        state[0] = tokens[t] == ':' ? 0.0f : state[0] + 1.0f;
+        if (g.logits && (g.all_positions || t + 1 == g.t1)) {
+          float* row = g.logits + (g.all_positions ? (t - g.t0) * info_.n_vocab : 0);
+          std::fill_n(row, info_.n_vocab, 0.0f);
+          const size_t i = static_cast<size_t>(state[0]);
+          row[i < script_.size() ? script_[i] : tail_] = 20.0f;
+        }
       }
     }
   }

@@ -217,8 +217,9 @@ TEST(OpenAiRequest, MessageErrors) {
   }
 }
 
-TEST(OpenAiRequest, ModelIsRequired) {
-  EXPECT_EQ(ChatError(R"({"messages":[{"role":"user","content":"hi"}]})").param, "model");
+TEST(OpenAiRequest, ModelMayBeLeftOutButNotEmptyOrMistyped) {
+  EXPECT_EQ(Ok(ParseChatRequest(R"({"messages":[{"role":"user","content":"hi"}]})", kLimits)).model,
+            "");
   EXPECT_EQ(ChatError(R"({"model":"","messages":[{"role":"user","content":"hi"}]})").param,
             "model");
   EXPECT_EQ(CompletionError(R"({"model":3,"prompt":"p"})").param, "model");
@@ -303,7 +304,10 @@ TEST(OpenAiResponse, ChatCompletion) {
   EXPECT_EQ(j["choices"][1]["index"], 1);
   EXPECT_EQ(j["choices"][1]["finish_reason"], "length");
   EXPECT_EQ(j["usage"],
-            json({{"prompt_tokens", 7}, {"completion_tokens", 3}, {"total_tokens", 10}}));
+            json({{"prompt_tokens", 7},
+                  {"completion_tokens", 3},
+                  {"total_tokens", 10},
+                  {"prompt_tokens_details", {{"cached_tokens", 0}}}}));
 }
 
 TEST(OpenAiResponse, Completion) {

@@ -43,6 +43,14 @@ struct ModelInfo {
   std::vector<std::string> notes;                       // what the reader converted on the fly
 };
 
+// One sequence of a batch (Model::EvalBatch): its new tokens, its state (advanced in place) and,
+// if non-null, where the logits of its last token go (resized to n_vocab).
+struct BatchItem {
+  std::span<const int32_t> tokens;  // at least one
+  State* state = nullptr;
+  std::vector<float>* logits = nullptr;
+};
+
 // A loaded model: its weights and the runtime it evaluates on. Eval is const and keeps no state
 // between calls (the State carries it), so one model serves many conversations, one Eval at a
 // time per runtime at full speed.
@@ -76,8 +84,21 @@ class Model {
   virtual void Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
                     bool all_positions = false) const = 0;
 
+  // Feeds several sequences in one pass over the weights (continuous batching: some items
+  // decoding one token, others prefilling a prompt): each item ends exactly as
+  // Eval(item.tokens, *item.state, item.logits) alone would leave it, bit for bit, whatever the
+  // other items. Everything is checked (tokens, states, no state or logits vector twice) before
+  // any state changes; throws as Eval does, naming the item. Items are fed in order, a long one
+  // over several passes.
+  virtual void EvalBatch(std::span<const BatchItem> items) const;
+
  protected:
   explicit Model(ModelInfo info) : info_(std::move(info)) {}
+
+  // The checks of EvalBatch that need no knowledge of the state's layout: a state and at least
+  // one token per item, token ids in the vocabulary, states of this model, no state or logits
+  // vector in two items. Throws UsageError (Error for a token id) naming the item.
+  void CheckBatch(std::span<const BatchItem> items) const;
 
   ModelInfo info_;
   // Null when loaded without a runtime: Eval then leaves the calling thread's current runtime

@@ -99,20 +99,88 @@ void RwkvModel::Embed(std::span<const int32_t> tokens, float* x) const {
   }
 }
 
-void RwkvModel::Head(const float* x, int T, float* logits, bool all_positions) const {
-  const int first = all_positions ? 0 : T - 1;
-  const int rows = T - first;
-  float* normed = Scratch::ForThisThread().Take(static_cast<size_t>(rows) * C());
-  LayerNormRows(x + static_cast<size_t>(first) * C(), ln_out_w_, ln_out_b_, rows, C(),
-                kLayerNormEps, normed);
-  MatMul(head_, normed, rows, logits);
+void RwkvModel::Head(const float* x, std::span<const Segment> segments) const {
+  const size_t n = C(), V = info_.n_vocab;
+  size_t rows = 0;
+  for (const Segment& g : segments) {
+    if (g.logits) rows += g.all_positions ? g.rows() : 1;
+  }
+  if (rows == 0) return;
+  Scratch& scratch = Scratch::ForThisThread();
+  float* picked = scratch.Take(rows * n);  // (rows, C) the rows that need logits, in order
+  float* normed = scratch.Take(rows * n);
+  // When the destinations are one block in row order (Eval: one segment), the product writes
+  // there directly; otherwise into scratch, then each row to its segment's vector.
+  float* const first_out = std::find_if(segments.begin(), segments.end(), [](const Segment& g) {
+                             return g.logits != nullptr;
+                           })->logits;
+  bool direct = true;
+  size_t i = 0;
+  for (const Segment& g : segments) {
+    if (!g.logits) continue;
+    const int first = g.all_positions ? g.t0 : g.t1 - 1;
+    for (int t = first; t < g.t1; ++t, ++i) {
+      std::copy_n(x + t * n, n, picked + i * n);
+      direct = direct && g.logits + (t - first) * V == first_out + i * V;
+    }
+  }
+  LayerNormRows(picked, ln_out_w_, ln_out_b_, static_cast<int>(rows), C(), kLayerNormEps, normed);
+  float* out = direct ? first_out : scratch.Take(rows * V);
+  MatMul(head_, normed, static_cast<int>(rows), out);
+  if (direct) return;
+  i = 0;
+  for (const Segment& g : segments) {
+    if (!g.logits) continue;
+    const int first = g.all_positions ? g.t0 : g.t1 - 1;
+    for (int t = first; t < g.t1; ++t, ++i) {
+      std::copy_n(out + i * V, V, g.logits + (t - first) * V);
+    }
+  }
 }
 
 // ---- Model ----
 
+static void CheckTokens(std::span<const int32_t> tokens, int n_vocab, const std::string& where) {
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= n_vocab) {
+      throw Error(where + "token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                  std::to_string(n_vocab - 1) + ")");
+    }
+  }
+}
+
 Model::~Model() = default;
 
 Runtime& Model::runtime() const { return runtime_ ? *runtime_ : *Runtime::Default(); }
+
+void Model::CheckBatch(std::span<const BatchItem> items) const {
+  std::vector<const void*> states, logits;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const BatchItem& item = items[i];
+    const std::string where = "batch item " + std::to_string(i) + ": ";
+    if (!item.state) throw UsageError(where + "no state");
+    if (item.state->model_fingerprint() != info_.fingerprint) {
+      throw UsageError(where + "state does not belong to model " + info_.path);
+    }
+    if (item.tokens.empty()) throw UsageError(where + "no tokens to evaluate");
+    CheckTokens(item.tokens, info_.n_vocab, where);
+    states.push_back(item.state);
+    if (item.logits) logits.push_back(item.logits);
+  }
+  // Two items advancing one state would each start from the other's result.
+  for (auto* list : {&states, &logits}) {
+    std::sort(list->begin(), list->end(), std::less<>());
+    if (std::adjacent_find(list->begin(), list->end()) != list->end()) {
+      throw UsageError(list == &states ? "the same state is in two batch items"
+                                       : "the same logits vector is in two batch items");
+    }
+  }
+}
+
+void Model::EvalBatch(std::span<const BatchItem> items) const {
+  CheckBatch(items);
+  for (const BatchItem& item : items) Eval(item.tokens, *item.state, item.logits);
+}
 
 void RwkvModel::InitLayerState(float* layer_state) const {
   std::fill_n(layer_state, StateFloatsPerLayer(), 0.0f);
@@ -128,19 +196,18 @@ State RwkvModel::NewState() const {
   return s;
 }
 
-void RwkvModel::Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
-                     bool all_positions) const {
+void RwkvModel::CheckState(const State& state) const {
   if (state.fingerprint_ != info_.fingerprint ||
       state.data_.size() != StateFloatsPerLayer() * info_.n_layer) {
     throw UsageError("state does not belong to model " + info_.path);
   }
+}
+
+void RwkvModel::Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
+                     bool all_positions) const {
+  CheckState(state);
   if (tokens.empty()) throw UsageError("no tokens to evaluate");
-  for (int32_t t : tokens) {
-    if (t < 0 || t >= info_.n_vocab) {
-      throw Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
-                  std::to_string(info_.n_vocab - 1) + ")");
-    }
-  }
+  CheckTokens(tokens, info_.n_vocab, "");
   const ScopedRuntime on_runtime(runtime_.get());  // the kernels below run on the model's runtime
   const size_t V = info_.n_vocab;
   if (logits) logits->assign(all_positions ? tokens.size() * V : V, 0.0f);
@@ -148,13 +215,50 @@ void RwkvModel::Eval(std::span<const int32_t> tokens, State& state, std::vector<
   for (size_t start = 0; start < tokens.size(); start += chunk) {
     const size_t n = std::min(chunk, tokens.size() - start);
     const bool last_chunk = start + n == tokens.size();
-    float* out = nullptr;
-    if (logits && all_positions) out = logits->data() + start * V;
-    if (logits && !all_positions && last_chunk) out = logits->data();
+    Segment whole{0, static_cast<int>(n), state.data_.data(), nullptr, all_positions};
+    if (logits && all_positions) whole.logits = logits->data() + start * V;
+    if (logits && !all_positions && last_chunk) whole.logits = logits->data();
     Scratch::ForThisThread().Reset();
-    Forward(tokens.subspan(start, n), state.data_.data(), out, all_positions);
+    Forward(tokens.subspan(start, n), std::span(&whole, 1));
   }
   state.tokens_seen_ += tokens.size();
+}
+
+void RwkvModel::EvalBatch(std::span<const BatchItem> items) const {
+  CheckBatch(items);
+  for (size_t i = 0; i < items.size(); ++i) {
+    try {
+      CheckState(*items[i].state);
+    } catch (const Error& e) {
+      throw UsageError("batch item " + std::to_string(i) + ": " + e.what());
+    }
+  }
+  const ScopedRuntime on_runtime(runtime_.get());
+  for (const BatchItem& item : items) {
+    if (item.logits) item.logits->assign(info_.n_vocab, 0.0f);
+  }
+  // Passes of up to kMaxChunk rows: the items in order, one that does not fit in the room left
+  // continuing at the start of the next pass.
+  int32_t tokens[kMaxChunk];
+  Segment segments[kMaxChunk];
+  size_t item = 0, done = 0;  // the next row is items[item].tokens[done]
+  while (item < items.size()) {
+    int T = 0, n_segments = 0;
+    while (item < items.size() && T < kMaxChunk) {
+      const BatchItem& it = items[item];
+      const size_t n = std::min(it.tokens.size() - done, static_cast<size_t>(kMaxChunk - T));
+      std::copy_n(it.tokens.begin() + done, n, tokens + T);
+      done += n;
+      const bool ends = done == it.tokens.size();
+      segments[n_segments++] = {T, T + static_cast<int>(n), it.state->data_.data(),
+                                ends && it.logits ? it.logits->data() : nullptr, false};
+      T += static_cast<int>(n);
+      if (ends) ++item, done = 0;
+    }
+    Scratch::ForThisThread().Reset();
+    Forward(std::span(tokens, T), std::span(segments, n_segments));
+  }
+  for (const BatchItem& it : items) it.state->tokens_seen_ += it.tokens.size();
 }
 
 // ---- Loading ----

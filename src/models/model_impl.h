@@ -3,6 +3,7 @@
 // out). The stages of a layer are in stages.h.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <span>
 #include <string>
@@ -69,11 +70,13 @@ class RwkvModel : public Model {
   State NewState() const override;
   void Eval(std::span<const int32_t> tokens, State& state, std::vector<float>* logits,
             bool all_positions = false) const override;
+  void EvalBatch(std::span<const BatchItem> items) const override;
 
-  // Sequence mode processes at most kMaxChunk tokens per forward pass; longer inputs are fed in
-  // chunks (same result, bounded scratch memory). A chunk hands its products to the threads
-  // once per matrix, so longer chunks pay that hand-off less often, while the scratch grows with
-  // the chunk (docs/PERFORMANCE.md has the measurements behind 128).
+  // A forward pass processes at most kMaxChunk tokens (rows), of one sequence (Eval) or of
+  // several (EvalBatch); longer inputs are fed in chunks (same result, bounded scratch memory).
+  // A chunk hands its products to the threads once per matrix, so longer chunks pay that
+  // hand-off less often, while the scratch grows with the chunk (docs/PERFORMANCE.md has the
+  // measurements behind 128).
   static constexpr int kMaxChunk = 128;
 
  protected:
@@ -81,18 +84,34 @@ class RwkvModel : public Model {
   // A model without a weight file, whose Forward computes everything itself (test doubles).
   explicit RwkvModel(ModelInfo info) : Model(std::move(info)) {}
 
-  // Per-version forward over tokens[0..T) with T <= kMaxChunk. `logits` is nullptr or has
-  // room for `T` rows (all_positions) or one row (last token only).
-  virtual void Forward(std::span<const int32_t> tokens, float* state, float* logits,
-                       bool all_positions) const = 0;
+  // One sequence's rows of a forward pass: rows [t0, t1) continue the sequence whose state is
+  // `state` (its floats, advanced in place). `logits` is null or receives n_vocab floats for
+  // the last row, or for every row when `all_positions` is set.
+  struct Segment {
+    int t0 = 0, t1 = 0;
+    float* state = nullptr;
+    float* logits = nullptr;
+    bool all_positions = false;
+    int rows() const { return t1 - t0; }
+  };
+
+  // Per-version forward over the rows tokens[0..T), T <= kMaxChunk, split into `segments`
+  // (in order, covering [0, T)). Row stages and products run over all T rows at once; the
+  // stages that read or write a state (token shift, WKV) run per segment on its own rows.
+  virtual void Forward(std::span<const int32_t> tokens,
+                       std::span<const Segment> segments) const = 0;
   // Floats of recurrent state per layer, and its initial value (zero except v4's pp = -1e30).
   virtual size_t StateFloatsPerLayer() const = 0;
   virtual void InitLayerState(float* layer_state) const;
 
+  // Throws unless `state` belongs to this model.
+  void CheckState(const State& state) const;
+
   // x[t] = ln0(emb[tokens[t]]).
   void Embed(std::span<const int32_t> tokens, float* x) const;
-  // ln_out then head, for every row of x (all_positions) or only the last.
-  void Head(const float* x, int T, float* logits, bool all_positions) const;
+  // ln_out then head, for the rows of x (T, C) whose logits a segment asks for: only those
+  // rows are multiplied (the head is the largest matrix).
+  void Head(const float* x, std::span<const Segment> segments) const;
 
   int C() const { return info_.n_embd; }
   const Weights& weights() const { return weights_; }
@@ -114,6 +133,23 @@ void ForTokens(int T, F&& fn) {
   ParallelForRanges(T, /*chunk=*/8, [&](int64_t t0, int64_t t1) {
     fn(static_cast<int>(t0), static_cast<int>(t1));
   });
+}
+
+// fn(segment) for every segment: the per-sequence stages (the WKV recurrences). Segments run
+// in parallel when none dominates the pass (decoding: many one-row segments, each too small to
+// split over heads); otherwise one after the other, each kernel spreading its own heads over
+// the pool. Each segment's result is the same either way (the kernels' work never depends on
+// the thread).
+template <typename Segments, typename F>
+void ForSegments(const Segments& segments, int T, F&& fn) {
+  int widest = 0;
+  for (const auto& s : segments) widest = std::max(widest, s.rows());
+  if (segments.size() == 1 || 2 * widest > T) {
+    for (const auto& s : segments) fn(s);
+    return;
+  }
+  ParallelFor(static_cast<int64_t>(segments.size()),
+              [&](int64_t i, int) { fn(segments[static_cast<size_t>(i)]); });
 }
 
 constexpr float kLayerNormEps = 1e-5f;

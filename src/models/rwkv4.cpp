@@ -87,20 +87,23 @@ class Rwkv4 final : public RwkvModel {
     float* dx;            // (T, C) Wo out: what the time mix adds to x
   };
 
-  void Forward(std::span<const int32_t> tokens, float* state, float* logits,
-               bool all_positions) const override {
+  void Forward(std::span<const int32_t> tokens, std::span<const Segment> segments) const override {
     const int T = static_cast<int>(tokens.size());
     Acts acts(Scratch::ForThisThread(), T, C());
     Embed(tokens, acts.x);
-    for (int l = 0; l < info_.n_layer; ++l) RunLayer(layers_[l], StateOfLayer(state, l), acts, T);
-    if (logits) Head(acts.x, T, logits, all_positions);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(l, segments, acts, T);
+    Head(acts.x, segments);
   }
 
-  void RunLayer(const Layer& L, const LayerState& s, Acts& acts, int T) const {
+  void RunLayer(int l, std::span<const Segment> segments, Acts& acts, int T) const {
+    const Layer& L = layers_[l];
     const int n = C();
     // Time mix: x += Wo (sigmoid(r) wkv4(k, v)).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    for (const Segment& g : segments) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      TokenShift(acts.xx + o, g.rows(), n, StateOfLayer(g.state, l).att_x, acts.prev + o);
+    }
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
@@ -110,8 +113,12 @@ class Rwkv4 final : public RwkvModel {
                              {L.att_value, acts.xv, acts.v},
                              {L.att_receptance, acts.xr, acts.r}};
     MatMulBatch(kvr, T);
-    Wkv4Seq(T, n, acts.k, acts.v, L.time_first.data(), L.time_decay.data(), s.aa, s.bb, s.pp,
-            acts.out);
+    ForSegments(segments, T, [&](const Segment& g) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      const LayerState s = StateOfLayer(g.state, l);
+      Wkv4Seq(g.rows(), n, acts.k + o, acts.v + o, L.time_first.data(), L.time_decay.data(), s.aa,
+              s.bb, s.pp, acts.out + o);
+    });
     ForTokens(T, [&](int t0, int t1) {
       const size_t b = static_cast<size_t>(t0) * n, e = static_cast<size_t>(t1) * n;
       SigmoidInPlace(acts.r + b, e - b);
@@ -120,7 +127,10 @@ class Rwkv4 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: x += sigmoid(Wr xr) (Wv relu(Wk xk)^2).
-    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    for (const Segment& g : segments) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      TokenShift(acts.xx + o, g.rows(), n, StateOfLayer(g.state, l).ffn_x, acts.prev + o);
+    }
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);

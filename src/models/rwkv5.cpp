@@ -96,22 +96,27 @@ class Rwkv5 final : public RwkvModel {
     float* dx;            // (T, C) Wo out: what the time mix adds to x
   };
 
-  void Forward(std::span<const int32_t> tokens, float* state, float* logits,
-               bool all_positions) const override {
+  void Forward(std::span<const int32_t> tokens, std::span<const Segment> segments) const override {
     const int T = static_cast<int>(tokens.size());
     Acts acts(Scratch::ForThisThread(), T, C());
     Embed(tokens, acts.x);
-    for (int l = 0; l < info_.n_layer; ++l) {
-      RunLayer(layers_[l], HeadLayerState::Of(state, l, C(), info_.head_size), acts, T);
-    }
-    if (logits) Head(acts.x, T, logits, all_positions);
+    for (int l = 0; l < info_.n_layer; ++l) RunLayer(l, segments, acts, T);
+    Head(acts.x, segments);
   }
 
-  void RunLayer(const Layer& L, const HeadLayerState& s, Acts& acts, int T) const {
+  HeadLayerState StateOf(const Segment& seg, int l) const {
+    return HeadLayerState::Of(seg.state, l, C(), info_.head_size);
+  }
+
+  void RunLayer(int l, std::span<const Segment> segments, Acts& acts, int T) const {
+    const Layer& L = layers_[l];
     const int n = C(), H = info_.n_head, N = info_.head_size;
     // Time mix: x += Wo (GroupNorm(wkv5(r, k, v)) (* silu(g))).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    TokenShift(acts.xx, T, n, s.att_x, acts.prev);
+    for (const Segment& g : segments) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).att_x, acts.prev + o);
+    }
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
@@ -123,8 +128,11 @@ class Rwkv5 final : public RwkvModel {
                               {L.att_receptance, acts.xr, acts.r},
                               {L.att_gate, acts.xg, acts.g}};  // v5.2 only
     MatMulBatch(std::span(kvrg, L.has_gate ? 4 : 3), T);
-    Wkv5Seq(T, H, N, acts.r, acts.k, acts.v, L.decay.data(), /*decay_per_token=*/false,
-            L.first.data(), s.S, acts.wkv);
+    ForSegments(segments, T, [&](const Segment& g) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      Wkv5Seq(g.rows(), H, N, acts.r + o, acts.k + o, acts.v + o, L.decay.data(),
+              /*decay_per_token=*/false, L.first.data(), StateOf(g, l).S, acts.wkv + o);
+    });
     ForTokens(T, [&](int t0, int t1) {
       for (int t = t0; t < t1; ++t) {  // by token: its rows stay in L1 through the stages
         GroupNormHeads(acts.wkv, L.ln_x_w, L.ln_x_b, n, H, kGroupNormEps, t, t + 1, acts.out);
@@ -137,7 +145,10 @@ class Rwkv5 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: as v4's.
-    TokenShift(acts.xx, T, n, s.ffn_x, acts.prev);
+    for (const Segment& g : segments) {
+      const size_t o = static_cast<size_t>(g.t0) * n;
+      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).ffn_x, acts.prev + o);
+    }
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);

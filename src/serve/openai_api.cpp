@@ -1,5 +1,7 @@
 #include "serve/openai_api.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <exception>
 #include <nlohmann/json.hpp>
@@ -275,8 +277,12 @@ Parsed<Request> ParseRequest(std::string_view body, const Limits& limits, ReadIn
     const json& root = std::get<json>(parsed);
     Request request;
     FieldReader r(root, "");
-    r.String("model", request.model, /*required=*/true);
+    // Optional: a server holds one model, so a request without one means that one.
+    r.String("model", request.model, /*required=*/false);
     if (r.error) return *r.error;
+    if (request.model.empty() && root.contains("model") && root["model"].is_string()) {
+      return InvalidRequest("'model' must not be empty", "model");
+    }
     if (auto e = read_input(r, request)) return *e;
     ReadGenerationParams(r, limits, request.params);
     if (r.error) return *r.error;
@@ -303,7 +309,8 @@ const char* FinishReasonName(FinishReason reason) {
 ojson UsageJson(const Usage& usage) {
   return {{"prompt_tokens", usage.prompt_tokens},
           {"completion_tokens", usage.completion_tokens},
-          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+          {"total_tokens", usage.prompt_tokens + usage.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", usage.cached_tokens}}}};
 }
 
 ojson Envelope(const ResponseMeta& meta, const char* object) {
@@ -334,8 +341,45 @@ ApiError InvalidRequest(std::string message, std::string param) {
 
 Parsed<ChatRequest> ParseChatRequest(std::string_view body, const Limits& limits) {
   return ParseRequest<ChatRequest>(body, limits, [](FieldReader& r, ChatRequest& request) {
+    r.Bool("think", request.think);
+    if (r.error) return r.error;
     return ReadMessages(r, request.messages);
   });
+}
+
+bool IsValidStateId(std::string_view id) {
+  return !id.empty() && id.size() <= 64 && std::all_of(id.begin(), id.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+Parsed<StateRequest> ParseStateRequest(std::string_view body, const Limits& limits) {
+  try {
+    std::variant<json, ApiError> parsed = ParseBody(body, limits);
+    if (auto* e = std::get_if<ApiError>(&parsed)) return std::move(*e);
+    const json& root = std::get<json>(parsed);
+    StateRequest request;
+    FieldReader r(root, "");
+    r.String("id", request.id, /*required=*/true);
+    if (r.error) return *r.error;
+    if (!IsValidStateId(request.id)) return InvalidRequest("'id' must be 1 to 64 letters, digits, '-', '_' or '.'", "id");
+    const bool chat = root.contains("messages");
+    if (!chat && !root.contains("prompt")) {
+      return InvalidRequest("give the conversation as 'messages' or as 'prompt'", "messages");
+    }
+    if (chat) {
+      Parsed<ChatRequest> c = ParseChatRequest(body, limits);
+      if (auto* e = std::get_if<ApiError>(&c)) return std::move(*e);
+      request.conversation = std::move(std::get<ChatRequest>(c));
+    } else {
+      Parsed<CompletionRequest> c = ParseCompletionRequest(body, limits);
+      if (auto* e = std::get_if<ApiError>(&c)) return std::move(*e);
+      request.conversation = std::move(std::get<CompletionRequest>(c));
+    }
+    return request;
+  } catch (const std::exception& e) {
+    return ApiError{500, std::string("cannot read the request: ") + e.what(), "server_error", "", ""};
+  }
 }
 
 Parsed<CompletionRequest> ParseCompletionRequest(std::string_view body, const Limits& limits) {

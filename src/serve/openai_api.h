@@ -64,15 +64,24 @@ struct GenerationParams {
 };
 
 struct ChatRequest {
-  std::string model;
+  std::string model;                  // empty: the server's model
   std::vector<ChatMessage> messages;  // at least one
   GenerationParams params;
+  bool think = false;  // RWKV extra: start the reply in think mode (World/G1: "Assistant: <think")
 };
 
 struct CompletionRequest {
   std::string model;
   std::string prompt;  // a string, or an array holding one string
   GenerationParams params;
+};
+
+// POST /v1/states: feed a conversation and keep its state under `id` (1 to 64 letters, digits,
+// '-', '_', '.'). The conversation is a chat request's "messages" or a completion request's
+// "prompt", read as those endpoints read them ("state" continues another saved state).
+struct StateRequest {
+  std::string id;
+  std::variant<ChatRequest, CompletionRequest> conversation;
 };
 
 template <class Request>
@@ -82,6 +91,9 @@ using Parsed = std::variant<Request, ApiError>;
 // or out of range is an error naming it. A body over the size limit is a 413.
 Parsed<ChatRequest> ParseChatRequest(std::string_view body, const Limits& limits);
 Parsed<CompletionRequest> ParseCompletionRequest(std::string_view body, const Limits& limits);
+Parsed<StateRequest> ParseStateRequest(std::string_view body, const Limits& limits);
+// A saved state's name: 1 to 64 letters, digits, '-', '_' or '.' (safe in a URL path and a log).
+bool IsValidStateId(std::string_view id);
 
 // ---- Responses. Text may hold any bytes a model emitted: bytes that are not valid UTF-8 are
 // sent as U+FFFD. A stream should hold back incomplete characters between chunks (Utf8Stream,
@@ -92,6 +104,9 @@ enum class FinishReason { kStop, kLength };
 struct Usage {
   int prompt_tokens = 0;
   int completion_tokens = 0;
+  // Prompt tokens whose state came from the state cache instead of being fed again (sent as
+  // usage.prompt_tokens_details.cached_tokens, as OpenAI reports its prompt cache).
+  int cached_tokens = 0;
 };
 
 struct ResponseMeta {

@@ -70,5 +70,6 @@ void RegisterBench(CLI::App& app);     // cmd_bench.cpp: speed and memory
 void RegisterSynth(CLI::App& app);     // cmd_synth.cpp: random models of real sizes
 void RegisterChat(CLI::App& app);      // cmd_chat.cpp
 void RegisterTrain(CLI::App& app);     // cmd_train.cpp: training and its loss plot
+void RegisterServe(CLI::App& app);     // cmd_serve.cpp: the OpenAI-compatible server
 
 }  // namespace aviary::cli

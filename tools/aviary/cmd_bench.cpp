@@ -1,6 +1,7 @@
 // aviary bench: load time, prompt processing (sequence mode) and generation (one token at a
-// time) speed, peak memory; medians over repeats; optionally a read-bandwidth probe and the
-// bandwidth bound it implies for generation.
+// time) speed, peak memory; medians over repeats; optionally batched decoding (N sequences
+// decoding together through EvalBatch), a read-bandwidth probe and the bandwidth bound it
+// implies for generation.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -145,6 +146,35 @@ std::string JsonString(const std::string& in) {
   return s + "\"";
 }
 
+// Batched decoding: `n` sequences, each first fed its own short prompt (together), then
+// `steps` greedy steps of one token per sequence, all sequences in one EvalBatch per step.
+// Returns the aggregate tokens per second of the timed steps (after one untimed step that
+// sizes the scratch for this batch).
+double BatchDecodeTokS(const Model& model, int n, int steps) {
+  constexpr int kPromptPerSeq = 16;
+  const std::vector<int32_t> prompts = BenchTokens(n * kPromptPerSeq, model.info().n_vocab);
+  std::vector<State> states(n, model.NewState());
+  std::vector<std::vector<float>> logits(n);
+  std::vector<int32_t> next(n);
+  std::vector<BatchItem> items(n);
+  for (int i = 0; i < n; ++i) {
+    items[i] = {std::span(prompts).subspan(static_cast<size_t>(i) * kPromptPerSeq, kPromptPerSeq),
+                &states[i], &logits[i]};
+  }
+  model.EvalBatch(items);
+  auto step = [&] {
+    for (int i = 0; i < n; ++i) {
+      next[i] = ArgMax(logits[i]);
+      items[i].tokens = std::span(&next[i], 1);
+    }
+    model.EvalBatch(items);
+  };
+  step();
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) step();
+  return static_cast<double>(n) * steps / Seconds(t0, Clock::now());
+}
+
 }  // namespace
 
 void RegisterBench(CLI::App& app) {
@@ -153,6 +183,7 @@ void RegisterBench(CLI::App& app) {
     int prompt_tokens = 512, gen_tokens = 128, repeat = 3;
     bool json = false, bandwidth = false;
     int bandwidth_mib = 1024;
+    std::vector<int> batch;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd =
@@ -164,6 +195,11 @@ void RegisterBench(CLI::App& app) {
   cmd->add_option("--gen-tokens", o->gen_tokens, "Tokens generated one at a time")
       ->capture_default_str();
   cmd->add_option("--repeat", o->repeat, "Repeats (medians are reported)")->capture_default_str();
+  cmd->add_option("--batch", o->batch,
+                  "Also measure batched decoding: N sequences decoding together, for each N of "
+                  "a comma-separated list (e.g. 1,4,16)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
   cmd->add_flag("--json", o->json, "Print the results as one JSON object");
   cmd->add_flag("--bandwidth", o->bandwidth,
                 "Also measure read bandwidth and the generation speed it bounds");
@@ -173,6 +209,9 @@ void RegisterBench(CLI::App& app) {
   cmd->callback([o] {
     if (o->prompt_tokens < 1 || o->gen_tokens < 0 || o->repeat < 1) {
       throw UsageError("--prompt-tokens and --repeat must be >= 1, --gen-tokens >= 0");
+    }
+    if (!o->batch.empty() && o->gen_tokens < 1) {
+      throw UsageError("--batch needs --gen-tokens >= 1 (the decoding steps it times)");
     }
     if (o->model.empty() && !o->bandwidth) throw UsageError("give --model FILE (or --bandwidth)");
     const LoadOptions load_options = ModelLoadOptions();
@@ -249,6 +288,14 @@ void RegisterBench(CLI::App& app) {
     for (float f : logits) {
       if (!std::isfinite(f)) throw Error(path + ": the model produced non-finite logits");
     }
+    // Batched decoding, each batch size's repeats one after the other.
+    std::vector<std::vector<double>> batch_tps;
+    for (int n : o->batch) {
+      batch_tps.emplace_back();
+      for (int r = 0; r < o->repeat; ++r) {
+        batch_tps.back().push_back(BatchDecodeTokS(*model, n, o->gen_tokens));
+      }
+    }
     const uint64_t rss = PeakRssBytes();
     probe();
     const double load = Median(load_ms), pp = Median(prompt_tps), tg = Median(gen_tps);
@@ -273,6 +320,14 @@ void RegisterBench(CLI::App& app) {
           info.load_mode.c_str(), load, JsonList(load_ms).c_str(), o->prompt_tokens, pp,
           JsonList(prompt_tps).c_str(), gflops_pp, o->gen_tokens, tg, JsonList(gen_tps).c_str(),
           static_cast<unsigned long long>(rss));
+      if (!o->batch.empty()) {
+        std::printf(", \"batch\": [");
+        for (size_t i = 0; i < o->batch.size(); ++i) {
+          std::printf("%s{\"sequences\": %d, \"tok_s\": %.3f, \"tok_s_all\": %s}", i ? ", " : "",
+                      o->batch[i], Median(batch_tps[i]), JsonList(batch_tps[i]).c_str());
+        }
+        std::printf("]");
+      }
       if (bandwidth > 0) {
         std::printf(
             ", \"read_bandwidth_gb_s\": %.2f, \"gen_bound_tok_s\": %.3f, "
@@ -300,6 +355,16 @@ void RegisterBench(CLI::App& app) {
     if (o->gen_tokens > 0) {
       std::printf("generation:  %.2f tok/s (%d tokens, median of %d; %.1f MiB of weights/token)\n",
                   tg, o->gen_tokens, o->repeat, ws.bytes_per_token / 1048576.0);
+    }
+    if (!o->batch.empty()) {
+      std::printf("batched:     N sequences decoding together, one token each per step (%d "
+                  "steps, median of %d); aggregate tok/s, and x generation above\n",
+                  o->gen_tokens, o->repeat);
+      for (size_t i = 0; i < o->batch.size(); ++i) {
+        const double tps = Median(batch_tps[i]);
+        std::printf("  N = %-4d   %10.2f tok/s  (%.2f per sequence, %.2fx)\n", o->batch[i], tps,
+                    tps / o->batch[i], tg > 0 ? tps / tg : 0.0);
+      }
     }
     if (bandwidth > 0) {
       std::printf("bandwidth:   %.2f GB/s read -> bound %.2f tok/s; generation at %.0f%%\n",
