@@ -30,7 +30,9 @@ if (!opt.url) {
 const turns = Number(opt.turns);
 const maxTokens = Number(opt['max-tokens']);
 const userWords = Number(opt['user-words']);
-const agent = new http.Agent({ keepAlive: true });
+// A new connection per request: on a reused connection the server's last small write can wait
+// for the client's delayed ACK (Nagle's algorithm), which would be measured as cache time.
+const agent = new http.Agent({ keepAlive: false });
 
 const words = ('river harbour lantern orchard meadow copper violin glacier market library ' +
   'thunder pepper canyon ribbon compass pebble saddle marble blossom kettle falcon timber ' +
@@ -95,7 +97,8 @@ for (let turn = 1; turn <= turns; ++turn) {
   if (r.status !== 200) throw new Error(`turn ${turn}: status ${r.status}: ${r.text.slice(0, 300)}`);
   let reply = '';
   let usage = null;
-  const events = r.text.split('\n\n').filter(Boolean);
+  // Events, without SSE comments (the server's keep-alives).
+  const events = r.text.split('\n\n').filter((e) => e && !e.startsWith(':'));
   if (events.at(-1) !== 'data: [DONE]') throw new Error(`turn ${turn}: stream did not end with [DONE]`);
   for (const e of events.slice(0, -1)) {
     const j = JSON.parse(e.slice('data: '.length));

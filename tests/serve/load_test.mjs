@@ -184,11 +184,14 @@ function send(path, body, { headers = {}, timeoutMs = 600000 } = {}) {
         while ((end = pending.indexOf('\n\n')) >= 0) {
           const event = pending.slice(0, end);
           pending = pending.slice(end + 2);
-          const data = event.split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n');
-          if (!event.startsWith('data: ')) {
+          const lines = event.split('\n');
+          // Lines starting with ':' are SSE comments (the server's keep-alives while it waits).
+          if (lines.every((l) => l.startsWith(':'))) continue;
+          if (!lines.every((l) => l.startsWith('data: ') || l.startsWith(':'))) {
             result.events.push({ bad: event });
             continue;
           }
+          const data = lines.filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n');
           let json = null;
           if (data !== '[DONE]') {
             try {

@@ -185,8 +185,8 @@ events=$(grep -c '^data: ' "$tmp/body" || true)
 ((events >= 3)) || die "streamed completion: $events SSE events (want chunks, then [DONE]): $body"
 last=$(grep '^data: ' "$tmp/body" | tail -n1)
 [[ $last == 'data: [DONE]' ]] || die "streamed completion: last event is '$last', not [DONE]"
-# Every event is "data: ..." followed by a blank line.
-if grep -v '^data: ' "$tmp/body" | grep -q .; then die "streamed completion: lines outside SSE events: $body"; fi
+# Every event is "data: ..." followed by a blank line; lines starting with ':' are comments.
+if grep -v -e '^data: ' -e '^:' "$tmp/body" | grep -q .; then die "streamed completion: lines outside SSE events: $body"; fi
 streamed=$(grep '^data: {' "$tmp/body" | sed 's/^data: //' |
   python3 -c 'import json, sys; print("".join(json.loads(l)["choices"][0]["text"] for l in sys.stdin if json.loads(l)["choices"]), end="")')
 request POST "$proxy/v1/completions" \
