@@ -122,13 +122,16 @@ if ((do_batching)); then
     " >"$expected.new" && mv "$expected.new" "$expected"
   fi
   # The chat replies come from the first run's requests sent alone, then serve the second run.
+  # SOLO_WHOLE=no asks them streamed only (not also as whole replies).
+  solo_whole=""
+  [[ ${SOLO_WHOLE:-yes} == no ]] && solo_whole="--solo-whole no"
   rm -f "$out/expected-all.json"
   for parallel in 1 "$clients"; do
     echo "load: --parallel $parallel, $clients clients, $seconds s" >&2
     start_server "parallel-$parallel" --parallel "$parallel" --queue $((clients * 2))
     node "$root/tests/serve/load_test.mjs" --url "$url" --clients "$clients" --seconds "$seconds" \
       --max-tokens "$max_tokens" --prompts "$out/prompts.json" --expected "$expected" \
-      --save-expected "$out/expected-all.json" \
+      --save-expected "$out/expected-all.json" $solo_whole \
       --out "$out/load-parallel-$parallel.json" >/dev/null || echo "load test FAILED (--parallel $parallel)" >&2
     [[ -f $out/expected-all.json ]] && expected=$out/expected-all.json
     stop_server
