@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # docs/serve/nginx.conf, run as written: two `aviary serve` replicas on loopback behind an
 # unprivileged nginx (its pid, logs and temp files in a temporary directory), checked for
-# conversation affinity, SSE streaming through the proxy, and state-cache hits on a
-# conversation's second turn.
+# conversation affinity, SSE streaming through the proxy, errors, state-cache hits on a
+# conversation's second turn, and a short load test through the proxy.
 #
 # usage: tests/serve/nginx_test.sh AVIARY_BINARY MODEL_PATH
 # Exits 77 (skipped) when nginx, curl or the model is missing, except under CI=true, where that
@@ -235,6 +235,22 @@ hits_after=$(cache_hits "${replica_url[idx1]}")
 ((hits_after > hits_before)) ||
   die "turn 2 did not hit replica $idx1's state cache (hits $hits_before -> $hits_after)"
 echo "ok: state cache (turn 2 on replica $idx1, cache hits $hits_before -> $hits_after)"
+
+# ---- Load through nginx: concurrent streaming clients spread over both replicas by their
+# conversation ids, every greedy reply equal to the same request's reply alone.
+node=$(command -v node || command -v nodejs || true)
+if [[ -n $node ]]; then
+  "$node" "$(dirname "$0")/load_test.mjs" --url "$proxy" --clients 6 --seconds 4 --max-tokens 16 \
+    --out "$tmp/load.json" >/dev/null 2>"$tmp/load.err" || {
+    cat "$tmp/load.err" >&2
+    die "load test through nginx failed"
+  }
+  echo "ok: load through nginx ($(tail -n 2 "$tmp/load.err" | head -n 1))"
+elif [[ "${CI:-}" == true ]]; then
+  die "node not installed (apt install nodejs; CI=true: required)"
+else
+  echo "skipped: load through nginx (node not installed)"
+fi
 
 # ---- Shutdown: SIGTERM ends each replica with status 0.
 for i in 0 1; do
