@@ -83,8 +83,8 @@ Result Alone(const Model& model, const std::vector<Seq>& seqs) {
   for (size_t i = 0; i < seqs.size(); ++i) {
     r.states.push_back(StateAfter(model, seqs[i].history, i + 1));
     r.logits.emplace_back();
-    model.Eval(TokensOf(seqs[i], i), r.states.back(), seqs[i].want_logits ? &r.logits.back()
-                                                                          : nullptr);
+    model.Eval(TokensOf(seqs[i], i), r.states.back(),
+               seqs[i].want_logits ? &r.logits.back() : nullptr);
   }
   return r;
 }
@@ -113,8 +113,8 @@ void ExpectSame(const Result& alone, const Result& together) {
     EXPECT_EQ(together.states[i], alone.states[i]);
     EXPECT_EQ(together.states[i].tokens_seen(), alone.states[i].tokens_seen());
     EXPECT_TRUE(BitEqual(together.logits[i], alone.logits[i]))
-        << "logits differ (sizes " << together.logits[i].size() << ", "
-        << alone.logits[i].size() << ")";
+        << "logits differ (sizes " << together.logits[i].size() << ", " << alone.logits[i].size()
+        << ")";
   }
 }
 
@@ -136,7 +136,7 @@ class BatchEvalTest : public ::testing::TestWithParam<Param> {
 // Mixed lengths (decoding, a short prompt, a long one, one longer than a pass), states at
 // different positions, one item without logits; on one thread and on two.
 TEST_P(BatchEvalTest, MixedItemsMatchEvalAlone) {
-  const std::vector<Seq> seqs = {{5, 1},   {0, 3},  {77, 40}, {200, 130},
+  const std::vector<Seq> seqs = {{5, 1},        {0, 3},   {77, 40}, {200, 130},
                                  {1, 1, false}, {130, 7}, {0, 1}};
   for (int threads : {1, 2}) {
     SCOPED_TRACE(std::to_string(threads) + " threads");
@@ -153,8 +153,8 @@ TEST_P(BatchEvalTest, PlacementDoesNotMatter) {
   const std::vector<std::vector<Seq>> batches = {
       {probe},
       {probe, {3, 1}, {9, 100}},
-      {{3, 1}, {9, 100}, probe},     // starts in the first pass, ends in the second
-      {{0, 120}, probe, {4, 2}},     // split across passes at row 8 of its own
+      {{3, 1}, {9, 100}, probe},  // starts in the first pass, ends in the second
+      {{0, 120}, probe, {4, 2}},  // split across passes at row 8 of its own
       {{1, 1}, {2, 1}, probe, {3, 1}}};
   SetNumThreads(2);
   for (size_t b = 0; b < batches.size(); ++b) {

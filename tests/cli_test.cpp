@@ -105,6 +105,24 @@ TEST(Cli, RuntimeFlagsOnEveryCommandThatRunsAModel) {
   EXPECT_NE(bad.output.find("AVIARY_THREADS is 'lots'"), std::string::npos) << bad.output;
 }
 
+// bench --batch reports one aggregate speed per batch size (JSON and text); a size of 0 or
+// --gen-tokens 0 (no steps to time) is a usage error.
+TEST(Cli, BenchBatchReportsEachSize) {
+  REQUIRE_SHARED(kStress7);
+  const std::string model = Quote(SharedPath(kStress7));
+  const std::string base = "bench --model " + model + " --prompt-tokens 4 --repeat 1 ";
+  const CommandResult j = RunCommand(Cli(base + "--gen-tokens 2 --batch 1,3 --json"));
+  ASSERT_EQ(j.exit_code, 0) << j.output;
+  EXPECT_NE(j.output.find("\"batch\": [{\"sequences\": 1, \"tok_s\": "), std::string::npos)
+      << j.output;
+  EXPECT_NE(j.output.find("{\"sequences\": 3, \"tok_s\": "), std::string::npos) << j.output;
+  const CommandResult t = RunCommand(Cli(base + "--gen-tokens 2 --batch 2"));
+  ASSERT_EQ(t.exit_code, 0) << t.output;
+  EXPECT_NE(t.output.find("N = 2 "), std::string::npos) << t.output;
+  EXPECT_EQ(RunCommand(Cli(base + "--gen-tokens 2 --batch 0") + " 2>&1").exit_code, 2);
+  EXPECT_EQ(RunCommand(Cli(base + "--gen-tokens 0 --batch 2") + " 2>&1").exit_code, 2);
+}
+
 // --threads, --kernels and --activations win over the variables, and the results follow the
 // options: the thread count changes no logit; f32 and reference agree within float rounding.
 TEST(Cli, RuntimeFlagsWinOverTheEnvironment) {

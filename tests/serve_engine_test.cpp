@@ -326,3 +326,47 @@ TEST(ServeEngine, BadRequestsAreRefusedBeforeTheyRun) {
 
 }  // namespace
 }  // namespace aviary::serve
+
+namespace aviary::serve {
+namespace {
+
+// A chat reply is fed to the end of its turn (" reply\n\n", as the next request renders it), so
+// the next turn only feeds its own message.
+TEST(ServeEngine, NextChatTurnStartsAfterTheReply) {
+  REQUIRE_SHARED(kModel);
+  Loaded m = Load();
+  Engine engine(*m.model, *m.tokenizer, {});
+  const std::string turn1 = "User: Hello there\n\nAssistant:";
+  GenerationRequest r = Greedy(*m.tokenizer, turn1, 10);
+  r.chat = true;
+  auto h = SubmitOk(engine, r);
+  ASSERT_TRUE(h);
+  const Reply first = Collect(*h);
+  ASSERT_EQ(first.finish[0], FinishReason::kLength);
+  const std::string raw = m.tokenizer->Decode(GreedyAlone(*m.model, m.tokenizer->Encode(turn1), 10));
+  const std::string turn2 = turn1 + " " + first.text[0] + "\n\nUser: And then?\n\nAssistant:";
+  // The reply's state is cached once the engine has fed it: poll for it.
+  for (int i = 0; i < 100 && engine.stats().cache.entries < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  GenerationRequest r2 = Greedy(*m.tokenizer, turn2, 10);
+  r2.chat = true;
+  auto h2 = SubmitOk(engine, r2);
+  ASSERT_TRUE(h2);
+  const Reply second = Collect(*h2);
+  const size_t through_reply = turn1.size() + 1 + first.text[0].size() + 2;  // bytes = tokens
+  if (raw.starts_with(' ')) {
+    EXPECT_EQ(first.text[0], raw.substr(1));  // the template's space is not part of the reply
+    EXPECT_EQ(second.usage.cached_tokens, static_cast<int>(through_reply));
+  } else {
+    EXPECT_EQ(second.usage.cached_tokens, static_cast<int>(turn1.size()));
+  }
+  // Either way the reply is the one a fresh engine gives.
+  Engine fresh(*m.model, *m.tokenizer, {});
+  auto h3 = SubmitOk(fresh, r2);
+  ASSERT_TRUE(h3);
+  EXPECT_EQ(Collect(*h3).text[0], second.text[0]);
+}
+
+}  // namespace
+}  // namespace aviary::serve

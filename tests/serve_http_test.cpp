@@ -330,6 +330,27 @@ TEST(ServeHttp, SavedStateContinuesTheConversation) {
   EXPECT_EQ(c.Delete("/v1/states/story")->status, 404);
 }
 
+// A whole reply that takes more than a second goes out as a chunked body led by newlines
+// (keep-alive probes); clients parse it as the same JSON.
+TEST(ServeHttp, SlowWholeReplyArrivesIntact) {
+  REQUIRE_SHARED(kModel);
+  TestServer server;
+  httplib::Client c = server.Client();
+  json body = CompletionBody("slow", 4000);
+  body["n"] = 2;
+  const auto start = std::chrono::steady_clock::now();
+  auto r = c.Post("/v1/completions", body.dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  const json j = Body(r);
+  ASSERT_TRUE(j.is_object()) << r->body.substr(0, 200);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 8000);
+  EXPECT_EQ(j["choices"][1]["finish_reason"], "length");
+  if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1500)) {
+    EXPECT_EQ(r->body.front(), '\n');  // it took the slow path
+  }
+}
+
 TEST(ServeHttp, ClientThatLeavesCancelsItsStream) {
   REQUIRE_SHARED(kModel);
   TestServer server;

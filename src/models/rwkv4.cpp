@@ -100,10 +100,9 @@ class Rwkv4 final : public RwkvModel {
     const int n = C();
     // Time mix: x += Wo (sigmoid(r) wkv4(k, v)).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOfLayer(g.state, l).att_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOfLayer(g.state, l).att_x; },
+        acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
@@ -127,10 +126,9 @@ class Rwkv4 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: x += sigmoid(Wr xr) (Wv relu(Wk xk)^2).
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOfLayer(g.state, l).ffn_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOfLayer(g.state, l).ffn_x; },
+        acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);

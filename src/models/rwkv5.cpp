@@ -113,10 +113,8 @@ class Rwkv5 final : public RwkvModel {
     const int n = C(), H = info_.n_head, N = info_.head_size;
     // Time mix: x += Wo (GroupNorm(wkv5(r, k, v)) (* silu(g))).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).att_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).att_x; }, acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.att_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.att_mix_v.data(), n, t0, t1, acts.xv);
@@ -145,10 +143,8 @@ class Rwkv5 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: as v4's.
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).ffn_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).ffn_x; }, acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixLerp(acts.xx, acts.prev, L.ffn_mix_k.data(), n, t0, t1, acts.xk);
       MixLerp(acts.xx, acts.prev, L.ffn_mix_r.data(), n, t0, t1, acts.xr);

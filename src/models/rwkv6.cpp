@@ -125,10 +125,8 @@ class Rwkv6 final : public RwkvModel {
     const int n = C(), H = info_.n_head, N = info_.head_size;
     // Time mix: x += Wo (GroupNorm(wkv5(r, k, v, w, u)) g).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).att_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).att_x; }, acts.prev);
     MixInputs(L, n, mix_rank_, T, acts);
     Projections(L, decay_rank_, T, acts);
     ForTokens(T, [&](int t0, int t1) { DecayAndGate(L, n, t0, t1, acts); });
@@ -146,10 +144,8 @@ class Rwkv6 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: as v4's, with xk, xr = xx + (prev - xx) maa_k, maa_r.
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).ffn_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).ffn_x; }, acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixAdd(acts.xx, acts.prev, L.ffn_maa_k.data(), n, t0, t1, acts.xs[kK]);
       MixAdd(acts.xx, acts.prev, L.ffn_maa_r.data(), n, t0, t1, acts.xs[kR]);

@@ -134,17 +134,15 @@ class Rwkv7 final : public RwkvModel {
     const bool first_layer = l == 0;
     // Time mix: x += Wo ((GroupNorm(wkv7(r, w, k, v, kk, a)) + bonus) g).
     LayerNormRows(acts.x, L.ln1_w, L.ln1_b, T, n, kLayerNormEps, acts.xx);
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).att_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).att_x; }, acts.prev);
     MixInputs(L, n, T, acts);
     Projections(L, first_layer, T, acts);
     ForTokens(T, [&](int t0, int t1) {
       Rwkv7DecayAndGates(L.w0.data(), L.a0.data(), first_layer ? nullptr : L.v0.data(), n, t0, t1,
                          acts.w, acts.a, acts.v_mix);
-      Rwkv7KeysAndValues(L.k_k.data(), L.k_a.data(), first_layer, H, N, t0, t1, acts.a,
-                         acts.v_mix, acts.k, acts.v, acts.kk, acts.v_first);
+      Rwkv7KeysAndValues(L.k_k.data(), L.k_a.data(), first_layer, H, N, t0, t1, acts.a, acts.v_mix,
+                         acts.k, acts.v, acts.kk, acts.v_first);
     });
     ForSegments(segments, T, [&](const Segment& g) {
       const size_t o = static_cast<size_t>(g.t0) * n;
@@ -161,10 +159,8 @@ class Rwkv7 final : public RwkvModel {
     MatMul(L.att_output, acts.out, T, acts.dx);
     AddAndNorm(acts.x, acts.dx, L.ln2_w, L.ln2_b, T, n, kLayerNormEps, acts.xx);
     // Channel mix: x += Wv relu(Wk (xx + (prev - xx) x_k))^2.
-    for (const Segment& g : segments) {
-      const size_t o = static_cast<size_t>(g.t0) * n;
-      TokenShift(acts.xx + o, g.rows(), n, StateOf(g, l).ffn_x, acts.prev + o);
-    }
+    TokenShiftSegments(
+        segments, acts.xx, n, [&](const Segment& g) { return StateOf(g, l).ffn_x; }, acts.prev);
     ForTokens(T, [&](int t0, int t1) {
       MixAdd(acts.xx, acts.prev, L.ffn_x_k.data(), n, t0, t1, acts.xs[kK]);
     });

@@ -47,6 +47,17 @@ void AddAndNorm(float* x, const float* dx, const std::vector<float>& w, const st
 // xx[t-1]; `last` becomes xx[T-1] (the layer state the next chunk starts from).
 void TokenShift(const float* xx, int T, int C, float* last, float* prev);
 
+// TokenShift of each segment of a pass (RwkvModel::Segment: rows [t0, t1) of one sequence)
+// from and into its own state: last_of(segment) gives that sequence's `last` (C).
+template <typename Segments, typename LastOf>
+void TokenShiftSegments(const Segments& segments, const float* xx, int C, LastOf&& last_of,
+                        float* prev) {
+  for (const auto& g : segments) {
+    const size_t o = static_cast<size_t>(g.t0) * C;
+    TokenShift(xx + o, g.rows(), C, last_of(g), prev + o);
+  }
+}
+
 // Row stages, token mixes: xx, prev (T, C), m (C) -> out (T, C).
 //   MixLerp (v4, v5):  out = xx m + prev (1 - m)
 //   MixAdd (v6, v7):   out = xx + (prev - xx) m

@@ -67,7 +67,10 @@ struct Engine::Sequence {
   std::string text;  // everything decoded so far
   size_t sent = 0;   // bytes of `text` already reported (or skipped)
   bool start_checked = false;
-  bool ended_at_turn_end = false;  // the reply ended with "\n\n" exactly at the end of `text`
+  size_t reply_end = std::string::npos;  // where a stop string cut `text`
+  // Chat, after the reply: the tokens still to feed so that the state is the one the next turn
+  // starts from, and that turn's tokens for the reply (the cache key's tail).
+  std::vector<int32_t> closing, reply_tokens;
   Phase phase = Phase::kDecoding;
 };
 
@@ -297,7 +300,10 @@ void Engine::Step() {
     if (job->failed) continue;
     for (Sequence& seq : job->sequences) {
       if (seq.phase == Sequence::Phase::kDone) continue;
-      items.push_back({std::span<const int32_t>(&seq.next_token, 1), &seq.state, &seq.logits});
+      const std::span<const int32_t> tokens = seq.phase == Sequence::Phase::kClosing
+                                                  ? std::span<const int32_t>(seq.closing)
+                                                  : std::span<const int32_t>(&seq.next_token, 1);
+      items.push_back({tokens, &seq.state, &seq.logits});
       decoding.emplace_back(job.get(), &seq);
     }
   }
@@ -340,7 +346,7 @@ void Engine::Step() {
     if (seq->phase == Sequence::Phase::kClosing) {
       // The reply has been fed to its end: the next turn of this conversation starts here.
       std::vector<int32_t> key = job->key;
-      key.insert(key.end(), seq->generated.begin(), seq->generated.end());
+      key.insert(key.end(), seq->reply_tokens.begin(), seq->reply_tokens.end());
       cache_.Insert(key, seq->state, seq->logits);
       seq->phase = Sequence::Phase::kDone;
       continue;
@@ -353,7 +359,6 @@ void Engine::Step() {
   for (const BatchItem& item : items) stats_.batch_rows += item.tokens.size();
   stats_.decode_rows += decoding.size();
   stats_.last_batch_sequences = items.size();
-  stats_.completion_tokens += generated;
   rate_window_.emplace_back(now, generated);
   while (!rate_window_.empty() && now - rate_window_.front().first > std::chrono::seconds(10)) {
     rate_window_.pop_front();
@@ -397,6 +402,11 @@ void Engine::Accept(Job& job, Sequence& seq, int32_t token) {
   {
     std::lock_guard lock(job.handle->mutex_);
     ++job.handle->usage_.completion_tokens;
+  }
+  {
+    // Counted before the reply can finish, so the metrics never lag a reply a client holds.
+    std::lock_guard lock(mutex_);
+    ++stats_.completion_tokens;
   }
   if (job.request.stop_at_end_of_text && token == tokenizer_.end_of_text()) {
     FinishSequence(job, seq, FinishReason::kStop, /*flush=*/true);
@@ -448,8 +458,7 @@ void Engine::Emit(Job& job, Sequence& seq, bool final) {
   }
   if (stop_at != std::string::npos) {
     send(stop_at);
-    seq.ended_at_turn_end = stop_at + stop_len == seq.text.size() &&
-                            seq.text.compare(stop_at, stop_len, "\n\n") == 0;
+    seq.reply_end = stop_at;
     FinishSequence(job, seq, FinishReason::kStop, /*flush=*/false);
     return;
   }
@@ -479,11 +488,28 @@ void Engine::FinishSequence(Job& job, Sequence& seq, FinishReason reason, bool f
   seq.phase = Sequence::Phase::kDone;
   if (flush) Emit(job, seq, /*final=*/true);  // what was held back is reply text after all
   job.handle->Push({GenerationEvent::Kind::kFinish, seq.index, "", reason, ""});
-  if (job.request.chat && seq.ended_at_turn_end && cache_.stats().max_bytes > 0) {
-    seq.phase = Sequence::Phase::kClosing;  // fed once more, then cached (Step)
-    seq.next_token = seq.generated.back();
-  }
+  if (job.request.chat && cache_.stats().max_bytes > 0) PrepareClosing(seq);
   if (++job.finished == job.request.n) job.handle->Finish();
+}
+
+void Engine::PrepareClosing(Sequence& seq) {
+  // The next turn sends this reply back as an assistant message, which is rendered as
+  // " reply\n\n" (chat_prompt.h). When the tokens generated are the start of that text's
+  // tokens, which is the usual case (a reply that ended at "\n\n" or at max_tokens), feeding
+  // the last one and the rest gives the state the next turn starts from. Otherwise the next
+  // turn finds this request's prompt in the cache and feeds the reply again.
+  const size_t end = std::min(seq.reply_end, seq.text.size());
+  const size_t start = seq.text.starts_with(' ') ? 1 : 0;
+  if (end < start) return;
+  std::vector<int32_t> reply =
+      tokenizer_.Encode(" " + seq.text.substr(start, end - start) + "\n\n");
+  const std::vector<int32_t>& g = seq.generated;
+  if (g.empty() || g.size() > reply.size() || !std::equal(g.begin(), g.end(), reply.begin())) {
+    return;
+  }
+  seq.closing.assign(reply.begin() + static_cast<std::ptrdiff_t>(g.size()) - 1, reply.end());
+  seq.reply_tokens = std::move(reply);
+  seq.phase = Sequence::Phase::kClosing;  // fed, then cached (Step)
 }
 
 void Engine::Fail(Job& job, const std::string& message) {

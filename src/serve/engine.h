@@ -47,8 +47,8 @@ struct GenerationRequest {
   int max_tokens = 16;                       // per choice; 0 = only feed the prompt
   std::vector<std::string> stop;             // the reply ends before the first of these
   bool stop_at_end_of_text = true;           // the tokenizer's end-of-text token ends a reply
-  // Chat: the first space of a reply belongs to the template ("Assistant: text"), and a reply
-  // ended by "\n\n" is fed to the end so the next turn's request finds it in the cache.
+  // Chat: the first space of a reply belongs to the template ("Assistant: text"), and a
+  // finished reply is fed to the end of its turn so the next turn's request finds it cached.
   bool chat = false;
   Clock::time_point deadline = Clock::time_point::max();  // then it ends as if at max_tokens
   bool want_state = false;  // keep the state after the prompt (POST /v1/states)
@@ -156,6 +156,8 @@ class Engine {
   // Ends a decoding sequence; `flush` sends the text held back (for a stop string or an
   // incomplete character), which a stop string's cut does not.
   void FinishSequence(Job& job, Sequence& seq, FinishReason reason, bool flush);
+  // Chat: makes a finished sequence feed the rest of its reply as the next turn will send it.
+  void PrepareClosing(Sequence& seq);
   void Retire();
   void Fail(Job& job, const std::string& message);
   std::vector<int32_t> CacheKey(const Job& job, std::span<const int32_t> tokens) const;

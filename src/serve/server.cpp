@@ -262,46 +262,54 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
   // Whole reply. The client is waiting without reading, so a closed connection only shows
   // when the server writes: after a second, the reply goes out as a chunked body led by
   // newlines (JSON allows leading whitespace) written every second until it is complete.
-  std::vector<Choice> choices(n);
-  std::string error;
-  auto collect = [&](std::vector<GenerationEvent>& events) {
-    for (GenerationEvent& e : events) {
-      if (e.kind == GenerationEvent::Kind::kText) choices[e.index].text += e.text;
-      if (e.kind == GenerationEvent::Kind::kFinish) choices[e.index].finish_reason = e.finish_reason;
-      if (e.kind == GenerationEvent::Kind::kError) error = e.error;
+  // Shared with the content provider, which runs after this function has returned.
+  struct Whole {
+    std::vector<Choice> choices;
+    std::string error;
+    void Collect(std::vector<GenerationEvent>& events) {
+      for (GenerationEvent& e : events) {
+        if (e.kind == GenerationEvent::Kind::kText) choices[e.index].text += e.text;
+        if (e.kind == GenerationEvent::Kind::kFinish) choices[e.index].finish_reason = e.finish_reason;
+        if (e.kind == GenerationEvent::Kind::kError) error = e.error;
+      }
+    }
+    std::string Body(const ResponseMeta& meta, bool chat, const Usage& u) const {
+      if (!error.empty()) return ApiError{500, error, "server_error", "", ""}.Json();
+      return chat ? ChatCompletionJson(meta, choices, u) : CompletionJson(meta, choices, u);
     }
   };
-  auto body = [&, chat, meta] {
-    if (!error.empty()) return ApiError{500, error, "server_error", "", ""}.Json();
-    const Usage u = handle->usage();
-    return chat ? ChatCompletionJson(meta, choices, u) : CompletionJson(meta, choices, u);
-  };
+  auto whole = std::make_shared<Whole>();
+  whole->choices.resize(n);
   const Clock::time_point wait_until = Clock::now() + std::chrono::seconds(1);
   while (!handle->done() && Clock::now() < wait_until) {
     std::vector<GenerationEvent> events = handle->Wait(std::chrono::milliseconds(100));
-    collect(events);
+    whole->Collect(events);
   }
   if (handle->done()) {
     std::vector<GenerationEvent> rest = handle->Wait(std::chrono::milliseconds(0));
-    collect(rest);
-    res.status = error.empty() ? 200 : 500;
-    res.set_content(body(), "application/json");
+    whole->Collect(rest);
+    res.status = whole->error.empty() ? 200 : 500;
+    res.set_content(whole->Body(meta, chat, handle->usage()), "application/json");
     return;
   }
   ++open_streams;
   res.set_chunked_content_provider(
       "application/json",
-      [handle, choices, error, collect, body](size_t, httplib::DataSink& sink) mutable {
+      [handle, whole, meta, chat](size_t, httplib::DataSink& sink) {
+        Clock::time_point probed = Clock::now();
         for (;;) {
           std::vector<GenerationEvent> events = handle->Wait(std::chrono::seconds(1));
-          collect(events);
+          whole->Collect(events);
           if (handle->done() && events.empty()) break;
-          if (events.empty() && !sink.write("\n", 1)) {
-            handle->Cancel();
-            return false;
+          if (Clock::now() - probed >= std::chrono::seconds(1)) {
+            probed = Clock::now();
+            if (!sink.write("\n", 1)) {
+              handle->Cancel();
+              return false;
+            }
           }
         }
-        const std::string b = body();
+        const std::string b = whole->Body(meta, chat, handle->usage());
         sink.write(b.data(), b.size());
         sink.done();
         return true;

@@ -357,9 +357,10 @@ void RegisterBench(CLI::App& app) {
                   tg, o->gen_tokens, o->repeat, ws.bytes_per_token / 1048576.0);
     }
     if (!o->batch.empty()) {
-      std::printf("batched:     N sequences decoding together, one token each per step (%d "
-                  "steps, median of %d); aggregate tok/s, and x generation above\n",
-                  o->gen_tokens, o->repeat);
+      std::printf(
+          "batched:     N sequences decoding together, one token each per step (%d "
+          "steps, median of %d); aggregate tok/s, and x generation above\n",
+          o->gen_tokens, o->repeat);
       for (size_t i = 0; i < o->batch.size(); ++i) {
         const double tps = Median(batch_tps[i]);
         std::printf("  N = %-4d   %10.2f tok/s  (%.2f per sequence, %.2fx)\n", o->batch[i], tps,

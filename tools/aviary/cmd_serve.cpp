@@ -29,6 +29,7 @@ struct ServeOptions {
   int max_n = 8;
   double max_body_mb = 1;
   int prefill_tokens = 64;
+  int max_saved_states = 256;
   double grace = 10;
   std::vector<std::string> states;  // NAME=FILE
 };
@@ -43,6 +44,8 @@ void RunServe(const ServeOptions& o) {
     throw UsageError("--max-tokens, --max-n and --max-prompt-tokens must be at least 1");
   }
   if (o.max_body_mb <= 0) throw UsageError("--max-body-mb must be positive");
+  if (o.max_saved_states < 0) throw UsageError("--max-saved-states must be >= 0");
+  if (o.prefill_tokens < 1) throw UsageError("--prefill-tokens must be at least 1");
   // SIGINT and SIGTERM are taken by a thread of their own (sigwait) for a clean shutdown; they
   // are blocked before any other thread starts, so every thread inherits the mask.
   sigset_t signals;
@@ -73,6 +76,7 @@ void RunServe(const ServeOptions& o) {
   so.limits.max_n = o.max_n;
   so.limits.max_body_bytes = static_cast<size_t>(o.max_body_mb * (1 << 20));
   so.max_prompt_tokens = o.max_prompt_tokens;
+  so.max_saved_states = o.max_saved_states;
   so.default_chat_max_tokens = std::min(1024, o.max_tokens);
   so.default_completion_max_tokens = std::min(16, o.max_tokens);
   so.timeout = std::chrono::seconds(o.timeout);
@@ -148,6 +152,9 @@ void RegisterServe(CLI::App& app) {
   cmd->add_option("--prefill-tokens", o->prefill_tokens,
                   "Prompt tokens fed per batched step (bounds how much a new prompt delays "
                   "running streams)")
+      ->capture_default_str();
+  cmd->add_option("--max-saved-states", o->max_saved_states,
+                  "States POST /v1/states may hold in memory")
       ->capture_default_str();
   cmd->add_option("--grace", o->grace,
                   "Seconds the running requests get to finish on SIGTERM/SIGINT")
