@@ -515,6 +515,7 @@ void Engine::PrepareClosing(Sequence& seq) {
 void Engine::Fail(Job& job, const std::string& message) {
   if (job.failed) return;
   job.failed = true;
+  if (job.handle->done()) return;  // its reply is complete (only its cache entry is lost)
   job.handle->Push({GenerationEvent::Kind::kError, 0, "", FinishReason::kStop, message});
   job.handle->Finish();
 }

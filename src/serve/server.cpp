@@ -296,11 +296,9 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
   res.set_chunked_content_provider(
       "application/json",
       [handle, whole, meta, chat](size_t, httplib::DataSink& sink) {
-        Clock::time_point probed = Clock::now();
+        // The handler has waited a second already: probe at once, then every second.
+        Clock::time_point probed = Clock::now() - std::chrono::seconds(1);
         for (;;) {
-          std::vector<GenerationEvent> events = handle->Wait(std::chrono::seconds(1));
-          whole->Collect(events);
-          if (handle->done() && events.empty()) break;
           if (Clock::now() - probed >= std::chrono::seconds(1)) {
             probed = Clock::now();
             if (!sink.write("\n", 1)) {
@@ -308,6 +306,9 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
               return false;
             }
           }
+          std::vector<GenerationEvent> events = handle->Wait(std::chrono::seconds(1));
+          whole->Collect(events);
+          if (handle->done() && events.empty()) break;
         }
         const std::string b = whole->Body(meta, chat, handle->usage());
         sink.write(b.data(), b.size());
