@@ -355,17 +355,36 @@ TEST(ServeEngine, NextChatTurnStartsAfterTheReply) {
   ASSERT_TRUE(h2);
   const Reply second = Collect(*h2);
   const size_t through_reply = turn1.size() + 1 + first.text[0].size() + 2;  // bytes = tokens
-  if (raw.starts_with(' ')) {
-    EXPECT_EQ(first.text[0], raw.substr(1));  // the template's space is not part of the reply
-    EXPECT_EQ(second.usage.cached_tokens, static_cast<int>(through_reply));
-  } else {
-    EXPECT_EQ(second.usage.cached_tokens, static_cast<int>(turn1.size()));
-  }
-  // Either way the reply is the one a fresh engine gives.
+  // The template's space is not part of the reply.
+  EXPECT_EQ(first.text[0], raw.starts_with(' ') ? raw.substr(1) : raw);
+  EXPECT_EQ(second.usage.cached_tokens, static_cast<int>(through_reply));
+  // The reply is the one a fresh engine gives.
   Engine fresh(*m.model, *m.tokenizer, {});
   auto h3 = SubmitOk(fresh, r2);
   ASSERT_TRUE(h3);
   EXPECT_EQ(Collect(*h3).text[0], second.text[0]);
+
+  // A reply cut by a stop string inside a token is not how the next turn renders it: it is fed
+  // again from the prompt's state, and the next turn still starts after it.
+  const std::string turn3 = "User: Something else\n\nAssistant:";
+  const std::string raw3 =
+      m.tokenizer->Decode(GreedyAlone(*m.model, m.tokenizer->Encode(turn3), 12));
+  ASSERT_GE(raw3.size(), 8u);
+  GenerationRequest r3 = Greedy(*m.tokenizer, turn3, 12);
+  r3.chat = true;
+  r3.stop = {raw3.substr(5, 2)};
+  auto h4 = SubmitOk(engine, r3);
+  ASSERT_TRUE(h4);
+  const std::string cut = Collect(*h4).text[0];
+  for (int i = 0; i < 100 && engine.stats().cache.entries < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::string turn4 = turn3 + " " + cut + "\n\nUser: More\n\nAssistant:";
+  GenerationRequest r4 = Greedy(*m.tokenizer, turn4, 4);
+  r4.chat = true;
+  auto h5 = SubmitOk(engine, r4);
+  ASSERT_TRUE(h5);
+  EXPECT_EQ(Collect(*h5).usage.cached_tokens, static_cast<int>(turn3.size() + 1 + cut.size() + 2));
 }
 
 }  // namespace

@@ -346,7 +346,7 @@ TEST(ServeHttp, SlowWholeReplyArrivesIntact) {
   ASSERT_TRUE(j.is_object()) << r->body.substr(0, 200);
   EXPECT_EQ(j["usage"]["completion_tokens"], 8000);
   EXPECT_EQ(j["choices"][1]["finish_reason"], "length");
-  if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1500)) {
+  if (std::chrono::steady_clock::now() - start > std::chrono::seconds(2)) {
     EXPECT_EQ(r->body.front(), '\n');  // it took the slow path
   }
 }

@@ -71,6 +71,7 @@ struct Engine::Sequence {
   // Chat, after the reply: the tokens still to feed so that the state is the one the next turn
   // starts from, and that turn's tokens for the reply (the cache key's tail).
   std::vector<int32_t> closing, reply_tokens;
+  size_t closing_fed = 0, closing_step = 0;  // of `closing`: fed, and in this step
   Phase phase = Phase::kDecoding;
 };
 
@@ -300,10 +301,16 @@ void Engine::Step() {
     if (job->failed) continue;
     for (Sequence& seq : job->sequences) {
       if (seq.phase == Sequence::Phase::kDone) continue;
-      const std::span<const int32_t> tokens = seq.phase == Sequence::Phase::kClosing
-                                                  ? std::span<const int32_t>(seq.closing)
-                                                  : std::span<const int32_t>(&seq.next_token, 1);
-      items.push_back({tokens, &seq.state, &seq.logits});
+      if (seq.phase == Sequence::Phase::kClosing) {
+        // In slices, like a prompt: a reply fed again must not stall the running streams.
+        seq.closing_step = std::min<size_t>(seq.closing.size() - seq.closing_fed,
+                                            options_.prefill_tokens_per_step);
+        const bool last = seq.closing_fed + seq.closing_step == seq.closing.size();
+        items.push_back({std::span<const int32_t>(seq.closing).subspan(seq.closing_fed, seq.closing_step),
+                         &seq.state, last ? &seq.logits : nullptr});
+      } else {
+        items.push_back({std::span<const int32_t>(&seq.next_token, 1), &seq.state, &seq.logits});
+      }
       decoding.emplace_back(job.get(), &seq);
     }
   }
@@ -344,6 +351,8 @@ void Engine::Step() {
   for (auto& [job, seq] : decoding) {
     if (job->failed) continue;
     if (seq->phase == Sequence::Phase::kClosing) {
+      seq->closing_fed += seq->closing_step;
+      if (seq->closing_fed < seq->closing.size()) continue;
       // The reply has been fed to its end: the next turn of this conversation starts here.
       std::vector<int32_t> key = job->key;
       key.insert(key.end(), seq->reply_tokens.begin(), seq->reply_tokens.end());
@@ -488,26 +497,30 @@ void Engine::FinishSequence(Job& job, Sequence& seq, FinishReason reason, bool f
   seq.phase = Sequence::Phase::kDone;
   if (flush) Emit(job, seq, /*final=*/true);  // what was held back is reply text after all
   job.handle->Push({GenerationEvent::Kind::kFinish, seq.index, "", reason, ""});
-  if (job.request.chat && cache_.stats().max_bytes > 0) PrepareClosing(seq);
+  if (job.request.chat && cache_.stats().max_bytes > 0) PrepareClosing(job, seq);
   if (++job.finished == job.request.n) job.handle->Finish();
 }
 
-void Engine::PrepareClosing(Sequence& seq) {
+void Engine::PrepareClosing(const Job& job, Sequence& seq) {
   // The next turn sends this reply back as an assistant message, which is rendered as
   // " reply\n\n" (chat_prompt.h). When the tokens generated are the start of that text's
-  // tokens, which is the usual case (a reply that ended at "\n\n" or at max_tokens), feeding
-  // the last one and the rest gives the state the next turn starts from. Otherwise the next
-  // turn finds this request's prompt in the cache and feeds the reply again.
+  // tokens (the usual case for a reply that ended at "\n\n" or at max_tokens), feeding the
+  // last one and the rest gives the state the next turn starts from. Otherwise the reply is fed
+  // again from the prompt's state, which the cache holds.
   const size_t end = std::min(seq.reply_end, seq.text.size());
   const size_t start = seq.text.starts_with(' ') ? 1 : 0;
   if (end < start) return;
   std::vector<int32_t> reply =
       tokenizer_.Encode(" " + seq.text.substr(start, end - start) + "\n\n");
   const std::vector<int32_t>& g = seq.generated;
-  if (g.empty() || g.size() > reply.size() || !std::equal(g.begin(), g.end(), reply.begin())) {
-    return;
+  if (!g.empty() && g.size() <= reply.size() && std::equal(g.begin(), g.end(), reply.begin())) {
+    seq.closing.assign(reply.begin() + static_cast<std::ptrdiff_t>(g.size()) - 1, reply.end());
+  } else {
+    std::optional<StateCache::Hit> prompt = cache_.Lookup(job.key, /*count=*/false);
+    if (!prompt || prompt->length != job.key.size()) return;
+    seq.state = std::move(prompt->state);
+    seq.closing = reply;
   }
-  seq.closing.assign(reply.begin() + static_cast<std::ptrdiff_t>(g.size()) - 1, reply.end());
   seq.reply_tokens = std::move(reply);
   seq.phase = Sequence::Phase::kClosing;  // fed, then cached (Step)
 }
@@ -515,6 +528,7 @@ void Engine::PrepareClosing(Sequence& seq) {
 void Engine::Fail(Job& job, const std::string& message) {
   if (job.failed) return;
   job.failed = true;
+  if (job.handle->done()) return;  // its reply is complete (only its cache entry is lost)
   job.handle->Push({GenerationEvent::Kind::kError, 0, "", FinishReason::kStop, message});
   job.handle->Finish();
 }

@@ -157,7 +157,7 @@ class Engine {
   // incomplete character), which a stop string's cut does not.
   void FinishSequence(Job& job, Sequence& seq, FinishReason reason, bool flush);
   // Chat: makes a finished sequence feed the rest of its reply as the next turn will send it.
-  void PrepareClosing(Sequence& seq);
+  void PrepareClosing(const Job& job, Sequence& seq);
   void Retire();
   void Fail(Job& job, const std::string& message);
   std::vector<int32_t> CacheKey(const Job& job, std::span<const int32_t> tokens) const;

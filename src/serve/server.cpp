@@ -296,11 +296,9 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
   res.set_chunked_content_provider(
       "application/json",
       [handle, whole, meta, chat](size_t, httplib::DataSink& sink) {
-        Clock::time_point probed = Clock::now();
+        // The handler has waited a second already: probe at once, then every second.
+        Clock::time_point probed = Clock::now() - std::chrono::seconds(1);
         for (;;) {
-          std::vector<GenerationEvent> events = handle->Wait(std::chrono::seconds(1));
-          whole->Collect(events);
-          if (handle->done() && events.empty()) break;
           if (Clock::now() - probed >= std::chrono::seconds(1)) {
             probed = Clock::now();
             if (!sink.write("\n", 1)) {
@@ -308,6 +306,9 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
               return false;
             }
           }
+          std::vector<GenerationEvent> events = handle->Wait(std::chrono::seconds(1));
+          whole->Collect(events);
+          if (handle->done() && events.empty()) break;
         }
         const std::string b = whole->Body(meta, chat, handle->usage());
         sink.write(b.data(), b.size());
@@ -531,6 +532,9 @@ Server::Server(Engine& engine, const Tokenizer& tokenizer, ChatTemplate chat_tem
   const int threads = std::max(4, s.options.http_threads);
   s.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   s.http.set_payload_max_length(s.options.limits.max_body_bytes);
+  // Replies are many small writes (an event per token); with Nagle's algorithm a write waits for
+  // the peer's delayed ACK, which stalls every reply on a reused connection.
+  s.http.set_tcp_nodelay(true);
   s.http.set_read_timeout(std::chrono::seconds(30));
   s.http.set_write_timeout(std::chrono::seconds(30));
   s.Routes();

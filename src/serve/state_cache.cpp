@@ -71,7 +71,7 @@ bool StateCache::Insert(std::span<const int32_t> tokens, const State& state,
   return true;
 }
 
-std::optional<StateCache::Hit> StateCache::Lookup(std::span<const int32_t> tokens) {
+std::optional<StateCache::Hit> StateCache::Lookup(std::span<const int32_t> tokens, bool count) {
   // Every prefix's hash, in one pass outside the lock.
   std::vector<uint64_t> prefix_hashes(tokens.size());
   uint64_t hash = 0;
@@ -93,12 +93,8 @@ std::optional<StateCache::Hit> StateCache::Lookup(std::span<const int32_t> token
         entry = *found->second;
       }
     }
-    if (entry) {
-      ++stats_.hits;
-    } else {
-      ++stats_.misses;
-      return std::nullopt;
-    }
+    if (count) ++(entry ? stats_.hits : stats_.misses);
+    if (!entry) return std::nullopt;
   }
   // The copy of the state, the slow part, without the lock; `entry` keeps it alive.
   return Hit{entry->tokens.size(), entry->state, entry->logits};

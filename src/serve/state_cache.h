@@ -52,7 +52,9 @@ class StateCache {
   // The entry for the longest prefix of `tokens` (the whole of it included), which becomes the
   // most recently used; nullopt when no prefix is cached. Costs O(tokens.size()) whatever the
   // number of entries.
-  std::optional<Hit> Lookup(std::span<const int32_t> tokens);
+  // `count`: whether the lookup counts in the hits and misses (false for a server's own
+  // bookkeeping, so the statistics describe requests).
+  std::optional<Hit> Lookup(std::span<const int32_t> tokens, bool count = true);
 
   Stats stats() const;
 
