@@ -118,6 +118,9 @@ printf '%s' '{"model":"m","messages":[{"role":"system","content":"Be brief."},{"
   >"$corpus_openai/chat-full.json"
 printf '%s' '{"model":"m","prompt":"Once upon","max_tokens":5,"stop":"\n","stream":false}' >"$corpus_openai/completion.json"
 printf '%s' '{"model":"m","prompt":["a"],"n":9,"temperature":3,"seed":-1}' >"$corpus_openai/completion-bad.json"
+printf '%s' '{"id":"pirate","messages":[{"role":"system","content":"Arr"}],"state":"s"}' \
+  >"$corpus_openai/state-chat.json"
+printf '%s' '{"id":"p.1","prompt":"The ship"}' >"$corpus_openai/state-prompt.json"
 
 status=0
 summary=()
