@@ -83,6 +83,7 @@ struct Engine::Job {
   size_t fed = 0;            // prompt tokens already in `state`
   size_t cached = 0;         // of which came from the cache
   std::vector<float> logits;
+  bool started = false;  // looked up in the cache (StartFromCache)
   bool prefilling = true;
   bool failed = false;
   std::vector<Sequence> sequences;
@@ -241,28 +242,31 @@ void Engine::Loop() {
         ++stats_.requests_cancelled;
         continue;
       }
-      // Start from the longest cached prefix of the prompt.
-      const GenerationRequest& r = job->request;
-      job->key = CacheKey(*job, r.prompt);
-      const size_t tag = job->key.size() - r.prompt.size();
-      job->state = r.start ? r.start->state : model_start_;
-      if (std::optional<StateCache::Hit> hit = cache_.Lookup(job->key)) {
-        job->state = std::move(hit->state);
-        job->fed = job->cached = hit->length - tag;
-        if (job->fed == r.prompt.size()) job->logits = std::move(hit->logits);
-      }
-      {
-        std::lock_guard lock(mutex_);
-        stats_.prompt_tokens += r.prompt.size();
-        stats_.cached_tokens += job->cached;
-      }
-      Job& j = *job;
+      job->key = CacheKey(*job, job->request.prompt);
       active_.push_back(std::move(job));
-      if (j.fed == r.prompt.size()) StartDecoding(j, j.logits);
     }
     Step();
     Retire();
   }
+}
+
+void Engine::StartFromCache(Job& job) {
+  // Start from the longest cached prefix of the prompt.
+  const GenerationRequest& r = job.request;
+  const size_t tag = job.key.size() - r.prompt.size();
+  job.state = r.start ? r.start->state : model_start_;
+  if (std::optional<StateCache::Hit> hit = cache_.Lookup(job.key)) {
+    job.state = std::move(hit->state);
+    job.fed = job.cached = hit->length - tag;
+    if (job.fed == r.prompt.size()) job.logits = std::move(hit->logits);
+  }
+  job.started = true;
+  {
+    std::lock_guard lock(mutex_);
+    stats_.prompt_tokens += r.prompt.size();
+    stats_.cached_tokens += job.cached;
+  }
+  if (job.fed == r.prompt.size()) StartDecoding(job, job.logits);
 }
 
 void Engine::Step() {
@@ -294,34 +298,44 @@ void Engine::Step() {
     }
   }
 
-  // One row per decoding sequence, then prompt slices up to the step's budget.
+  // One row per decoding sequence; then, up to the step's budget of prompt tokens (the whole
+  // pass when no stream is waiting on it), the rest of finished chat replies and then prompts.
   std::vector<BatchItem> items;
   std::vector<std::pair<Job*, Sequence*>> decoding;
+  std::vector<std::pair<Job*, Sequence*>> closing;
   for (auto& job : active_) {
     if (job->failed) continue;
     for (Sequence& seq : job->sequences) {
-      if (seq.phase == Sequence::Phase::kDone) continue;
-      if (seq.phase == Sequence::Phase::kClosing) {
-        // In slices, like a prompt: a reply fed again must not stall the running streams.
-        seq.closing_step = std::min<size_t>(seq.closing.size() - seq.closing_fed,
-                                            options_.prefill_tokens_per_step);
-        const bool last = seq.closing_fed + seq.closing_step == seq.closing.size();
-        items.push_back({std::span<const int32_t>(seq.closing).subspan(seq.closing_fed, seq.closing_step),
-                         &seq.state, last ? &seq.logits : nullptr});
-      } else {
+      if (seq.phase == Sequence::Phase::kDecoding) {
         items.push_back({std::span<const int32_t>(&seq.next_token, 1), &seq.state, &seq.logits});
+        decoding.emplace_back(job.get(), &seq);
+      } else if (seq.phase == Sequence::Phase::kClosing) {
+        closing.emplace_back(job.get(), &seq);
       }
-      decoding.emplace_back(job.get(), &seq);
     }
   }
-  std::vector<std::pair<Job*, size_t>> prefilling;
-  // With no stream waiting on this step, a prompt goes through at full width.
   constexpr size_t kIdlePrefillTokens = 512;
   size_t budget = decoding.empty()
                       ? std::max<size_t>(options_.prefill_tokens_per_step, kIdlePrefillTokens)
                       : options_.prefill_tokens_per_step;
+  for (auto& [job, seq] : closing) {
+    seq->closing_step = std::min(seq->closing.size() - seq->closing_fed, budget);
+    if (seq->closing_step == 0) continue;
+    const bool last = seq->closing_fed + seq->closing_step == seq->closing.size();
+    items.push_back({std::span<const int32_t>(seq->closing).subspan(seq->closing_fed, seq->closing_step),
+                     &seq->state, last ? &seq->logits : nullptr});
+    budget -= seq->closing_step;
+  }
+  std::vector<std::pair<Job*, size_t>> prefilling;
   for (auto& job : active_) {
     if (job->failed || !job->prefilling || budget == 0) continue;
+    if (!job->started) {
+      // A reply still being fed may be this conversation's previous turn: look the prompt up
+      // in the cache once it is there.
+      if (!closing.empty()) continue;
+      StartFromCache(*job);
+      if (!job->prefilling) continue;  // wholly cached: decoding from the next step
+    }
     const std::span<const int32_t> prompt = job->request.prompt;
     const size_t n = std::min(budget, prompt.size() - job->fed);
     const bool last = job->fed + n == prompt.size();
@@ -338,6 +352,7 @@ void Engine::Step() {
     // of this step rather than the server.
     for (auto& [job, seq] : decoding) Fail(*job, e.what());
     for (auto& [job, n] : prefilling) Fail(*job, e.what());
+    for (auto& [job, seq] : closing) seq->phase = Sequence::Phase::kDone;  // not cached
     return;
   }
   uint64_t generated = 0;
@@ -348,18 +363,19 @@ void Engine::Step() {
     StartDecoding(*job, job->logits);
     generated += job->request.max_tokens > 0 ? job->request.n : 0;
   }
-  for (auto& [job, seq] : decoding) {
-    if (job->failed) continue;
-    if (seq->phase == Sequence::Phase::kClosing) {
-      seq->closing_fed += seq->closing_step;
-      if (seq->closing_fed < seq->closing.size()) continue;
+  for (auto& [job, seq] : closing) {
+    if (job->failed || seq->closing_step == 0) continue;
+    seq->closing_fed += seq->closing_step;
+    if (seq->closing_fed == seq->closing.size()) {
       // The reply has been fed to its end: the next turn of this conversation starts here.
       std::vector<int32_t> key = job->key;
       key.insert(key.end(), seq->reply_tokens.begin(), seq->reply_tokens.end());
       cache_.Insert(key, seq->state, seq->logits);
       seq->phase = Sequence::Phase::kDone;
-      continue;
     }
+  }
+  for (auto& [job, seq] : decoding) {
+    if (job->failed) continue;
     Accept(*job, *seq, seq->sampler.Sample(seq->logits));
     ++generated;
   }

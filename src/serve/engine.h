@@ -150,6 +150,7 @@ class Engine {
   void Loop();
   bool AdmitLocked();
   void Step();
+  void StartFromCache(Job& job);
   void StartDecoding(Job& job, const std::vector<float>& logits);
   void Accept(Job& job, Sequence& seq, int32_t token);
   void Emit(Job& job, Sequence& seq, bool final);
