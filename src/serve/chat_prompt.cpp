@@ -65,16 +65,6 @@ std::vector<std::string> RenderChat(const ChatTemplate& t, std::span<const ChatM
   return segments;
 }
 
-std::vector<int32_t> TokenizeSegments(const Tokenizer& tokenizer,
-                                      std::span<const std::string> segments) {
-  std::vector<int32_t> tokens;
-  for (const std::string& s : segments) {
-    const std::vector<int32_t> ids = tokenizer.Encode(s);
-    tokens.insert(tokens.end(), ids.begin(), ids.end());
-  }
-  return tokens;
-}
-
 std::vector<std::string> ChatStopStrings(const ChatTemplate& t) {
   std::vector<std::string> stops = {"\n\n"};
   for (const std::string& s : t.stop) {

@@ -1,5 +1,6 @@
 // Chat messages -> the text the model reads, with the same templates as `aviary chat`.
-// The text is returned as segments that are tokenized one by one and concatenated: a message's
+// The text is returned as segments that are tokenized one by one and concatenated (an earlier
+// reply of the server as the tokens it was generated as: Engine::ReplyTokens): a message's
 // tokens then never depend on the messages after it, so the tokens of turn N are a prefix of
 // the tokens of turn N + 1 and the state cache finds the earlier turns.
 #pragma once
@@ -29,10 +30,6 @@ namespace aviary::serve {
 std::vector<std::string> RenderChat(const ChatTemplate& chat_template,
                                     std::span<const ChatMessage> messages, bool from_start,
                                     bool for_reply = true);
-
-// The tokens of each segment, concatenated.
-std::vector<int32_t> TokenizeSegments(const Tokenizer& tokenizer,
-                                      std::span<const std::string> segments);
 
 // The strings that end a chat reply: "\n\n" (end of turn) and the template's stop strings (the
 // model starting an invented turn), expanded.

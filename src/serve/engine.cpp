@@ -518,27 +518,58 @@ void Engine::FinishSequence(Job& job, Sequence& seq, FinishReason reason, bool f
 }
 
 void Engine::PrepareClosing(const Job& job, Sequence& seq) {
-  // The next turn sends this reply back as an assistant message, which is rendered as
-  // " reply\n\n" (chat_prompt.h). When the tokens generated are the start of that text's
-  // tokens (the usual case for a reply that ended at "\n\n" or at max_tokens), feeding the
-  // last one and the rest gives the state the next turn starts from. Otherwise the reply is fed
-  // again from the prompt's state, which the cache holds.
+  // The next turn sends this reply back as an assistant message, rendered " reply\n\n"
+  // (chat_prompt.h); the server feeds that segment as the tokens remembered here. When the
+  // tokens generated spell the reply (and its "\n\n", or it gets added), they are those tokens:
+  // feeding the last one (and the "\n\n") gives the state the next turn starts from. A reply
+  // cut inside a token by a stop string is tokenized from its text and fed again from the
+  // prompt's state, which the cache holds.
   const size_t end = std::min(seq.reply_end, seq.text.size());
   const size_t start = seq.text.starts_with(' ') ? 1 : 0;
   if (end < start) return;
-  std::vector<int32_t> reply =
-      tokenizer_.Encode(" " + seq.text.substr(start, end - start) + "\n\n");
+  std::string segment = " " + seq.text.substr(start, end - start) + "\n\n";
   const std::vector<int32_t>& g = seq.generated;
-  if (!g.empty() && g.size() <= reply.size() && std::equal(g.begin(), g.end(), reply.begin())) {
-    seq.closing.assign(reply.begin() + static_cast<std::ptrdiff_t>(g.size()) - 1, reply.end());
+  const std::string_view spelled(seq.text.data() + start, seq.text.size() - start);
+  std::vector<int32_t> reply;
+  if (!g.empty() && g.back() != tokenizer_.end_of_text() &&
+      spelled == std::string_view(segment).substr(1)) {
+    reply = g;  // ended with "\n\n" exactly
+    seq.closing = {g.back()};
+  } else if (!g.empty() && g.back() != tokenizer_.end_of_text() &&
+             spelled == std::string_view(segment).substr(1, segment.size() - 3)) {
+    const std::vector<int32_t> turn_end = tokenizer_.Encode("\n\n");
+    reply = g;
+    reply.insert(reply.end(), turn_end.begin(), turn_end.end());
+    seq.closing = {g.back()};
+    seq.closing.insert(seq.closing.end(), turn_end.begin(), turn_end.end());
   } else {
     std::optional<StateCache::Hit> prompt = cache_.Lookup(job.key, /*count=*/false);
     if (!prompt || prompt->length != job.key.size()) return;
+    reply = tokenizer_.Encode(segment);
     seq.state = std::move(prompt->state);
     seq.closing = reply;
   }
+  RememberReply(std::move(segment), reply);
   seq.reply_tokens = std::move(reply);
   seq.phase = Sequence::Phase::kClosing;  // fed, then cached (Step)
+}
+
+void Engine::RememberReply(std::string segment, std::vector<int32_t> tokens) {
+  std::lock_guard lock(replies_mutex_);
+  auto [it, inserted] = replies_.insert_or_assign(segment, std::move(tokens));
+  if (!inserted) return;
+  reply_order_.push_back(std::move(segment));
+  if (reply_order_.size() > kRememberedReplies) {
+    replies_.erase(reply_order_.front());
+    reply_order_.pop_front();
+  }
+}
+
+std::optional<std::vector<int32_t>> Engine::ReplyTokens(const std::string& segment) const {
+  std::lock_guard lock(replies_mutex_);
+  auto it = replies_.find(segment);
+  if (it == replies_.end()) return std::nullopt;
+  return it->second;
 }
 
 void Engine::Fail(Job& job, const std::string& message) {

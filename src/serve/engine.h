@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <variant>
 #include <vector>
 
@@ -143,6 +144,11 @@ class Engine {
 
   const Model& model() const { return model_; }
 
+  // The tokens a recent chat reply was generated as, by the segment that sends it back
+  // (" reply\n\n", chat_prompt.h), so that the next turn feeds the model exactly what it wrote
+  // and finds the reply's state in the cache; nullopt when unknown (then the text is tokenized).
+  std::optional<std::vector<int32_t>> ReplyTokens(const std::string& segment) const;
+
  private:
   struct Sequence;
   struct Job;
@@ -180,6 +186,13 @@ class Engine {
   std::vector<std::unique_ptr<Job>> active_;  // the engine thread's alone
   Stats stats_;                               // under mutex_
   std::deque<std::pair<Clock::time_point, uint64_t>> rate_window_;  // (time, tokens) per step
+
+  // Recent replies' tokens (ReplyTokens), the oldest dropped first.
+  static constexpr size_t kRememberedReplies = 4096;
+  mutable std::mutex replies_mutex_;
+  std::unordered_map<std::string, std::vector<int32_t>> replies_;
+  std::deque<std::string> reply_order_;
+  void RememberReply(std::string segment, std::vector<int32_t> tokens);
   std::thread thread_;
 };
 

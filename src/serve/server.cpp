@@ -96,6 +96,18 @@ struct Server::Impl {
   void SaveState(const httplib::Request& req, httplib::Response& res);
   std::string Metrics();
   std::shared_ptr<const StartState> FindState(const std::string& id);
+
+  // The rendered conversation's tokens, each earlier reply of this server as the tokens it was
+  // generated as (Engine::ReplyTokens), every other segment tokenized.
+  std::vector<int32_t> ChatTokens(std::span<const std::string> segments) const {
+    std::vector<int32_t> tokens;
+    for (const std::string& segment : segments) {
+      std::optional<std::vector<int32_t>> reply = engine.ReplyTokens(segment);
+      const std::vector<int32_t> ids = reply ? std::move(*reply) : tokenizer.Encode(segment);
+      tokens.insert(tokens.end(), ids.begin(), ids.end());
+    }
+    return tokens;
+  }
 };
 
 std::shared_ptr<const StartState> Server::Impl::FindState(const std::string& id) {
@@ -165,7 +177,7 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
         }
         segments.back() += chat_template.think;  // the last segment ends with the reply prefix
       }
-      prompt = TokenizeSegments(tokenizer, segments);
+      prompt = ChatTokens(segments);
     } else {
       Parsed<CompletionRequest> parsed = ParseCompletionRequest(req.body, options.limits);
       if (auto* e = std::get_if<ApiError>(&parsed)) return SendError(res, *e);
@@ -331,7 +343,7 @@ void Server::Impl::SaveState(const httplib::Request& req, httplib::Response& res
       start_id = chat->params.state;
       const std::vector<std::string> segments =
           RenderChat(chat_template, chat->messages, start_id.empty(), /*for_reply=*/false);
-      prompt = TokenizeSegments(tokenizer, segments);
+      prompt = ChatTokens(segments);
     } else {
       const CompletionRequest& completion = std::get<CompletionRequest>(r.conversation);
       start_id = completion.params.state;
