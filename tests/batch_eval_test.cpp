@@ -54,7 +54,9 @@ std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
 }
 
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  // memcmp must not see the null data() of empty vectors.
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // One sequence of a test batch: where its state starts and what it is fed.
