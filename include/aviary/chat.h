@@ -43,6 +43,9 @@ struct ChatTemplate {
 
   // `format` with the placeholders replaced.
   std::string Expand(std::string_view format, std::string_view text = {}) const;
+  // Everything that ends a reply: "\n\n" (the end of the turn), then `stop` expanded (the
+  // model starting an invented turn), without repeats.
+  std::vector<std::string> ReplyStops() const;
 };
 
 // World and RWKV-7 G series: "User: ...\n\nAssistant: ...", optional "System: ...", think mode

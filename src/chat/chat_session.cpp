@@ -193,12 +193,7 @@ ChatSession::ChatSession(const Model& model, const Tokenizer& tokenizer, ChatTem
   }
   for (int32_t id = std::max(0, tokenizer_.vocab_size()); id < n_vocab; ++id)
     always_banned_.push_back(id);
-  stops_.push_back("\n\n");
-  for (const std::string& s : template_.stop) {
-    std::string e = template_.Expand(s);
-    if (!e.empty() && std::find(stops_.begin(), stops_.end(), e) == stops_.end())
-      stops_.push_back(e);
-  }
+  stops_ = template_.ReplyStops();
   // The initial prompt: system line, then intro.
   Snapshot init{model_.NewState(), {}, -1};
   std::string prompt;

@@ -1,4 +1,5 @@
 // Chat templates: World / RWKV-7 G series, Raven, and template files.
+#include <algorithm>
 #include <cctype>
 #include <filesystem>
 #include <fstream>
@@ -46,6 +47,17 @@ std::string ChatTemplate::Expand(std::string_view format, std::string_view text)
     out += format[i];
   }
   return out;
+}
+
+std::vector<std::string> ChatTemplate::ReplyStops() const {
+  std::vector<std::string> stops = {"\n\n"};
+  for (const std::string& s : stop) {
+    std::string e = Expand(s);
+    if (!e.empty() && std::find(stops.begin(), stops.end(), e) == stops.end()) {
+      stops.push_back(std::move(e));
+    }
+  }
+  return stops;
 }
 
 ChatTemplate WorldTemplate() {

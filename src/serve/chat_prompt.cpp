@@ -65,15 +65,4 @@ std::vector<std::string> RenderChat(const ChatTemplate& t, std::span<const ChatM
   return segments;
 }
 
-std::vector<std::string> ChatStopStrings(const ChatTemplate& t) {
-  std::vector<std::string> stops = {"\n\n"};
-  for (const std::string& s : t.stop) {
-    std::string e = t.Expand(s);
-    if (!e.empty() && std::find(stops.begin(), stops.end(), e) == stops.end()) {
-      stops.push_back(std::move(e));
-    }
-  }
-  return stops;
-}
-
 }  // namespace aviary::serve

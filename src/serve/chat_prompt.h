@@ -31,8 +31,4 @@ std::vector<std::string> RenderChat(const ChatTemplate& chat_template,
                                     std::span<const ChatMessage> messages, bool from_start,
                                     bool for_reply = true);
 
-// The strings that end a chat reply: "\n\n" (end of turn) and the template's stop strings (the
-// model starting an invented turn), expanded.
-std::vector<std::string> ChatStopStrings(const ChatTemplate& chat_template);
-
 }  // namespace aviary::serve

@@ -173,15 +173,13 @@ Engine::Stats Engine::stats() const {
   std::lock_guard lock(mutex_);
   Stats s = stats_;
   s.cache = cache_.stats();
-  // Generated tokens per second over the window's span (at least one second, so a lone step
-  // does not read as a burst).
-  constexpr double kWindowSeconds = 5.0;
+  // Generated tokens per second over the whole window, so a lone step does not read as a burst.
   const Clock::time_point now = Clock::now();
   uint64_t tokens = 0;
   for (const auto& [t, n] : rate_window_) {
-    if (std::chrono::duration<double>(now - t).count() <= kWindowSeconds) tokens += n;
+    if (now - t <= kRateWindow) tokens += n;
   }
-  s.tokens_per_second = tokens / kWindowSeconds;
+  s.tokens_per_second = tokens / std::chrono::duration<double>(kRateWindow).count();
   return s;
 }
 
@@ -385,7 +383,7 @@ void Engine::Step() {
   stats_.decode_rows += decoding.size();
   stats_.last_batch_sequences = items.size();
   rate_window_.emplace_back(now, generated);
-  while (!rate_window_.empty() && now - rate_window_.front().first > std::chrono::seconds(10)) {
+  while (!rate_window_.empty() && now - rate_window_.front().first > kRateWindow) {
     rate_window_.pop_front();
   }
 }

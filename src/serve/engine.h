@@ -137,7 +137,7 @@ class Engine {
     size_t queued = 0;             // waiting for room
     size_t active_sequences = 0;   // decoding or prefilling now
     size_t last_batch_sequences = 0;  // sequences in the last step
-    double tokens_per_second = 0;  // generated over the last few seconds
+    double tokens_per_second = 0;  // generated over the last kRateWindow
     StateCache::Stats cache;
   };
   Stats stats() const;
@@ -185,7 +185,9 @@ class Engine {
 
   std::vector<std::unique_ptr<Job>> active_;  // the engine thread's alone
   Stats stats_;                               // under mutex_
-  std::deque<std::pair<Clock::time_point, uint64_t>> rate_window_;  // (time, tokens) per step
+  // (time, tokens generated) per step over the last kRateWindow: Stats::tokens_per_second.
+  static constexpr std::chrono::seconds kRateWindow{5};
+  std::deque<std::pair<Clock::time_point, uint64_t>> rate_window_;
 
   // Recent replies' tokens (ReplyTokens), the oldest dropped first.
   static constexpr size_t kRememberedReplies = 4096;

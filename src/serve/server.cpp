@@ -69,7 +69,7 @@ std::string EndpointLabel(const std::string& path) {
 struct Server::Impl {
   Impl(Engine& e, const Tokenizer& t, ChatTemplate ct, ServerOptions o)
       : engine(e), tokenizer(t), chat_template(std::move(ct)), options(std::move(o)),
-        chat_stops(ChatStopStrings(chat_template)) {}
+        chat_stops(chat_template.ReplyStops()) {}
 
   Engine& engine;
   const Tokenizer& tokenizer;
