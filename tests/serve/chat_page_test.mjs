@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  Checks, deadline, haveModule, parseArgs, requireOrSkip, sleep, startServer, stopAll, stopServer,
+  Checks, checkCleanExits, deadline, haveModule, parseArgs, requireOrSkip, sleep, startServer, stopAll,
 } from './serve_helpers.mjs';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -317,13 +317,7 @@ async function main() {
 
   await browser.close();
   browser = null;
-  for (const s of [server, keyServer]) {
-    const exit = await stopServer(s);
-    await checks.run(`server ${s.url} exits 0 on SIGTERM`, async () => {
-      assert.ok(!exit.hung, `it did not exit within the grace time\n${s.log()}`);
-      assert.equal(exit.code, 0, `exit ${exit.code ?? exit.signal}\n${s.log()}`);
-    });
-  }
+  await checkCleanExits(checks, [server, keyServer]);
 }
 
 try {

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import {
-  Checks, deadline, haveModule, parseArgs, requireOrSkip, startServer, stopAll, stopServer,
+  Checks, checkCleanExits, deadline, haveModule, parseArgs, requireOrSkip, startServer, stopAll,
 } from './serve_helpers.mjs';
 
 const [binary, model] = parseArgs(['AVIARY_BINARY', 'MODEL_PATH']);
@@ -234,13 +234,7 @@ async function main() {
     assert.equal((await fetch(`${keyServer.url}/`)).status, 200);
   });
 
-  for (const s of [server, keyServer]) {
-    const exit = await stopServer(s);
-    await checks.run(`server ${s.url} exits 0 on SIGTERM`, async () => {
-      assert.ok(!exit.hung, `it did not exit within the grace time\n${s.log()}`);
-      assert.equal(exit.code, 0, `exit ${exit.code ?? exit.signal}\n${s.log()}`);
-    });
-  }
+  await checkCleanExits(checks, [server, keyServer]);
 }
 
 try {

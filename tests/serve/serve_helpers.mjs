@@ -1,6 +1,7 @@
 // What the client-side tests of `aviary serve` share: the skip rule, starting and stopping servers
 // (always stopped, even when a test throws or times out), an overall deadline, and a runner of
 // named checks that goes on after a failure so one run reports every broken check.
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -105,6 +106,17 @@ export async function stopServer(server, graceSeconds = 20) {
   server.child.kill('SIGKILL');
   const killed = await server.exited;
   return { ...killed, hung: true };
+}
+
+// Stops each server with SIGTERM, one named check per server: it exits 0 within the grace time.
+export async function checkCleanExits(checks, servers) {
+  for (const s of servers) {
+    const exit = await stopServer(s);
+    await checks.run(`server ${s.url} exits 0 on SIGTERM`, async () => {
+      assert.ok(!exit.hung, `it did not exit within the grace time\n${s.log()}`);
+      assert.equal(exit.code, 0, `exit ${exit.code ?? exit.signal}\n${s.log()}`);
+    });
+  }
 }
 
 export async function stopAll() {
