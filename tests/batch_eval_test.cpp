@@ -29,6 +29,7 @@ using aviary::testing::RoundedActivations;
 using aviary::testing::RuntimeGuard;
 using aviary::testing::SetNumThreads;
 using aviary::testing::SharedPath;
+using aviary::testing::RandomTokens;
 
 // Models are read-only after loading: load each file once per process.
 const Model& Cached(const std::string& relative) {
@@ -36,21 +37,6 @@ const Model& Cached(const std::string& relative) {
   auto& slot = cache[relative];
   if (!slot) slot = Model::Load(SharedPath(relative));
   return *slot;
-}
-
-// Deterministic pseudo-random byte tokens (splitmix64).
-std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t x = seed;
-  for (auto& v : t) {
-    x += 0x9e3779b97f4a7c15ull;
-    uint64_t z = x;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    v = static_cast<int32_t>(z & 0xff);
-  }
-  return t;
 }
 
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {

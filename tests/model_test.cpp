@@ -34,6 +34,7 @@ using aviary::Model;
 using aviary::State;
 using aviary::testing::ExpectedPrompt;
 using aviary::testing::ModelCase;
+using aviary::testing::RandomTokens;
 using aviary::testing::ReadFileBytes;
 using aviary::testing::ReadFloats;
 using aviary::testing::SharedPath;
@@ -113,21 +114,6 @@ std::string Sci(double v) {
   std::ostringstream os;
   os << std::scientific << std::setprecision(2) << v;
   return os.str();
-}
-
-// Deterministic pseudo-random byte tokens (splitmix64).
-std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t x = seed;
-  for (auto& v : t) {
-    x += 0x9e3779b97f4a7c15ull;
-    uint64_t z = x;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    v = static_cast<int32_t>(z & 0xff);
-  }
-  return t;
 }
 
 // Bytes of a string as tokens (unsigned: bytes >= 0x80 are ids 128..255).

@@ -126,4 +126,18 @@ std::vector<float> F32Logits(const std::string& model_path, const std::vector<in
   return logits;
 }
 
+std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
+  std::vector<int32_t> t(n);
+  uint64_t x = seed;
+  for (auto& v : t) {
+    x += 0x9e3779b97f4a7c15ull;
+    uint64_t z = x;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    v = static_cast<int32_t>(z & 0xff);
+  }
+  return t;
+}
+
 }  // namespace aviary::testing

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@ namespace aviary::testing {
 
 // Absolute path of a file under ../shared (e.g. "models/stress/stress-rwkv-7v0-FP32.bin").
 std::string SharedPath(const std::string& relative);
+
+// Deterministic pseudo-random byte tokens (splitmix64): the same `n` and `seed`, the same ids.
+std::vector<int32_t> RandomTokens(size_t n, uint64_t seed);
 bool InCI();
 // A directory private to this test process (TempDir()/aviary-<pid>/, created on first use, with a
 // trailing slash): ctest runs the tests of one binary as parallel processes, so fixed names in
