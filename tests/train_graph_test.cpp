@@ -14,6 +14,7 @@
 
 #include "aviary/runtime.h"
 #include "tensor/thread_pool.h"
+#include "train/chunked.h"
 #include "train/params.h"
 #include "train/rwkv7_graph.h"
 
@@ -181,6 +182,99 @@ TEST(Rwkv7Graph, TwoChunksEqualOne) {
   for (size_t i = 0; i < SF; ++i) {
     ASSERT_NEAR(ds1[i], ds2[i], 1e-5f + 1e-3f * std::fabs(ds1[i])) << "state gradient " << i;
   }
+}
+
+// Longer context: a window run as chunks by ChunkedWindows (the infctx scheme: forward chunk
+// by chunk keeping each start state, backward from the last chunk, recomputing) gives the
+// one-pass loss, parameter gradients and start-state gradient, with uneven chunks (16, 16, 8)
+// and two sequences. The two differ only in float summation order.
+TEST(ChunkedWindows, ChunksEqualOnePass) {
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const Rwkv7Config& c = layout.config();
+  Rwkv7Graph whole(layout, 2, 40), small(layout, 2, 16);
+  const std::vector<float> params = RandomParams(layout, 6);
+  Batch b = RandomBatch(whole, c, 7);
+  b.T = 40;
+  b.inputs.resize(2 * 40);
+  b.targets.resize(2 * 40);
+  std::mt19937 rng(8);
+  for (size_t i = 40; i < b.inputs.size(); ++i) {
+    b.inputs[i] = rng() % c.vocab;
+    b.targets[i] = rng() % c.vocab;
+  }
+  const float scale = 1.0f / 80;
+  std::vector<float> g1(layout.total_floats(), 0.0f), ds1(b.state.size());
+  const LossSum l1 =
+      whole.Forward(params.data(), b.inputs, b.targets, 2, 40, b.state.data(), nullptr);
+  whole.Backward(params.data(), g1.data(), scale, nullptr, ds1.data());
+
+  ChunkedWindows chunks(small, 16, 0);
+  std::vector<float> g2(layout.total_floats(), 0.0f), ds2(b.state.size());
+  const LossSum l2 = chunks.Gradients(params.data(), g2.data(), b.inputs, b.targets, 2, 40, scale,
+                                      b.state.data(), ds2.data());
+  const LossSum l3 = chunks.Loss(params.data(), b.inputs, b.targets, 2, 40, b.state.data());
+  EXPECT_EQ(l2.tokens, 80);
+  EXPECT_NEAR(l1.sum, l2.sum, 1e-5 * std::fabs(l1.sum));
+  EXPECT_EQ(l2.sum, l3.sum);  // the same forward passes
+  // Relative to each tensor's largest gradient, as tests/train/check_gradients.py measures.
+  double worst = 0;
+  for (const ParamEntry& e : layout.entries()) {
+    float scale_of = 0, diff = 0;
+    for (size_t i = e.offset; i < e.offset + e.size; ++i) {
+      scale_of = std::max(scale_of, std::fabs(g1[i]));
+      diff = std::max(diff, std::fabs(g1[i] - g2[i]));
+    }
+    if (scale_of > 0) worst = std::max(worst, static_cast<double>(diff / scale_of));
+    EXPECT_LE(diff, 1e-5f * std::max(scale_of, 1e-3f)) << e.name;
+  }
+  float ds_scale = 0, ds_diff = 0;
+  for (size_t i = 0; i < ds1.size(); ++i) {
+    ds_scale = std::max(ds_scale, std::fabs(ds1[i]));
+    ds_diff = std::max(ds_diff, std::fabs(ds1[i] - ds2[i]));
+  }
+  EXPECT_GT(ds_scale, 0.0f);
+  EXPECT_LE(ds_diff, 1e-5f * ds_scale);
+  RecordProperty("worst_relative_difference", std::to_string(worst));
+}
+
+// --grad-chunks 1: the gradient stops at every chunk's start, so the start state's gradient is
+// the first chunk's own (what one pass over the first chunk alone gives), and the parameter
+// gradients lose the terms that crossed chunks.
+TEST(ChunkedWindows, TruncationStopsTheGradientAtChunkStarts) {
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const Rwkv7Config& c = layout.config();
+  Rwkv7Graph graph(layout, 1, 20), alone(layout, 1, 20);
+  const std::vector<float> params = RandomParams(layout, 9);
+  Batch b = RandomBatch(graph, c, 10);
+  b.inputs.resize(40);
+  b.targets.resize(40);
+  std::mt19937 rng(11);
+  for (size_t i = 20; i < 40; ++i) {
+    b.inputs[i] = rng() % c.vocab;
+    b.targets[i] = rng() % c.vocab;
+  }
+  const std::vector<float> state(b.state.begin(), b.state.begin() + graph.StateFloats());
+  const float scale = 1.0f / 40;
+  std::vector<float> g_trunc(layout.total_floats(), 0.0f), g_full(g_trunc), ds_trunc(state.size()),
+      ds_full(state.size());
+  ChunkedWindows truncated(graph, 20, 1);
+  truncated.Gradients(params.data(), g_trunc.data(), b.inputs, b.targets, 1, 40, scale,
+                      state.data(), ds_trunc.data());
+  ChunkedWindows full(graph, 20, 0);
+  full.Gradients(params.data(), g_full.data(), b.inputs, b.targets, 1, 40, scale, state.data(),
+                 ds_full.data());
+
+  std::vector<float> g_first(layout.total_floats(), 0.0f), ds_first(state.size());
+  alone.Forward(params.data(), std::span(b.inputs).first(20), std::span(b.targets).first(20), 1,
+                20, state.data(), nullptr);
+  alone.Backward(params.data(), g_first.data(), scale, nullptr, ds_first.data());
+  for (size_t i = 0; i < state.size(); ++i) ASSERT_EQ(ds_trunc[i], ds_first[i]) << i;
+  float moved = 0;
+  for (size_t i = 0; i < ds_full.size(); ++i) moved = std::max(moved, std::fabs(ds_full[i] - ds_trunc[i]));
+  EXPECT_GT(moved, 1e-4f) << "the second chunk's loss should reach the start state untruncated";
+  float g_moved = 0;
+  for (size_t i = 0; i < g_full.size(); ++i) g_moved = std::max(g_moved, std::fabs(g_full[i] - g_trunc[i]));
+  EXPECT_GT(g_moved, 1e-5f);
 }
 
 // The SIMD kernels (matrix products, wkv forward and backward) against the scalar reference:

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <sstream>
 
 #include "aviary/error.h"
@@ -19,6 +20,7 @@
 #include "tensor/thread_pool.h"
 #include "tokenizers/tokenizers.h"
 #include "train/checkpoint.h"
+#include "train/chunked.h"
 #include "train/dataset.h"
 #include "train/export.h"
 #include "train/import.h"
@@ -39,6 +41,8 @@ nlohmann::json OptionsJson(const TrainOptions& o) {
           {"layers", o.layers},
           {"embd", o.embd},
           {"ctx_len", o.ctx_len},
+          {"chunk_len", o.chunk_len},
+          {"grad_chunks", o.grad_chunks},
           {"batch", o.batch},
           {"steps", o.steps},
           {"lr", o.lr},
@@ -63,6 +67,8 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     o.layers = j.at("layers").get<int>();
     o.embd = j.at("embd").get<int>();
     o.ctx_len = j.at("ctx_len").get<int>();
+    o.chunk_len = j.value("chunk_len", 0);  // absent in runs from before chunked windows
+    o.grad_chunks = j.value("grad_chunks", 0);
     o.batch = j.at("batch").get<int>();
     o.steps = j.at("steps").get<int64_t>();
     o.lr = j.at("lr").get<double>();
@@ -83,12 +89,17 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
   }
 }
 
+// Tokens per forward pass: a window is cut into chunks of this many.
+int ChunkLen(const TrainOptions& o) { return o.chunk_len > 0 ? o.chunk_len : o.ctx_len; }
+
 void ValidateOptions(const TrainOptions& o) {
   auto fail = [](const std::string& s) { throw UsageError(s); };
   if (o.ctx_len < 1 || o.ctx_len > 1 << 20) fail("--ctx-len must be 1..1048576");
+  if (o.chunk_len < 0 || o.chunk_len > o.ctx_len) fail("--chunk-len must be 0..--ctx-len");
+  if (o.grad_chunks < 0) fail("--grad-chunks must be >= 0");
   if (o.batch < 1 || o.batch > 65536) fail("--batch must be 1..65536");
-  if (static_cast<int64_t>(o.batch) * o.ctx_len > (int64_t{1} << 24)) {
-    fail("--batch x --ctx-len must be at most 16777216 tokens per step");
+  if (static_cast<int64_t>(o.batch) * ChunkLen(o) > (int64_t{1} << 24)) {
+    fail("--batch x --chunk-len (or --ctx-len) must be at most 16777216 tokens per pass");
   }
   if (o.steps < 1) fail("--steps must be at least 1");
   if (!(o.lr > 0) || !std::isfinite(o.lr) || o.lr > 1) fail("--lr must be in (0, 1]");
@@ -139,6 +150,7 @@ struct Trainer::Impl {
   std::unique_ptr<WindowSampler> sampler;
   std::unique_ptr<ValidationWindows> validation;
   std::unique_ptr<Rwkv7Graph> graph;
+  std::unique_ptr<ChunkedWindows> chunks;  // runs windows on `graph` chunk by chunk
   std::unique_ptr<AdamW> adamw;
   int64_t step = 0;
   RunSummary summary;
@@ -181,7 +193,8 @@ struct Trainer::Impl {
     a.weight_decay = static_cast<float>(o.weight_decay);
     a.grad_clip = static_cast<float>(o.grad_clip);
     adamw = std::make_unique<AdamW>(layout, a);
-    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, o.batch, o.ctx_len);
+    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, o.batch, ChunkLen(o));
+    chunks = std::make_unique<ChunkedWindows>(*graph, ChunkLen(o), o.grad_chunks);
     summary.model = Describe(c);
     int64_t count = 0;
     for (const ParamEntry& e : layout.entries()) count += static_cast<int64_t>(e.size);
@@ -273,7 +286,7 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   o.tokenizer = impl->tok.spec;
   // The activations are allocated before the data is read, so that a batch too large for the
   // machine is refused before a long tokenization.
-  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, impl->o.ctx_len);
+  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, ChunkLen(impl->o));
   impl->OpenData();
   impl->Prepare();
   impl->OpenLog(false);
@@ -300,7 +313,7 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->step = ck.meta.step;
   // The activations are allocated before the data is read, so that a batch too large for the
   // machine is refused before a long tokenization.
-  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, impl->o.ctx_len);
+  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, ChunkLen(impl->o));
   impl->OpenData();
   if (ck.meta.extra.value("data_tokens", uint64_t{0}) != impl->data_tokens ||
       ck.meta.extra.value("data_documents", uint64_t{0}) != impl->data_documents) {
@@ -332,8 +345,8 @@ double Trainer::ValidationLoss() {
   for (int first = 0; first < r.validation->count();) {
     const int n = r.validation->Fill(first, B, in.data(), tg.data());
     const size_t used = static_cast<size_t>(n) * T;
-    const LossSum loss = r.graph->Forward(r.params.data(), std::span(in).first(used),
-                                          std::span(tg).first(used), n, T, nullptr, nullptr);
+    const LossSum loss =
+        r.chunks->Loss(r.params.data(), std::span(in).first(used), std::span(tg).first(used), n, T);
     sum += loss.sum;
     tokens += loss.tokens;
     first += n;
@@ -368,9 +381,8 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
     const auto t0 = Clock::now();
     r.sampler->Next(B, in.data(), tg.data());
     ForBlocks(n, [&](size_t b, size_t e) { std::fill(&r.grads[b], &r.grads[0] + e, 0.0f); });
-    const LossSum loss = r.graph->Forward(r.params.data(), in, tg, B, T, nullptr, nullptr);
-    r.graph->Backward(r.params.data(), r.grads.data(), 1.0f / (static_cast<float>(B) * T), nullptr,
-                      nullptr);
+    const LossSum loss = r.chunks->Gradients(r.params.data(), r.grads.data(), in, tg, B, T,
+                                             1.0f / (static_cast<float>(B) * T));
     const double norm = r.adamw->ClipGradients(r.grads.data());
     const double lr = LearningRate(r.step, r.adamw->options());
     r.adamw->Step(r.step, r.params.data(), r.grads.data(), r.adam_m.data(), r.adam_v.data());
@@ -416,6 +428,7 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
   }
   // The checkpoint holds the gradients' and moments' part of the run: free them and the
   // activations, so the exports' temporary copies fit in the memory the steps used.
+  r.chunks.reset();
   r.graph.reset();
   for (AlignedVector<float>* buffer : {&r.grads, &r.adam_m, &r.adam_v})
     AlignedVector<float>().swap(*buffer);

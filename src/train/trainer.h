@@ -40,6 +40,13 @@ struct TrainOptions {
   std::string init_model;         // finetune this model; empty: from scratch
   int layers = 0, embd = 0;       // from scratch
   int ctx_len = 512;
+  // Longer context: each window runs as consecutive chunks of chunk_len tokens, the state
+  // carried forward and its gradient carried back (0: the whole window at once). Activations
+  // are kept for one chunk at a time, so memory follows chunk_len, not ctx_len.
+  int chunk_len = 0;
+  // The gradient flows back through at most this many chunks (truncated backpropagation
+  // through time; 0: through the whole window).
+  int grad_chunks = 0;
   int batch = 8;
   int64_t steps = 1000;
   double lr = 6e-4, lr_final = 1e-5;

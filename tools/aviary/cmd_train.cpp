@@ -92,7 +92,8 @@ void RunTrain(TrainCli& c) {
   if (!c.resume.empty()) {
     // A resumed run keeps its own options: only its length and the threads may change.
     for (const char* flag :
-         {"--data", "--tokenizer", "--init", "--layers", "--embd", "--ctx-len", "--batch", "--lr",
+         {"--data", "--tokenizer", "--init", "--layers", "--embd", "--ctx-len", "--chunk-len",
+          "--grad-chunks", "--batch", "--lr",
           "--lr-final", "--warmup", "--weight-decay", "--grad-clip", "--seed", "--val-fraction",
           "--eval-every", "--eval-windows", "--save-every", "--pth-type", "--out"}) {
       if (c.cmd->count(flag) > 0) {
@@ -190,6 +191,13 @@ void RegisterTrain(CLI::App& app) {
   cmd->add_option("--embd", o.embd, "From scratch: width (a multiple of 64, or below 64)")
       ->check(CLI::Range(1, 65536));
   cmd->add_option("--ctx-len", o.ctx_len, "Tokens per training window")->capture_default_str();
+  cmd->add_option("--chunk-len", o.chunk_len,
+                  "Longer context: run each window in chunks of N tokens, the state carried "
+                  "forward and its gradient back; memory follows N (0 = the whole window)")
+      ->capture_default_str();
+  cmd->add_option("--grad-chunks", o.grad_chunks,
+                  "With --chunk-len: the gradient flows back through at most N chunks (0 = all)")
+      ->capture_default_str();
   cmd->add_option("--batch", o.batch, "Windows per step")->capture_default_str();
   cmd->add_option("--steps", o.steps, "Optimizer steps in the run")->capture_default_str();
   cmd->add_option("--lr", o.lr, "Peak learning rate (after warmup)")->capture_default_str();
