@@ -300,6 +300,10 @@ TEST(TrainCli, BadInputIsAOneLineError) {
        "more than this machine", 1},
       {"--data " + empty + " --layers 1 --embd 64 --batch 65536 --ctx-len 256 --out " + dir + "-a",
        "lower --batch or --ctx-len", 1},
+      {"--data " + empty + " --layers 2 --embd 64 --ctx-len 32 --chunk-len 64 --out " + dir + "-c",
+       "--chunk-len", 2},
+      {"--data " + empty + " --layers 2 --embd 64 --grad-chunks -1 --out " + dir + "-g",
+       "--grad-chunks", 2},
   };
   for (const Case& c : cases) {
     const CommandResult r = RunCommand(CliPath() + " train " + c.args + " 2>&1");
@@ -307,6 +311,31 @@ TEST(TrainCli, BadInputIsAOneLineError) {
     EXPECT_NE(r.output.find(c.message), std::string::npos) << c.args << "\n" << r.output;
     EXPECT_LE(std::count(r.output.begin(), r.output.end(), '\n'), 1) << c.args << "\n" << r.output;
   }
+}
+
+// Longer context: the same run with each window cut into 4 chunks (the state carried forward,
+// its gradient back) follows the one-pass run; only float summation order differs, and the
+// activations it keeps shrink with the chunk.
+TEST(TrainCli, ChunkedWindowsFollowTheOnePassRun) {
+  REQUIRE_SHARED("data/tinyshakespeare.txt");
+  const std::string whole = ProcessTempDir() + "whole", chunked = ProcessTempDir() + "chunked";
+  const CommandResult a = RunCommand(SmallRun(whole, "--steps 6 --eval-every 3 --threads 2"));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  const CommandResult b =
+      RunCommand(SmallRun(chunked, "--steps 6 --eval-every 3 --threads 2 --chunk-len 8"));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  const std::vector<LogLine> la = ReadLog(whole), lb = ReadLog(chunked);
+  ASSERT_EQ(la.size(), lb.size());
+  for (size_t i = 0; i < la.size(); ++i) {
+    EXPECT_NEAR(la[i].loss, lb[i].loss, 1e-4 * std::fabs(la[i].loss)) << "step " << la[i].step;
+    EXPECT_NEAR(la[i].val_loss, lb[i].val_loss, 1e-4 * std::fabs(la[i].val_loss))
+        << "step " << la[i].step;
+  }
+  auto activations = [](const std::string& out) {
+    const size_t at = out.find("activations ");
+    return at == std::string::npos ? -1.0 : std::stod(out.substr(at + 12));
+  };
+  EXPECT_LT(activations(b.output), 0.5 * activations(a.output)) << a.output << b.output;
 }
 
 TEST(TrainCli, AFinishedRunIsNeverOverwritten) {

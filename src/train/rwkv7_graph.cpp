@@ -64,10 +64,10 @@ Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
   const double bytes = static_cast<double>(floats) * sizeof(float);
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
   if (memory > 0 && bytes > memory) {
-    char what[160];
+    char what[256];
     std::snprintf(what, sizeof what,
                   "the activations of a %d x %d batch need %.1f GiB, more than this machine's "
-                  "%.1f GiB: lower --batch or --ctx-len",
+                  "%.1f GiB: lower --batch or --ctx-len, or train in chunks (--chunk-len)",
                   max_batch, max_tokens, bytes / (1 << 30), memory / (1 << 30));
     throw Error(what);
   }

@@ -204,6 +204,11 @@ struct Trainer::Impl {
     summary.weight_bytes = summary.gradient_bytes = n * sizeof(float);
     summary.adam_bytes = 2 * n * sizeof(float);
     summary.activation_bytes = graph->ActivationBytes();
+    const int chunks = (o.ctx_len + ChunkLen(o) - 1) / ChunkLen(o);
+    if (chunks > 1) {
+      summary.chunk_state_bytes =
+          static_cast<size_t>(chunks) * o.batch * graph->StateFloats() * sizeof(float);
+    }
     summary.start_step = step;
   }
 

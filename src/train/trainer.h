@@ -82,8 +82,10 @@ struct RunSummary {
   uint64_t train_tokens = 0, validation_tokens = 0;
   bool resumed = false;
   int64_t start_step = 0;
-  // Memory: the four flat buffers, the activations kept for the backward pass.
+  // Memory: the four flat buffers, the activations kept for the backward pass (one chunk's),
+  // and with --chunk-len the start state of every chunk of a step's windows.
   size_t weight_bytes = 0, gradient_bytes = 0, adam_bytes = 0, activation_bytes = 0;
+  size_t chunk_state_bytes = 0;
 };
 
 class Trainer {

@@ -113,9 +113,11 @@ void RunTrain(TrainCli& c) {
   std::fprintf(stderr, "data: %llu training tokens, %llu validation tokens\n",
                static_cast<unsigned long long>(s.train_tokens),
                static_cast<unsigned long long>(s.validation_tokens));
-  std::fprintf(stderr, "memory: weights %s, gradients %s, Adam moments %s, activations %s\n",
+  std::fprintf(stderr, "memory: weights %s, gradients %s, Adam moments %s, activations %s%s%s\n",
                Bytes(s.weight_bytes).c_str(), Bytes(s.gradient_bytes).c_str(),
-               Bytes(s.adam_bytes).c_str(), Bytes(s.activation_bytes).c_str());
+               Bytes(s.adam_bytes).c_str(), Bytes(s.activation_bytes).c_str(),
+               s.chunk_state_bytes ? ", chunk start states " : "",
+               s.chunk_state_bytes ? Bytes(s.chunk_state_bytes).c_str() : "");
   if (s.resumed) std::fprintf(stderr, "from step %lld\n", static_cast<long long>(s.start_step));
   const bool live = isatty(STDERR_FILENO);
   double last_val = -1;
