@@ -334,6 +334,61 @@ TEST(Cli, PerplexityConsistentWithLogits) {
   EXPECT_LT(loss, std::log(256.0));  // a trained model beats uniform guessing
 }
 
+// perplexity --window: each window scored from the initial state; every position's mean loss
+// in --positions-out equals the one computed by hand from `logits` of each window alone.
+TEST(Cli, PerplexityByPositionScoresEachWindowFromTheStart) {
+  REQUIRE_SHARED(kTiny52);
+  const std::string text = "First Citizen:\nBefore we proceed any further, hear me speak.\n";
+  const std::string text_file = TempFile("windows.txt");
+  WriteFile(text_file, text);
+  const std::string model = Quote(SharedPath(kTiny52));
+  const std::string tsv = TempFile("positions.tsv");
+  constexpr size_t W = 16;
+  const CommandResult p = RunCommand(Cli("perplexity --model " + model + " --text " + text_file +
+                                         " --window 16 --bucket 4 --positions-out " + tsv));
+  ASSERT_EQ(p.exit_code, 0) << p.output;
+  const size_t windows = (text.size() - 1) / W;
+  ASSERT_EQ(windows, 3u);
+  EXPECT_NE(p.output.find("windows:      3 of 16"), std::string::npos) << p.output;
+  EXPECT_NE(p.output.find("12-15"), std::string::npos) << p.output;
+  std::vector<double> expected(W, 0.0);
+  for (size_t w = 0; w < windows; ++w) {
+    const std::string prompt = TempFile("window.txt"), rows = TempFile("window.f32");
+    WriteFile(prompt, text.substr(w * W, W));
+    ASSERT_EQ(RunCommand(Cli("logits --model " + model + " --prompt-file " + prompt +
+                             " --all-positions --output " + rows))
+                  .exit_code,
+              0);
+    const std::vector<float> logits = ReadFloats(rows);
+    ASSERT_EQ(logits.size(), W * 256);
+    for (size_t t = 0; t < W; ++t) {
+      double sum = 0;
+      for (int v = 0; v < 256; ++v) sum += std::exp(static_cast<double>(logits[t * 256 + v]));
+      expected[t] += (std::log(sum) - logits[t * 256 + static_cast<unsigned char>(text[w * W + t + 1])]) /
+                     windows;
+    }
+  }
+  std::ifstream in(tsv);
+  std::string line;
+  std::getline(in, line);  // the header
+  EXPECT_EQ(line.rfind("# position", 0), 0u) << line;
+  size_t position = 0;
+  double loss = 0;
+  for (size_t t = 0; t < W; ++t) {
+    ASSERT_TRUE(in >> position >> loss) << "line " << t;
+    EXPECT_EQ(position, t);
+    EXPECT_NEAR(loss, expected[t], 1e-5) << "position " << t;
+  }
+  for (const char* bad : {" --bucket 4", " --window -1", " --window 100"}) {
+    const CommandResult r = RunCommand(
+        Cli("perplexity --model " + model + " --text " + text_file + bad) + " 2>&1");
+    EXPECT_NE(r.exit_code, 0) << bad;
+    EXPECT_TRUE(r.output.find("--window") != std::string::npos ||
+                r.output.find("window") != std::string::npos)
+        << bad << ": " << r.output;
+  }
+}
+
 TEST(Cli, PerplexityRefusesTooShortText) {
   REQUIRE_SHARED(kTiny52);
   const std::string text_file = TempFile("one.txt");
