@@ -90,7 +90,7 @@ set xlabel 'position in the window (bytes since the initial state)'
 set ylabel 'loss (nats per byte)'
 set grid
 set key top right
-set yrange [1.3:2.6]
+set xrange [0:$window]
 set arrow from 64, graph 0 to 64, graph 1 nohead dt 2 lc rgb '#888888'
 set arrow from $long, graph 0 to $long, graph 1 nohead dt 2 lc rgb '#888888'
 set label 'trained at 64' at 70, graph 0.95
