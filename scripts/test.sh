@@ -8,21 +8,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
 
-echo "== sanitized build (clang; ASan + UBSan; tests and libFuzzer targets)"
+echo "== sanitized build (clang; ASan + UBSan; tests and libFuzzer targets) ($(date -u +%T))"
 CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DAVIARY_SANITIZE=ON -DAVIARY_FUZZ=ON >/dev/null
 cmake --build build-asan -j"$jobs"
 
 # 30 s per target (7 targets).
 export FUZZ_SECONDS=${FUZZ_SECONDS:-30}
-echo "== fuzz (${FUZZ_SECONDS} s per target)"
+echo "== fuzz (${FUZZ_SECONDS} s per target) ($(date -u +%T))"
 FUZZ_BUILD_DIR=build-asan bash scripts/fuzz.sh
 
-echo "== ASan + UBSan tests"
+echo "== ASan + UBSan tests ($(date -u +%T))"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --output-on-failure -j"$jobs")
 
-echo "== Release build and tests"
+echo "== Release build and tests ($(date -u +%T))"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$jobs"
 (cd build && ctest --output-on-failure -j"$jobs")
+echo "== done ($(date -u +%T))"
