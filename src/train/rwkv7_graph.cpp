@@ -45,10 +45,7 @@ struct Rwkv7Graph::Work {
   float* dbonus;       // (M, H) its gradient
 };
 
-Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
-    : layout_(layout), config_(layout.config()), max_batch_(max_batch), max_tokens_(max_tokens) {
-  if (max_batch < 1 || max_tokens < 1) throw Error("training needs a batch and a window of >= 1");
-  const Rwkv7Config& c = config_;
+size_t Rwkv7Graph::ArenaFloats(const Rwkv7Config& c, int max_batch, int max_tokens) {
   const size_t M = static_cast<size_t>(max_batch) * max_tokens, C = c.n_embd, F = c.n_ffn;
   const size_t D = std::max({c.d_decay, c.d_aaa, c.d_mv, c.d_gate});
   const size_t H = c.n_head(), N = c.head_size;
@@ -60,7 +57,20 @@ Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
   const size_t head = static_cast<size_t>(kHeadRows) * c.vocab;
   // Every buffer rounded up to 16 floats (64 bytes) by Take.
   const size_t buffers = c.n_layer * 24 + 2 * kSlots + 40;
-  const size_t floats = c.n_layer * per_layer + 4 * M * C + work + head + buffers * 16;
+  return c.n_layer * per_layer + 4 * M * C + work + head + buffers * 16;
+}
+
+Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
+    : layout_(layout), config_(layout.config()), max_batch_(max_batch), max_tokens_(max_tokens) {
+  if (max_batch < 1 || max_tokens < 1) throw Error("training needs a batch and a window of >= 1");
+  const Rwkv7Config& c = config_;
+  const size_t M = static_cast<size_t>(max_batch) * max_tokens, C = c.n_embd, F = c.n_ffn;
+  const size_t D = std::max({c.d_decay, c.d_aaa, c.d_mv, c.d_gate});
+  const size_t H = c.n_head(), N = c.head_size;
+  const size_t ckpt = static_cast<size_t>(max_batch) *
+                      ((max_tokens + kWkvCheckpoint - 1) / kWkvCheckpoint + 1) * H * N * N;
+  const size_t head = static_cast<size_t>(kHeadRows) * c.vocab;
+  const size_t floats = ArenaFloats(c, max_batch, max_tokens);
   const double bytes = static_cast<double>(floats) * sizeof(float);
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
   if (memory > 0 && bytes > memory) {

@@ -80,6 +80,9 @@ class Rwkv7Graph {
   size_t StateFloats() const;
   // Bytes of activations kept between Forward and Backward (the memory report).
   size_t ActivationBytes() const;
+  // The floats of that arena for B sequences of T tokens, without allocating it (aviary
+  // estimate): what the constructor allocates.
+  static size_t ArenaFloats(const Rwkv7Config& config, int max_batch, int max_tokens);
 
   // inputs, targets: (B, T) token ids. state_in: (B, StateFloats()) or null for zeros;
   // state_out: (B, StateFloats()) or null. logits: (B, T, V) or null. Returns the summed loss

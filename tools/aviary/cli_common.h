@@ -70,6 +70,7 @@ void RegisterBench(CLI::App& app);     // cmd_bench.cpp: speed and memory
 void RegisterSynth(CLI::App& app);     // cmd_synth.cpp: random models of real sizes
 void RegisterChat(CLI::App& app);      // cmd_chat.cpp
 void RegisterTrain(CLI::App& app);     // cmd_train.cpp: training and its loss plot
+void RegisterEstimate(CLI::App& app);  // cmd_estimate.cpp: what training would cost
 void RegisterServe(CLI::App& app);     // cmd_serve.cpp: the OpenAI-compatible server
 
 }  // namespace aviary::cli

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   aviary::cli::RegisterSynth(app);
   aviary::cli::RegisterChat(app);
   aviary::cli::RegisterTrain(app);
+  aviary::cli::RegisterEstimate(app);
   aviary::cli::RegisterServe(app);
   // CLI11 reads an unknown first word as a stray argument ("A subcommand is required").
   if (argc > 1 && argv[1][0] != '-') {
