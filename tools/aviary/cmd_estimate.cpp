@@ -103,14 +103,20 @@ std::string Duration(double s) {
   return buf;
 }
 
+// "$1,234,567" (whole dollars from $1,000, cents below).
 std::string Money(double usd) {
   char buf[48];
-  if (usd >= 1e6) {
-    std::snprintf(buf, sizeof buf, "$%.2f M", usd / 1e6);
-  } else {
+  if (usd < 1000) {
     std::snprintf(buf, sizeof buf, "$%.2f", usd);
+    return buf;
   }
-  return buf;
+  std::snprintf(buf, sizeof buf, "%.0f", usd);
+  std::string digits = buf, out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return "$" + out;
 }
 
 void Row(const std::string& name, const std::string& value) {
@@ -330,13 +336,18 @@ void RunEstimate(EstimateCli& c) {
     std::printf("\nTime and cost\n");
     Row("delivered", Sci(time.flops_per_second) + " model FLOP/s" +
                          (kind == kCpu ? " (measured throughput x model FLOPs per token)" : ""));
-    Row(unit + "-hours", Si(time.device_hours) + " (" + Sci(time.device_hours) + ")");
+    Row(unit + "-hours", Si(time.device_hours) +
+                             (time.device_hours >= 1000 ? " (" + Sci(time.device_hours) + ")" : ""));
     Row("wall time", Duration(time.wall_seconds));
     Row("cost", c.price > 0 ? Money(time.cost) : "(give --price-per-hour)");
   }
 
-  std::printf("\nMemory to train (batch %d x %d tokens per chunk)\n", c.memory.batch,
-              mem.chunk_len);
+  if (mem.activations > 0) {
+    std::printf("\nMemory to train (activations for batch %d x %d tokens per chunk)\n",
+                c.memory.batch, mem.chunk_len);
+  } else {
+    std::printf("\nMemory to train\n");
+  }
   Row("full, aviary (f32)", Bytes(mem.full_fp32) + "  weights, gradients, Adam m, v: 16 B/param");
   Row("full, mixed precision", Bytes(mem.full_mixed) +
                                    "  bf16 weights 2 + grads 2, f32 master 4 + m 4 + v 4");
