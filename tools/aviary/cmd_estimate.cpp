@@ -75,6 +75,12 @@ std::string Sci(double x) {
   return buf;
 }
 
+std::string Number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
 std::string Bytes(double b) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
   int u = 0;
@@ -169,13 +175,13 @@ void RunEstimate(EstimateCli& c) {
     if (!c.gpu.empty()) {
       const train::GpuSpec& g = train::FindGpu(c.gpu);
       setup.peak_tflops = g.peak_tflops;
-      hw_label = g.label + ", " + Sci(g.peak_tflops) + " TFLOP/s dense " + g.precision;
+      hw_label = g.label + ", " + Number(g.peak_tflops) + " TFLOP/s dense " + g.precision;
       hw_source = g.source;
       unit = g.name;
       for (char& ch : unit) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
     } else {
       setup.peak_tflops = c.peak_tflops;
-      hw_label = Sci(c.peak_tflops) + " TFLOP/s per device";
+      hw_label = Number(c.peak_tflops) + " TFLOP/s per device";
       hw_source = "--peak-tflops";
     }
     setup.devices = c.gpus;
