@@ -159,6 +159,10 @@ TEST(Estimate, BadInputIsAUsageErrorNamingTheValue) {
   EXPECT_NE(message([] { BytesPerParam("q3_x"); }).find("q4_0"), std::string::npos);
   EXPECT_NE(message([] { ShapeRwkv7(2, 100, 256); }).find("multiple of the head"),
             std::string::npos);
+  EXPECT_NE(message([] { MeasureCpuTraining(ShapeGeneric(1e6), 1, 8, 1); }).find("RWKV-7"),
+            std::string::npos);
+  EXPECT_NE(message([] { MeasureCpuTraining(ShapeRwkv7(1, 64, 256), 0, 8, 1); }).find("--batch"),
+            std::string::npos);
 }
 
 // The CLI: the FAQ example's printout, JSON, a model file, and bad input as one-line errors.
@@ -190,6 +194,21 @@ TEST(EstimateCli, PrintsTheFaqExampleAndReadsAModelFile) {
   EXPECT_NE(f.output.find("16.7 min"), std::string::npos) << f.output;  // 1e6 / 1000 s
 }
 
+// --measure trains a tiny shape for real and reports what it measured.
+TEST(EstimateCli, MeasureTrainsTheShapeHere) {
+  const CommandResult r = RunCommand(CliPath() +
+                                     " estimate --layers 1 --embd 64 --vocab 256 --ctx-len 16 "
+                                     "--batch 2 --measure --measure-steps 2 --threads 1 "
+                                     "--tokens 1M --json 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(r.output);
+  const double tps = j["hardware"]["tokens_per_second"].get<double>();
+  EXPECT_GT(tps, 0);
+  EXPECT_GT(j["hardware"]["measured_seconds"].get<double>(), 0);
+  EXPECT_NE(j["hardware"]["label"].get<std::string>().find("1 threads"), std::string::npos);
+  EXPECT_NEAR(j["time"]["wall_seconds"].get<double>(), 1e6 / tps, 1e-6 * 1e6 / tps);
+}
+
 TEST(EstimateCli, BadInputIsAOneLineError) {
   const std::string text = ProcessTempDir() + "not-a-model.txt";
   {
@@ -209,6 +228,10 @@ TEST(EstimateCli, BadInputIsAOneLineError) {
       {"--params 70e9 --gpu a100", "--tokens is required", 2},
       {"--params 70e9 --tokens 2e12 --gpu a100 --mfu 1.5", "--mfu", 2},
       {"--params 70e9 --tokens 2e12 --gpu a100 --mfu 0", "--mfu", 2},
+      {"--preset rwkv7-0.1b --tokens 2e12 --mfu 2", "--mfu", 2},
+      {"--preset rwkv7-0.1b --tokens 2e12 --gpu a100 --gpus 16 --scaling 0", "--scaling", 2},
+      {"--preset rwkv7-0.1b --tokens 1e9 --base-type q3", "known types are f32", 2},
+      {"--preset rwkv7-0.1b --tokens 1e9 --ctx-len 64 --chunk-len 128", "--chunk-len", 2},
       {"--tokens 2e12 --gpu a100", "give the model one way", 2},
       {"--preset rwkv7-0.1b --params 1e9 --tokens 1e9", "give the model one way", 2},
       {"--preset rwkv7-0.1b --tokens 1e9 --gpu a100 --cpu-tokens-per-s 5", "hardware one way", 2},

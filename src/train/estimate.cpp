@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -90,9 +91,9 @@ ModelShape ShapeOfRwkv7(const Rwkv7Config& config) {
   s.vocab = config.vocab;
   s.head_size = config.head_size;
   s.n_ffn = config.n_ffn;
-  s.description = "RWKV-7, " + std::to_string(s.n_layer) + " layers x " +
-                  std::to_string(s.n_embd) + ", vocabulary " + std::to_string(s.vocab) +
-                  ", head size " + std::to_string(s.head_size);
+  s.description = "RWKV-7, " + std::to_string(s.n_layer) + " layers x " + std::to_string(s.n_embd) +
+                  ", vocabulary " + std::to_string(s.vocab) + ", head size " +
+                  std::to_string(s.head_size);
   if (s.n_ffn != 4 * s.n_embd) s.description += ", channel mix " + std::to_string(s.n_ffn);
   s.source = "--layers/--embd/--vocab, RWKV-LM's sizes for the rest";
   for (const ParamEntry& e : layout.entries()) {
@@ -155,7 +156,8 @@ ModelShape ShapeGeneric(double params) {
   s.params = params;
   s.matrix_params = params;
   s.description = "a model of " + Number(params) + " parameters, shape unknown";
-  if (params >= 1e9) s.description = "a model of " + Number(params / 1e9) + " B parameters, shape unknown";
+  if (params >= 1e9)
+    s.description = "a model of " + Number(params / 1e9) + " B parameters, shape unknown";
   s.source = "--params: all counted in 6 N D (no embedding split, no attention term)";
   return s;
 }
@@ -206,8 +208,8 @@ FlopCount CountTrainingFlops(const ModelShape& shape, double tokens) {
   }
   FlopCount f;
   f.tokens = tokens;
-  f.terms.push_back({"matrix products", "6 N (forward 2 N, backward 4 N)",
-                     6 * shape.matrix_params, true});
+  f.terms.push_back(
+      {"matrix products", "6 N (forward 2 N, backward 4 N)", 6 * shape.matrix_params, true});
   if (shape.kind == ShapeKind::kRwkv7) {
     const double L = shape.n_layer, C = shape.n_embd, N = shape.head_size, V = shape.vocab;
     // Per state element (H N N = C N per layer) and token, as src/tensor/wkv.cpp and
@@ -219,8 +221,8 @@ FlopCount CountTrainingFlops(const ModelShape& shape, double tokens) {
                        28 * L * C * N, true});
     f.terms.push_back({"wkv states recomputed", "7 L C N (aviary's backward, from checkpoints)",
                        7 * L * C * N, false});
-    f.terms.push_back({"head recomputed", "2 V C (aviary's backward recomputes the logits)",
-                       2 * V * C, false});
+    f.terms.push_back(
+        {"head recomputed", "2 V C (aviary's backward recomputes the logits)", 2 * V * C, false});
   }
   for (const FlopTerm& t : f.terms) {
     if (t.model) f.model_per_token += t.per_token;
@@ -311,9 +313,17 @@ struct WeightType {
 // ggml's blocks of 32 weights (q8_0: a 2-byte scale and 32 bytes; q4_0: a scale and 16 bytes;
 // q5_0/q5_1/q4_1 likewise) and the K-quants' super-blocks of 256 weights.
 constexpr WeightType kWeightTypes[] = {
-    {"f32", 4},          {"f16", 2},          {"bf16", 2},         {"q8_0", 34.0 / 32},
-    {"q5_1", 24.0 / 32}, {"q5_0", 22.0 / 32}, {"q4_1", 20.0 / 32}, {"q4_0", 18.0 / 32},
-    {"q6_k", 210.0 / 256}, {"q5_k", 176.0 / 256}, {"q4_k", 144.0 / 256},
+    {"f32", 4},
+    {"f16", 2},
+    {"bf16", 2},
+    {"q8_0", 34.0 / 32},
+    {"q5_1", 24.0 / 32},
+    {"q5_0", 22.0 / 32},
+    {"q4_1", 20.0 / 32},
+    {"q4_0", 18.0 / 32},
+    {"q6_k", 210.0 / 256},
+    {"q5_k", 176.0 / 256},
+    {"q4_k", 144.0 / 256},
 };
 }  // namespace
 
@@ -386,8 +396,9 @@ std::string CpuModelName() {
 
 CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_len, int steps) {
   if (shape.kind != ShapeKind::kRwkv7) {
-    throw UsageError("--measure trains an RWKV-7 of the shape: give an RWKV-7 preset, file or "
-                     "--layers/--embd");
+    throw UsageError(
+        "--measure trains an RWKV-7 of the shape: give an RWKV-7 preset, file or "
+        "--layers/--embd");
   }
   if (batch < 1 || ctx_len < 1 || steps < 1) {
     throw UsageError("--measure needs --batch, --ctx-len and --measure-steps of at least 1");

@@ -25,13 +25,13 @@ struct ModelShape {
   std::string description;  // "RWKV-7, 12 layers x 768, vocabulary 65536, head size 64"
   std::string source;       // where the shape came from ("preset rwkv7-0.1b: BlinkDL's L12-D768")
   ShapeKind kind = ShapeKind::kGeneric;
-  Rwkv7Config rwkv7;  // kRwkv7 only
+  Rwkv7Config rwkv7;                                                 // kRwkv7 only
   int n_layer = 0, n_embd = 0, vocab = 0, head_size = 0, n_ffn = 0;  // 0: unknown (kGeneric)
-  double params = 0;           // every parameter
-  double embedding = 0;        // the embedding table: a lookup, no products
-  double matrix_params = 0;    // N of 6 N D: the matrices the products run over, head included
+  double params = 0;                                                 // every parameter
+  double embedding = 0;             // the embedding table: a lookup, no products
+  double matrix_params = 0;         // N of 6 N D: the matrices the products run over, head included
   double lora_params_per_rank = 0;  // adapters per unit of rank (0: unknown)
-  double state_floats = 0;     // the wkv state per sequence, what state tuning trains (0: none)
+  double state_floats = 0;  // the wkv state per sequence, what state tuning trains (0: none)
   // A model file: its weights' bytes and main type as stored (0 / empty for a computed shape).
   double stored_bytes = 0;
   std::string stored_type;
@@ -78,9 +78,9 @@ struct FlopCount {
 FlopCount CountTrainingFlops(const ModelShape& shape, double tokens);
 
 struct GpuSpec {
-  std::string name;   // what --gpu takes
-  std::string label;  // "NVIDIA A100 (SXM or PCIe)"
-  double peak_tflops; // dense 16-bit tensor throughput, FP32 accumulate
+  std::string name;    // what --gpu takes
+  std::string label;   // "NVIDIA A100 (SXM or PCIe)"
+  double peak_tflops;  // dense 16-bit tensor throughput, FP32 accumulate
   std::string precision;
   std::string source;
 };
@@ -89,18 +89,18 @@ const std::vector<GpuSpec>& KnownGpus();
 const GpuSpec& FindGpu(const std::string& name);
 
 struct GpuSetup {
-  double peak_tflops = 0;   // per device
+  double peak_tflops = 0;  // per device
   int devices = 1;
   int devices_per_node = 8;
-  double utilisation = 0.4;  // model FLOPs utilisation (MFU), in (0, 1]
-  double scaling = 0.9;      // multi-node efficiency in (0, 1], when devices > devices_per_node
-  double price_per_hour = 0; // per device, USD; 0: no cost
+  double utilisation = 0.4;   // model FLOPs utilisation (MFU), in (0, 1]
+  double scaling = 0.9;       // multi-node efficiency in (0, 1], when devices > devices_per_node
+  double price_per_hour = 0;  // per device, USD; 0: no cost
 };
 struct TimeCost {
   double flops_per_second = 0;  // the model FLOPs the whole setup delivers
   double wall_seconds = 0;
-  double device_hours = 0;      // wall time x devices (machine-hours for a CPU)
-  double cost = 0;              // device_hours x price
+  double device_hours = 0;  // wall time x devices (machine-hours for a CPU)
+  double cost = 0;          // device_hours x price
 };
 // Throws UsageError for a setup out of range.
 TimeCost EstimateGpuTime(double model_flops, const GpuSetup& setup);
@@ -122,15 +122,15 @@ struct MemoryOptions {
   int devices = 1;    // for the per-device ZeRO-2 line
 };
 struct TrainingMemory {
-  double full_fp32 = 0;        // aviary: f32 weights, gradients, Adam m and v (16 B/param)
-  double full_mixed = 0;       // bf16 weights + grads, f32 master + m + v (16 B/param)
+  double full_fp32 = 0;              // aviary: f32 weights, gradients, Adam m and v (16 B/param)
+  double full_mixed = 0;             // bf16 weights + grads, f32 master + m + v (16 B/param)
   double full_zero2_per_device = 0;  // full_mixed with grads and optimizer sharded (ZeRO-2)
-  double base = 0;             // the frozen weights in base_type (or the file's bytes)
+  double base = 0;                   // the frozen weights in base_type (or the file's bytes)
   std::string base_note;
   double lora_params = 0, lora_total = 0;    // adapters; base + 16 B per adapter parameter
   double state_params = 0, state_total = 0;  // the wkv state; base + 16 B per state float
-  double activations = 0;      // aviary's graph for batch x chunk tokens (0: unknown shape)
-  int chunk_len = 0;           // the chunk used
+  double activations = 0;  // aviary's graph for batch x chunk tokens (0: unknown shape)
+  int chunk_len = 0;       // the chunk used
 };
 // Throws UsageError for options out of range.
 TrainingMemory EstimateMemory(const ModelShape& shape, const MemoryOptions& options);

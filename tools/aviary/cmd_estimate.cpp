@@ -18,7 +18,7 @@ namespace {
 using train::ModelShape;
 
 struct EstimateCli {
-  std::string preset, model, arch = "rwkv7", tokens, params, gpu, base_type;
+  std::string preset, model, arch = "rwkv7", tokens, params, gpu;
   int layers = 0, embd = 0, vocab = 65536;
   int gpus = 1, gpus_per_node = 8;
   double peak_tflops = 0, mfu = 0.4, scaling = 0.9, price = 0, cpu_tokens_per_s = 0;
@@ -40,10 +40,16 @@ double ParseCount(const std::string& flag, const std::string& text) {
   double scale = 1;
   if (used > 0 && used + 1 == text.size()) {
     switch (text.back()) {
-      case 'k': case 'K': scale = 1e3; break;
-      case 'm': case 'M': scale = 1e6; break;
-      case 'b': case 'B': case 'g': case 'G': scale = 1e9; break;
-      case 't': case 'T': scale = 1e12; break;
+      case 'k':
+      case 'K': scale = 1e3; break;
+      case 'm':
+      case 'M': scale = 1e6; break;
+      case 'b':
+      case 'B':
+      case 'g':
+      case 'G': scale = 1e9; break;
+      case 't':
+      case 'T': scale = 1e12; break;
       default: used = 0;
     }
   } else if (used != text.size()) {
@@ -130,8 +136,8 @@ void Row(const std::string& name, const std::string& value) {
 }
 
 ModelShape ResolveShape(const EstimateCli& c) {
-  const int given = !c.preset.empty() + !c.model.empty() + !c.params.empty() +
-                    (c.layers > 0 || c.embd > 0);
+  const int given =
+      !c.preset.empty() + !c.model.empty() + !c.params.empty() + (c.layers > 0 || c.embd > 0);
   if (given != 1) {
     throw UsageError(
         "give the model one way: --preset NAME, --model FILE, --layers L --embd C, or --params N");
@@ -155,9 +161,13 @@ void RunEstimate(EstimateCli& c) {
   const int hardware = !c.gpu.empty() + (c.cmd->count("--peak-tflops") > 0) +
                        (c.cmd->count("--cpu-tokens-per-s") > 0) + c.measure;
   if (hardware > 1) {
-    throw UsageError("give the hardware one way: --gpu, --peak-tflops, --cpu-tokens-per-s or "
-                     "--measure");
+    throw UsageError(
+        "give the hardware one way: --gpu, --peak-tflops, --cpu-tokens-per-s or "
+        "--measure");
   }
+  // Checked whatever the hardware, so a mistyped value is never silently unused.
+  if (!(c.mfu > 0 && c.mfu <= 1)) throw UsageError("--mfu must be in (0, 1]");
+  if (!(c.scaling > 0 && c.scaling <= 1)) throw UsageError("--scaling must be in (0, 1]");
   const ModelShape shape = ResolveShape(c);
   const train::FlopCount flops = train::CountTrainingFlops(shape, tokens);
   c.memory.devices = c.gpus;
@@ -217,8 +227,9 @@ void RunEstimate(EstimateCli& c) {
     time = train::EstimateCpuTime(tokens, cpu_tps, c.price);
     time.flops_per_second = flops.model_per_token * cpu_tps;
   } else if (c.price > 0 || c.gpus != 1) {
-    throw UsageError("--price-per-hour and --gpus need the hardware: --gpu NAME, --peak-tflops, "
-                     "--cpu-tokens-per-s or --measure");
+    throw UsageError(
+        "--price-per-hour and --gpus need the hardware: --gpu NAME, --peak-tflops, "
+        "--cpu-tokens-per-s or --measure");
   }
 
   if (c.json) {
@@ -243,14 +254,20 @@ void RunEstimate(EstimateCli& c) {
                   {"executed_per_token", flops.executed_per_token},
                   {"executed_total", flops.executed_total()}};
     if (kind == kGpu) {
-      j["hardware"] = {{"kind", "gpu"},          {"label", hw_label},
-                       {"source", hw_source},    {"peak_tflops", setup.peak_tflops},
-                       {"devices", setup.devices}, {"devices_per_node", setup.devices_per_node},
-                       {"mfu", setup.utilisation}, {"scaling", setup.scaling},
+      j["hardware"] = {{"kind", "gpu"},
+                       {"label", hw_label},
+                       {"source", hw_source},
+                       {"peak_tflops", setup.peak_tflops},
+                       {"devices", setup.devices},
+                       {"devices_per_node", setup.devices_per_node},
+                       {"mfu", setup.utilisation},
+                       {"scaling", setup.scaling},
                        {"price_per_hour", setup.price_per_hour}};
     } else if (kind == kCpu) {
-      j["hardware"] = {{"kind", "cpu"},       {"label", hw_label},
-                       {"source", hw_source}, {"tokens_per_second", cpu_tps},
+      j["hardware"] = {{"kind", "cpu"},
+                       {"label", hw_label},
+                       {"source", hw_source},
+                       {"tokens_per_second", cpu_tps},
                        {"price_per_hour", c.price}};
       if (c.measure) j["hardware"]["measured_seconds"] = measured.seconds;
     }
@@ -283,10 +300,10 @@ void RunEstimate(EstimateCli& c) {
   std::string counts = Si(shape.params) + " parameters";
   if (shape.embedding > 0) counts += " (embedding " + Si(shape.embedding) + ")";
   Row("parameters", counts);
-  Row("N (matrices, head in)", Si(shape.matrix_params) +
-                                   (shape.kind == train::ShapeKind::kGeneric
-                                        ? "  (--params: every parameter, embedding in)"
-                                        : "  (every matrix but the embedding lookup)"));
+  Row("N (matrices, head in)",
+      Si(shape.matrix_params) + (shape.kind == train::ShapeKind::kGeneric
+                                     ? "  (--params: every parameter, embedding in)"
+                                     : "  (every matrix but the embedding lookup)"));
 
   std::printf("\nAssumptions\n");
   Row("training tokens D", Si(tokens) + " (" + Sci(tokens) + ")");
@@ -342,8 +359,9 @@ void RunEstimate(EstimateCli& c) {
     std::printf("\nTime and cost\n");
     Row("delivered", Sci(time.flops_per_second) + " model FLOP/s" +
                          (kind == kCpu ? " (measured throughput x model FLOPs per token)" : ""));
-    Row(unit + "-hours", Si(time.device_hours) +
-                             (time.device_hours >= 1000 ? " (" + Sci(time.device_hours) + ")" : ""));
+    Row(unit + "-hours",
+        Si(time.device_hours) +
+            (time.device_hours >= 1000 ? " (" + Sci(time.device_hours) + ")" : ""));
     Row("wall time", Duration(time.wall_seconds));
     Row("cost", c.price > 0 ? Money(time.cost) : "(give --price-per-hour)");
   }
@@ -355,8 +373,8 @@ void RunEstimate(EstimateCli& c) {
     std::printf("\nMemory to train\n");
   }
   Row("full, aviary (f32)", Bytes(mem.full_fp32) + "  weights, gradients, Adam m, v: 16 B/param");
-  Row("full, mixed precision", Bytes(mem.full_mixed) +
-                                   "  bf16 weights 2 + grads 2, f32 master 4 + m 4 + v 4");
+  Row("full, mixed precision",
+      Bytes(mem.full_mixed) + "  bf16 weights 2 + grads 2, f32 master 4 + m 4 + v 4");
   if (c.gpus > 1) {
     Row("  ZeRO-2, per device", Bytes(mem.full_zero2_per_device) + "  over " +
                                     std::to_string(c.gpus) + " devices: 2 + 14 / devices B/param");
@@ -370,8 +388,8 @@ void RunEstimate(EstimateCli& c) {
     Row("LoRA", "needs the model's shape");
   }
   if (mem.state_params > 0) {
-    Row("state tuning", Bytes(mem.state_total) + "  base + " + Si(mem.state_params) +
-                            " state floats x 16 B");
+    Row("state tuning",
+        Bytes(mem.state_total) + "  base + " + Si(mem.state_params) + " state floats x 16 B");
   } else {
     Row("state tuning", shape.kind == train::ShapeKind::kGeneric
                             ? "needs the model's shape"
@@ -412,7 +430,9 @@ void RegisterEstimate(CLI::App& app) {
   cmd->add_option("--gpu", c->gpu,
                   "GPU model: a100, h100, h100-pcie, h200, a10, l4, rtx4090, v100");
   cmd->add_option("--peak-tflops", c->peak_tflops, "Peak dense TFLOP/s per device (another GPU)");
-  cmd->add_option("--gpus", c->gpus, "Devices")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  cmd->add_option("--gpus", c->gpus, "Devices")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   cmd->add_option("--gpus-per-node", c->gpus_per_node,
                   "Devices per node (--scaling applies beyond one node)")
       ->check(CLI::Range(1, 1024))
