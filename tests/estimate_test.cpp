@@ -134,6 +134,28 @@ TEST(Estimate, ActivationsAreTheGraphsArenaAndChunksBoundThem) {
   EXPECT_LT(chunked.activations, whole.activations / 3);
 }
 
+TEST(Estimate, ChunkedWindowsRecomputeTheForwardAndKeepTheStartStates) {
+  const ModelShape s = ShapeRwkv7(2, 64, 256);
+  const FlopCount whole = CountTrainingFlops(s, 1e6, 256, 0);
+  const FlopCount chunked = CountTrainingFlops(s, 1e6, 256, 64);  // 4 chunks: 3 run twice
+  EXPECT_EQ(chunked.model_per_token, whole.model_per_token);
+  const double forward = 2 * s.matrix_params + 9.0 * 2 * 64 * 64;
+  EXPECT_DOUBLE_EQ(chunked.executed_per_token - whole.executed_per_token, 0.75 * forward);
+  EXPECT_EQ(CountTrainingFlops(s, 1e6, 256, 256).executed_per_token, whole.executed_per_token);
+
+  MemoryOptions o;
+  o.batch = 3;
+  o.ctx_len = 100;
+  o.chunk_len = 40;  // 3 chunks, the last of 20
+  const TrainingMemory m = EstimateMemory(s, o);
+  const ParamLayout layout = ParamLayout::Rwkv7(s.rwkv7);
+  Rwkv7Graph graph(layout, 3, 40);
+  EXPECT_EQ(m.activations, static_cast<double>(graph.ActivationBytes()));
+  EXPECT_EQ(m.chunk_states, 3.0 * 3 * graph.StateFloats() * sizeof(float));
+  o.chunk_len = 0;
+  EXPECT_EQ(EstimateMemory(s, o).chunk_states, 0);
+}
+
 TEST(Estimate, BadInputIsAUsageErrorNamingTheValue) {
   auto message = [](auto&& fn) {
     try {

@@ -11,8 +11,10 @@
 #include <random>
 
 #include "aviary/error.h"
+#include "models/stages.h"
 #include "tensor/aligned.h"
 #include "tensor/thread_pool.h"
+#include "train/chunked.h"
 #include "train/init.h"
 #include "train/optimizer.h"
 #include "train/rwkv7_graph.h"
@@ -201,7 +203,7 @@ ModelShape ShapeFromModelInfo(const ModelInfo& info) {
   return s;
 }
 
-FlopCount CountTrainingFlops(const ModelShape& shape, double tokens) {
+FlopCount CountTrainingFlops(const ModelShape& shape, double tokens, int ctx_len, int chunk_len) {
   if (!(tokens > 0) || !std::isfinite(tokens)) {
     throw UsageError("--tokens must be a positive number of training tokens, not " +
                      Number(tokens));
@@ -223,6 +225,17 @@ FlopCount CountTrainingFlops(const ModelShape& shape, double tokens) {
                        7 * L * C * N, false});
     f.terms.push_back(
         {"head recomputed", "2 V C (aviary's backward recomputes the logits)", 2 * V * C, false});
+    if (ctx_len > 0 && chunk_len > 0 && chunk_len < ctx_len) {
+      // ChunkedWindows runs the forward pass again for every chunk but the last, whose
+      // activations are still in the graph when the backward pass starts.
+      const int chunks = (ctx_len + chunk_len - 1) / chunk_len;
+      const double again = static_cast<double>(chunks - 1) * chunk_len / ctx_len;
+      char formula[96];
+      std::snprintf(formula, sizeof formula, "%.3g (2 N + 9 L C N) (all chunks but the last)",
+                    again);
+      f.terms.push_back({"forward recomputed", formula,
+                         again * (2 * shape.matrix_params + 9 * L * C * N), false});
+    }
   }
   for (const FlopTerm& t : f.terms) {
     if (t.model) f.model_per_token += t.per_token;
@@ -372,6 +385,11 @@ TrainingMemory EstimateMemory(const ModelShape& shape, const MemoryOptions& o) {
   if (shape.kind == ShapeKind::kRwkv7) {
     m.activations =
         static_cast<double>(Rwkv7Graph::ArenaFloats(shape.rwkv7, o.batch, m.chunk_len)) * 4;
+    const int chunks = (o.ctx_len + m.chunk_len - 1) / m.chunk_len;
+    if (chunks > 1) {  // what aviary train reports as the chunk start states
+      m.chunk_states = static_cast<double>(chunks) * o.batch * shape.n_layer *
+                       HeadLayerState::Floats(shape.n_embd, shape.head_size) * 4;
+    }
   }
   return m;
 }
@@ -394,7 +412,8 @@ std::string CpuModelName() {
 }
 }  // namespace
 
-CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_len, int steps) {
+CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_len, int steps,
+                                  int chunk_len) {
   if (shape.kind != ShapeKind::kRwkv7) {
     throw UsageError(
         "--measure trains an RWKV-7 of the shape: give an RWKV-7 preset, file or "
@@ -405,7 +424,8 @@ CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_le
   }
   const ParamLayout layout = ParamLayout::Rwkv7(shape.rwkv7);
   const size_t P = layout.total_floats();
-  const double need = 16.0 * P + 4.0 * Rwkv7Graph::ArenaFloats(shape.rwkv7, batch, ctx_len);
+  const int chunk = chunk_len > 0 && chunk_len < ctx_len ? chunk_len : ctx_len;
+  const double need = 16.0 * P + 4.0 * Rwkv7Graph::ArenaFloats(shape.rwkv7, batch, chunk);
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
   if (memory > 0 && need > 0.9 * memory) {
     char what[200];
@@ -417,7 +437,8 @@ CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_le
   }
   AlignedVector<float> params(P), grads(P), m(P), v(P);
   InitRwkv7(layout, 0, params.data());
-  Rwkv7Graph graph(layout, batch, ctx_len);
+  Rwkv7Graph graph(layout, batch, chunk);
+  ChunkedWindows windows(graph, chunk, 0);  // one pass when the chunk is the whole window
   AdamWOptions adam_options;
   adam_options.total_steps = steps + 1;
   const AdamW adam(layout, adam_options);
@@ -431,8 +452,8 @@ CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_le
       targets[i] = id(rng);
     }
     std::fill(grads.begin(), grads.end(), 0.0f);
-    graph.Forward(params.data(), inputs, targets, batch, ctx_len, nullptr, nullptr);
-    graph.Backward(params.data(), grads.data(), 1.0f / static_cast<float>(M), nullptr, nullptr);
+    windows.Gradients(params.data(), grads.data(), inputs, targets, batch, ctx_len,
+                      1.0f / static_cast<float>(M));
     adam.ClipGradients(grads.data());
     adam.Step(s, params.data(), grads.data(), m.data(), v.data());
   };
@@ -446,6 +467,7 @@ CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_le
   r.steps = steps;
   r.batch = batch;
   r.ctx_len = ctx_len;
+  r.chunk_len = chunk;
   r.threads = NumThreads();
   r.tokens_per_second = static_cast<double>(M) * steps / std::max(seconds, 1e-9);
   r.cpu = CpuModelName();

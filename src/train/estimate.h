@@ -74,8 +74,11 @@ struct FlopCount {
   double model_total() const { return model_per_token * tokens; }
   double executed_total() const { return executed_per_token * tokens; }
 };
-// Throws UsageError unless tokens > 0.
-FlopCount CountTrainingFlops(const ModelShape& shape, double tokens);
+// Throws UsageError unless tokens > 0. A window of ctx_len tokens trained in chunks of
+// chunk_len (chunked.h) recomputes the forward pass of every chunk but its last; 0 for either:
+// one pass per window.
+FlopCount CountTrainingFlops(const ModelShape& shape, double tokens, int ctx_len = 0,
+                             int chunk_len = 0);
 
 struct GpuSpec {
   std::string name;    // what --gpu takes
@@ -129,21 +132,25 @@ struct TrainingMemory {
   std::string base_note;
   double lora_params = 0, lora_total = 0;    // adapters; base + 16 B per adapter parameter
   double state_params = 0, state_total = 0;  // the wkv state; base + 16 B per state float
-  double activations = 0;  // aviary's graph for batch x chunk tokens (0: unknown shape)
-  int chunk_len = 0;       // the chunk used
+  double activations = 0;   // aviary's graph for batch x chunk tokens (0: unknown shape)
+  double chunk_states = 0;  // the start state of every chunk of a window, when chunked
+  int chunk_len = 0;        // the chunk used
 };
 // Throws UsageError for options out of range.
 TrainingMemory EstimateMemory(const ModelShape& shape, const MemoryOptions& options);
 
-// Runs `steps` real training steps (forward, backward, AdamW) of a randomly initialised RWKV-7 of
-// this shape on random tokens, after one untimed step, on the current thread runtime; returns
-// training tokens per second. Throws aviary::Error when the model does not fit in memory.
+// Runs `steps` real training steps (forward, backward, clipping, AdamW) of a randomly initialised
+// RWKV-7 of this shape on random tokens, after one untimed step, on the current thread runtime:
+// windows of ctx_len tokens, in chunks of chunk_len when 0 < chunk_len < ctx_len (as aviary
+// train runs them); returns training tokens per second. Throws aviary::Error when the model
+// does not fit in memory.
 struct CpuMeasurement {
   double tokens_per_second = 0;
   double seconds = 0;
-  int steps = 0, batch = 0, ctx_len = 0, threads = 0;
+  int steps = 0, batch = 0, ctx_len = 0, chunk_len = 0, threads = 0;
   std::string cpu;  // /proc/cpuinfo's model name, or "unknown CPU"
 };
-CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_len, int steps);
+CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_len, int steps,
+                                  int chunk_len = 0);
 
 }  // namespace aviary::train

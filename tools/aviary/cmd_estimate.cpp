@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "aviary/error.h"
@@ -169,7 +170,8 @@ void RunEstimate(EstimateCli& c) {
   if (!(c.mfu > 0 && c.mfu <= 1)) throw UsageError("--mfu must be in (0, 1]");
   if (!(c.scaling > 0 && c.scaling <= 1)) throw UsageError("--scaling must be in (0, 1]");
   const ModelShape shape = ResolveShape(c);
-  const train::FlopCount flops = train::CountTrainingFlops(shape, tokens);
+  const train::FlopCount flops =
+      train::CountTrainingFlops(shape, tokens, c.memory.ctx_len, c.memory.chunk_len);
   c.memory.devices = c.gpus;
   const train::TrainingMemory mem = train::EstimateMemory(shape, c.memory);
 
@@ -210,14 +212,18 @@ void RunEstimate(EstimateCli& c) {
       r.kernels = ProcessEnvironment().kernels.value_or(Kernels::kFast);
       Runtime runtime(r);
       ScopedRuntime scope(&runtime);
-      const int chunk = c.memory.chunk_len > 0 ? c.memory.chunk_len : c.memory.ctx_len;
-      measured = train::MeasureCpuTraining(shape, c.memory.batch, chunk, c.measure_steps);
+      measured = train::MeasureCpuTraining(shape, c.memory.batch, c.memory.ctx_len, c.measure_steps,
+                                           c.memory.chunk_len);
       cpu_tps = measured.tokens_per_second;
       hw_label = measured.cpu + ", " + std::to_string(measured.threads) + " threads";
-      char src[200];
+      char src[240];
       std::snprintf(src, sizeof src,
                     "measured here: %d aviary training steps of %d x %d tokens in %.2f s",
                     measured.steps, measured.batch, measured.ctx_len, measured.seconds);
+      if (measured.chunk_len < measured.ctx_len) {
+        std::snprintf(src + std::strlen(src), sizeof src - std::strlen(src), " (chunks of %d)",
+                      measured.chunk_len);
+      }
       hw_source = src;
     } else {
       cpu_tps = c.cpu_tokens_per_s;
@@ -288,6 +294,7 @@ void RunEstimate(EstimateCli& c) {
                    {"state_parameters", mem.state_params},
                    {"state_tuning_bytes", mem.state_total},
                    {"activation_bytes", mem.activations},
+                   {"chunk_state_bytes", mem.chunk_states},
                    {"batch", c.memory.batch},
                    {"chunk_len", mem.chunk_len}};
     std::printf("%s\n", j.dump(2).c_str());
@@ -399,6 +406,11 @@ void RunEstimate(EstimateCli& c) {
     Row("+ activations", Bytes(mem.activations) +
                              "  aviary's graph (f32), every mode: the backward pass runs "
                              "through all layers");
+    if (mem.chunk_states > 0) {
+      Row("+ chunk start states", Bytes(mem.chunk_states) + "  each chunk's start state, " +
+                                      std::to_string(c.memory.batch) + " x " +
+                                      std::to_string(c.memory.ctx_len) + "-token windows");
+    }
   } else {
     Row("+ activations", "not modelled for this shape (aviary's graph is RWKV-7's)");
   }
@@ -457,7 +469,8 @@ void RegisterEstimate(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ctx-len", c->memory.ctx_len, "Tokens per sequence")->capture_default_str();
   cmd->add_option("--chunk-len", c->memory.chunk_len,
-                  "Tokens per forward/backward when a sequence is trained in chunks (0: all)")
+                  "Chunks of N tokens per window, as aviary train --chunk-len runs them (0: the "
+                  "whole window)")
       ->capture_default_str();
   cmd->add_option("--lora-rank", c->memory.lora_rank, "LoRA rank")->capture_default_str();
   cmd->add_option("--base-type", c->memory.base_type,
