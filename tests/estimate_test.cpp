@@ -254,6 +254,7 @@ TEST(EstimateCli, BadInputIsAOneLineError) {
       {"--preset rwkv7-0.1b --tokens 2e12 --gpu a100 --gpus 16 --scaling 0", "--scaling", 2},
       {"--preset rwkv7-0.1b --tokens 1e9 --base-type q3", "known types are f32", 2},
       {"--preset rwkv7-0.1b --tokens 1e9 --ctx-len 64 --chunk-len 128", "--chunk-len", 2},
+      {"--preset rwkv7-7.2b --tokens 1e9 --batch 1048576 --ctx-len 16777216", "tokens per pass", 2},
       {"--tokens 2e12 --gpu a100", "give the model one way", 2},
       {"--preset rwkv7-0.1b --params 1e9 --tokens 1e9", "give the model one way", 2},
       {"--preset rwkv7-0.1b --tokens 1e9 --gpu a100 --cpu-tokens-per-s 5", "hardware one way", 2},

@@ -363,6 +363,11 @@ TrainingMemory EstimateMemory(const ModelShape& shape, const MemoryOptions& o) {
     throw UsageError("--chunk-len must be 1..--ctx-len (0: the whole window)");
   }
   if (o.devices < 1) throw UsageError("--gpus must be at least 1");
+  const int64_t pass = static_cast<int64_t>(o.batch) * (o.chunk_len > 0 ? o.chunk_len : o.ctx_len);
+  if (pass > (1 << 24)) {  // aviary train's limit, which also keeps the arena's size in range
+    throw UsageError(
+        "--batch x --chunk-len (or --ctx-len) must be at most 16777216 tokens per pass");
+  }
   TrainingMemory m;
   const double P = shape.params;
   m.full_fp32 = 16 * P;
