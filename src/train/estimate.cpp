@@ -219,9 +219,11 @@ FlopCount CountTrainingFlops(const ModelShape& shape, double tokens, int ctx_len
     // S a (2), S w + sa b + v k (5), S r (2); the backward pass 14 in its first sweep over a
     // state row (dS, dr, dw, db, dk, dv, dsa) and 5 in its second (da, dS w + dsa a); the
     // backward pass recomputes each state from the checkpoint before it (2 + 5).
-    f.terms.push_back({"wkv recurrence", "28 L C N (forward 9, backward 19 per state element)",
+    f.terms.push_back({"wkv recurrence",
+                       "28 L C h (h: head size; forward 9, backward 19 per state element)",
                        28 * L * C * N, true});
-    f.terms.push_back({"wkv states recomputed", "7 L C N (aviary's backward, from checkpoints)",
+    f.terms.push_back({"wkv states recomputed",
+                       "7 L C h (aviary's backward, from the checkpoint every 16 tokens)",
                        7 * L * C * N, false});
     f.terms.push_back(
         {"head recomputed", "2 V C (aviary's backward recomputes the logits)", 2 * V * C, false});
@@ -230,9 +232,9 @@ FlopCount CountTrainingFlops(const ModelShape& shape, double tokens, int ctx_len
       // activations are still in the graph when the backward pass starts.
       const int chunks = (ctx_len + chunk_len - 1) / chunk_len;
       const double again = static_cast<double>(chunks - 1) * chunk_len / ctx_len;
-      char formula[96];
-      std::snprintf(formula, sizeof formula, "%.3g (2 N + 9 L C N) (all chunks but the last)",
-                    again);
+      char formula[128];
+      std::snprintf(formula, sizeof formula,
+                    "%.3g (2 N + 9 L C h) (the forward of all chunks but the last)", again);
       f.terms.push_back({"forward recomputed", formula,
                          again * (2 * shape.matrix_params + 9 * L * C * N), false});
     }
