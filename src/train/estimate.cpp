@@ -194,7 +194,9 @@ ModelShape ShapeFromModelInfo(const ModelInfo& info) {
                     ", vocabulary " + std::to_string(info.n_vocab);
     s.source = info.path + " (" + info.format + "; N = the file's parameters less the embedding)";
     s.lora_params_per_rank = LoraPerRank(info.n_layer, info.n_embd, info.n_ffn);
-    if (info.arch != Arch::kV4) {
+    if (info.arch == Arch::kV4) {
+      s.lora_params_per_rank += 2.0 * info.n_layer * info.n_embd;  // as ShapeRwkv4
+    } else {
       s.state_floats = static_cast<double>(info.n_layer) * info.n_embd * info.head_size;
     }
   }
@@ -435,11 +437,15 @@ CpuMeasurement MeasureCpuTraining(const ModelShape& shape, int batch, int ctx_le
   const double need = 16.0 * P + 4.0 * Rwkv7Graph::ArenaFloats(shape.rwkv7, batch, chunk);
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
   if (memory > 0 && need > 0.9 * memory) {
-    char what[200];
+    const bool weights = 16.0 * P > 0.9 * memory;
+    char what[240];
     std::snprintf(what, sizeof what,
                   "--measure: training this shape needs %.1f GiB, more than this machine's "
-                  "%.1f GiB: measure a smaller batch or --ctx-len",
-                  need / (1 << 30), memory / (1 << 30));
+                  "%.1f GiB: %s",
+                  need / (1 << 30), memory / (1 << 30),
+                  weights ? "its weights, gradients and Adam moments alone do not fit; measure a "
+                            "smaller shape and give --cpu-tokens-per-s"
+                          : "measure a smaller --batch, --ctx-len or --chunk-len");
     throw Error(what);
   }
   AlignedVector<float> params(P), grads(P), m(P), v(P);
