@@ -257,6 +257,7 @@ TEST(EstimateCli, BadInputIsAOneLineError) {
       {"--preset rwkv7-7.2b --tokens 1e9 --batch 1048576 --ctx-len 16777216", "tokens per pass", 2},
       {"--tokens 2e12 --gpu a100", "give the model one way", 2},
       {"--preset rwkv7-0.1b --params 1e9 --tokens 1e9", "give the model one way", 2},
+      {"--preset rwkv7-0.1b --vocab 256 --tokens 1e9", "--vocab and --arch", 2},
       {"--preset rwkv7-0.1b --tokens 1e9 --gpu a100 --cpu-tokens-per-s 5", "hardware one way", 2},
       {"--model " + text + " --tokens 1e9", "not-a-model.txt", 1},
       {"--layers 2 --embd 100 --tokens 1e9", "multiple of the head", 2},

@@ -143,6 +143,9 @@ ModelShape ResolveShape(const EstimateCli& c) {
     throw UsageError(
         "give the model one way: --preset NAME, --model FILE, --layers L --embd C, or --params N");
   }
+  if ((c.cmd->count("--vocab") > 0 || c.cmd->count("--arch") > 0) && c.layers == 0 && c.embd == 0) {
+    throw UsageError("--vocab and --arch describe a --layers/--embd shape");
+  }
   if (!c.preset.empty()) return train::ShapeFromPreset(c.preset);
   if (!c.params.empty()) return train::ShapeGeneric(ParseCount("--params", c.params));
   if (!c.model.empty()) {
