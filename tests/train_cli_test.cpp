@@ -318,7 +318,7 @@ TEST(TrainCli, BadInputIsAOneLineError) {
 // activations it keeps shrink with the chunk.
 TEST(TrainCli, ChunkedWindowsFollowTheOnePassRun) {
   REQUIRE_SHARED("data/tinyshakespeare.txt");
-  const std::string whole = ProcessTempDir() + "whole", chunked = ProcessTempDir() + "chunked";
+  const std::string whole = ProcessTempDir() + "one-pass", chunked = ProcessTempDir() + "chunked";
   const CommandResult a = RunCommand(SmallRun(whole, "--steps 6 --eval-every 3 --threads 2"));
   ASSERT_EQ(a.exit_code, 0) << a.output;
   const CommandResult b =
