@@ -175,6 +175,10 @@ TEST(TuneCli, StateTuningLowersValidationLossAndTheStateLoadsForInference) {
   std::printf("inference from state.avstate vs the graph: %.3g\n", diff);
   EXPECT_LE(diff, 1e-4);
   EXPECT_GT(RelativeDiff(F32Logits(SharedPath(kBase), kTokens), want), 1e-3);
+  // A resumed state-tuning run continues from its checkpoint.
+  const CommandResult resumed =
+      RunCommand(CliPath() + " train --resume " + dir + " --steps 22 --threads 2 2>&1");
+  EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
   // aviary chat starts from it.
   const CommandResult chat =
       RunCommand("printf 'Hello\\n' | " + CliPath() + " chat --model " + SharedPath(kBase) +
@@ -208,6 +212,28 @@ TEST(TuneCli, BadInputIsAClearError) {
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.message), std::string::npos) << c.args << "\n" << r.output;
   }
+}
+
+// The checkpoint records the base's fingerprint: a resume refuses a base file that changed.
+TEST(TuneCli, ResumeRefusesAChangedBase) {
+  REQUIRE_SHARED("data/tinyshakespeare.txt");
+  REQUIRE_SHARED(kBase);
+  REQUIRE_SHARED(kF16Base);
+  const std::string base = ProcessTempDir() + "changing-base.bin";
+  fs::copy_file(SharedPath(kBase), base, fs::copy_options::overwrite_existing);
+  const std::string dir = ProcessTempDir() + "lora-changed";
+  const CommandResult r =
+      RunCommand(CliPath() + " train --init " + base + " --data " + ShakespearePart(60000) +
+                 " --ctx-len 32 --batch 4 --lora-rank 2 --steps 1 --eval-every 0"
+                 " --eval-windows 2 --out " +
+                 dir + " 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  fs::copy_file(SharedPath(kF16Base), base, fs::copy_options::overwrite_existing);
+  const CommandResult resumed =
+      RunCommand(CliPath() + " train --resume " + dir + " --steps 2 2>&1");
+  EXPECT_EQ(resumed.exit_code, 1) << resumed.output;
+  EXPECT_NE(resumed.output.find("changed since the run started"), std::string::npos)
+      << resumed.output;
 }
 
 TEST(TuneCli, MergeLoraRefusesAnAdapterForAnotherModel) {
