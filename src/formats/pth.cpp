@@ -38,9 +38,9 @@ bool ToDType(pickle::StorageType type, DType* out) {
   throw Error(name + ": " + problem);
 }
 
-}  // namespace
-
-WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name) {
+// The tensors as stored; `raw` views into `bytes` or into wf.owned.
+WeightFile ReadPthTensors(std::span<const uint8_t> bytes, const std::string& name,
+                          std::vector<Tensor>& raw) {
   auto fail = [&](const std::string& problem) { Fail(name, problem); };
   const zip::Archive archive(bytes, name);
 
@@ -77,7 +77,6 @@ WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name) {
   wf.format = "PyTorch .pth (zip, pickle)";
 
   std::map<std::string, StorageView> storages;
-  std::vector<Tensor> raw;
   raw.reserve(records.size());
   for (const auto& [tensor_name, rec] : records) {
     if (tensor_name.empty() || tensor_name.size() > kMaxNameLength) {
@@ -155,7 +154,27 @@ WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name) {
     t.nbytes = static_cast<size_t>(static_cast<uint64_t>(numel) * esize);
     raw.push_back(std::move(t));
   }
+  return wf;
+}
+
+}  // namespace
+
+WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name) {
+  std::vector<Tensor> raw;
+  WeightFile wf = ReadPthTensors(bytes, name, raw);
   ConvertBlinkDl(std::move(raw), wf);
+  return wf;
+}
+
+WeightFile ReadPthRaw(std::span<const uint8_t> bytes, const std::string& name) {
+  std::vector<Tensor> raw;
+  WeightFile wf = ReadPthTensors(bytes, name, raw);
+  for (Tensor& t : raw) {
+    const std::string key = t.name;
+    if (!wf.tensors.emplace(key, std::move(t)).second) {
+      throw Error(name + ": tensor '" + key + "' appears twice");
+    }
+  }
   return wf;
 }
 

@@ -55,6 +55,9 @@ bool LooksLikeRwkvCppBin(std::span<const uint8_t> bytes);
 
 // PyTorch .pth (zip of a pickle + raw storages) as BlinkDL publishes them. src/formats/pth.cpp
 WeightFile ReadPth(std::span<const uint8_t> bytes, const std::string& name);
+// The same file's tensors as stored, under their own names, with none of the RWKV checks and
+// conversions: LoRA adapters and tuned states.
+WeightFile ReadPthRaw(std::span<const uint8_t> bytes, const std::string& name);
 // safetensors with BlinkDL or Hugging Face names. src/formats/safetensors.cpp
 WeightFile ReadSafetensors(std::span<const uint8_t> bytes, const std::string& name);
 // GGUF: llama.cpp's rwkv6/rwkv7 and aviary's own files. src/formats/gguf.cpp

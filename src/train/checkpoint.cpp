@@ -251,7 +251,33 @@ CheckpointIndex ParseCheckpointIndex(std::string_view text, const std::string& n
   } catch (const Error& e) {
     fail(e.what());
   }
-  index.layout = ParamLayout::Rwkv7(c);
+  // "tune" (absent: full training) names the trainable layout of LoRA and state tuning.
+  const auto tune = j.find("tune");
+  if (tune == j.end()) {
+    index.layout = ParamLayout::Rwkv7(c);
+  } else {
+    const auto mode = tune->is_object() ? tune->find("mode") : tune->end();
+    if (mode == tune->end() || !mode->is_string()) fail("\"tune\" has no \"mode\"");
+    if (*mode == "state") {
+      index.layout = ParamLayout::Rwkv7State(c);
+    } else if (*mode == "lora") {
+      const auto rank = tune->find("lora_rank"), targets = tune->find("lora_targets");
+      if (rank == tune->end() || !rank->is_number_integer() || targets == tune->end() ||
+          !targets->is_array() ||
+          !std::all_of(targets->begin(), targets->end(), [](auto& t) { return t.is_string(); })) {
+        fail("\"tune\" lacks a LoRA rank or target list");
+      }
+      try {
+        index.layout = ParamLayout::Rwkv7Lora(
+            c, static_cast<int>(std::clamp<int64_t>(rank->get<int64_t>(), -1, 1 << 20)),
+            targets->get<std::vector<std::string>>());
+      } catch (const Error& e) {
+        fail(e.what());
+      }
+    } else {
+      fail("\"tune\" mode " + mode->dump() + " is not lora or state");
+    }
+  }
   const uint64_t total = index.layout.total_floats();
   const nlohmann::json& floats = field("total_floats");
   if (!floats.is_number_unsigned() || floats.get<uint64_t>() != total) {
@@ -329,7 +355,7 @@ void SaveCheckpoint(const std::string& dir, const ParamLayout& layout, const flo
     const Rwkv7Config& c = layout.config();
     nlohmann::json config = nlohmann::json::object();
     for (const ConfigField& f : kConfigFields) config[f.name] = c.*f.field;
-    const nlohmann::json index = {
+    nlohmann::json index = {
         {"format", kFormat},
         {"version", kCheckpointVersion},
         {"step", meta.step},
@@ -342,6 +368,13 @@ void SaveCheckpoint(const std::string& dir, const ParamLayout& layout, const flo
         {"layout_hash", LayoutHash(layout)},
         {"files", files},
     };
+    if (layout.tune() == "lora") {
+      index["tune"] = {{"mode", "lora"},
+                       {"lora_rank", layout.lora_rank()},
+                       {"lora_targets", layout.lora_targets()}};
+    } else if (layout.tune() == "state") {
+      index["tune"] = {{"mode", "state"}};
+    }
     std::string text;
     try {
       text = index.dump(2) + "\n";

@@ -1,9 +1,11 @@
 #include "train/export.h"
 
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "aviary/error.h"
 #include "aviary/model.h"
+#include "aviary/state.h"
 #include "formats/gguf_writer.h"
 #include "formats/mapped_file.h"
 #include "formats/output_file.h"
@@ -63,6 +65,54 @@ void ExportRwkv7Gguf(const std::string& gguf_path, const std::string& pth_path,
   check.load_mode = LoadMode::kMmap;
   Model::Load(out.temp_path(), check);  // the result must load
   out.Commit();
+}
+
+void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const float* params,
+                       double lora_alpha, const std::string& base_model,
+                       uint64_t base_fingerprint) {
+  std::vector<PthTensor> tensors;
+  for (const ParamEntry& e : layout.entries()) {
+    tensors.push_back({e.name, e.pth_shape, params + e.offset});
+  }
+  WritePth(path, tensors, PthWriteOptions{});
+  const Rwkv7Config& c = layout.config();
+  const nlohmann::json meta = {{"format", "aviary-lora"},
+                               {"version", 1},
+                               {"lora_rank", layout.lora_rank()},
+                               {"lora_alpha", lora_alpha},
+                               {"targets", layout.lora_targets()},
+                               {"base_model", base_model},
+                               {"base_fingerprint", base_fingerprint},
+                               {"n_layer", c.n_layer},
+                               {"n_embd", c.n_embd},
+                               {"n_ffn", c.n_ffn}};
+  const std::string text = meta.dump(2) + "\n";
+  const std::string json_path = path.substr(0, path.rfind('.')) + ".json";
+  WriteFileAtomically(json_path,
+                      std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
+void ExportTunedState(const std::string& dir, const ParamLayout& layout, const float* params,
+                      const std::string& base_model) {
+  LoadOptions options;
+  options.load_mode = LoadMode::kMmap;
+  const std::unique_ptr<Model> model = Model::Load(base_model, options);
+  State state = model->NewState();
+  const Rwkv7Config& c = layout.config();
+  const size_t per_layer = state.data().size() / c.n_layer;
+  if (per_layer * c.n_layer != state.data().size() ||
+      per_layer != 2 * static_cast<size_t>(c.n_embd) + layout.entries()[0].size) {
+    throw Error(base_model + ": its state layout is not the one the tuned state was trained in");
+  }
+  std::fill(state.data().begin(), state.data().end(), 0.0f);
+  std::vector<PthTensor> tensors;
+  for (const ParamEntry& e : layout.entries()) {
+    const int l = std::stoi(e.name.substr(7));  // "blocks.N."
+    std::copy_n(params + e.offset, e.size, state.data().begin() + l * per_layer + c.n_embd);
+    tensors.push_back({e.name, e.pth_shape, params + e.offset});
+  }
+  state.Save(dir + "/state.avstate");
+  WritePth(dir + "/state.pth", tensors, PthWriteOptions{});
 }
 
 }  // namespace aviary::train

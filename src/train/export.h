@@ -26,4 +26,20 @@ void ExportRwkv7Pth(const std::string& path, const ParamLayout& layout, const fl
 void ExportRwkv7Gguf(const std::string& gguf_path, const std::string& pth_path,
                      std::shared_ptr<const TokenizerData> tokenizer = nullptr);
 
+// LoRA: writes `path` (adapter.pth) with the adapters of `layout` (ParamLayout::Rwkv7Lora) under
+// BlinkDL/RWKV-PEFT's names and PEFT's shapes, "blocks.N.att.key.lora_A" (R, in) and
+// "...lora_B" (out, R), float32; and beside it adapter.json, which `aviary merge-lora` reads:
+//   {"format": "aviary-lora", "version": 1, "lora_rank": R, "lora_alpha": A, "targets": [...],
+//    "base_model": PATH, "base_fingerprint": N, "n_layer": L, "n_embd": C, "n_ffn": F}
+// (the merged matrix is W + (A / R) B A).
+void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const float* params,
+                       double lora_alpha, const std::string& base_model, uint64_t base_fingerprint);
+
+// State tuning: writes DIR/state.avstate, the start state of `base_model` (an aviary State file,
+// as `aviary chat --load-state` and `aviary serve --state` read it) whose wkv parts are the
+// tuned ones of `layout` (ParamLayout::Rwkv7State) and whose token-shift parts are zero, and
+// DIR/state.pth with RWKV-PEFT's "blocks.N.att.time_state" (H, N, N).
+void ExportTunedState(const std::string& dir, const ParamLayout& layout, const float* params,
+                      const std::string& base_model);
+
 }  // namespace aviary::train

@@ -37,9 +37,15 @@ void Widen(const Tensor& t, float* out) {
   for (int64_t r = 0; r < rows; ++r) DequantizeRow(t.type, t.row(r), out + r * cols, cols);
 }
 
-}  // namespace
+// The model file mapped and read, its RWKV-7 config checked as aviary train needs it.
+struct OpenedRwkv7 {
+  WeightFile wf;
+  Rwkv7Config config;
+  std::string format;
+  uint64_t fingerprint = 0, file_size = 0;
+};
 
-ImportedRwkv7 LoadRwkv7Params(const std::string& model_path) {
+OpenedRwkv7 OpenRwkv7(const std::string& model_path) {
   const auto file = std::make_shared<MappedFile>(model_path, LoadMode::kMmap);
   // Loading checks every name and shape inference needs and tells the sizes.
   const std::unique_ptr<Model> model = Model::LoadFromMemory(file->bytes(), model_path);
@@ -48,7 +54,8 @@ ImportedRwkv7 LoadRwkv7Params(const std::string& model_path) {
     throw Error("aviary train works on RWKV-7 models; " + model_path + " is " +
                 VersionName(info.arch));
   }
-  const WeightFile wf = ReadWeightFile(file->bytes(), model_path);
+  WeightFile wf = ReadWeightFile(file->bytes(), model_path);
+  wf.backing = file;
   auto fail = [&](const std::string& problem) { throw Error(model_path + ": " + problem); };
   auto get = [&](const std::string& name) -> const Tensor& {
     const Tensor* t = wf.Find(name);
@@ -78,12 +85,23 @@ ImportedRwkv7 LoadRwkv7Params(const std::string& model_path) {
     fail(e.what());
   }
 
-  ImportedRwkv7 out{ParamLayout::Rwkv7(c), {}, {}};
-  out.params.assign(out.layout.total_floats(), 0.0f);
-  std::map<std::string, int> widened;  // stored type -> tensors
-  std::vector<float> mixes;            // one layer's x_rwkvag
-  for (const ParamEntry& e : out.layout.entries()) {
-    float* dst = out.params.data() + e.offset;
+  return {std::move(wf), c, info.format, info.fingerprint, info.file_size};
+}
+
+// Widens every entry of `layout` from the file into `params` (layout.total_floats()), the
+// unused layer-0 v0/v1/v2 filled; counts the stored types read.
+void FillParams(const WeightFile& wf, const ParamLayout& layout, const std::string& model_path,
+                float* params, std::map<std::string, int>& widened) {
+  const Rwkv7Config& c = layout.config();
+  auto fail = [&](const std::string& problem) { throw Error(model_path + ": " + problem); };
+  auto get = [&](const std::string& name) -> const Tensor& {
+    const Tensor* t = wf.Find(name);
+    if (!t) fail("missing tensor '" + name + "'");
+    return *t;
+  };
+  std::vector<float> mixes;  // one layer's x_rwkvag
+  for (const ParamEntry& e : layout.entries()) {
+    float* dst = params + e.offset;
     const size_t dot = e.name.find('.', 7);  // "blocks.N." ends here
     const bool in_block = e.name.rfind("blocks.", 0) == 0;
     const std::string block = in_block ? e.name.substr(0, dot + 1) : "";
@@ -134,14 +152,73 @@ ImportedRwkv7 LoadRwkv7Params(const std::string& model_path) {
     Widen(t, dst);
     widened[std::string(DTypeName(t.type))]++;
   }
+}
+
+std::string TypesRead(const std::map<std::string, int>& widened) {
   std::string types;
   for (const auto& [type, n] : widened) {
     types += (types.empty() ? "" : ", ") + type + " x" + std::to_string(n);
   }
-  out.notes.push_back("read " + types + " tensors as F32 from " + info.format);
+  return types;
+}
+
+}  // namespace
+
+ImportedRwkv7 LoadRwkv7Params(const std::string& model_path) {
+  const OpenedRwkv7 opened = OpenRwkv7(model_path);
+  ImportedRwkv7 out{ParamLayout::Rwkv7(opened.config), {}, {}};
+  out.params.assign(out.layout.total_floats(), 0.0f);
+  std::map<std::string, int> widened;  // stored type -> tensors
+  FillParams(opened.wf, out.layout, model_path, out.params.data(), widened);
+  out.notes.push_back("read " + TypesRead(widened) + " tensors as F32 from " + opened.format);
   out.notes.push_back(
       "filled the unused blocks.0.att.v0/v1/v2 (v0 as RWKV-LM initialises it, "
       "v1 and v2 zero)");
+  return out;
+}
+
+size_t FrozenRwkv7::StoredBytes() const {
+  size_t bytes = emb->nbytes + head->nbytes;
+  for (const auto& layer : matrices) {
+    for (const Tensor* t : layer) bytes += t->nbytes;
+  }
+  return bytes;
+}
+
+std::unique_ptr<const FrozenRwkv7> LoadFrozenRwkv7(const std::string& model_path) {
+  OpenedRwkv7 opened = OpenRwkv7(model_path);
+  auto out = std::make_unique<FrozenRwkv7>();
+  out->path = model_path;
+  out->fingerprint = opened.fingerprint;
+  out->file_size = opened.file_size;
+  out->file = std::move(opened.wf);
+  const Rwkv7Config& c = opened.config;
+  out->small_layout = ParamLayout::Rwkv7Small(c);
+  out->small.assign(out->small_layout.total_floats(), 0.0f);
+  std::map<std::string, int> widened, kept;
+  FillParams(out->file, out->small_layout, model_path, out->small.data(), widened);
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
+    const Tensor* t = out->file.Find(name);
+    if (!t) throw Error(model_path + ": missing tensor '" + name + "'");
+    if (t->rows() != rows || t->cols() != cols) {
+      throw Error(model_path + ": tensor '" + name + "' has shape " + ShapeText(t->shape) +
+                  ", expected " + ShapeText({rows, cols}));
+    }
+    kept[std::string(DTypeName(t->type))]++;
+    return t;
+  };
+  out->emb = matrix("emb.weight", c.vocab, c.n_embd);
+  out->head = matrix("head.weight", c.vocab, c.n_embd);
+  for (int l = 0; l < c.n_layer; ++l) {
+    auto& layer = out->matrices.emplace_back();
+    for (int m = 0; m < kRwkv7LayerMatrices; ++m) {
+      const auto [rows, cols] = Rwkv7MatrixShape(c, m);
+      layer[m] = matrix("blocks." + std::to_string(l) + "." + kRwkv7MatrixNames[m] + ".weight",
+                        rows, cols);
+    }
+  }
+  out->notes.push_back("read " + TypesRead(widened) + " small tensors as F32 and kept " +
+                       TypesRead(kept) + " large matrices as stored, from " + opened.format);
   return out;
 }
 

@@ -16,9 +16,10 @@
 namespace aviary::train {
 
 // out[c] += sum over rows m of term(m, c), for c < C; columns are split over the threads, rows
-// are summed in order.
+// are summed in order. Nothing when out is null (a frozen parameter).
 template <typename F>
 void SumOverRows(int64_t M, int64_t C, float* out, F&& term) {
+  if (!out) return;
   constexpr int64_t kColumns = 64;
   ParallelForRanges(C, kColumns, [&](int64_t c0, int64_t c1) {
     for (int64_t m = 0; m < M; ++m) {

@@ -111,6 +111,102 @@ ParamLayout ParamLayout::Rwkv7(const Rwkv7Config& c) {
   return layout;
 }
 
+std::pair<int64_t, int64_t> Rwkv7MatrixShape(const Rwkv7Config& c, int m) {
+  const int64_t C = c.n_embd, F = c.n_ffn;
+  if (m == 4) return {F, C};  // ffn.key
+  if (m == 5) return {C, F};  // ffn.value
+  return {C, C};
+}
+
+ParamLayout ParamLayout::Rwkv7Small(const Rwkv7Config& c) {
+  const ParamLayout all = Rwkv7(c);
+  auto large = [](const std::string& name) {
+    if (name == "emb.weight" || name == "head.weight") return true;
+    for (const char* m : kRwkv7MatrixNames) {
+      if (name.ends_with(std::string(".") + m + ".weight")) return true;
+    }
+    return false;
+  };
+  ParamLayout layout;
+  layout.config_ = c;
+  layout.tune_ = "small";
+  for (const ParamEntry& e : all.entries_) {
+    if (large(e.name)) continue;
+    ParamEntry kept = e;
+    // x_r..x_a stay adjacent (x_rwkvag); every other tensor starts on 16 floats, as in Rwkv7.
+    const bool mix = e.name.find(".att.x_") != std::string::npos && !e.name.ends_with("x_g");
+    kept.offset = layout.total_;
+    layout.total_ += mix ? e.size : (e.size + 15) / 16 * 16;
+    layout.entries_.push_back(std::move(kept));
+  }
+  return layout;
+}
+
+ParamLayout ParamLayout::Rwkv7Lora(const Rwkv7Config& c, int rank,
+                                   const std::vector<std::string>& targets) {
+  c.Validate();
+  if (rank < 1 || rank > 4096) {
+    throw UsageError("--lora-rank must be 1..4096, not " + std::to_string(rank));
+  }
+  for (const std::string& t : targets) {
+    if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
+        std::end(kRwkv7MatrixNames)) {
+      std::string valid;
+      for (const char* n : kRwkv7MatrixNames) valid += (valid.empty() ? "" : ", ") + std::string(n);
+      throw UsageError("unknown LoRA target '" + t + "' (valid: " + valid + ")");
+    }
+  }
+  if (targets.empty()) throw UsageError("--lora-targets: name at least one matrix");
+  ParamLayout layout;
+  layout.config_ = c;
+  layout.tune_ = "lora";
+  layout.lora_rank_ = rank;
+  for (const char* n : kRwkv7MatrixNames) {  // canonical order, each once
+    if (std::find(targets.begin(), targets.end(), n) != targets.end()) {
+      layout.lora_targets_.push_back(n);
+    }
+  }
+  auto add = [&](std::string name, int64_t rows, int64_t cols) {
+    ParamEntry e;
+    e.name = std::move(name);
+    e.shape = e.pth_shape = {rows, cols};
+    e.size = static_cast<size_t>(rows * cols);
+    e.offset = layout.total_;
+    layout.total_ += (e.size + 15) / 16 * 16;
+    layout.entries_.push_back(std::move(e));
+  };
+  for (int l = 0; l < c.n_layer; ++l) {
+    for (int m = 0; m < kRwkv7LayerMatrices; ++m) {
+      if (std::find(targets.begin(), targets.end(), kRwkv7MatrixNames[m]) == targets.end()) {
+        continue;
+      }
+      const auto [out, in] = Rwkv7MatrixShape(c, m);
+      const std::string p = "blocks." + std::to_string(l) + "." + kRwkv7MatrixNames[m];
+      add(p + ".lora_A", rank, in);
+      add(p + ".lora_B", out, rank);
+    }
+  }
+  return layout;
+}
+
+ParamLayout ParamLayout::Rwkv7State(const Rwkv7Config& c) {
+  c.Validate();
+  ParamLayout layout;
+  layout.config_ = c;
+  layout.tune_ = "state";
+  const int64_t H = c.n_head(), N = c.head_size;
+  for (int l = 0; l < c.n_layer; ++l) {
+    ParamEntry e;
+    e.name = "blocks." + std::to_string(l) + ".att.time_state";
+    e.shape = e.pth_shape = {H, N, N};
+    e.size = static_cast<size_t>(H * N * N);
+    e.offset = layout.total_;
+    layout.total_ += (e.size + 15) / 16 * 16;
+    layout.entries_.push_back(std::move(e));
+  }
+  return layout;
+}
+
 const ParamEntry* ParamLayout::Find(const std::string& name) const {
   for (const ParamEntry& e : entries_) {
     if (e.name == name) return &e;
@@ -126,8 +222,12 @@ const ParamEntry& ParamLayout::Get(const std::string& name) const {
 
 Rwkv7Tensors Rwkv7Tensors::Bind(const ParamLayout& layout, float* base) {
   auto at = [&](const std::string& name) { return base + layout.Get(name).offset; };
+  auto large = [&](const std::string& name) -> float* {
+    const ParamEntry* e = layout.Find(name);
+    return e ? base + e->offset : nullptr;
+  };
   Rwkv7Tensors t;
-  t.emb = at("emb.weight");
+  t.emb = large("emb.weight");
   for (int l = 0; l < layout.config().n_layer; ++l) {
     const std::string b = "blocks." + std::to_string(l) + ".";
     Layer L;
@@ -154,20 +254,26 @@ Rwkv7Tensors Rwkv7Tensors::Bind(const ParamLayout& layout, float* base) {
     L.k_k = at(b + "att.k_k");
     L.k_a = at(b + "att.k_a");
     L.r_k = at(b + "att.r_k");
-    L.receptance = at(b + "att.receptance.weight");
-    L.key = at(b + "att.key.weight");
-    L.value = at(b + "att.value.weight");
-    L.output = at(b + "att.output.weight");
+    L.receptance = large(b + "att.receptance.weight");
+    L.key = large(b + "att.key.weight");
+    L.value = large(b + "att.value.weight");
+    L.output = large(b + "att.output.weight");
     L.ln_x_w = at(b + "att.ln_x.weight");
     L.ln_x_b = at(b + "att.ln_x.bias");
     L.ffn_x_k = at(b + "ffn.x_k");
-    L.ffn_key = at(b + "ffn.key.weight");
-    L.ffn_value = at(b + "ffn.value.weight");
+    L.ffn_key = large(b + "ffn.key.weight");
+    L.ffn_value = large(b + "ffn.value.weight");
     t.layers.push_back(L);
   }
   t.ln_out_w = at("ln_out.weight");
   t.ln_out_b = at("ln_out.bias");
-  t.head = at("head.weight");
+  t.head = large("head.weight");
+  return t;
+}
+
+Rwkv7Tensors Rwkv7Tensors::None(int n_layer) {
+  Rwkv7Tensors t{};
+  t.layers.assign(static_cast<size_t>(n_layer), Layer{});
   return t;
 }
 

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace aviary::train {
@@ -56,12 +57,38 @@ struct ParamEntry {
   bool trainable = true;  // false: frozen (its gradient is not computed into, Adam skips it)
 };
 
+// The large matrices of an RWKV-7 layer, in this order everywhere (the graph's products, LoRA
+// targets, a frozen base's tensors): names as BlinkDL's modules (and BlinkDL/RWKV-PEFT's
+// --lora targets) spell them, each "blocks.N.<name>.weight" [out, in].
+inline constexpr int kRwkv7LayerMatrices = 6;
+inline constexpr const char* kRwkv7MatrixNames[kRwkv7LayerMatrices] = {
+    "att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"};
+// Matrix m's [out, in] shape in a model of config c.
+std::pair<int64_t, int64_t> Rwkv7MatrixShape(const Rwkv7Config& c, int m);
+
 // The table of entries for one model, in the flat buffer's order.
 class ParamLayout {
  public:
+  // Every tensor of the model (full training).
   static ParamLayout Rwkv7(const Rwkv7Config& config);
+  // Every tensor except the large matrices (emb, head and the six per layer): the part of a
+  // frozen base that is widened to float (LoRA and state tuning keep the rest as stored).
+  static ParamLayout Rwkv7Small(const Rwkv7Config& config);
+  // LoRA adapters for the matrices named in `targets` (kRwkv7MatrixNames) in every layer, as
+  // BlinkDL/RWKV-PEFT names them: "blocks.N.att.key.lora_A" (rank, in) and "...lora_B" (out,
+  // rank); the product is W x + scale B A x.
+  static ParamLayout Rwkv7Lora(const Rwkv7Config& config, int rank,
+                               const std::vector<std::string>& targets);
+  // The initial wkv state of every layer, as RWKV-PEFT's state tuning names it:
+  // "blocks.N.att.time_state" (H, N, N), each head's matrix indexed as the inference state's.
+  static ParamLayout Rwkv7State(const Rwkv7Config& config);
 
   const Rwkv7Config& config() const { return config_; }
+  // What the layout holds: "full" (Rwkv7), "small" (Rwkv7Small), "lora" (Rwkv7Lora, with its
+  // rank and targets) or "state" (Rwkv7State); a checkpoint records it to rebuild the layout.
+  const std::string& tune() const { return tune_; }
+  int lora_rank() const { return lora_rank_; }
+  const std::vector<std::string>& lora_targets() const { return lora_targets_; }
   const std::vector<ParamEntry>& entries() const { return entries_; }
   std::vector<ParamEntry>& entries() { return entries_; }
   size_t total_floats() const { return total_; }
@@ -72,12 +99,16 @@ class ParamLayout {
 
  private:
   Rwkv7Config config_;
+  std::string tune_ = "full";
+  int lora_rank_ = 0;
+  std::vector<std::string> lora_targets_;
   std::vector<ParamEntry> entries_;
   size_t total_ = 0;
 };
 
 // Pointers into one flat buffer (parameters, or gradients, or a moment) by role, for the
-// forward and backward passes. Shapes in aviary's layout; D* = the low-rank widths.
+// forward and backward passes. Shapes in aviary's layout; D* = the low-rank widths. A tensor
+// the layout does not hold (the large matrices of Rwkv7Small) is null.
 struct Rwkv7Tensors {
   struct Layer {
     float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  // (C)
@@ -103,6 +134,8 @@ struct Rwkv7Tensors {
   float* head;                 // (V, C)
 
   static Rwkv7Tensors Bind(const ParamLayout& layout, float* base);
+  // Every pointer null, for `n_layer` layers: the gradients of a frozen model (not computed).
+  static Rwkv7Tensors None(int n_layer);
 };
 
 }  // namespace aviary::train

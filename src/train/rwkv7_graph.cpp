@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <tuple>
 
 #include "aviary/error.h"
 #include "models/rwkv7_stages.h"
@@ -13,6 +14,8 @@
 #include "tensor/kernels.h"
 #include "tensor/thread_pool.h"
 #include "tensor/wkv.h"
+#include "tensor/dtype.h"
+#include "train/import.h"
 #include "train/linear.h"
 #include "train/ops.h"
 
@@ -23,6 +26,14 @@ constexpr float kLayerNormEps = 1e-5f;   // nn.LayerNorm's default
 constexpr float kGroupNormEps = 64e-5f;  // RWKV-7's ln_x
 constexpr int kHeadRows = 128;           // token rows per head chunk (its logits are scratch)
 enum Slot { kR, kW, kK, kV, kA, kG, kSlots };
+// The large matrices, in kRwkv7MatrixNames order.
+enum Matrix { kMatR, kMatK, kMatV, kMatO, kMatFfnK, kMatFfnV };
+
+float* MatrixOf(const Rwkv7Tensors::Layer& L, int m) {
+  float* const all[kRwkv7LayerMatrices] = {L.receptance, L.key,     L.value,
+                                           L.output,     L.ffn_key, L.ffn_value};
+  return all[m];
+}
 
 // fn(m0, m1) over row ranges of the M rows, in parallel.
 template <typename F>
@@ -120,7 +131,69 @@ Rwkv7Graph::Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens)
   head_logits_ = Take(head);
 }
 
+Rwkv7Graph::Rwkv7Graph(const FrozenRwkv7& base, const ParamLayout* lora, float lora_scale,
+                       int max_batch, int max_tokens)
+    : Rwkv7Graph(base.small_layout, max_batch, max_tokens) {
+  frozen_ = &base;
+  lora_ = lora;
+  lora_scale_ = lora_scale;
+}
+
 Rwkv7Graph::~Rwkv7Graph() = default;
+
+Rwkv7Tensors Rwkv7Graph::Weights(const float* params) const {
+  if (frozen_) return Rwkv7Tensors::Bind(layout_, const_cast<float*>(frozen_->small.data()));
+  return Rwkv7Tensors::Bind(layout_, const_cast<float*>(params));
+}
+
+Rwkv7Tensors Rwkv7Graph::Grads(float* grads) const {
+  if (frozen_) return Rwkv7Tensors::None(config_.n_layer);
+  return Rwkv7Tensors::Bind(layout_, grads);
+}
+
+void Rwkv7Graph::BindLinears(const float* params, float* grads) {
+  const Rwkv7Config& c = config_;
+  mats_.assign(c.n_layer, {});
+  head_ = TrainLinear{};
+  head_.rows = c.vocab;
+  head_.cols = c.n_embd;
+  if (!frozen_) {
+    const Rwkv7Tensors P = Weights(params);
+    const Rwkv7Tensors G = grads ? Grads(grads) : Rwkv7Tensors::None(c.n_layer);
+    for (int l = 0; l < c.n_layer; ++l) {
+      for (int m = 0; m < kRwkv7LayerMatrices; ++m) {
+        TrainLinear& L = mats_[l][m];
+        std::tie(L.rows, L.cols) = Rwkv7MatrixShape(c, m);
+        L.w = MatrixOf(P.layers[l], m);
+        L.dw = MatrixOf(G.layers[l], m);
+      }
+    }
+    head_.w = P.head;
+    head_.dw = G.head;
+    return;
+  }
+  head_.stored = frozen_->head;
+  for (int l = 0; l < c.n_layer; ++l) {
+    for (int m = 0; m < kRwkv7LayerMatrices; ++m) {
+      TrainLinear& L = mats_[l][m];
+      std::tie(L.rows, L.cols) = Rwkv7MatrixShape(c, m);
+      L.stored = frozen_->matrices[l][m];
+      if (!lora_) continue;
+      const std::string name = "blocks." + std::to_string(l) + "." + kRwkv7MatrixNames[m];
+      const ParamEntry* a = lora_->Find(name + ".lora_A");
+      const ParamEntry* b = lora_->Find(name + ".lora_B");
+      if (!a || !b) continue;
+      L.rank = static_cast<int>(a->shape[0]);
+      L.scale = lora_scale_;
+      L.lora_a = params + a->offset;
+      L.lora_b = params + b->offset;
+      if (grads) {
+        L.d_lora_a = grads + a->offset;
+        L.d_lora_b = grads + b->offset;
+      }
+    }
+  }
+}
 
 float* Rwkv7Graph::Take(size_t floats) {
   float* p = arena_.data() + arena_used_;
@@ -164,10 +237,16 @@ LossSum Rwkv7Graph::Forward(const float* params, std::span<const int32_t> inputs
   if (state_in) std::copy(state_in, state_in + B * SF, state_in_.begin());
   std::vector<float> state(state_in_);  // advanced layer by layer to the end state
 
-  const Rwkv7Tensors P = Rwkv7Tensors::Bind(layout_, const_cast<float*>(params));
+  const Rwkv7Tensors P = Weights(params);
+  BindLinears(params, nullptr);
   const int C = c.n_embd;
   for (size_t m = 0; m < M; ++m) {
-    std::memcpy(x_emb_ + m * C, P.emb + static_cast<size_t>(inputs[m]) * C, C * sizeof(float));
+    if (frozen_) {  // only the rows used are widened
+      const Tensor& emb = *frozen_->emb;
+      DequantizeRow(emb.type, emb.row(inputs[m]), x_emb_ + m * C, C);
+    } else {
+      std::memcpy(x_emb_ + m * C, P.emb + static_cast<size_t>(inputs[m]) * C, C * sizeof(float));
+    }
   }
   LayerNormRows(x_emb_, P.layers[0].ln0_w, P.layers[0].ln0_b, M, C, kLayerNormEps, layers_[0].x_in);
   for (int l = 0; l < c.n_layer; ++l) {
@@ -180,7 +259,7 @@ LossSum Rwkv7Graph::Forward(const float* params, std::span<const int32_t> inputs
   loss.tokens = static_cast<int64_t>(M);
   for (size_t m0 = 0; m0 < M; m0 += kHeadRows) {
     const int rows = static_cast<int>(std::min<size_t>(kHeadRows, M - m0));
-    LinearForward(P.head, c.vocab, C, x_head_ + m0 * C, rows, head_logits_);
+    LinearForward(head_, x_head_ + m0 * C, rows, head_logits_, scratch_);
     if (logits) {
       std::memcpy(logits + m0 * c.vocab, head_logits_, sizeof(float) * rows * c.vocab);
     }
@@ -216,9 +295,9 @@ void Rwkv7Graph::LayerForward(int l, const Rwkv7Tensors& P, float* state, float*
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int s = 0; s < kSlots; ++s) MixAdd(A.xx, w.prev, L.x_rwkvag + s * C, C, m0, m1, w.xs[s]);
   });
-  LinearForward(L.receptance, C, C, w.xs[kR], M, A.r);
-  LinearForward(L.key, C, C, w.xs[kK], M, A.k_raw);
-  LinearForward(L.value, C, C, w.xs[kV], M, A.v_raw);
+  LinearForward(mats_[l][kMatR], w.xs[kR], M, A.r, scratch_);
+  LinearForward(mats_[l][kMatK], w.xs[kK], M, A.k_raw, scratch_);
+  LinearForward(mats_[l][kMatV], w.xs[kV], M, A.v_raw, scratch_);
   LinearForward(L.w1, c.d_decay, C, w.xs[kW], M, A.w_low);
   LinearForward(L.a1, c.d_aaa, C, w.xs[kA], M, A.a_low);
   LinearForward(L.g1, c.d_gate, C, w.xs[kG], M, A.g_low);
@@ -268,7 +347,7 @@ void Rwkv7Graph::LayerForward(int l, const Rwkv7Tensors& P, float* state, float*
       for (int i = 0; i < C; ++i) w.out[m * C + i] = A.pre_gate[m * C + i] * A.g[m * C + i];
     }
   });
-  LinearForward(L.output, C, C, w.out, M, w.tmp);
+  LinearForward(mats_[l][kMatO], w.out, M, w.tmp, scratch_);
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * C; i < m1 * C; ++i) A.x_mid[i] = A.x_in[i] + w.tmp[i];
   });
@@ -281,14 +360,14 @@ void Rwkv7Graph::LayerForward(int l, const Rwkv7Tensors& P, float* state, float*
   }
   ForRows(M,
           [&](int64_t m0, int64_t m1) { MixAdd(A.xx2, w.prev, L.ffn_x_k, C, m0, m1, w.xs[kK]); });
-  LinearForward(L.ffn_key, F, C, w.xs[kK], M, A.ffn_relu);
+  LinearForward(mats_[l][kMatFfnK], w.xs[kK], M, A.ffn_relu, scratch_);
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * F; i < m1 * F; ++i) {
       A.ffn_relu[i] = A.ffn_relu[i] < 0.0f ? 0.0f : A.ffn_relu[i];
       w.f0[i] = A.ffn_relu[i] * A.ffn_relu[i];
     }
   });
-  LinearForward(L.ffn_value, C, F, w.f0, M, w.tmp);
+  LinearForward(mats_[l][kMatFfnV], w.f0, M, w.tmp, scratch_);
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * C; i < m1 * C; ++i) x_next[i] = A.x_mid[i] + w.tmp[i];
   });
@@ -298,8 +377,9 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
                           const float* d_state_out, float* d_state_in) {
   if (B_ == 0) throw Error("internal: Backward without a Forward");
   const Rwkv7Config& c = config_;
-  const Rwkv7Tensors P = Rwkv7Tensors::Bind(layout_, const_cast<float*>(params));
-  const Rwkv7Tensors G = Rwkv7Tensors::Bind(layout_, grads);
+  const Rwkv7Tensors P = Weights(params);
+  const Rwkv7Tensors G = Grads(grads);
+  BindLinears(params, grads);
   Work& w = *work_;
   const int C = c.n_embd;
   const int64_t M = static_cast<int64_t>(B_) * T_;
@@ -311,10 +391,9 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
   float* dx_head = w.dx2;
   for (int64_t m0 = 0; m0 < M; m0 += kHeadRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kHeadRows, M - m0));
-    LinearForward(P.head, c.vocab, C, x_head_ + m0 * C, rows, head_logits_);
+    LinearForward(head_, x_head_ + m0 * C, rows, head_logits_, scratch_);
     CrossEntropyRows(head_logits_, targets_.data() + m0, rows, c.vocab, loss_scale, true, nullptr);
-    LinearBackward(P.head, c.vocab, C, x_head_ + m0 * C, head_logits_, rows, dx_head + m0 * C,
-                   false, G.head);
+    LinearBackward(head_, x_head_ + m0 * C, head_logits_, rows, dx_head + m0 * C, false, scratch_);
   }
   std::fill(w.dx, w.dx + M * C, 0.0f);
   LayerNormRowsBackward(x_out_, P.ln_out_w, dx_head, M, C, kLayerNormEps, w.dx, G.ln_out_w,
@@ -326,7 +405,8 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
   std::fill(w.dx2, w.dx2 + M * C, 0.0f);
   LayerNormRowsBackward(x_emb_, P.layers[0].ln0_w, w.dx, M, C, kLayerNormEps, w.dx2,
                         G.layers[0].ln0_w, G.layers[0].ln0_b);
-  for (int64_t m = 0; m < M; ++m) {  // in row order: rows of the same token add up identically
+  // In row order: rows of the same token add up identically.
+  for (int64_t m = 0; G.emb && m < M; ++m) {
     float* row = G.emb + static_cast<size_t>(inputs_[m]) * C;
     for (int i = 0; i < C; ++i) row[i] += w.dx2[m * C + i];
   }
@@ -369,12 +449,12 @@ void Rwkv7Graph::LayerBackward(int l, const Rwkv7Tensors& P, const Rwkv7Tensors&
     MixAdd(A.xx2, w.prev, L.ffn_x_k, C, m0, m1, xk);
     for (int64_t i = m0 * F; i < m1 * F; ++i) w.f0[i] = A.ffn_relu[i] * A.ffn_relu[i];
   });
-  LinearBackward(L.ffn_value, C, F, w.f0, w.dx, M, w.f1, false, GL.ffn_value);  // f1 = dh
+  LinearBackward(mats_[l][kMatFfnV], w.f0, w.dx, M, w.f1, false, scratch_);  // f1 = dh
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * F; i < m1 * F; ++i) w.f1[i] *= 2.0f * A.ffn_relu[i];
   });
   float* dxk = w.dxs[kK];
-  LinearBackward(L.ffn_key, F, C, xk, w.f1, M, dxk, false, GL.ffn_key);
+  LinearBackward(mats_[l][kMatFfnK], xk, w.f1, M, dxk, false, scratch_);
   std::fill(w.dxx, w.dxx + M * C, 0.0f);
   std::fill(w.dprev, w.dprev + M * C, 0.0f);
   MixAddBackward(A.xx2, w.prev, L.ffn_x_k, dxk, M, C, w.dxx, w.dprev, GL.ffn_x_k);
@@ -386,7 +466,7 @@ void Rwkv7Graph::LayerBackward(int l, const Rwkv7Tensors& P, const Rwkv7Tensors&
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * C; i < m1 * C; ++i) w.out[i] = A.pre_gate[i] * A.g[i];
   });
-  LinearBackward(L.output, C, C, w.out, w.dx, M, w.dout, false, GL.output);
+  LinearBackward(mats_[l][kMatO], w.out, w.dx, M, w.dout, false, scratch_);
   // pre_gate = GroupNorm(wkv) + bonus, bonus = (sum over the head of r k r_k) v.
   ForRows(M, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -509,19 +589,19 @@ void Rwkv7Graph::LayerBackward(int l, const Rwkv7Tensors& P, const Rwkv7Tensors&
   });
   LinearBackward(L.g1, c.d_gate, C, w.xs[kG], w.low0, M, w.dxs[kG], false, GL.g1);
   // v_raw = Wv xv and, after layer 0, v_mix = v0 + (xv v1) v2
-  LinearBackward(L.value, C, C, w.xs[kV], w.dv, M, w.dxs[kV], false, GL.value);
+  LinearBackward(mats_[l][kMatV], w.xs[kV], w.dv, M, w.dxs[kV], false, scratch_);
   if (!first) {
     LinearBackward(L.v2, C, c.d_mv, A.v_low, dv_mix, M, w.low0, false, GL.v2);
     LinearBackward(L.v1, c.d_mv, C, w.xs[kV], w.low0, M, w.dxs[kV], true, GL.v1);
   }
-  LinearBackward(L.key, C, C, w.xs[kK], dk_raw, M, w.dxs[kK], false, GL.key);
-  LinearBackward(L.receptance, C, C, w.xs[kR], w.dr, M, w.dxs[kR], false, GL.receptance);
+  LinearBackward(mats_[l][kMatK], w.xs[kK], dk_raw, M, w.dxs[kK], false, scratch_);
+  LinearBackward(mats_[l][kMatR], w.xs[kR], w.dr, M, w.dxs[kR], false, scratch_);
 
   std::fill(w.dxx, w.dxx + M * C, 0.0f);
   std::fill(w.dprev, w.dprev + M * C, 0.0f);
   for (int s = 0; s < kSlots; ++s) {
     MixAddBackward(A.xx, w.prev, L.x_rwkvag + s * C, w.dxs[s], M, C, w.dxx, w.dprev,
-                   GL.x_rwkvag + s * C);
+                   GL.x_rwkvag ? GL.x_rwkvag + s * C : nullptr);
   }
   TokenShiftBackward(w.dprev, B, T, C, w.dxx, d_att_x.data(), d_att_x_c.data());
   // dx becomes d x_in: the residual's gradient plus ln1's.

@@ -14,15 +14,19 @@
 // with respect to the start state.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "tensor/aligned.h"
+#include "train/linear.h"
 #include "train/params.h"
 
 namespace aviary::train {
+
+struct FrozenRwkv7;
 
 // The loss of one forward pass: cross-entropy summed over its tokens (the mean is sum /
 // tokens) and the number of tokens whose prediction was right (argmax == target).
@@ -70,8 +74,16 @@ class Rwkv7Graph {
   // recomputes at most this many states at a time.
   static constexpr int kWkvCheckpoint = 16;
 
-  // Room for up to B sequences of T tokens.
+  // Room for up to B sequences of T tokens. Full training: Forward's `params` and Backward's
+  // `grads` are `layout`'s flat buffers, every tensor trained.
   Rwkv7Graph(const ParamLayout& layout, int max_batch, int max_tokens);
+  // A frozen base (LoRA, state tuning): the weights are `base`'s, nothing of it is trained.
+  // With `lora` (ParamLayout::Rwkv7Lora) the adapters it holds add scale B A to their matrices,
+  // and Forward's `params` / Backward's `grads` are its flat buffers; without, they are unused
+  // (may be null) and only the start state's gradient (d_state_in) comes out. `base` and `lora`
+  // must outlive the graph.
+  Rwkv7Graph(const FrozenRwkv7& base, const ParamLayout* lora, float lora_scale, int max_batch,
+             int max_tokens);
   ~Rwkv7Graph();
   Rwkv7Graph(const Rwkv7Graph&) = delete;
   Rwkv7Graph& operator=(const Rwkv7Graph&) = delete;
@@ -103,6 +115,11 @@ class Rwkv7Graph {
   struct Work;  // the scratch of one pass (rwkv7_graph.cpp)
 
   float* Take(size_t floats);
+  // The small tensors' weights and gradients of a pass (gradients all null for a frozen base).
+  Rwkv7Tensors Weights(const float* params) const;
+  Rwkv7Tensors Grads(float* grads) const;
+  // Sets mats_ and head_ for a pass over `params` (and `grads`, null in a forward pass).
+  void BindLinears(const float* params, float* grads);
   // Layer l's forward from layers_[l].x_in into x_next, advancing `state` (B, StateFloats()).
   void LayerForward(int l, const Rwkv7Tensors& P, float* state, float* x_next);
   // Layer l's backward: the work buffer dx holds the gradient with respect to the layer's output
@@ -110,7 +127,10 @@ class Rwkv7Graph {
   // the layer's part of the state.
   void LayerBackward(int l, const Rwkv7Tensors& P, const Rwkv7Tensors& G, float* d_state);
 
-  const ParamLayout& layout_;
+  const ParamLayout& layout_;  // full training: every tensor; frozen: the base's small ones
+  const FrozenRwkv7* frozen_ = nullptr;
+  const ParamLayout* lora_ = nullptr;
+  float lora_scale_ = 0;
   Rwkv7Config config_;
   int max_batch_, max_tokens_;
   int B_ = 0, T_ = 0;
@@ -125,6 +145,10 @@ class Rwkv7Graph {
   float* v_first_ = nullptr;      // (M, C) layer 0's v
   float* head_logits_ = nullptr;  // (kHeadRows, V) one chunk of the head's logits
   std::unique_ptr<Work> work_;
+  // The large products of the current pass: layer l's kRwkv7MatrixNames, and the head.
+  std::vector<std::array<TrainLinear, kRwkv7LayerMatrices>> mats_;
+  TrainLinear head_;
+  LinearScratch scratch_;
 };
 
 }  // namespace aviary::train

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <span>
 #include <sstream>
 
@@ -55,7 +56,11 @@ nlohmann::json OptionsJson(const TrainOptions& o) {
           {"eval_every", o.eval_every},
           {"eval_windows", o.eval_windows},
           {"save_every", o.save_every},
-          {"pth_type", o.pth_type}};
+          {"pth_type", o.pth_type},
+          {"tune", o.tune},
+          {"lora_rank", o.lora_rank},
+          {"lora_alpha", o.lora_alpha},
+          {"lora_targets", o.lora_targets}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
@@ -82,6 +87,10 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     o.eval_windows = j.at("eval_windows").get<int>();
     o.save_every = j.at("save_every").get<int64_t>();
     o.pth_type = j.at("pth_type").get<std::string>();
+    o.tune = j.value("tune", std::string("full"));  // absent in runs from before LoRA
+    o.lora_rank = j.value("lora_rank", 0);
+    o.lora_alpha = j.value("lora_alpha", 0.0);
+    o.lora_targets = j.value("lora_targets", std::vector<std::string>{});
     o.out_dir = dir;
     return o;
   } catch (const nlohmann::json::exception& e) {
@@ -113,6 +122,28 @@ void ValidateOptions(const TrainOptions& o) {
   if (o.save_every < 0) fail("--save-every must be >= 0");
   if (o.pth_type != "f32" && o.pth_type != "bf16") fail("--pth-type must be f32 or bf16");
   if (o.data.empty()) fail("--data: give at least one file");
+  if (o.tune != "full" && o.tune != "lora" && o.tune != "state") {
+    fail("--tune must be full, lora or state, not '" + o.tune + "'");
+  }
+  if (o.tune != "full" && o.init_model.empty()) {
+    fail("--tune " + o.tune + " tunes an existing model: give --init MODEL");
+  }
+  if (o.tune != "lora" && (o.lora_rank != 0 || !o.lora_targets.empty() || o.lora_alpha != 0)) {
+    fail("--lora-rank, --lora-alpha and --lora-targets are for --tune lora, not --tune " + o.tune);
+  }
+  if (o.tune == "lora") {
+    if (o.lora_rank < 1 || o.lora_rank > 4096) fail("--lora-rank must be 1..4096");
+    for (const std::string& t : o.lora_targets) {
+      if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
+          std::end(kRwkv7MatrixNames)) {
+        fail("--lora-targets: unknown matrix '" + t +
+             "' (valid: att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)");
+      }
+    }
+    if (!(o.lora_alpha >= 0) || !std::isfinite(o.lora_alpha) || o.lora_alpha > 1e6) {
+      fail("--lora-alpha must be > 0 (0: the rank)");
+    }
+  }
   if (o.out_dir.empty()) fail("--out DIR is required");
 }
 
@@ -139,6 +170,35 @@ void ForBlocks(size_t n, F&& fn) {
 
 }  // namespace
 
+// The adapters' scale: alpha / rank, alpha defaulting to the rank (PEFT's and RWKV-PEFT's usual
+// r = alpha, so the learning rate means the same at any rank).
+float LoraScale(const TrainOptions& o) {
+  return o.lora_rank > 0
+             ? static_cast<float>((o.lora_alpha > 0 ? o.lora_alpha : o.lora_rank) / o.lora_rank)
+             : 0.0f;
+}
+
+std::vector<std::string> LoraTargets(const TrainOptions& o) {
+  if (!o.lora_targets.empty()) return o.lora_targets;
+  return {std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames)};
+}
+
+// PEFT's (and RWKV-PEFT's) initialisation: A kaiming-uniform with a = sqrt(5), which is
+// U(-1/sqrt(in), 1/sqrt(in)), B zero, so the adapted model starts as the base exactly.
+void InitLora(const ParamLayout& layout, uint64_t seed, float* params) {
+  std::mt19937_64 rng(seed ^ 0x6c6f7261ull);  // "lora": not the window order's stream
+  for (const ParamEntry& e : layout.entries()) {
+    float* p = params + e.offset;
+    if (e.name.ends_with(".lora_B")) {
+      std::fill_n(p, e.size, 0.0f);
+      continue;
+    }
+    const float bound = 1.0f / std::sqrt(static_cast<float>(e.shape.at(1)));
+    std::uniform_real_distribution<float> u(-bound, bound);
+    for (size_t i = 0; i < e.size; ++i) p[i] = u(rng);
+  }
+}
+
 struct Trainer::Impl {
   TrainOptions o;
   Runtime& runtime;
@@ -149,6 +209,7 @@ struct Trainer::Impl {
   DataSplit split;
   std::unique_ptr<WindowSampler> sampler;
   std::unique_ptr<ValidationWindows> validation;
+  std::unique_ptr<const FrozenRwkv7> frozen;  // lora, state: the base, as stored
   std::unique_ptr<Rwkv7Graph> graph;
   std::unique_ptr<ChunkedWindows> chunks;  // runs windows on `graph` chunk by chunk
   std::unique_ptr<AdamW> adamw;
@@ -158,6 +219,33 @@ struct Trainer::Impl {
   double train_seconds = 0;  // time in training steps (not validation, not saving)
 
   Impl(TrainOptions options, Runtime& rt) : o(std::move(options)), runtime(rt) {}
+
+  void MakeGraph() {
+    if (!frozen) {
+      graph = std::make_unique<Rwkv7Graph>(layout, o.batch, ChunkLen(o));
+    } else {
+      graph = std::make_unique<Rwkv7Graph>(*frozen, o.tune == "lora" ? &layout : nullptr,
+                                           LoraScale(o), o.batch, ChunkLen(o));
+    }
+  }
+
+  // State tuning: the tuned state (params, Rwkv7State's layout) as the start state of n
+  // sequences in the graph's (n, StateFloats()) layout; the token-shift parts stay zero.
+  std::vector<float> batch_state, d_batch_state;
+  const float* StartState(int n) {
+    if (o.tune != "state") return nullptr;
+    const Rwkv7Config& c = layout.config();
+    const size_t SF = graph->StateFloats(), per_layer = SF / c.n_layer;
+    batch_state.assign(static_cast<size_t>(n) * SF, 0.0f);
+    for (int b = 0; b < n; ++b) {
+      for (const ParamEntry& e : layout.entries()) {
+        const int l = std::stoi(e.name.substr(7));
+        std::copy_n(params.data() + e.offset, e.size,
+                    batch_state.data() + b * SF + l * per_layer + c.n_embd);
+      }
+    }
+    return batch_state.data();
+  }
 
   uint64_t data_tokens = 0, data_documents = 0;
 
@@ -199,6 +287,8 @@ struct Trainer::Impl {
     int64_t count = 0;
     for (const ParamEntry& e : layout.entries()) count += static_cast<int64_t>(e.size);
     summary.parameters = count;
+    summary.tune = o.tune;
+    if (frozen) summary.frozen_bytes = frozen->StoredBytes() + frozen->small.size() * sizeof(float);
     summary.train_tokens = split.train.size();
     summary.validation_tokens = split.validation.size();
     summary.weight_bytes = summary.gradient_bytes = n * sizeof(float);
@@ -237,6 +327,10 @@ struct Trainer::Impl {
     meta.options = OptionsJson(o);
     meta.step = step;
     meta.extra = {{"data_tokens", data_tokens}, {"data_documents", data_documents}};
+    if (frozen) {  // a resume refuses a base that changed
+      meta.extra["base_fingerprint"] = frozen->fingerprint;
+      meta.extra["base_bytes"] = frozen->file_size;
+    }
     meta.sampler_state = std::to_string(sampler->State());
     SaveCheckpoint(o.out_dir + "/checkpoint", layout, params.data(), adam_m.data(), adam_v.data(),
                    meta);
@@ -259,7 +353,20 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   }
   fs::create_directories(o.out_dir);
   ScopedRuntime scope(&runtime);
-  if (!o.init_model.empty()) {
+  if (o.tune != "full") {
+    if (o.layers || o.embd) throw UsageError("--init takes the model's size: drop --layers/--embd");
+    impl->frozen = LoadFrozenRwkv7(o.init_model);
+    const Rwkv7Config& c = impl->frozen->config();
+    if (o.tune == "lora") {
+      impl->layout = ParamLayout::Rwkv7Lora(c, o.lora_rank, LoraTargets(o));
+      impl->params.assign(impl->layout.total_floats(), 0.0f);
+      InitLora(impl->layout, o.seed, impl->params.data());
+    } else {
+      impl->layout = ParamLayout::Rwkv7State(c);
+      impl->params.assign(impl->layout.total_floats(), 0.0f);  // the base's own start: zeros
+    }
+    impl->tok = tokenizers(o.tokenizer, c.vocab);
+  } else if (!o.init_model.empty()) {
     if (o.layers || o.embd) throw UsageError("--init takes the model's size: drop --layers/--embd");
     ImportedRwkv7 imported = LoadRwkv7Params(o.init_model);
     impl->layout = std::move(imported.layout);
@@ -291,7 +398,7 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   o.tokenizer = impl->tok.spec;
   // The activations are allocated before the data is read, so that a batch too large for the
   // machine is refused before a long tokenization.
-  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, ChunkLen(impl->o));
+  impl->MakeGraph();
   impl->OpenData();
   impl->Prepare();
   impl->OpenLog(false);
@@ -318,7 +425,15 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->step = ck.meta.step;
   // The activations are allocated before the data is read, so that a batch too large for the
   // machine is refused before a long tokenization.
-  impl->graph = std::make_unique<Rwkv7Graph>(impl->layout, impl->o.batch, ChunkLen(impl->o));
+  if (options.tune != "full") {
+    impl->frozen = LoadFrozenRwkv7(options.init_model);
+    if (ck.meta.extra.value("base_fingerprint", uint64_t{0}) != impl->frozen->fingerprint ||
+        ck.meta.extra.value("base_bytes", uint64_t{0}) != impl->frozen->file_size) {
+      throw Error(dir + ": the base model " + options.init_model +
+                  " changed since the run started: its adapters or state belong to the old one");
+    }
+  }
+  impl->MakeGraph();
   impl->OpenData();
   if (ck.meta.extra.value("data_tokens", uint64_t{0}) != impl->data_tokens ||
       ck.meta.extra.value("data_documents", uint64_t{0}) != impl->data_documents) {
@@ -350,8 +465,8 @@ double Trainer::ValidationLoss() {
   for (int first = 0; first < r.validation->count();) {
     const int n = r.validation->Fill(first, B, in.data(), tg.data());
     const size_t used = static_cast<size_t>(n) * T;
-    const LossSum loss =
-        r.chunks->Loss(r.params.data(), std::span(in).first(used), std::span(tg).first(used), n, T);
+    const LossSum loss = r.chunks->Loss(r.params.data(), std::span(in).first(used),
+                                        std::span(tg).first(used), n, T, r.StartState(n));
     sum += loss.sum;
     tokens += loss.tokens;
     first += n;
@@ -386,8 +501,26 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
     const auto t0 = Clock::now();
     r.sampler->Next(B, in.data(), tg.data());
     ForBlocks(n, [&](size_t b, size_t e) { std::fill(&r.grads[b], &r.grads[0] + e, 0.0f); });
-    const LossSum loss = r.chunks->Gradients(r.params.data(), r.grads.data(), in, tg, B, T,
-                                             1.0f / (static_cast<float>(B) * T));
+    LossSum loss;
+    if (r.o.tune == "state") {
+      // One start state for every window: its gradient is the sum over the windows' own.
+      const float* start = r.StartState(B);
+      r.d_batch_state.assign(r.batch_state.size(), 0.0f);
+      loss = r.chunks->Gradients(nullptr, nullptr, in, tg, B, T, 1.0f / (static_cast<float>(B) * T),
+                                 start, r.d_batch_state.data());
+      const Rwkv7Config& c = r.layout.config();
+      const size_t SF = r.graph->StateFloats(), per_layer = SF / c.n_layer;
+      for (const ParamEntry& e : r.layout.entries()) {
+        const int l = std::stoi(e.name.substr(7));
+        for (int b = 0; b < B; ++b) {
+          const float* d = r.d_batch_state.data() + b * SF + l * per_layer + c.n_embd;
+          for (size_t i = 0; i < e.size; ++i) r.grads[e.offset + i] += d[i];
+        }
+      }
+    } else {
+      loss = r.chunks->Gradients(r.params.data(), r.grads.data(), in, tg, B, T,
+                                 1.0f / (static_cast<float>(B) * T));
+    }
     const double norm = r.adamw->ClipGradients(r.grads.data());
     const double lr = LearningRate(r.step, r.adamw->options());
     r.adamw->Step(r.step, r.params.data(), r.grads.data(), r.adam_m.data(), r.adam_v.data());
@@ -437,6 +570,15 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
   r.graph.reset();
   for (AlignedVector<float>* buffer : {&r.grads, &r.adam_m, &r.adam_v})
     AlignedVector<float>().swap(*buffer);
+  if (r.o.tune == "lora") {
+    ExportLoraAdapter(r.o.out_dir + "/adapter.pth", r.layout, r.params.data(),
+                      LoraScale(r.o) * r.o.lora_rank, r.o.init_model, r.frozen->fingerprint);
+    return true;
+  }
+  if (r.o.tune == "state") {
+    ExportTunedState(r.o.out_dir, r.layout, r.params.data(), r.o.init_model);
+    return true;
+  }
   const std::string pth = r.o.out_dir + "/model.pth";
   ExportRwkv7Pth(pth, r.layout, r.params.data(),
                  r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);

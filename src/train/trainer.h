@@ -4,6 +4,10 @@
 //   DIR/checkpoint/    weights, both Adam moments, step, sampler and options (--resume DIR)
 //   DIR/model.pth      the trained weights as BlinkDL's code and torch.load read them
 //   DIR/model.gguf     the same as aviary's GGUF
+//   DIR/adapter.pth    --tune lora: the adapters alone (RWKV-PEFT's names), instead of the model
+//   DIR/adapter.json   --tune lora: rank, alpha, targets and the base model, for merge-lora
+//   DIR/state.avstate  --tune state: the tuned start state (aviary chat --load-state)
+//   DIR/state.pth      --tune state: the same as RWKV-PEFT's blocks.N.att.time_state
 //   DIR/data/          the tokenized training data (binidx), reused by later runs
 //
 // The run is deterministic: the same options, data and thread count give bit-identical losses,
@@ -58,7 +62,15 @@ struct TrainOptions {
   int64_t eval_every = 100;
   int eval_windows = 64;  // validation windows scored each time (at most)
   int64_t save_every = 500;
-  std::string pth_type = "f32";  // the exported weights: "f32" (as trained) or "bf16"
+  // What is trained. "full": every weight (from scratch or --init). "lora": low-rank adapters
+  // on the large matrices of the --init model, which stays frozen as stored (any weight type);
+  // the run writes adapter.pth + adapter.json. "state": the initial wkv state of the frozen
+  // --init model; the run writes state.avstate (+ state.pth).
+  std::string tune = "full";
+  int lora_rank = 0;                      // lora: the adapters' rank R
+  double lora_alpha = 0;                  // lora: the adapters' scale is alpha / R (0: alpha = R)
+  std::vector<std::string> lora_targets;  // lora: kRwkv7MatrixNames (empty: all six)
+  std::string pth_type = "f32";           // the exported weights: "f32" (as trained) or "bf16"
   std::string out_dir;
 };
 
@@ -86,6 +98,8 @@ struct RunSummary {
   // and with --chunk-len the start state of every chunk of a step's windows.
   size_t weight_bytes = 0, gradient_bytes = 0, adam_bytes = 0, activation_bytes = 0;
   size_t chunk_state_bytes = 0;
+  std::string tune;         // TrainOptions::tune
+  size_t frozen_bytes = 0;  // lora, state: the frozen base (large matrices as stored, mapped)
 };
 
 class Trainer {

@@ -1,12 +1,16 @@
 // aviary convert IN OUT [--type T] [--tokenizer FILE] and aviary quantize IN OUT TYPE:
 // any model file aviary reads -> GGUF (docs/GGUF.md), written to OUT.tmp and renamed.
+// aviary merge-lora BASE ADAPTER OUT [--type T]: an RWKV-7 model with a LoRA adapter of
+// `aviary train --tune lora` folded in (W + alpha / R B A), as GGUF the same way.
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "aviary/cache.h"
 #include "aviary/error.h"
@@ -15,6 +19,7 @@
 #include "formats/mapped_file.h"
 #include "formats/output_file.h"
 #include "formats/weight_file.h"
+#include "tensor/dtype.h"
 #include "tokenizers/tokenizers.h"
 
 namespace aviary::cli {
@@ -147,6 +152,143 @@ void RunConvert(const ConvertOptions& o) {
   std::printf("time:      %.2f s\n", seconds);
 }
 
+struct MergeOptions {
+  std::string base, adapter, out, type, tokenizer;
+};
+
+std::string AdapterJsonPath(const std::string& adapter) {
+  const std::filesystem::path p(adapter);
+  return (p.parent_path() / (p.stem().string() + ".json")).string();
+}
+
+void RunMergeLora(const MergeOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::string base = ResolveModelArgument(o.base, Hub().cache_dir);
+  const std::string meta_path = AdapterJsonPath(o.adapter);
+  RefuseOverwritingInputs(o.out, {base, o.adapter, meta_path, o.tokenizer});
+  std::error_code ec;
+  if (std::filesystem::is_directory(o.out, ec)) throw UsageError(o.out + ": is a directory");
+
+  // adapter.json: rank, alpha, targets and the shape of the model the adapter was trained on.
+  nlohmann::json meta;
+  {
+    std::ifstream in(meta_path);
+    if (!in)
+      throw Error(meta_path +
+                  ": cannot read the adapter's description (written beside "
+                  "adapter.pth by aviary train --tune lora)");
+    meta = nlohmann::json::parse(in, nullptr, false);
+  }
+  if (meta.is_discarded() || !meta.is_object() || meta.value("format", "") != "aviary-lora") {
+    throw Error(meta_path + ": not an aviary LoRA adapter description");
+  }
+  int rank = 0, n_layer = 0, n_embd = 0, n_ffn = 0;
+  double alpha = 0;
+  std::vector<std::string> targets;
+  try {
+    rank = meta.at("lora_rank").get<int>();
+    alpha = meta.at("lora_alpha").get<double>();
+    targets = meta.at("targets").get<std::vector<std::string>>();
+    n_layer = meta.at("n_layer").get<int>();
+    n_embd = meta.at("n_embd").get<int>();
+    n_ffn = meta.at("n_ffn").get<int>();
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(meta_path + ": incomplete adapter description (" + e.what() + ")");
+  }
+  if (rank < 1 || !(alpha > 0) || !std::isfinite(alpha)) {
+    throw Error(meta_path + ": rank and alpha must be positive");
+  }
+
+  auto file = std::make_shared<MappedFile>(base, LoadMode::kMmap);
+  WeightFile wf = ReadWeightFile(file->bytes(), base);
+  wf.backing = file;
+  const std::unique_ptr<Model> model = Model::LoadFromMemory(file->bytes(), base);
+  const ModelInfo& info = model->info();
+  if (info.arch != Arch::kV7) throw Error(base + ": merge-lora works on RWKV-7 models");
+  if (info.n_layer != n_layer || info.n_embd != n_embd || info.n_ffn != n_ffn) {
+    throw Error(o.adapter + ": the adapter is for a model of " + std::to_string(n_layer) +
+                " layers x " + std::to_string(n_embd) + " (channel mix " + std::to_string(n_ffn) +
+                "), " + base + " has " + std::to_string(info.n_layer) + " x " +
+                std::to_string(info.n_embd) + " (" + std::to_string(info.n_ffn) + ")");
+  }
+  if (meta.value("base_fingerprint", uint64_t{0}) != info.fingerprint) {
+    std::fprintf(stderr,
+                 "note: %s is not the file the adapter was trained on (%s); merging anyway\n",
+                 base.c_str(), meta.value("base_model", std::string("?")).c_str());
+  }
+
+  auto adapter_file = std::make_shared<MappedFile>(o.adapter, LoadMode::kMmap);
+  const WeightFile adapter = ReadPthRaw(adapter_file->bytes(), o.adapter);
+  const float scale = static_cast<float>(alpha / rank);
+  int merged = 0;
+  for (int l = 0; l < n_layer; ++l) {
+    for (const std::string& target : targets) {
+      const std::string prefix = "blocks." + std::to_string(l) + "." + target;
+      const auto w_it = wf.tensors.find(prefix + ".weight");
+      if (w_it == wf.tensors.end()) throw Error(base + ": no tensor '" + prefix + ".weight'");
+      Tensor& w = w_it->second;
+      const Tensor* a = adapter.Find(prefix + ".lora_A");
+      const Tensor* b = adapter.Find(prefix + ".lora_B");
+      if (!a || !b) throw Error(o.adapter + ": missing '" + prefix + ".lora_A' or '.lora_B'");
+      const int64_t rows = w.rows(), cols = w.cols();
+      if (a->rows() != rank || a->cols() != cols || b->rows() != rows || b->cols() != rank) {
+        throw Error(o.adapter + ": '" + prefix + "' adapters of shape [" +
+                    std::to_string(a->rows()) + ", " + std::to_string(a->cols()) + "] and [" +
+                    std::to_string(b->rows()) + ", " + std::to_string(b->cols()) +
+                    "] do not fit its [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                    "] matrix at rank " + std::to_string(rank));
+      }
+      // W' = W + scale B A, in float; the writer gives it the output type.
+      std::vector<float> fa(rank * cols), fb(rows * rank);
+      for (int64_t r = 0; r < rank; ++r) DequantizeRow(a->type, a->row(r), &fa[r * cols], cols);
+      for (int64_t r = 0; r < rows; ++r) DequantizeRow(b->type, b->row(r), &fb[r * rank], rank);
+      std::vector<uint8_t>& bytes = wf.owned.emplace_back(rows * cols * sizeof(float));
+      float* out = reinterpret_cast<float*>(bytes.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row = out + i * cols;
+        DequantizeRow(w.type, w.row(i), row, cols);
+        for (int64_t r = 0; r < rank; ++r) {
+          const float bs = scale * fb[i * rank + r];
+          const float* arow = &fa[r * cols];
+          for (int64_t j = 0; j < cols; ++j) row[j] += bs * arow[j];
+        }
+      }
+      w.type = DType::kF32;
+      w.data = bytes.data();
+      w.nbytes = bytes.size();
+      ++merged;
+    }
+  }
+
+  GgufWriteOptions options;
+  // The merged matrices are float: give them (and the rest) the base's main type again unless
+  // --type says otherwise.
+  if (!o.type.empty()) {
+    options.type = ParseType(o.type);
+  } else {
+    try {
+      options.type = ParseType(info.main_type);
+    } catch (const UsageError&) {
+      options.type = DType::kF32;  // a header type that is no single weight type
+    }
+  }
+  std::string tokenizer_source;
+  options.tokenizer = ChooseTokenizer(info, wf, o.tokenizer, &tokenizer_source);
+  OutputFile out(o.out);
+  const GgufWriteReport report = WriteGguf(wf, info, options, out.temp_path());
+  LoadOptions check;
+  check.load_mode = LoadMode::kMmap;
+  Model::Load(out.temp_path(), check);
+  out.Commit();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("merged %d matrices (rank %d, alpha %g, scale %g) into %s\n", merged, rank, alpha,
+              scale, o.out.c_str());
+  std::printf("types:     %s -> %s\n", TypeCounts(report.types_in).c_str(),
+              TypeCounts(report.types_out).c_str());
+  std::printf("time:      %.2f s\n", seconds);
+}
+
 }  // namespace
 
 void RegisterConvert(CLI::App& app) {
@@ -172,6 +314,20 @@ void RegisterConvert(CLI::App& app) {
   quantize->add_option("TYPE", q->type, kTypes)->required();
   quantize->add_option("--tokenizer", q->tokenizer, "Tokenizer to embed (as for convert)");
   quantize->callback([q] { RunConvert(*q); });
+
+  auto m = std::make_shared<MergeOptions>();
+  CLI::App* merge = app.add_subcommand(
+      "merge-lora",
+      "Fold a LoRA adapter (aviary train --tune lora) into its RWKV-7 base: an ordinary GGUF");
+  merge->add_option("BASE", m->base, "The base model the adapter was trained on")->required();
+  merge->add_option("ADAPTER", m->adapter, "adapter.pth (adapter.json beside it)")->required();
+  merge->add_option("OUT", m->out, "Output GGUF file (written as OUT.tmp, then renamed)")
+      ->required();
+  merge->add_option("--type", m->type,
+                    std::string("Weight type of the large matrices: ") + kTypes +
+                        " (default: the base's main type)");
+  merge->add_option("--tokenizer", m->tokenizer, "Tokenizer to embed (as for convert)");
+  merge->callback([m] { RunMergeLora(*m); });
 }
 
 }  // namespace aviary::cli

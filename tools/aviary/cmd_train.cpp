@@ -92,10 +92,11 @@ void RunTrain(TrainCli& c) {
   if (!c.resume.empty()) {
     // A resumed run keeps its own options: only its length and the threads may change.
     for (const char* flag :
-         {"--data", "--tokenizer", "--init", "--layers", "--embd", "--ctx-len", "--chunk-len",
-          "--grad-chunks", "--batch", "--lr",
-          "--lr-final", "--warmup", "--weight-decay", "--grad-clip", "--seed", "--val-fraction",
-          "--eval-every", "--eval-windows", "--save-every", "--pth-type", "--out"}) {
+         {"--data",         "--tokenizer",  "--init",         "--layers",     "--embd",
+          "--ctx-len",      "--chunk-len",  "--grad-chunks",  "--batch",      "--lr",
+          "--lr-final",     "--warmup",     "--weight-decay", "--grad-clip",  "--seed",
+          "--val-fraction", "--eval-every", "--eval-windows", "--save-every", "--pth-type",
+          "--out",          "--tune",       "--lora-rank",    "--lora-alpha", "--lora-targets"}) {
       if (c.cmd->count(flag) > 0) {
         throw UsageError(std::string("--resume continues the run with its own options: ") + flag +
                          " cannot be given with it (only --steps and --threads)");
@@ -104,12 +105,21 @@ void RunTrain(TrainCli& c) {
     trainer = train::Trainer::Resume(c.resume, c.cmd->count("--steps") ? c.o.steps : 0, tokenizers,
                                      runtime);
   } else {
+    // --lora-rank alone asks for LoRA.
+    if (c.cmd->count("--lora-rank") > 0 && c.cmd->count("--tune") == 0) c.o.tune = "lora";
     trainer = train::Trainer::Start(c.o, tokenizers, runtime);
   }
   const train::RunSummary& s = trainer->summary();
   const std::string dir = c.resume.empty() ? c.o.out_dir : c.resume;
-  std::fprintf(stderr, "%s: %s, %.2fM parameters\n", s.resumed ? "resuming" : "training",
-               s.model.c_str(), s.parameters / 1e6);
+  if (s.tune == "full") {
+    std::fprintf(stderr, "%s: %s, %.2fM parameters\n", s.resumed ? "resuming" : "training",
+                 s.model.c_str(), s.parameters / 1e6);
+  } else {
+    std::fprintf(stderr, "%s: %s of %s (frozen, %s), %.3fM trainable parameters\n",
+                 s.resumed ? "resuming" : "tuning",
+                 s.tune == "lora" ? "LoRA adapters" : "the state", s.model.c_str(),
+                 Bytes(s.frozen_bytes).c_str(), s.parameters / 1e6);
+  }
   std::fprintf(stderr, "data: %llu training tokens, %llu validation tokens\n",
                static_cast<unsigned long long>(s.train_tokens),
                static_cast<unsigned long long>(s.validation_tokens));
@@ -164,10 +174,12 @@ void RunTrain(TrainCli& c) {
     std::fflush(stdout);
     std::_Exit(130);  // the shell's code for a run ended by SIGINT
   }
-  std::printf(
-      "wrote %s/model.pth and %s/model.gguf (checkpoint in %s/checkpoint, log in "
-      "%s/log.jsonl)\n",
-      dir.c_str(), dir.c_str(), dir.c_str(), dir.c_str());
+  const char* outputs = s.tune == "lora"    ? "%s/adapter.pth and %s/adapter.json"
+                        : s.tune == "state" ? "%s/state.avstate and %s/state.pth"
+                                            : "%s/model.pth and %s/model.gguf";
+  std::printf("wrote ");
+  std::printf(outputs, dir.c_str(), dir.c_str());
+  std::printf(" (checkpoint in %s/checkpoint, log in %s/log.jsonl)\n", dir.c_str(), dir.c_str());
   CheckStdout();
 }
 
@@ -228,6 +240,19 @@ void RegisterTrain(CLI::App& app) {
                   "Type of model.pth's weights: f32 (as trained) or bf16 (as BlinkDL releases)")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
+  cmd->add_option("--tune", o.tune,
+                  "What to train: full (every weight), lora (adapters on the frozen --init "
+                  "model; writes adapter.pth) or state (the frozen --init model's initial state; "
+                  "writes state.avstate)")
+      ->check(CLI::IsMember({"full", "lora", "state"}))
+      ->capture_default_str();
+  cmd->add_option("--lora-rank", o.lora_rank, "LoRA: the adapters' rank R (implies --tune lora)");
+  cmd->add_option("--lora-alpha", o.lora_alpha,
+                  "LoRA: the adapters' scale is alpha / R (default: alpha = R)");
+  cmd->add_option("--lora-targets", o.lora_targets,
+                  "LoRA: the matrices adapted in every layer, comma-separated: att.receptance, "
+                  "att.key, att.value, att.output, ffn.key, ffn.value (default: all six)")
+      ->delimiter(',');
   cmd->add_option("--threads", c->threads,
                   "Threads (default: $AVIARY_THREADS, else the hardware threads)")
       ->check(CLI::Range(1, 1024));
