@@ -374,7 +374,8 @@ void Rwkv7Graph::LayerForward(int l, const Rwkv7Tensors& P, float* state, float*
 }
 
 void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
-                          const float* d_state_out, float* d_state_in) {
+                          const float* d_state_out, float* d_state_in,
+                          const std::function<void(size_t, size_t)>& grads_ready) {
   if (B_ == 0) throw Error("internal: Backward without a Forward");
   const Rwkv7Config& c = config_;
   const Rwkv7Tensors P = Weights(params);
@@ -398,8 +399,18 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
   std::fill(w.dx, w.dx + M * C, 0.0f);
   LayerNormRowsBackward(x_out_, P.ln_out_w, dx_head, M, C, kLayerNormEps, w.dx, G.ln_out_w,
                         G.ln_out_b);
+  // Each layer's tensors are contiguous in the layout, between ln_out's and the embedding's:
+  // layer l's range ends where layer l + 1's (or ln_out's) begins. Layer 0 also holds ln0,
+  // final only after the embedding's LayerNorm below.
+  auto layer_begin = [&](int l) {
+    return static_cast<size_t>((l < c.n_layer ? G.layers[l].ln1_w : G.ln_out_w) - grads);
+  };
+  if (grads_ready) grads_ready(layer_begin(c.n_layer), layout_.total_floats());
   std::fill(w.dv_first, w.dv_first + M * C, 0.0f);
-  for (int l = c.n_layer - 1; l >= 0; --l) LayerBackward(l, P, G, d_state.data());
+  for (int l = c.n_layer - 1; l >= 0; --l) {
+    LayerBackward(l, P, G, d_state.data());
+    if (grads_ready && l > 0) grads_ready(layer_begin(l), layer_begin(l + 1));
+  }
 
   // Layer 0's input: x0 = ln0(emb[tokens]).
   std::fill(w.dx2, w.dx2 + M * C, 0.0f);
@@ -410,6 +421,7 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
     float* row = G.emb + static_cast<size_t>(inputs_[m]) * C;
     for (int i = 0; i < C; ++i) row[i] += w.dx2[m * C + i];
   }
+  if (grads_ready) grads_ready(0, layer_begin(1));
   if (d_state_in) std::copy(d_state.begin(), d_state.end(), d_state_in);
 }
 

@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -108,8 +109,13 @@ class Rwkv7Graph {
   // flat buffer). d_state_out: (B, StateFloats()) or null for zeros; d_state_in: (B,
   // StateFloats()) or null when not wanted. loss_scale is 1 / (tokens of the whole batch) for a
   // mean loss.
+  // grads_ready (when given) is called with [begin, end) float ranges of `grads` as this pass
+  // finishes adding to them (the head's first, then layer by layer down to the embedding; the
+  // ranges cover the buffer once), so a data-parallel run can start summing them over
+  // processes while the rest of the backward pass computes.
   void Backward(const float* params, float* grads, float loss_scale, const float* d_state_out,
-                float* d_state_in);
+                float* d_state_in,
+                const std::function<void(size_t begin, size_t end)>& grads_ready = {});
 
  private:
   struct Work;  // the scratch of one pass (rwkv7_graph.cpp)
