@@ -50,10 +50,11 @@ LossSum ChunkedWindows::Loss(const float* params, std::span<const int32_t> input
 LossSum ChunkedWindows::Gradients(const float* params, float* grads,
                                   std::span<const int32_t> inputs,
                                   std::span<const int32_t> targets, int B, int T,
-                                  float loss_scale, const float* state_in, float* d_state_in) {
+                                  float loss_scale, const float* state_in, float* d_state_in,
+                                  const std::function<void(size_t, size_t)>& grads_ready) {
   if (T <= chunk_len_) {
     const LossSum loss = graph_.Forward(params, inputs, targets, B, T, state_in, nullptr);
-    graph_.Backward(params, grads, loss_scale, nullptr, d_state_in);
+    graph_.Backward(params, grads, loss_scale, nullptr, d_state_in, grads_ready);
     return loss;
   }
   if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size()) {
@@ -84,7 +85,8 @@ LossSum ChunkedWindows::Gradients(const float* params, float* grads,
     const bool group_start = grad_chunks_ > 0 && k > 0 && k % grad_chunks_ == 0;
     const bool pass_back = k > 0 ? !group_start : d_state_in != nullptr;
     graph_.Backward(params, grads, loss_scale, carried ? d_end.data() : nullptr,
-                    pass_back ? d_start.data() : nullptr);
+                    pass_back ? d_start.data() : nullptr,
+                    k == 0 ? grads_ready : std::function<void(size_t, size_t)>());
     if (k == 0 && d_state_in) std::copy(d_start.begin(), d_start.end(), d_state_in);
     d_end.swap(d_start);
     carried = pass_back;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -33,10 +34,12 @@ class ChunkedWindows {
   // grads += the gradient of loss_scale x (the summed loss of the B windows) plus L2Wrap (as
   // Rwkv7Graph::Backward); returns the summed loss. d_state_in (B, StateFloats()), when not
   // null, receives the gradient with respect to state_in (from the first group of chunks
-  // when truncated).
+  // when truncated). grads_ready: as Rwkv7Graph::Backward's, from the first chunk's backward
+  // pass (the last one, after which the gradients are final).
   LossSum Gradients(const float* params, float* grads, std::span<const int32_t> inputs,
                     std::span<const int32_t> targets, int B, int T, float loss_scale,
-                    const float* state_in = nullptr, float* d_state_in = nullptr);
+                    const float* state_in = nullptr, float* d_state_in = nullptr,
+                    const std::function<void(size_t, size_t)>& grads_ready = {});
 
  private:
   // The tokens [t0, t0 + len) of B windows (B, T) as a (B, len) batch.

@@ -44,7 +44,8 @@ class MpiComm final : public Comm {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
   }
-  ~MpiComm() override {
+  ~MpiComm() override { Finalize(); }
+  void Finalize() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized) MPI_Finalize();
@@ -190,6 +191,11 @@ Comm& WorldComm() {
     }
 #else
     if (launched > 1) {
+      // Every process would say the same: the first says it, the others just fail.
+      for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"}) {
+        const char* v = std::getenv(name);
+        if (v && std::atoi(v) != 0) std::_Exit(1);
+      }
       throw Error("this aviary was built without MPI, so it cannot train as " +
                   std::to_string(launched) +
                   " processes under mpirun: rebuild it with MPI (Debian: libopenmpi-dev) or run "

@@ -75,6 +75,9 @@ class Comm {
   virtual void Barrier() {}
   // Ends every rank of the job with this exit status (one process: exits).
   [[noreturn]] virtual void Abort(int status);
+  // Ends this rank's part in the job (every rank calls it; later exchanges are errors). Also
+  // done at exit.
+  virtual void Finalize() {}
 
   // Seconds this process spent inside exchanges (issuing, polling and waiting for them) since
   // the last call; the rest of a step is computation.

@@ -401,15 +401,17 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
                         G.ln_out_b);
   // Each layer's tensors are contiguous in the layout, between ln_out's and the embedding's:
   // layer l's range ends where layer l + 1's (or ln_out's) begins. Layer 0 also holds ln0,
-  // final only after the embedding's LayerNorm below.
+  // final only after the embedding's LayerNorm below. (A frozen base's adapters are announced
+  // once, at the end.)
+  const bool by_layer = grads_ready && !frozen_;
   auto layer_begin = [&](int l) {
     return static_cast<size_t>((l < c.n_layer ? G.layers[l].ln1_w : G.ln_out_w) - grads);
   };
-  if (grads_ready) grads_ready(layer_begin(c.n_layer), layout_.total_floats());
+  if (by_layer) grads_ready(layer_begin(c.n_layer), layout_.total_floats());
   std::fill(w.dv_first, w.dv_first + M * C, 0.0f);
   for (int l = c.n_layer - 1; l >= 0; --l) {
     LayerBackward(l, P, G, d_state.data());
-    if (grads_ready && l > 0) grads_ready(layer_begin(l), layer_begin(l + 1));
+    if (by_layer && l > 0) grads_ready(layer_begin(l), layer_begin(l + 1));
   }
 
   // Layer 0's input: x0 = ln0(emb[tokens]).
@@ -421,7 +423,8 @@ void Rwkv7Graph::Backward(const float* params, float* grads, float loss_scale,
     float* row = G.emb + static_cast<size_t>(inputs_[m]) * C;
     for (int i = 0; i < C; ++i) row[i] += w.dx2[m * C + i];
   }
-  if (grads_ready) grads_ready(0, layer_begin(1));
+  if (by_layer) grads_ready(0, layer_begin(1));
+  if (grads_ready && frozen_ && lora_) grads_ready(0, lora_->total_floats());
   if (d_state_in) std::copy(d_state.begin(), d_state.end(), d_state_in);
 }
 

@@ -111,8 +111,9 @@ class Rwkv7Graph {
   // mean loss.
   // grads_ready (when given) is called with [begin, end) float ranges of `grads` as this pass
   // finishes adding to them (the head's first, then layer by layer down to the embedding; the
-  // ranges cover the buffer once), so a data-parallel run can start summing them over
-  // processes while the rest of the backward pass computes.
+  // ranges cover the buffer once; a frozen base's LoRA adapters in one range at the end), so a
+  // data-parallel run can start summing them over processes while the rest of the backward
+  // pass computes.
   void Backward(const float* params, float* grads, float loss_scale, const float* d_state_out,
                 float* d_state_in,
                 const std::function<void(size_t begin, size_t end)>& grads_ready = {});

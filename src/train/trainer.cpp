@@ -22,6 +22,7 @@
 #include "tokenizers/tokenizers.h"
 #include "train/checkpoint.h"
 #include "train/chunked.h"
+#include "train/comm.h"
 #include "train/dataset.h"
 #include "train/export.h"
 #include "train/import.h"
@@ -218,14 +219,49 @@ struct Trainer::Impl {
   std::ofstream log;
   double train_seconds = 0;  // time in training steps (not validation, not saving)
 
-  Impl(TrainOptions options, Runtime& rt) : o(std::move(options)), runtime(rt) {}
+  // The run's processes (one without MPI). Every rank holds the same weights and draws the same
+  // windows; rank r computes its share of each batch and the gradients are summed over ranks.
+  Comm& comm;
+  std::vector<uint64_t> checksums;  // each rank's weights' checksum at the last check
+
+  Impl(TrainOptions options, Runtime& rt) : o(std::move(options)), runtime(rt), comm(WorldComm()) {}
+
+  // This rank's share of `count` windows, [count r / N, count (r + 1) / N): shares differ by
+  // at most one window and cover the batch in rank order.
+  std::pair<int, int> Share(int count) const {
+    const int64_t N = comm.size(), r = comm.rank();
+    return {static_cast<int>(count * r / N), static_cast<int>(count * (r + 1) / N)};
+  }
+  // The most windows a rank computes at once: its graph is sized for this many.
+  int MaxShare() const { return (o.batch + comm.size() - 1) / comm.size(); }
+  bool Leader() const { return comm.rank() == 0; }
+  void CheckProcesses() const {
+    if (o.batch < comm.size()) {
+      throw UsageError("--batch " + std::to_string(o.batch) + " is smaller than the " +
+                       std::to_string(comm.size()) +
+                       " processes: each needs at least one window per step");
+    }
+  }
+
+  // Fails on every rank unless all ranks hold bit-identical weights (kept in `checksums`).
+  void CheckRanksAgree(const std::string& when) {
+    if (comm.size() == 1) return;
+    checksums = comm.AllGather(FloatsChecksum(params.data(), params.size()));
+    for (uint64_t c : checksums) {
+      if (c != checksums[0]) {
+        throw Error("the processes' weights differ " + when +
+                    " (the gradient sum was not the same on every rank, or the ranks started "
+                    "from different files): the checkpoint holds the last weights they agreed on");
+      }
+    }
+  }
 
   void MakeGraph() {
     if (!frozen) {
-      graph = std::make_unique<Rwkv7Graph>(layout, o.batch, ChunkLen(o));
+      graph = std::make_unique<Rwkv7Graph>(layout, MaxShare(), ChunkLen(o));
     } else {
       graph = std::make_unique<Rwkv7Graph>(*frozen, o.tune == "lora" ? &layout : nullptr,
-                                           LoraScale(o), o.batch, ChunkLen(o));
+                                           LoraScale(o), MaxShare(), ChunkLen(o));
     }
   }
 
@@ -250,7 +286,23 @@ struct Trainer::Impl {
   uint64_t data_tokens = 0, data_documents = 0;
 
   void OpenData() {
-    const PreparedData prepared = PrepareDataset(o.data, *tok.tokenizer, o.out_dir);
+    // Rank 0 tokenizes text into DIR/data; the others wait, then open what it wrote (on several
+    // hosts, DIR must be on a shared file system, or --data a binidx dataset on every host).
+    PreparedData prepared;
+    if (Leader()) prepared = PrepareDataset(o.data, *tok.tokenizer, o.out_dir);
+    uint64_t length = prepared.prefix.size();
+    comm.Broadcast(&length, sizeof length, 0);  // also the barrier: rank 0 has written the data
+    prepared.prefix.resize(length);
+    comm.Broadcast(prepared.prefix.data(), length, 0);
+    if (!Leader()) prepared = OpenPreparedData(prepared.prefix);
+    const std::vector<uint64_t> tokens = comm.AllGather(prepared.tokens);
+    for (uint64_t t : tokens) {
+      if (t != tokens[0]) {
+        throw Error("the processes see different training data (" + std::to_string(tokens[0]) +
+                    " tokens on rank 0, " + std::to_string(t) +
+                    " on another): give every host the same --data files");
+      }
+    }
     data_tokens = prepared.tokens;
     data_documents = prepared.documents;
     data = std::make_unique<TokenDataset>(prepared.prefix);
@@ -261,6 +313,18 @@ struct Trainer::Impl {
       validation = std::make_unique<ValidationWindows>(*data, split.validation, o.ctx_len,
                                                        o.eval_windows, V);
     }
+  }
+
+  // The dataset rank 0 prepared, as a rank that writes nothing to the run directory sees it.
+  PreparedData OpenPreparedData(const std::string& prefix) const {
+    if (!fs::exists(prefix + ".bin") || !fs::exists(prefix + ".idx")) {
+      throw Error("rank " + std::to_string(comm.rank()) + " on host " + comm.host() +
+                  " cannot see " + prefix +
+                  ".{bin,idx}, which rank 0 reads: a run on several hosts needs --out on a "
+                  "shared file system, or --data as a binidx dataset present on every host");
+    }
+    const TokenDataset d(prefix);
+    return {prefix, true, d.size(), d.header().documents};
   }
 
   void Prepare() {
@@ -281,7 +345,7 @@ struct Trainer::Impl {
     a.weight_decay = static_cast<float>(o.weight_decay);
     a.grad_clip = static_cast<float>(o.grad_clip);
     adamw = std::make_unique<AdamW>(layout, a);
-    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, o.batch, ChunkLen(o));
+    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, MaxShare(), ChunkLen(o));
     chunks = std::make_unique<ChunkedWindows>(*graph, ChunkLen(o), o.grad_chunks);
     summary.model = Describe(c);
     int64_t count = 0;
@@ -297,12 +361,14 @@ struct Trainer::Impl {
     const int chunks = (o.ctx_len + ChunkLen(o) - 1) / ChunkLen(o);
     if (chunks > 1) {
       summary.chunk_state_bytes =
-          static_cast<size_t>(chunks) * o.batch * graph->StateFloats() * sizeof(float);
+          static_cast<size_t>(chunks) * MaxShare() * graph->StateFloats() * sizeof(float);
     }
     summary.start_step = step;
+    summary.batch = o.batch;
   }
 
   void OpenLog(bool resumed) {
+    if (!Leader()) return;  // rank 0 alone writes to the run directory
     const std::string path = o.out_dir + "/log.jsonl";
     if (resumed) {
       // Drop the lines of steps after the checkpoint: the resumed run writes them again.
@@ -323,6 +389,7 @@ struct Trainer::Impl {
   }
 
   void Save() {
+    if (!Leader()) return;
     CheckpointMeta meta;
     meta.options = OptionsJson(o);
     meta.step = step;
@@ -347,11 +414,13 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   ValidateOptions(options);
   auto impl = std::make_unique<Impl>(options, runtime);
   TrainOptions& o = impl->o;
+  impl->CheckProcesses();
   if (fs::exists(o.out_dir + "/checkpoint") || fs::exists(o.out_dir + "/log.jsonl")) {
     throw UsageError(o.out_dir + " already holds a training run: continue it with --resume " +
                      o.out_dir + " or choose another --out");
   }
-  fs::create_directories(o.out_dir);
+  impl->comm.Barrier();  // every rank has looked before rank 0 writes anything
+  if (impl->Leader()) fs::create_directories(o.out_dir);
   ScopedRuntime scope(&runtime);
   if (o.tune != "full") {
     if (o.layers || o.embd) throw UsageError("--init takes the model's size: drop --layers/--embd");
@@ -401,6 +470,7 @@ std::unique_ptr<Trainer> Trainer::Start(const TrainOptions& options,
   impl->MakeGraph();
   impl->OpenData();
   impl->Prepare();
+  impl->CheckRanksAgree("at the start");
   impl->OpenLog(false);
   return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
 }
@@ -416,6 +486,7 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
                      std::to_string(options.steps));
   }
   auto impl = std::make_unique<Impl>(options, runtime);
+  impl->CheckProcesses();
   ScopedRuntime scope(&runtime);
   impl->layout = std::move(ck.layout);
   impl->tok = tokenizers(options.tokenizer, impl->layout.config().vocab);
@@ -448,6 +519,7 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
     throw Error(dir + "/checkpoint: the data sampler's position is not a number");
   }
   impl->Prepare();
+  impl->CheckRanksAgree("at the start");
   impl->summary.resumed = true;
   impl->OpenLog(true);
   return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
@@ -462,16 +534,21 @@ double Trainer::ValidationLoss() {
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   double sum = 0;
   int64_t tokens = 0;
-  for (int first = 0; first < r.validation->count();) {
-    const int n = r.validation->Fill(first, B, in.data(), tg.data());
+  // Each rank scores its share of every batch of B windows; the sums are added over ranks.
+  for (int first = 0; first < r.validation->count(); first += B) {
+    const int batch = std::min(B, r.validation->count() - first);
+    const auto [b0, b1] = r.Share(batch);
+    if (b1 == b0) continue;
+    const int n = r.validation->Fill(first + b0, b1 - b0, in.data(), tg.data());
     const size_t used = static_cast<size_t>(n) * T;
     const LossSum loss = r.chunks->Loss(r.params.data(), std::span(in).first(used),
                                         std::span(tg).first(used), n, T, r.StartState(n));
     sum += loss.sum;
     tokens += loss.tokens;
-    first += n;
   }
-  return sum / static_cast<double>(tokens);
+  double total[2] = {sum, static_cast<double>(tokens)};
+  r.comm.AllReduceSum(total, 2);
+  return total[0] / total[1];
 }
 
 bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
@@ -482,7 +559,18 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
   const int B = r.o.batch, T = r.o.ctx_len;
   const size_t n = r.layout.total_floats();
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  const int N = r.comm.size();
+  const auto [b0, b1] = r.Share(B);  // this rank's windows of each step's batch
+  const std::span<const int32_t> my_in = std::span(in).subspan(static_cast<size_t>(b0) * T,
+                                                              static_cast<size_t>(b1 - b0) * T);
+  const std::span<const int32_t> my_tg = std::span(tg).subspan(static_cast<size_t>(b0) * T,
+                                                              static_cast<size_t>(b1 - b0) * T);
+  // Under MPI the gradients' buckets are summed over ranks while the backward pass computes the
+  // layers below them.
+  std::function<void(size_t, size_t)> grads_ready;
+  if (N > 1) grads_ready = [&r](size_t b, size_t e) { r.comm.Ready(b, e); };
   auto write_log = [&](const nlohmann::json& j) {
+    if (!r.Leader()) return;
     r.log << j.dump() << "\n";
     r.log.flush();
     if (!r.log) throw Error(r.o.out_dir + "/log.jsonl: write failed (disk full?)");
@@ -498,28 +586,46 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
   const auto run_start = Clock::now();
   const int64_t first_step = r.step;
   while (r.step < r.o.steps) {
+    r.comm.TakeSeconds();
     const auto t0 = Clock::now();
+    // Every rank draws the same B windows (the sampler is global) and computes its share; the
+    // loss scale is the whole batch's, so the sum over ranks is the one-process gradient.
     r.sampler->Next(B, in.data(), tg.data());
     ForBlocks(n, [&](size_t b, size_t e) { std::fill(&r.grads[b], &r.grads[0] + e, 0.0f); });
+    r.comm.Begin(r.grads.data(), n);
     LossSum loss;
     if (r.o.tune == "state") {
       // One start state for every window: its gradient is the sum over the windows' own.
-      const float* start = r.StartState(B);
+      const int mine = b1 - b0;
+      const float* start = r.StartState(mine);
       r.d_batch_state.assign(r.batch_state.size(), 0.0f);
-      loss = r.chunks->Gradients(nullptr, nullptr, in, tg, B, T, 1.0f / (static_cast<float>(B) * T),
-                                 start, r.d_batch_state.data());
+      loss = r.chunks->Gradients(nullptr, nullptr, my_in, my_tg, mine, T,
+                                 1.0f / (static_cast<float>(B) * T), start,
+                                 r.d_batch_state.data());
       const Rwkv7Config& c = r.layout.config();
       const size_t SF = r.graph->StateFloats(), per_layer = SF / c.n_layer;
       for (const ParamEntry& e : r.layout.entries()) {
         const int l = std::stoi(e.name.substr(7));
-        for (int b = 0; b < B; ++b) {
+        for (int b = 0; b < mine; ++b) {
           const float* d = r.d_batch_state.data() + b * SF + l * per_layer + c.n_embd;
           for (size_t i = 0; i < e.size; ++i) r.grads[e.offset + i] += d[i];
         }
       }
+      if (grads_ready) grads_ready(0, n);
     } else {
-      loss = r.chunks->Gradients(r.params.data(), r.grads.data(), in, tg, B, T,
-                                 1.0f / (static_cast<float>(B) * T));
+      loss = r.chunks->Gradients(r.params.data(), r.grads.data(), my_in, my_tg, b1 - b0, T,
+                                 1.0f / (static_cast<float>(B) * T), nullptr, nullptr,
+                                 grads_ready);
+    }
+    bool stopping = false;
+    if (N > 1) {
+      r.comm.Finish();
+      // The batch's loss, and whether any rank was asked to stop: all stop at the same step.
+      double sums[3] = {loss.sum, static_cast<double>(loss.tokens), stop && stop() ? 1.0 : 0.0};
+      r.comm.AllReduceSum(sums, 3);
+      loss.sum = sums[0];
+      loss.tokens = static_cast<int64_t>(sums[1]);
+      stopping = sums[2] > 0;
     }
     const double norm = r.adamw->ClipGradients(r.grads.data());
     const double lr = LearningRate(r.step, r.adamw->options());
@@ -545,6 +651,10 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
                            {"grad_norm", norm},
                            {"tokens", r.step * static_cast<int64_t>(B) * T},
                            {"tokens_per_s", report.tokens_per_second}};
+    if (N > 1) {
+      line["ranks"] = N;
+      line["comm_s"] = r.comm.TakeSeconds();
+    }
     const bool last = r.step == r.o.steps;
     if (r.validation && ((r.o.eval_every > 0 && r.step % r.o.eval_every == 0) || last)) {
       report.val_loss = ValidationLoss();
@@ -555,11 +665,23 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
     line["rss_mib"] = ResidentMiB();
     const double per_step = report.elapsed_seconds / static_cast<double>(r.step - first_step);
     report.eta_seconds = per_step * static_cast<double>(r.o.steps - r.step);
-    write_log(line);
     const bool saved = (r.o.save_every > 0 && r.step % r.o.save_every == 0) || last;
+    stopping = stopping && !last;
+    if (N > 1 && (saved || stopping)) {
+      r.CheckRanksAgree("after step " + std::to_string(r.step));
+      nlohmann::json sums = nlohmann::json::array();
+      for (uint64_t c : r.checksums) {
+        char hex[17];
+        std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(c));
+        sums.push_back(hex);
+      }
+      line["weights_checksums"] = sums;
+    }
+    write_log(line);
     if (saved) r.Save();
     if (on_step) on_step(report);
-    if (!last && stop && stop()) {
+    if (N == 1) stopping = !last && stop && stop();
+    if (stopping) {
       if (!saved) r.Save();
       return false;
     }
@@ -570,19 +692,20 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
   r.graph.reset();
   for (AlignedVector<float>* buffer : {&r.grads, &r.adam_m, &r.adam_v})
     AlignedVector<float>().swap(*buffer);
-  if (r.o.tune == "lora") {
-    ExportLoraAdapter(r.o.out_dir + "/adapter.pth", r.layout, r.params.data(),
-                      LoraScale(r.o) * r.o.lora_rank, r.o.init_model, r.frozen->fingerprint);
-    return true;
+  if (r.Leader()) {
+    if (r.o.tune == "lora") {
+      ExportLoraAdapter(r.o.out_dir + "/adapter.pth", r.layout, r.params.data(),
+                        LoraScale(r.o) * r.o.lora_rank, r.o.init_model, r.frozen->fingerprint);
+    } else if (r.o.tune == "state") {
+      ExportTunedState(r.o.out_dir, r.layout, r.params.data(), r.o.init_model);
+    } else {
+      const std::string pth = r.o.out_dir + "/model.pth";
+      ExportRwkv7Pth(pth, r.layout, r.params.data(),
+                     r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);
+      ExportRwkv7Gguf(r.o.out_dir + "/model.gguf", pth, r.tok.data);
+    }
   }
-  if (r.o.tune == "state") {
-    ExportTunedState(r.o.out_dir, r.layout, r.params.data(), r.o.init_model);
-    return true;
-  }
-  const std::string pth = r.o.out_dir + "/model.pth";
-  ExportRwkv7Pth(pth, r.layout, r.params.data(),
-                 r.o.pth_type == "bf16" ? DType::kBF16 : DType::kF32);
-  ExportRwkv7Gguf(r.o.out_dir + "/model.gguf", pth, r.tok.data);
+  r.comm.Barrier();  // the run ends on every rank once its files are written
   return true;
 }
 

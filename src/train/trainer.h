@@ -94,6 +94,7 @@ struct RunSummary {
   uint64_t train_tokens = 0, validation_tokens = 0;
   bool resumed = false;
   int64_t start_step = 0;
+  int batch = 0;  // windows per step, over all processes
   // Memory: the four flat buffers, the activations kept for the backward pass (one chunk's),
   // and with --chunk-len the start state of every chunk of a step's windows.
   size_t weight_bytes = 0, gradient_bytes = 0, adam_bytes = 0, activation_bytes = 0;

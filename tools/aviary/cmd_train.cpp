@@ -5,6 +5,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include "aviary/cache.h"
@@ -12,6 +13,8 @@
 #include "cli_common.h"
 #include "environment.h"
 #include "hub/download.h"
+#include "tensor/thread_pool.h"
+#include "train/comm.h"
 #include "train/trainer.h"
 
 namespace aviary::cli {
@@ -70,6 +73,36 @@ train::TrainingTokenizer ResolveTokenizer(const std::string& spec, int model_voc
   return train::LoadTrainingTokenizer(fs::absolute(name).string());
 }
 
+void PrintSummary(const train::RunSummary& s, int processes) {
+  if (s.tune == "full") {
+    std::fprintf(stderr, "%s: %s, %.2fM parameters\n", s.resumed ? "resuming" : "training",
+                 s.model.c_str(), s.parameters / 1e6);
+  } else {
+    std::fprintf(stderr, "%s: %s of %s (frozen, %s), %.3fM trainable parameters\n",
+                 s.resumed ? "resuming" : "tuning",
+                 s.tune == "lora" ? "LoRA adapters" : "the state", s.model.c_str(),
+                 Bytes(s.frozen_bytes).c_str(), s.parameters / 1e6);
+  }
+  std::fprintf(stderr, "data: %llu training tokens, %llu validation tokens\n",
+               static_cast<unsigned long long>(s.train_tokens),
+               static_cast<unsigned long long>(s.validation_tokens));
+  if (processes > 1) {
+    const int lo = s.batch / processes, hi = (s.batch + processes - 1) / processes;
+    const std::string each =
+        lo == hi ? std::to_string(lo) : std::to_string(lo) + " or " + std::to_string(hi);
+    std::fprintf(stderr, "data parallel: %d processes, %s of the %d windows of a step each\n",
+                 processes, each.c_str(), s.batch);
+  }
+  std::fprintf(stderr, "memory: weights %s, gradients %s, Adam moments %s, activations %s%s%s\n",
+               Bytes(s.weight_bytes).c_str(), Bytes(s.gradient_bytes).c_str(),
+               Bytes(s.adam_bytes).c_str(), Bytes(s.activation_bytes).c_str(),
+               s.chunk_state_bytes ? ", chunk start states " : "",
+               s.chunk_state_bytes ? Bytes(s.chunk_state_bytes).c_str() : "");
+  if (s.resumed) std::fprintf(stderr, "from step %lld\n", static_cast<long long>(s.start_step));
+}
+
+void Train(TrainCli& c, train::Comm& comm);
+
 void RunTrain(TrainCli& c) {
   if (!c.plot.empty()) {
     if (c.plot_out.empty()) throw UsageError("--plot LOG needs -o PNG");
@@ -77,8 +110,36 @@ void RunTrain(TrainCli& c) {
     std::printf("wrote %s\n", c.plot_out.c_str());
     return;
   }
+  train::Comm& comm = train::WorldComm();
+  if (comm.size() == 1) return Train(c, comm);
+  // Under mpirun an error on any rank ends the whole job, said once: the other ranks wait
+  // for the next exchange forever otherwise. A rank other than 0 waits a moment first, since
+  // most errors (a bad option, bad data) happen on every rank and rank 0's abort then ends it.
+  try {
+    Train(c, comm);
+  } catch (const std::exception& e) {
+    const bool usage = dynamic_cast<const UsageError*>(&e) != nullptr;
+    if (comm.rank() != 0) sleep(1);
+    std::string where;
+    if (comm.rank() != 0) where = "rank " + std::to_string(comm.rank()) + " on " + comm.host() + ": ";
+    const bool known = dynamic_cast<const Error*>(&e) != nullptr;
+    std::fprintf(stderr, "aviary: %s%s%s\n", where.c_str(), known ? "" : "internal error: ",
+                 e.what());
+    std::fflush(stderr);
+    comm.Abort(usage ? 2 : known ? 1 : 3);
+  }
+}
+
+void Train(TrainCli& c, train::Comm& comm) {
+  const bool leader = comm.rank() == 0;  // under mpirun only rank 0 talks
   RuntimeOptions r;
   r.threads = c.threads > 0 ? c.threads : ProcessEnvironment().threads.value_or(0);
+  if (r.threads == 0) {
+    // Several ranks on one host share its cores.
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+    if (ranks_here > 1) r.threads = std::max(1, HardwareThreads() / ranks_here);
+  }
   r.kernels = ProcessEnvironment().kernels.value_or(Kernels::kFast);
   Runtime runtime(r);
   // --init takes a file or the name of a model pulled into the cache, as --model does.
@@ -111,27 +172,11 @@ void RunTrain(TrainCli& c) {
   }
   const train::RunSummary& s = trainer->summary();
   const std::string dir = c.resume.empty() ? c.o.out_dir : c.resume;
-  if (s.tune == "full") {
-    std::fprintf(stderr, "%s: %s, %.2fM parameters\n", s.resumed ? "resuming" : "training",
-                 s.model.c_str(), s.parameters / 1e6);
-  } else {
-    std::fprintf(stderr, "%s: %s of %s (frozen, %s), %.3fM trainable parameters\n",
-                 s.resumed ? "resuming" : "tuning",
-                 s.tune == "lora" ? "LoRA adapters" : "the state", s.model.c_str(),
-                 Bytes(s.frozen_bytes).c_str(), s.parameters / 1e6);
-  }
-  std::fprintf(stderr, "data: %llu training tokens, %llu validation tokens\n",
-               static_cast<unsigned long long>(s.train_tokens),
-               static_cast<unsigned long long>(s.validation_tokens));
-  std::fprintf(stderr, "memory: weights %s, gradients %s, Adam moments %s, activations %s%s%s\n",
-               Bytes(s.weight_bytes).c_str(), Bytes(s.gradient_bytes).c_str(),
-               Bytes(s.adam_bytes).c_str(), Bytes(s.activation_bytes).c_str(),
-               s.chunk_state_bytes ? ", chunk start states " : "",
-               s.chunk_state_bytes ? Bytes(s.chunk_state_bytes).c_str() : "");
-  if (s.resumed) std::fprintf(stderr, "from step %lld\n", static_cast<long long>(s.start_step));
+  if (leader) PrintSummary(s, comm.size());
   const bool live = isatty(STDERR_FILENO);
   double last_val = -1;
-  // Ctrl-C or SIGTERM: finish the step, save the checkpoint, stop; a second one kills.
+  // Ctrl-C or SIGTERM: finish the step, save the checkpoint, stop; a second one kills. (Under
+  // mpirun a signal to any rank stops every rank at the same step.)
   g_stop = 0;
   auto on_signal = [](int sig) {
     g_stop = 1;
@@ -141,6 +186,7 @@ void RunTrain(TrainCli& c) {
   std::signal(SIGTERM, on_signal);
   const bool finished = trainer->Run(
       [&](const train::StepReport& p) {
+        if (!leader) return;
         if (p.val_loss >= 0) last_val = p.val_loss;
         char val[32] = "-";
         if (last_val >= 0) std::snprintf(val, sizeof val, "%.4f", last_val);
@@ -166,6 +212,10 @@ void RunTrain(TrainCli& c) {
   std::signal(SIGINT, SIG_DFL);
   std::signal(SIGTERM, SIG_DFL);
   if (!finished) {
+    if (comm.size() > 1) {
+      comm.Finalize();  // every rank stopped at the same step: the job ends cleanly
+      if (!leader) std::_Exit(130);
+    }
     if (live) std::fprintf(stderr, "\n");
     std::fprintf(stderr,
                  "stopped: the checkpoint in %s/checkpoint holds the last step; continue with "
@@ -174,6 +224,7 @@ void RunTrain(TrainCli& c) {
     std::fflush(stdout);
     std::_Exit(130);  // the shell's code for a run ended by SIGINT
   }
+  if (!leader) return;
   const char* outputs = s.tune == "lora"    ? "%s/adapter.pth and %s/adapter.json"
                         : s.tune == "state" ? "%s/state.avstate and %s/state.pth"
                                             : "%s/model.pth and %s/model.gguf";
