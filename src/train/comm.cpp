@@ -29,6 +29,17 @@ int LauncherSize() {
 
 class SingleComm final : public Comm {};
 
+size_t BucketFloats() {
+  const char* kib = std::getenv("AVIARY_MPI_BUCKET_KIB");
+  if (!kib || !*kib) return Comm::kBucketFloats;
+  char* end = nullptr;
+  const long long v = std::strtoll(kib, &end, 10);
+  if (*end != '\0' || v < 1 || v > (1 << 20)) {
+    throw Error(std::string("AVIARY_MPI_BUCKET_KIB=") + kib + ": not a size in KiB (1..1048576)");
+  }
+  return static_cast<size_t>(v) * 1024 / sizeof(float);
+}
+
 #ifdef AVIARY_WITH_MPI
 
 class MpiComm final : public Comm {
@@ -60,7 +71,7 @@ class MpiComm final : public Comm {
 
   void Begin(float* data, size_t n) override {
     if (requests_.size()) throw Error("internal: a gradient reduction is still in flight");
-    if (!buckets_ || n != n_) buckets_ = std::make_unique<Buckets>(n, kBucketFloats);
+    if (!buckets_ || n != n_) buckets_ = std::make_unique<Buckets>(n, BucketFloats());
     buckets_->Reset();
     data_ = data;
     n_ = n;

@@ -44,7 +44,8 @@ class Buckets {
 
 class Comm {
  public:
-  // Floats per bucket of the gradients' reduction (4 MiB).
+  // Floats per bucket of the gradients' reduction (4 MiB); AVIARY_MPI_BUCKET_KIB overrides it
+  // (larger buckets suit a network with high latency, smaller ones start earlier).
   static constexpr size_t kBucketFloats = size_t{1} << 20;
 
   virtual ~Comm() = default;
