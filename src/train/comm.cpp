@@ -48,6 +48,10 @@ class MpiComm final : public Comm {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
+      // A rank waiting for the others' gradients yields its core instead of spinning on it
+      // (unless the user chose otherwise): on a machine whose cores are all busy, a spinning
+      // rank takes the CPU from the ranks it is waiting for.
+      setenv("OMPI_MCA_mpi_yield_when_idle", "1", 0);
       // Only the thread that runs the training loop calls MPI (the kernels' workers never do).
       int provided = 0;
       MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
