@@ -112,5 +112,30 @@ TEST(CliEnvironment, HelpListsEveryVariable) {
   }
 }
 
+// mpirun's variables say how many processes it started and which one this is; the bucket size
+// is checked like the other numbers.
+TEST(CliEnvironment, ReadsTheMpiLaunchersVariables) {
+  const Environment none = Read({});
+  EXPECT_EQ(none.launcher_size, 0);
+  EXPECT_EQ(none.launcher_rank, 0);
+  EXPECT_EQ(none.launcher_local_size, 1);
+  EXPECT_FALSE(none.mpi_bucket_kib);
+  const Environment ompi = Read({{"OMPI_COMM_WORLD_SIZE", "4"},
+                                 {"OMPI_COMM_WORLD_RANK", "3"},
+                                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+                                 {"AVIARY_MPI_BUCKET_KIB", "40"}});
+  EXPECT_EQ(ompi.launcher_size, 4);
+  EXPECT_EQ(ompi.launcher_rank, 3);
+  EXPECT_EQ(ompi.launcher_local_size, 2);
+  EXPECT_EQ(ompi.mpi_bucket_kib, 40);
+  const Environment hydra = Read({{"PMI_SIZE", "2"}, {"PMI_RANK", "1"}});
+  EXPECT_EQ(hydra.launcher_size, 2);
+  EXPECT_EQ(hydra.launcher_rank, 1);
+  EXPECT_EQ(Read({{"PMIX_RANK", "0"}}).launcher_size, 1);
+  EXPECT_NE(ErrorOf({{"AVIARY_MPI_BUCKET_KIB", "0"}}).find("AVIARY_MPI_BUCKET_KIB"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf({{"AVIARY_MPI_BUCKET_KIB", "4M"}}), "");
+}
+
 }  // namespace
 }  // namespace aviary::cli

@@ -19,32 +19,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The number of processes a launcher started, from its environment (0: no launcher).
-int LauncherSize() {
-  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"}) {
-    if (const char* v = std::getenv(name)) return std::max(1, std::atoi(v));
-  }
-  return std::getenv("PMIX_RANK") ? 1 : 0;
-}
-
 class SingleComm final : public Comm {};
-
-size_t BucketFloats() {
-  const char* kib = std::getenv("AVIARY_MPI_BUCKET_KIB");
-  if (!kib || !*kib) return Comm::kBucketFloats;
-  char* end = nullptr;
-  const long long v = std::strtoll(kib, &end, 10);
-  if (*end != '\0' || v < 1 || v > (1 << 20)) {
-    throw Error(std::string("AVIARY_MPI_BUCKET_KIB=") + kib + ": not a size in KiB (1..1048576)");
-  }
-  return static_cast<size_t>(v) * 1024 / sizeof(float);
-}
 
 #ifdef AVIARY_WITH_MPI
 
 class MpiComm final : public Comm {
  public:
-  MpiComm() {
+  explicit MpiComm(size_t bucket_floats) : bucket_floats_(bucket_floats) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
@@ -75,7 +56,7 @@ class MpiComm final : public Comm {
 
   void Begin(float* data, size_t n) override {
     if (requests_.size()) throw Error("internal: a gradient reduction is still in flight");
-    if (!buckets_ || n != n_) buckets_ = std::make_unique<Buckets>(n, BucketFloats());
+    if (!buckets_ || n != n_) buckets_ = std::make_unique<Buckets>(n, bucket_floats_);
     buckets_->Reset();
     data_ = data;
     n_ = n;
@@ -150,6 +131,7 @@ class MpiComm final : public Comm {
     seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
   }
 
+  size_t bucket_floats_;
   std::unique_ptr<Buckets> buckets_;
   float* data_ = nullptr;
   size_t n_ = 0;
@@ -194,31 +176,38 @@ std::string Comm::host() const {
 
 void Comm::Abort(int status) { std::exit(status); }
 
-Comm& WorldComm() {
+namespace {
+std::unique_ptr<Comm>& World() {
   static std::unique_ptr<Comm> world;
-  if (!world) {
-    const int launched = LauncherSize();
+  return world;
+}
+}  // namespace
+
+Comm& InitWorldComm(const CommOptions& options) {
+  std::unique_ptr<Comm>& world = World();
+  if (world) throw Error("internal: the communicator is set up twice");
 #ifdef AVIARY_WITH_MPI
-    if (launched > 0) {
-      world = std::make_unique<MpiComm>();
-    } else {
-      world = std::make_unique<SingleComm>();
-    }
-#else
-    if (launched > 1) {
-      // Every process would say the same: the first says it, the others just fail.
-      for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"}) {
-        const char* v = std::getenv(name);
-        if (v && std::atoi(v) != 0) std::_Exit(1);
-      }
-      throw Error("this aviary was built without MPI, so it cannot train as " +
-                  std::to_string(launched) +
-                  " processes under mpirun: rebuild it with MPI (Debian: libopenmpi-dev) or run "
-                  "one process without mpirun");
-    }
-    world = std::make_unique<SingleComm>();
-#endif
+  if (options.launched > 0) {
+    world = std::make_unique<MpiComm>(std::max<size_t>(options.bucket_floats, 1));
+    return *world;
   }
+#else
+  if (options.launched > 1) {
+    // Every process would say the same: the first says it, the others just fail.
+    if (options.rank != 0) std::_Exit(1);
+    throw Error("this aviary was built without MPI, so it cannot train as " +
+                std::to_string(options.launched) +
+                " processes under mpirun: rebuild it with MPI (Debian: libopenmpi-dev) or run "
+                "one process without mpirun");
+  }
+#endif
+  world = std::make_unique<SingleComm>();
+  return *world;
+}
+
+Comm& WorldComm() {
+  std::unique_ptr<Comm>& world = World();
+  if (!world) world = std::make_unique<SingleComm>();
   return *world;
 }
 

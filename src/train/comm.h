@@ -44,8 +44,7 @@ class Buckets {
 
 class Comm {
  public:
-  // Floats per bucket of the gradients' reduction (4 MiB); AVIARY_MPI_BUCKET_KIB overrides it
-  // (larger buckets suit a network with high latency, smaller ones start earlier).
+  // Floats per bucket of the gradients' reduction by default (4 MiB).
   static constexpr size_t kBucketFloats = size_t{1} << 20;
 
   virtual ~Comm() = default;
@@ -93,10 +92,19 @@ class Comm {
   double seconds_ = 0;
 };
 
-// The run's communicator: MPI's world when this build has MPI and a launcher started the process
-// (mpirun sets OMPI_COMM_WORLD_SIZE, PMI_SIZE or PMIX_RANK), else one process. Throws
-// aviary::Error when a launcher started several processes of a build without MPI. Initialises
-// MPI on the first call; MPI is finalised at exit.
+// How the process was started (the CLI reads it from the launcher's environment).
+struct CommOptions {
+  int launched = 0;  // processes a launcher (mpirun) started; 0: none
+  int rank = 0;      // this one's rank, as the launcher says
+  size_t bucket_floats = Comm::kBucketFloats;  // per bucket of the gradients' reduction (larger
+                                               // suits a network with high latency)
+};
+// Sets up the run's communicator: MPI's world when this build has MPI and a launcher started the
+// process (initialising MPI; it is finalised at exit), else one process. Throws aviary::Error
+// when a launcher started several processes of a build without MPI (and on ranks other than 0
+// exits with status 1 without a word, so the message is said once). Once per process.
+Comm& InitWorldComm(const CommOptions& options);
+// The communicator InitWorldComm set up; one process when it was never called.
 Comm& WorldComm();
 // A single-process communicator (tests).
 std::unique_ptr<Comm> SingleProcessComm();

@@ -110,7 +110,12 @@ void RunTrain(TrainCli& c) {
     std::printf("wrote %s\n", c.plot_out.c_str());
     return;
   }
-  train::Comm& comm = train::WorldComm();
+  const Environment& env = ProcessEnvironment();
+  train::CommOptions options;
+  options.launched = env.launcher_size;
+  options.rank = env.launcher_rank;
+  if (env.mpi_bucket_kib) options.bucket_floats = static_cast<size_t>(*env.mpi_bucket_kib) * 256;
+  train::Comm& comm = train::InitWorldComm(options);
   if (comm.size() == 1) return Train(c, comm);
   // Under mpirun an error on any rank ends the whole job, said once: the other ranks wait
   // for the next exchange forever otherwise. A rank other than 0 waits a moment first, since
@@ -135,9 +140,8 @@ void Train(TrainCli& c, train::Comm& comm) {
   RuntimeOptions r;
   r.threads = c.threads > 0 ? c.threads : ProcessEnvironment().threads.value_or(0);
   if (r.threads == 0) {
-    // Several ranks on one host share its cores.
-    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+    // Several ranks on one machine share its cores.
+    const int ranks_here = ProcessEnvironment().launcher_local_size;
     if (ranks_here > 1) r.threads = std::max(1, HardwareThreads() / ranks_here);
   }
   r.kernels = ProcessEnvironment().kernels.value_or(Kernels::kFast);

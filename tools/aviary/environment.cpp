@@ -87,6 +87,28 @@ Environment ReadEnvironment(const GetEnv& get) {
     }
     env.stall_timeout_s = *s;
   }
+  if (auto v = value("AVIARY_MPI_BUCKET_KIB")) {
+    const std::optional<long> s = ParseLong(*v);
+    if (!s || *s < 1 || *s > (1 << 20)) {
+      throw UsageError("AVIARY_MPI_BUCKET_KIB must be a size in KiB (1..1048576), not '" +
+                       std::string(*v) + "'");
+    }
+    env.mpi_bucket_kib = *s;
+  }
+  auto number = [&](std::initializer_list<const char*> names) -> std::optional<long> {
+    for (const char* name : names) {
+      if (auto v = value(name)) return ParseLong(*v).value_or(0);
+    }
+    return std::nullopt;
+  };
+  env.launcher_size = static_cast<int>(std::max(
+      0L, number({"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
+              .value_or(value("PMIX_RANK") ? 1 : 0)));
+  env.launcher_rank =
+      static_cast<int>(std::max(0L, number({"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"})
+                                        .value_or(0)));
+  env.launcher_local_size =
+      static_cast<int>(std::max(1L, number({"OMPI_COMM_WORLD_LOCAL_SIZE"}).value_or(1)));
   return env;
 }
 
@@ -116,6 +138,8 @@ std::string EnvironmentHelp() {
          "                              https://raw.githubusercontent.com)\n"
          "  AVIARY_STALL_TIMEOUT=S      seconds under 1 KiB/s before a download counts as "
          "stalled (default 60)\n"
+         "  AVIARY_MPI_BUCKET_KIB=K     train under mpirun: KiB of gradients per all-reduce "
+         "(default 4096)\n"
          "A value outside these is an error (exit 2).";
 }
 

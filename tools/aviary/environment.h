@@ -24,6 +24,12 @@ struct Environment {
   // removed), else HubSettings' defaults.
   HubSettings hub;
   std::optional<long> stall_timeout_s;  // AVIARY_STALL_TIMEOUT: seconds, 1..86400
+  std::optional<long> mpi_bucket_kib;   // AVIARY_MPI_BUCKET_KIB: 1..1048576
+  // How an MPI launcher (mpirun) started this process, from its variables: OMPI_COMM_WORLD_SIZE
+  // (else PMI_SIZE, PMIX_SIZE; 1 with PMIX_RANK alone; 0 without a launcher), the rank
+  // (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK) and the processes on this machine
+  // (OMPI_COMM_WORLD_LOCAL_SIZE, else 1).
+  int launcher_size = 0, launcher_rank = 0, launcher_local_size = 1;
 };
 
 // A variable's value, or nullptr when unset (std::getenv in the CLI, a table in tests).
