@@ -209,6 +209,46 @@ TEST(TrainMpi, ACheckpointContinuesWithAnotherNumberOfProcesses) {
   EXPECT_EQ(logs[2][4]["ranks"], 2);
 }
 
+TEST(TrainMpi, SigtermToOneRankStopsEveryRankAtTheSameStep) {
+  REQUIRE_MPI();
+  const std::string whole = ProcessTempDir() + "term-whole", cut = ProcessTempDir() + "term-cut";
+  const std::string args = "--batch 4 --steps 30 --eval-every 15 --save-every 1000";
+  ASSERT_EQ(RunCommand(TrainRun(2, whole, args)).exit_code, 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec > /dev/null; exec " + TrainRun(2, cut, args)).c_str(),
+          nullptr);
+    _exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(3);
+  bool sent = false;
+  while (std::chrono::steady_clock::now() < deadline && !sent) {
+    const auto log = fs::exists(cut + "/log.jsonl") ? ReadLog(cut) : std::vector<nlohmann::json>{};
+    if (!log.empty() && log.back()["step"].get<int64_t>() >= 3) {
+      // The signal goes to one rank only (the last of mpirun's children).
+      const CommandResult ranks = RunCommand("pgrep -P " + std::to_string(pid) + " | tail -1");
+      const pid_t rank = static_cast<pid_t>(std::atoi(ranks.output.c_str()));
+      if (rank > 0) sent = kill(rank, SIGTERM) == 0;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(sent) << "the run ended before it could be stopped";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_FALSE(fs::exists(cut + "/model.pth"));
+  const auto stopped = ReadLog(cut);
+  const int64_t at = stopped.back()["step"].get<int64_t>();
+  EXPECT_LT(at, 30);
+  ExpectRanksAgree(stopped.back(), 2);  // checked and saved where both stopped
+  const CommandResult r = RunCommand(Resume(2, cut));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("from step " + std::to_string(at)), std::string::npos) << r.output;
+  ExpectSameLosses(ReadLog(whole), ReadLog(cut), 0);
+}
+
 TEST(TrainMpi, AnErrorEndsTheJobOnceWithItsStatus) {
   REQUIRE_MPI();
   const std::string dir = ProcessTempDir() + "too-few";
