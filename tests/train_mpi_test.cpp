@@ -144,6 +144,33 @@ TEST(TrainMpi, TwoProcessesFollowOneWithTheSameGlobalBatch) {
   }
 }
 
+// LoRA adapters and a tuned state on a frozen base: their gradients are summed the same way.
+TEST(TrainMpi, LoraAndStateTuningFollowOneProcess) {
+  REQUIRE_MPI();
+  REQUIRE_SHARED("models/stress/stress-rwkv-7v0-FP32.bin");
+  for (const std::string tune : {"--tune lora --lora-rank 8 --lr 1e-3", "--tune state --lr 0.1"}) {
+    const std::string name = tune.substr(7, 4);
+    const std::string one = ProcessTempDir() + "tune-one-" + name;
+    const std::string two = ProcessTempDir() + "tune-two-" + name;
+    const std::string args = "--init " + SharedPath("models/stress/stress-rwkv-7v0-FP32.bin") +
+                             " --data " + ShakespearePart(60000) +
+                             " --ctx-len 32 --batch 4 --steps 8 --eval-every 4 --eval-windows 8"
+                             " --threads 1 " +
+                             tune;
+    auto run = [&](int np, const std::string& dir) {
+      return (np > 0 ? Mpirun(np) : std::string()) + CliPath() + " train " + args + " --out " +
+             dir + " 2>&1";
+    };
+    const CommandResult a = RunCommand(run(0, one));
+    ASSERT_EQ(a.exit_code, 0) << a.output;
+    const CommandResult b = RunCommand(run(2, two));
+    ASSERT_EQ(b.exit_code, 0) << b.output;
+    const auto lb = ReadLog(two);
+    ExpectSameLosses(ReadLog(one), lb, kLossTolerance);
+    ExpectRanksAgree(lb.back(), 2);
+  }
+}
+
 TEST(TrainMpi, KilledAndResumedAtTwoMatchesTheUninterruptedRun) {
   REQUIRE_MPI();
   const std::string whole = ProcessTempDir() + "whole", cut = ProcessTempDir() + "cut";
