@@ -124,7 +124,7 @@ void RunTrain(TrainCli& c) {
     Train(c, comm);
   } catch (const std::exception& e) {
     const bool usage = dynamic_cast<const UsageError*>(&e) != nullptr;
-    if (comm.rank() != 0) sleep(1);
+    if (comm.rank() != 0) sleep(3);
     std::string where;
     if (comm.rank() != 0) where = "rank " + std::to_string(comm.rank()) + " on " + comm.host() + ": ";
     const bool known = dynamic_cast<const Error*>(&e) != nullptr;
