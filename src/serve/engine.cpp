@@ -474,11 +474,8 @@ void Engine::Emit(Job& job, Sequence& seq, bool final) {
     seq.sent = std::max(seq.sent, end);
   };
   // A stop string starts at or after `sent`: nothing that could begin one is ever sent.
-  size_t stop_at = std::string::npos, stop_len = 0;
-  for (const std::string& s : job.request.stop) {
-    const size_t at = seq.text.find(s, seq.sent);
-    if (at < stop_at) stop_at = at, stop_len = s.size();
-  }
+  size_t stop_at = std::string::npos;
+  for (const std::string& s : job.request.stop) stop_at = std::min(stop_at, seq.text.find(s, seq.sent));
   if (stop_at != std::string::npos) {
     send(stop_at);
     seq.reply_end = stop_at;
