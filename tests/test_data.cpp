@@ -2,6 +2,7 @@
 
 #include "aviary/model.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -52,6 +53,17 @@ std::vector<uint8_t> ReadFileBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return {};
   return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+std::string ShakespearePart(size_t bytes) {
+  const std::string path = ProcessTempDir() + "shakespeare-" + std::to_string(bytes) + ".txt";
+  if (!std::filesystem::exists(path)) {
+    const std::vector<uint8_t> all = ReadFileBytes(SharedPath("data/tinyshakespeare.txt"));
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(all.data()),
+               static_cast<std::streamsize>(std::min(bytes, all.size())));
+  }
+  return path;
 }
 
 std::vector<float> ReadFloats(const std::string& path) {

@@ -28,6 +28,9 @@ bool InCI();
 const std::string& ProcessTempDir();
 // Reads a whole file; empty vector if unreadable.
 std::vector<uint8_t> ReadFileBytes(const std::string& path);
+// The first `bytes` of ../shared/data/tinyshakespeare.txt as a file in ProcessTempDir() (the
+// training tests' small corpora); the caller checks the shared file with REQUIRE_SHARED.
+std::string ShakespearePart(size_t bytes);
 // 256 (or n) float32 little-endian values.
 std::vector<float> ReadFloats(const std::string& path);
 

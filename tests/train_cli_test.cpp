@@ -25,17 +25,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The first `bytes` of Tiny Shakespeare, as a file of this test process.
-std::string ShakespearePart(size_t bytes) {
-  const std::string path = ProcessTempDir() + "shakespeare-" + std::to_string(bytes) + ".txt";
-  if (!fs::exists(path)) {
-    const std::vector<uint8_t> all = ReadFileBytes(SharedPath("data/tinyshakespeare.txt"));
-    std::ofstream(path, std::ios::binary)
-        .write(reinterpret_cast<const char*>(all.data()), std::min(bytes, all.size()));
-  }
-  return path;
-}
-
 struct LogLine {
   int64_t step;
   double loss = -1, val_loss = -1;

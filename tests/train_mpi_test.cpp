@@ -35,16 +35,6 @@ namespace fs = std::filesystem;
 // step's gradient in its last bits; over a few Adam steps that reaches the loss's 6th digit.
 constexpr double kLossTolerance = 1e-5;
 
-std::string ShakespearePart(size_t bytes) {
-  const std::string path = ProcessTempDir() + "shakespeare-" + std::to_string(bytes) + ".txt";
-  if (!fs::exists(path)) {
-    const std::vector<uint8_t> all = ReadFileBytes(SharedPath("data/tinyshakespeare.txt"));
-    std::ofstream(path, std::ios::binary)
-        .write(reinterpret_cast<const char*>(all.data()), std::min(bytes, all.size()));
-  }
-  return path;
-}
-
 // mpirun as CI runs it: as root, more processes than cores allowed, shared memory between the
 // ranks without the kernel's cross-memory attach (not allowed in containers). Under ASan the
 // ranks run without LeakSanitizer: OpenMPI keeps allocations until exit in components it

@@ -30,16 +30,6 @@ namespace fs = std::filesystem;
 const char kBase[] = "models/stress/stress-rwkv-7v0-FP32.bin";
 const char kF16Base[] = "models/stress/stress-rwkv-7v0-FP16.bin";
 
-std::string ShakespearePart(size_t bytes) {
-  const std::string path = ProcessTempDir() + "shakespeare-" + std::to_string(bytes) + ".txt";
-  if (!fs::exists(path)) {
-    const std::vector<uint8_t> all = ReadFileBytes(SharedPath("data/tinyshakespeare.txt"));
-    std::ofstream(path, std::ios::binary)
-        .write(reinterpret_cast<const char*>(all.data()), std::min(bytes, all.size()));
-  }
-  return path;
-}
-
 // The log's validation losses, in order (the first is the frozen base's).
 std::vector<double> ValLosses(const std::string& dir) {
   std::vector<double> v;
