@@ -1,8 +1,10 @@
-// libFuzzer target: a training checkpoint's index (meta.json) from arbitrary bytes, through
-// ParseCheckpointIndex (JSON, types, config, the layout it names, the data files it lists). An
-// index that parses must describe three distinct plain files of the layout's size; anything but
-// that or an aviary::Error whose message starts with the file's name (a sanitizer report,
-// another exception, a timeout, a huge allocation) is a bug. Seeds: scripts/fuzz.sh.
+// libFuzzer target: the JSON descriptions a training run writes, from arbitrary bytes: a
+// checkpoint's index (meta.json) through ParseCheckpointIndex (JSON, types, config, the layout
+// it names, the data files it lists), and a LoRA adapter's adapter.json through
+// ParseLoraAdapterMeta. An index that parses must describe three distinct plain files of the
+// layout's size, an adapter description sizes in range and known targets; anything but that or
+// an aviary::Error whose message starts with the file's name (a sanitizer report, another
+// exception, a timeout, a huge allocation) is a bug. Seeds: scripts/fuzz.sh.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -11,12 +13,35 @@
 
 #include "aviary/error.h"
 #include "train/checkpoint.h"
+#include "train/export.h"
 
 namespace {
 constexpr char kName[] = "fuzz/meta.json";
 }
 
+// True when `e` names the file first, as every parser's error must.
+static bool NamesTheFile(const aviary::Error& e) {
+  return std::strncmp(e.what(), kName, sizeof kName - 1) == 0 &&
+         std::strncmp(e.what() + sizeof kName - 1, ": ", 2) == 0;
+}
+
+static void FuzzAdapterMeta(std::string_view text) {
+  try {
+    const aviary::train::LoraAdapterMeta m = aviary::train::ParseLoraAdapterMeta(text, kName);
+    if (m.rank < 1 || m.rank > 65536 || !(m.alpha > 0) || m.targets.empty() || m.n_layer < 1 ||
+        m.n_embd < 1 || m.n_ffn < 1) {
+      std::abort();
+    }
+  } catch (const aviary::Error& e) {
+    if (!NamesTheFile(e)) {
+      std::fprintf(stderr, "error message does not start with the file name: %s\n", e.what());
+      std::abort();
+    }
+  }
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  FuzzAdapterMeta(std::string_view(reinterpret_cast<const char*>(data), size));
   try {
     const aviary::train::CheckpointIndex index = aviary::train::ParseCheckpointIndex(
         std::string_view(reinterpret_cast<const char*>(data), size), kName);
@@ -31,8 +56,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       std::abort();
     }
   } catch (const aviary::Error& e) {
-    if (std::strncmp(e.what(), kName, sizeof kName - 1) != 0 ||
-        std::strncmp(e.what() + sizeof kName - 1, ": ", 2) != 0) {
+    if (!NamesTheFile(e)) {
       std::fprintf(stderr, "error message does not start with the file name: %s\n", e.what());
       std::abort();
     }

@@ -108,6 +108,11 @@ corpus_checkpoint=$build/corpus-checkpoint-meta
 mkdir -p "$corpus_checkpoint"
 "$build/fuzz/make_seeds" --checkpoint "$corpus_checkpoint" ||
   echo "(no checkpoint seeds could be made; going on without them)"
+# ... and LoRA adapter descriptions (adapter.json), which the same target parses.
+printf '%s' '{"format":"aviary-lora","version":1,"lora_rank":16,"lora_alpha":16.0,"targets":["att.receptance","att.key","att.value","att.output","ffn.key","ffn.value"],"base_model":"m.gguf","base_fingerprint":123,"n_layer":4,"n_embd":128,"n_ffn":512}' \
+  >"$corpus_checkpoint/adapter.json"
+printf '%s' '{"format":"aviary-lora","lora_rank":0,"lora_alpha":-1,"targets":["att.gate"],"n_layer":4,"n_embd":128}' \
+  >"$corpus_checkpoint/adapter-bad.json"
 
 # OpenAI API request bodies: chat and completions, minimal and with every field, and a few
 # shapes the parsers refuse.

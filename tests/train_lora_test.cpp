@@ -18,6 +18,7 @@
 #include "formats/mapped_file.h"
 #include "formats/weight_file.h"
 #include "test_data.h"
+#include "aviary/error.h"
 #include "train/export.h"
 #include "train/import.h"
 #include "train/params.h"
@@ -290,6 +291,45 @@ TEST(StateTuning, GradientMatchesFiniteDifferences) {
     state[i] = keep;
     const double fd = (up - down) / (2.0 * h);
     EXPECT_NEAR(analytic, fd, 2e-4 + 0.03 * std::fabs(fd)) << "state element " << i;
+  }
+}
+
+// adapter.json as ExportLoraAdapter writes it parses; each broken field is an error that names
+// the file and the field's problem.
+TEST(LoraAdapterMeta, ParsesTheDescriptionAndNamesWhatIsWrong) {
+  const std::string good =
+      R"({"format":"aviary-lora","version":1,"lora_rank":8,"lora_alpha":16,"targets":)"
+      R"(["att.key","ffn.value"],"base_model":"m.gguf","base_fingerprint":7,"n_layer":2,)"
+      R"("n_embd":32,"n_ffn":64})";
+  const LoraAdapterMeta m = ParseLoraAdapterMeta(good, "a.json");
+  EXPECT_EQ(m.rank, 8);
+  EXPECT_EQ(m.alpha, 16.0);
+  EXPECT_EQ(m.targets, (std::vector<std::string>{"att.key", "ffn.value"}));
+  EXPECT_EQ(m.base_fingerprint, 7u);
+  EXPECT_EQ(m.n_ffn, 64);
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = good;
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"{", "not an aviary LoRA"},
+      {with("aviary-lora", "other"), "not an aviary LoRA"},
+      {with(R"("lora_rank":8)", R"("lora_rank":"8")"), "incomplete"},
+      {with(R"("lora_rank":8)", R"("lora_rank":0)"), "lora_rank"},
+      {with(R"("lora_alpha":16)", R"("lora_alpha":-1)"), "lora_alpha"},
+      {with(R"("n_embd":32)", R"("n_embd":0)"), "model size"},
+      {with("ffn.value", "att.gate"), "unknown target 'att.gate'"},
+      {with(R"(["att.key","ffn.value"])", "[]"), "no targets"},
+  };
+  for (const auto& [text, message] : bad) {
+    try {
+      ParseLoraAdapterMeta(text, "a.json");
+      ADD_FAILURE() << "accepted: " << text;
+    } catch (const aviary::Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("a.json: ", 0), 0u) << e.what();
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+    }
   }
 }
 

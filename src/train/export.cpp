@@ -1,5 +1,8 @@
 #include "train/export.h"
 
+#include <algorithm>
+#include <cmath>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -9,6 +12,7 @@
 #include "formats/gguf_writer.h"
 #include "formats/mapped_file.h"
 #include "formats/output_file.h"
+#include "formats/printable.h"
 #include "formats/pth_writer.h"
 #include "formats/weight_file.h"
 
@@ -90,6 +94,41 @@ void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const
   const std::string json_path = path.substr(0, path.rfind('.')) + ".json";
   WriteFileAtomically(json_path,
                       std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
+LoraAdapterMeta ParseLoraAdapterMeta(std::string_view json, const std::string& name) {
+  const nlohmann::json j = nlohmann::json::parse(json, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || j.value("format", "") != "aviary-lora") {
+    throw Error(name + ": not an aviary LoRA adapter description");
+  }
+  LoraAdapterMeta m;
+  try {
+    m.rank = j.at("lora_rank").get<int>();
+    m.alpha = j.at("lora_alpha").get<double>();
+    m.targets = j.at("targets").get<std::vector<std::string>>();
+    m.base_model = j.value("base_model", std::string());
+    m.base_fingerprint = j.value("base_fingerprint", uint64_t{0});
+    m.n_layer = j.at("n_layer").get<int>();
+    m.n_embd = j.at("n_embd").get<int>();
+    m.n_ffn = j.at("n_ffn").get<int>();
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(name + ": incomplete adapter description (" + e.what() + ")");
+  }
+  if (m.rank < 1 || m.rank > 65536) throw Error(name + ": lora_rank must be 1..65536");
+  if (!(m.alpha > 0) || !std::isfinite(m.alpha)) {
+    throw Error(name + ": lora_alpha must be positive and finite");
+  }
+  for (int size : {m.n_layer, m.n_embd, m.n_ffn}) {
+    if (size < 1 || size > (1 << 20)) throw Error(name + ": a model size is outside 1..1048576");
+  }
+  if (m.targets.empty()) throw Error(name + ": no targets");
+  for (const std::string& t : m.targets) {
+    if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
+        std::end(kRwkv7MatrixNames)) {
+      throw Error(name + ": unknown target '" + Printable(t, 64) + "'");
+    }
+  }
+  return m;
 }
 
 void ExportTunedState(const std::string& dir, const ParamLayout& layout, const float* params,

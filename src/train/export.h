@@ -4,6 +4,8 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "aviary/tokenizer.h"
 #include "tensor/dtype.h"
@@ -34,6 +36,20 @@ void ExportRwkv7Gguf(const std::string& gguf_path, const std::string& pth_path,
 // (the merged matrix is W + (A / R) B A).
 void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const float* params,
                        double lora_alpha, const std::string& base_model, uint64_t base_fingerprint);
+
+// What adapter.json says: ParseLoraAdapterMeta reads the text ExportLoraAdapter writes.
+// Throws aviary::Error starting with `name` for text that is not JSON, another format, a
+// missing or mistyped field, a rank outside 1..65536, an alpha that is not positive and finite,
+// sizes outside 1..2^20, or a target RWKV-PEFT does not name.
+struct LoraAdapterMeta {
+  int rank = 0;
+  double alpha = 0;
+  std::vector<std::string> targets;
+  std::string base_model;
+  uint64_t base_fingerprint = 0;
+  int n_layer = 0, n_embd = 0, n_ffn = 0;
+};
+LoraAdapterMeta ParseLoraAdapterMeta(std::string_view json, const std::string& name);
 
 // State tuning: writes DIR/state.avstate, the start state of `base_model` (an aviary State file,
 // as `aviary chat --load-state` and `aviary serve --state` read it) whose wkv parts are the

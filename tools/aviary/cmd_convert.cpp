@@ -10,7 +10,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 
 #include "aviary/cache.h"
 #include "aviary/error.h"
@@ -21,6 +20,7 @@
 #include "formats/weight_file.h"
 #include "tensor/dtype.h"
 #include "tokenizers/tokenizers.h"
+#include "train/export.h"
 
 namespace aviary::cli {
 namespace {
@@ -170,34 +170,17 @@ void RunMergeLora(const MergeOptions& o) {
   if (std::filesystem::is_directory(o.out, ec)) throw UsageError(o.out + ": is a directory");
 
   // adapter.json: rank, alpha, targets and the shape of the model the adapter was trained on.
-  nlohmann::json meta;
-  {
-    std::ifstream in(meta_path);
-    if (!in)
-      throw Error(meta_path +
-                  ": cannot read the adapter's description (written beside "
-                  "adapter.pth by aviary train --tune lora)");
-    meta = nlohmann::json::parse(in, nullptr, false);
+  std::ifstream in(meta_path, std::ios::binary);
+  if (!in) {
+    throw Error(meta_path +
+                ": cannot read the adapter's description (written beside adapter.pth by aviary "
+                "train --tune lora)");
   }
-  if (meta.is_discarded() || !meta.is_object() || meta.value("format", "") != "aviary-lora") {
-    throw Error(meta_path + ": not an aviary LoRA adapter description");
-  }
-  int rank = 0, n_layer = 0, n_embd = 0, n_ffn = 0;
-  double alpha = 0;
-  std::vector<std::string> targets;
-  try {
-    rank = meta.at("lora_rank").get<int>();
-    alpha = meta.at("lora_alpha").get<double>();
-    targets = meta.at("targets").get<std::vector<std::string>>();
-    n_layer = meta.at("n_layer").get<int>();
-    n_embd = meta.at("n_embd").get<int>();
-    n_ffn = meta.at("n_ffn").get<int>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(meta_path + ": incomplete adapter description (" + e.what() + ")");
-  }
-  if (rank < 1 || !(alpha > 0) || !std::isfinite(alpha)) {
-    throw Error(meta_path + ": rank and alpha must be positive");
-  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const train::LoraAdapterMeta meta = train::ParseLoraAdapterMeta(text, meta_path);
+  const int rank = meta.rank, n_layer = meta.n_layer, n_embd = meta.n_embd, n_ffn = meta.n_ffn;
+  const double alpha = meta.alpha;
+  const std::vector<std::string>& targets = meta.targets;
 
   auto file = std::make_shared<MappedFile>(base, LoadMode::kMmap);
   WeightFile wf = ReadWeightFile(file->bytes(), base);
@@ -211,10 +194,10 @@ void RunMergeLora(const MergeOptions& o) {
                 "), " + base + " has " + std::to_string(info.n_layer) + " x " +
                 std::to_string(info.n_embd) + " (" + std::to_string(info.n_ffn) + ")");
   }
-  if (meta.value("base_fingerprint", uint64_t{0}) != info.fingerprint) {
+  if (meta.base_fingerprint != info.fingerprint) {
     std::fprintf(stderr,
                  "note: %s is not the file the adapter was trained on (%s); merging anyway\n",
-                 base.c_str(), meta.value("base_model", std::string("?")).c_str());
+                 base.c_str(), meta.base_model.empty() ? "?" : meta.base_model.c_str());
   }
 
   auto adapter_file = std::make_shared<MappedFile>(o.adapter, LoadMode::kMmap);
