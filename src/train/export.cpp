@@ -123,8 +123,7 @@ LoraAdapterMeta ParseLoraAdapterMeta(std::string_view json, const std::string& n
   }
   if (m.targets.empty()) throw Error(name + ": no targets");
   for (const std::string& t : m.targets) {
-    if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
-        std::end(kRwkv7MatrixNames)) {
+    if (!IsRwkv7MatrixName(t)) {
       throw Error(name + ": unknown target '" + Printable(t, 64) + "'");
     }
   }
@@ -145,11 +144,8 @@ void ExportTunedState(const std::string& dir, const ParamLayout& layout, const f
   }
   std::fill(state.data().begin(), state.data().end(), 0.0f);
   std::vector<PthTensor> tensors;
-  for (const ParamEntry& e : layout.entries()) {
-    const int l = std::stoi(e.name.substr(7));  // "blocks.N."
-    std::copy_n(params + e.offset, e.size, state.data().begin() + l * per_layer + c.n_embd);
-    tensors.push_back({e.name, e.pth_shape, params + e.offset});
-  }
+  TunedStateToSequence(layout, params, state.data().data());
+  for (const ParamEntry& e : layout.entries()) tensors.push_back({e.name, e.pth_shape, params + e.offset});
   state.Save(dir + "/state.avstate");
   WritePth(dir + "/state.pth", tensors, PthWriteOptions{});
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "aviary/error.h"
+#include "models/stages.h"
 
 namespace aviary::train {
 namespace {
@@ -149,8 +150,7 @@ ParamLayout ParamLayout::Rwkv7Lora(const Rwkv7Config& c, int rank,
     throw UsageError("--lora-rank must be 1..4096, not " + std::to_string(rank));
   }
   for (const std::string& t : targets) {
-    if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
-        std::end(kRwkv7MatrixNames)) {
+    if (!IsRwkv7MatrixName(t)) {
       std::string valid;
       for (const char* n : kRwkv7MatrixNames) valid += (valid.empty() ? "" : ", ") + std::string(n);
       throw UsageError("unknown LoRA target '" + t + "' (valid: " + valid + ")");
@@ -275,6 +275,26 @@ Rwkv7Tensors Rwkv7Tensors::None(int n_layer) {
   Rwkv7Tensors t{};
   t.layers.assign(static_cast<size_t>(n_layer), Layer{});
   return t;
+}
+
+void TunedStateToSequence(const ParamLayout& layout, const float* params, float* sequence_state) {
+  const Rwkv7Config& c = layout.config();
+  for (int l = 0; l < c.n_layer; ++l) {
+    const ParamEntry& e = layout.entries()[l];
+    std::copy_n(params + e.offset, e.size,
+                HeadLayerState::Of(sequence_state, l, c.n_embd, c.head_size).S);
+  }
+}
+
+void AddSequenceStateGradient(const ParamLayout& layout, const float* d_sequence_state,
+                              float* grads) {
+  const Rwkv7Config& c = layout.config();
+  for (int l = 0; l < c.n_layer; ++l) {
+    const ParamEntry& e = layout.entries()[l];
+    const float* d =
+        HeadLayerState::Of(const_cast<float*>(d_sequence_state), l, c.n_embd, c.head_size).S;
+    for (size_t i = 0; i < e.size; ++i) grads[e.offset + i] += d[i];
+  }
 }
 
 }  // namespace aviary::train

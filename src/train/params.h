@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -63,6 +64,13 @@ struct ParamEntry {
 inline constexpr int kRwkv7LayerMatrices = 6;
 inline constexpr const char* kRwkv7MatrixNames[kRwkv7LayerMatrices] = {
     "att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"};
+// Whether `name` is one of kRwkv7MatrixNames (a LoRA target).
+inline bool IsRwkv7MatrixName(std::string_view name) {
+  for (const char* m : kRwkv7MatrixNames) {
+    if (name == m) return true;
+  }
+  return false;
+}
 // Matrix m's [out, in] shape in a model of config c.
 std::pair<int64_t, int64_t> Rwkv7MatrixShape(const Rwkv7Config& c, int m);
 
@@ -137,5 +145,14 @@ struct Rwkv7Tensors {
   // Every pointer null, for `n_layer` layers: the gradients of a frozen model (not computed).
   static Rwkv7Tensors None(int n_layer);
 };
+
+// State tuning's parameters (a Rwkv7State layout: entry l is layer l's wkv state) and one
+// sequence's state in the inference layout (models/stages.h HeadLayerState: per layer the time
+// mix's last input, the wkv state, the channel mix's last input). The token-shift parts are not
+// tuned: TunedStateToSequence leaves them as they are.
+void TunedStateToSequence(const ParamLayout& layout, const float* params, float* sequence_state);
+// grads (the layout's buffer) += the wkv parts of one sequence's state gradient.
+void AddSequenceStateGradient(const ParamLayout& layout, const float* d_sequence_state,
+                              float* grads);
 
 }  // namespace aviary::train

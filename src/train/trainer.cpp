@@ -135,8 +135,7 @@ void ValidateOptions(const TrainOptions& o) {
   if (o.tune == "lora") {
     if (o.lora_rank < 1 || o.lora_rank > 4096) fail("--lora-rank must be 1..4096");
     for (const std::string& t : o.lora_targets) {
-      if (std::find(std::begin(kRwkv7MatrixNames), std::end(kRwkv7MatrixNames), t) ==
-          std::end(kRwkv7MatrixNames)) {
+      if (!IsRwkv7MatrixName(t)) {
         fail("--lora-targets: unknown matrix '" + t +
              "' (valid: att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)");
       }
@@ -270,16 +269,9 @@ struct Trainer::Impl {
   std::vector<float> batch_state, d_batch_state;
   const float* StartState(int n) {
     if (o.tune != "state") return nullptr;
-    const Rwkv7Config& c = layout.config();
-    const size_t SF = graph->StateFloats(), per_layer = SF / c.n_layer;
+    const size_t SF = graph->StateFloats();
     batch_state.assign(static_cast<size_t>(n) * SF, 0.0f);
-    for (int b = 0; b < n; ++b) {
-      for (const ParamEntry& e : layout.entries()) {
-        const int l = std::stoi(e.name.substr(7));
-        std::copy_n(params.data() + e.offset, e.size,
-                    batch_state.data() + b * SF + l * per_layer + c.n_embd);
-      }
-    }
+    for (int b = 0; b < n; ++b) TunedStateToSequence(layout, params.data(), &batch_state[b * SF]);
     return batch_state.data();
   }
 
@@ -345,7 +337,7 @@ struct Trainer::Impl {
     a.weight_decay = static_cast<float>(o.weight_decay);
     a.grad_clip = static_cast<float>(o.grad_clip);
     adamw = std::make_unique<AdamW>(layout, a);
-    if (!graph) graph = std::make_unique<Rwkv7Graph>(layout, MaxShare(), ChunkLen(o));
+    if (!graph) MakeGraph();
     chunks = std::make_unique<ChunkedWindows>(*graph, ChunkLen(o), o.grad_chunks);
     summary.model = Describe(c);
     int64_t count = 0;
@@ -358,10 +350,10 @@ struct Trainer::Impl {
     summary.weight_bytes = summary.gradient_bytes = n * sizeof(float);
     summary.adam_bytes = 2 * n * sizeof(float);
     summary.activation_bytes = graph->ActivationBytes();
-    const int chunks = (o.ctx_len + ChunkLen(o) - 1) / ChunkLen(o);
-    if (chunks > 1) {
+    const int chunk_count = (o.ctx_len + ChunkLen(o) - 1) / ChunkLen(o);
+    if (chunk_count > 1) {
       summary.chunk_state_bytes =
-          static_cast<size_t>(chunks) * MaxShare() * graph->StateFloats() * sizeof(float);
+          static_cast<size_t>(chunk_count) * MaxShare() * graph->StateFloats() * sizeof(float);
     }
     summary.start_step = step;
     summary.batch = o.batch;
@@ -602,14 +594,9 @@ bool Trainer::Run(const std::function<void(const StepReport&)>& on_step,
       loss = r.chunks->Gradients(nullptr, nullptr, my_in, my_tg, mine, T,
                                  1.0f / (static_cast<float>(B) * T), start,
                                  r.d_batch_state.data());
-      const Rwkv7Config& c = r.layout.config();
-      const size_t SF = r.graph->StateFloats(), per_layer = SF / c.n_layer;
-      for (const ParamEntry& e : r.layout.entries()) {
-        const int l = std::stoi(e.name.substr(7));
-        for (int b = 0; b < mine; ++b) {
-          const float* d = r.d_batch_state.data() + b * SF + l * per_layer + c.n_embd;
-          for (size_t i = 0; i < e.size; ++i) r.grads[e.offset + i] += d[i];
-        }
+      const size_t SF = r.graph->StateFloats();
+      for (int b = 0; b < mine; ++b) {
+        AddSequenceStateGradient(r.layout, &r.d_batch_state[b * SF], r.grads.data());
       }
       if (grads_ready) grads_ready(0, n);
     } else {
