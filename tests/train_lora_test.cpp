@@ -315,6 +315,7 @@ TEST(LoraAdapterMeta, ParsesTheDescriptionAndNamesWhatIsWrong) {
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"{", "not an aviary LoRA"},
       {with("aviary-lora", "other"), "not an aviary LoRA"},
+      {R"({"format":28})", "not an aviary LoRA"},
       {with(R"("lora_rank":8)", R"("lora_rank":"8")"), "incomplete"},
       {with(R"("lora_rank":8)", R"("lora_rank":0)"), "lora_rank"},
       {with(R"("lora_alpha":16)", R"("lora_alpha":-1)"), "lora_alpha"},

@@ -98,7 +98,9 @@ void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const
 
 LoraAdapterMeta ParseLoraAdapterMeta(std::string_view json, const std::string& name) {
   const nlohmann::json j = nlohmann::json::parse(json, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || j.value("format", "") != "aviary-lora") {
+  // value() would throw on a "format" that is not a string: compare the JSON value itself.
+  if (j.is_discarded() || !j.is_object() || !j.contains("format") ||
+      j["format"] != nlohmann::json("aviary-lora")) {
     throw Error(name + ": not an aviary LoRA adapter description");
   }
   LoraAdapterMeta m;
