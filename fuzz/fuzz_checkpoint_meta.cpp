@@ -1,6 +1,6 @@
 // libFuzzer target: the JSON descriptions a training run writes, from arbitrary bytes: a
 // checkpoint's index (meta.json) through ParseCheckpointIndex (JSON, types, config, the layout
-// it names, the data files it lists), and a LoRA adapter's adapter.json through
+// it names, the data files it lists, the run's options through OptionsFromJson), and a LoRA adapter's adapter.json through
 // ParseLoraAdapterMeta. An index that parses must describe three distinct plain files of the
 // layout's size, an adapter description sizes in range and known targets; anything but that or
 // an aviary::Error whose message starts with the file's name (a sanitizer report, another
@@ -14,6 +14,7 @@
 #include "aviary/error.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
+#include "train/trainer.h"
 
 namespace {
 constexpr char kName[] = "fuzz/meta.json";
@@ -53,6 +54,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     if (index.params.name == index.adam_m.name || index.adam_m.name == index.adam_v.name ||
         index.params.name == index.adam_v.name || index.meta.step < 0) {
+      std::abort();
+    }
+    // The run's options, as a resume reads them; its errors start with the run directory.
+    const aviary::train::TrainOptions o = aviary::train::OptionsFromJson(index.meta.options, kName);
+    if (o.layers < 0 || o.ctx_len < 0 || o.batch < 0 || o.steps < 0 || o.save_every < 0) {
       std::abort();
     }
   } catch (const aviary::Error& e) {

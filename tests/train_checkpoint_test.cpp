@@ -21,6 +21,7 @@
 #include "aviary/error.h"
 #include "test_data.h"
 #include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace aviary::train {
 namespace {
@@ -344,6 +345,43 @@ TEST(Checkpoint, CheckSameRunNamesTheOptionThatDiffers) {
   meta.options = {{"lr", 0.1 + 0.2}, {"wd", 1e-300}, {"name", "ünïcode"}};
   Save(dir, SmallLayout(), RandomBuffers(SmallLayout(), 11), meta);
   EXPECT_NO_THROW(CheckSameRun(LoadCheckpoint(dir).meta.options, meta.options, dir));
+}
+
+// A resume reads the run's options back from the index: a count that is a float, negative or
+// beyond int is refused naming the field (a cast would be undefined), not used.
+TEST(Checkpoint, RecordedOptionsMustBeCountsInRange) {
+  const nlohmann::json good = {
+      {"data", {"a.txt"}}, {"tokenizer", "world"}, {"init", ""},     {"layers", 2},
+      {"embd", 32},        {"ctx_len", 64},        {"batch", 4},     {"steps", 10},
+      {"lr", 1e-3},        {"lr_final", 1e-4},     {"warmup", 2},    {"weight_decay", 0.0},
+      {"grad_clip", 1.0},  {"seed", 7},            {"val_fraction", 0.1},
+      {"eval_every", 5},   {"eval_windows", 8},    {"save_every", 5}, {"pth_type", "f32"}};
+  const TrainOptions o = OptionsFromJson(good, "RUN");
+  EXPECT_EQ(o.layers, 2);
+  EXPECT_EQ(o.chunk_len, 0);  // absent: a run from before chunked windows
+  EXPECT_EQ(o.seed, 7u);
+  EXPECT_EQ(o.tune, "full");
+  for (const auto& [key, value] :
+       std::vector<std::pair<std::string, nlohmann::json>>{{"layers", 1.21111e84},
+                                                           {"ctx_len", 64.5},
+                                                           {"batch", -1},
+                                                           {"embd", int64_t{1} << 40},
+                                                           {"steps", "10"},
+                                                           {"chunk_len", 1e300},
+                                                           {"seed", -3}}) {
+    nlohmann::json bad = good;
+    bad[key] = value;
+    try {
+      OptionsFromJson(bad, "RUN");
+      ADD_FAILURE() << key << " = " << value.dump() << " accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("RUN: the checkpoint's options", 0), 0u) << e.what();
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+    }
+  }
+  nlohmann::json missing = good;
+  missing.erase("batch");
+  EXPECT_THROW(OptionsFromJson(missing, "RUN"), Error);
 }
 
 }  // namespace

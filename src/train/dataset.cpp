@@ -9,10 +9,12 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 
 #include "aviary/error.h"
+#include "formats/json_number.h"
 #include "formats/mapped_file.h"
 #include "tensor/thread_pool.h"
 #include "formats/sha256.h"
@@ -113,10 +115,13 @@ bool ManifestMatches(const std::string& manifest_path, const std::string& finger
     for (size_t i = 0; i < inputs.size(); ++i) {
       const json& e = listed[i];
       if (e.at("path").get<std::string>() != inputs[i].path ||
-          e.at("bytes").get<uint64_t>() != inputs[i].bytes) {
+          JsonUnsigned(e.at("bytes")) != inputs[i].bytes) {
         return false;
       }
-      if (e.at("mtime_ns").get<int64_t>() == inputs[i].mtime_ns) continue;
+      if (JsonInteger(e.at("mtime_ns"), std::numeric_limits<int64_t>::min(),
+                      std::numeric_limits<int64_t>::max()) == inputs[i].mtime_ns) {
+        continue;
+      }
       // Touched or copied: the same content still counts.
       const MappedFile file(inputs[i].path);
       if (FileSha256(file.bytes()) != e.at("sha256").get<std::string>()) return false;
@@ -128,8 +133,8 @@ bool ManifestMatches(const std::string& manifest_path, const std::string& finger
   }
   try {
     const TokenDataset data(prefix);
-    return data.size() == m.at("tokens").get<uint64_t>() &&
-           data.header().documents == m.at("documents").get<uint64_t>();
+    return JsonUnsigned(m.at("tokens")) == data.size() &&
+           JsonUnsigned(m.at("documents")) == data.header().documents;
   } catch (const Error&) {
     return false;
   } catch (const json::exception&) {

@@ -4,12 +4,15 @@
 #include <cmath>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <vector>
 
 #include "aviary/error.h"
 #include "aviary/model.h"
 #include "aviary/state.h"
 #include "formats/gguf_writer.h"
+#include "formats/json_depth.h"
+#include "formats/json_number.h"
 #include "formats/mapped_file.h"
 #include "formats/output_file.h"
 #include "formats/printable.h"
@@ -97,32 +100,54 @@ void ExportLoraAdapter(const std::string& path, const ParamLayout& layout, const
 }
 
 LoraAdapterMeta ParseLoraAdapterMeta(std::string_view json, const std::string& name) {
+  // adapter.json is a few hundred bytes; the guards keep hostile input from exhausting the
+  // stack (nlohmann recurses per nesting level) or memory.
+  if (json.size() > (size_t{1} << 20) || JsonDepth(json) > 8) {
+    throw Error(name + ": not an aviary LoRA adapter description (too large or nested)");
+  }
   const nlohmann::json j = nlohmann::json::parse(json, nullptr, false);
   // value() would throw on a "format" that is not a string: compare the JSON value itself.
   if (j.is_discarded() || !j.is_object() || !j.contains("format") ||
       j["format"] != nlohmann::json("aviary-lora")) {
     throw Error(name + ": not an aviary LoRA adapter description");
   }
+  // Sizes are read through JsonInteger: a float or out-of-range number is refused by name,
+  // never cast (undefined for values outside int).
+  auto integer = [&](const char* key, int64_t lo, int64_t hi) -> int {
+    const auto it = j.find(key);
+    const std::optional<int64_t> v = it == j.end() ? std::nullopt : JsonInteger(*it, lo, hi);
+    if (!v) {
+      throw Error(name + ": \"" + key + "\" must be an integer in " + std::to_string(lo) + ".." +
+                  std::to_string(hi));
+    }
+    return static_cast<int>(*v);
+  };
   LoraAdapterMeta m;
-  try {
-    m.rank = j.at("lora_rank").get<int>();
-    m.alpha = j.at("lora_alpha").get<double>();
-    m.targets = j.at("targets").get<std::vector<std::string>>();
-    m.base_model = j.value("base_model", std::string());
-    m.base_fingerprint = j.value("base_fingerprint", uint64_t{0});
-    m.n_layer = j.at("n_layer").get<int>();
-    m.n_embd = j.at("n_embd").get<int>();
-    m.n_ffn = j.at("n_ffn").get<int>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(name + ": incomplete adapter description (" + e.what() + ")");
+  m.rank = integer("lora_rank", 1, 65536);
+  m.n_layer = integer("n_layer", 1, 1 << 20);
+  m.n_embd = integer("n_embd", 1, 1 << 20);
+  m.n_ffn = integer("n_ffn", 1, 1 << 20);
+  const auto alpha = j.find("lora_alpha");
+  if (alpha == j.end() || !alpha->is_number() || !(alpha->get<double>() > 0) ||
+      !std::isfinite(alpha->get<double>())) {
+    throw Error(name + ": \"lora_alpha\" must be a positive finite number");
   }
-  if (m.rank < 1 || m.rank > 65536) throw Error(name + ": lora_rank must be 1..65536");
-  if (!(m.alpha > 0) || !std::isfinite(m.alpha)) {
-    throw Error(name + ": lora_alpha must be positive and finite");
+  m.alpha = alpha->get<double>();
+  if (const auto fp = j.find("base_fingerprint"); fp != j.end()) {
+    const std::optional<uint64_t> v = JsonUnsigned(*fp);
+    if (!v) throw Error(name + ": \"base_fingerprint\" must be a non-negative integer");
+    m.base_fingerprint = *v;
   }
-  for (int size : {m.n_layer, m.n_embd, m.n_ffn}) {
-    if (size < 1 || size > (1 << 20)) throw Error(name + ": a model size is outside 1..1048576");
+  if (const auto base = j.find("base_model"); base != j.end()) {
+    if (!base->is_string()) throw Error(name + ": \"base_model\" must be a string");
+    m.base_model = base->get<std::string>();
   }
+  const auto targets = j.find("targets");
+  if (targets == j.end() || !targets->is_array() ||
+      !std::all_of(targets->begin(), targets->end(), [](const auto& t) { return t.is_string(); })) {
+    throw Error(name + ": \"targets\" must be a list of tensor names");
+  }
+  m.targets = targets->get<std::vector<std::string>>();
   if (m.targets.empty()) throw Error(name + ": no targets");
   for (const std::string& t : m.targets) {
     if (!IsRwkv7MatrixName(t)) {

@@ -11,12 +11,15 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <span>
 #include <sstream>
 
 #include "aviary/error.h"
+#include "formats/json_number.h"
 #include "tensor/aligned.h"
 #include "tensor/thread_pool.h"
 #include "tokenizers/tokenizers.h"
@@ -64,32 +67,55 @@ nlohmann::json OptionsJson(const TrainOptions& o) {
           {"lora_targets", o.lora_targets}};
 }
 
+}  // namespace
+
 TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
+  auto fail = [&](const std::string& what) -> void {
+    throw Error(dir + ": the checkpoint's options are incomplete (" + what + ")");
+  };
+  // Counts go through JsonInteger: a float or out-of-range number is refused, never cast.
+  auto integer = [&](const char* key, int64_t fallback, bool required, int64_t hi) -> int64_t {
+    const auto it = j.find(key);
+    if (it == j.end()) {
+      if (required) fail(std::string("no \"") + key + "\"");
+      return fallback;
+    }
+    const std::optional<int64_t> v = JsonInteger(*it, 0, hi);
+    if (!v) fail(std::string("\"") + key + "\" is not a count");
+    return *v;
+  };
+  constexpr int64_t kInt = std::numeric_limits<int>::max();
+  constexpr int64_t kLong = std::numeric_limits<int64_t>::max();
   try {
     TrainOptions o;
     o.data = j.at("data").get<std::vector<std::string>>();
     o.tokenizer = j.at("tokenizer").get<std::string>();
     o.init_model = j.at("init").get<std::string>();
-    o.layers = j.at("layers").get<int>();
-    o.embd = j.at("embd").get<int>();
-    o.ctx_len = j.at("ctx_len").get<int>();
-    o.chunk_len = j.value("chunk_len", 0);  // absent in runs from before chunked windows
-    o.grad_chunks = j.value("grad_chunks", 0);
-    o.batch = j.at("batch").get<int>();
-    o.steps = j.at("steps").get<int64_t>();
+    o.layers = static_cast<int>(integer("layers", 0, true, kInt));
+    o.embd = static_cast<int>(integer("embd", 0, true, kInt));
+    o.ctx_len = static_cast<int>(integer("ctx_len", 0, true, kInt));
+    // chunk_len and grad_chunks are absent in runs from before chunked windows.
+    o.chunk_len = static_cast<int>(integer("chunk_len", 0, false, kInt));
+    o.grad_chunks = static_cast<int>(integer("grad_chunks", 0, false, kInt));
+    o.batch = static_cast<int>(integer("batch", 0, true, kInt));
+    o.steps = integer("steps", 0, true, kLong);
     o.lr = j.at("lr").get<double>();
     o.lr_final = j.at("lr_final").get<double>();
-    o.warmup = j.at("warmup").get<int64_t>();
+    o.warmup = integer("warmup", 0, true, kLong);
     o.weight_decay = j.at("weight_decay").get<double>();
     o.grad_clip = j.at("grad_clip").get<double>();
-    o.seed = j.at("seed").get<uint64_t>();
+    const auto seed = j.find("seed");
+    const std::optional<uint64_t> seed_value =
+        seed == j.end() ? std::nullopt : JsonUnsigned(*seed);
+    if (!seed_value) fail("\"seed\" is not a non-negative integer");
+    o.seed = *seed_value;
     o.val_fraction = j.at("val_fraction").get<double>();
-    o.eval_every = j.at("eval_every").get<int64_t>();
-    o.eval_windows = j.at("eval_windows").get<int>();
-    o.save_every = j.at("save_every").get<int64_t>();
+    o.eval_every = integer("eval_every", 0, true, kLong);
+    o.eval_windows = static_cast<int>(integer("eval_windows", 0, true, kInt));
+    o.save_every = integer("save_every", 0, true, kLong);
     o.pth_type = j.at("pth_type").get<std::string>();
     o.tune = j.value("tune", std::string("full"));  // absent in runs from before LoRA
-    o.lora_rank = j.value("lora_rank", 0);
+    o.lora_rank = static_cast<int>(integer("lora_rank", 0, false, kInt));
     o.lora_alpha = j.value("lora_alpha", 0.0);
     o.lora_targets = j.value("lora_targets", std::vector<std::string>{});
     o.out_dir = dir;
@@ -98,6 +124,8 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     throw Error(dir + ": the checkpoint's options are incomplete (" + e.what() + ")");
   }
 }
+
+namespace {
 
 // Tokens per forward pass: a window is cut into chunks of this many.
 int ChunkLen(const TrainOptions& o) { return o.chunk_len > 0 ? o.chunk_len : o.ctx_len; }
@@ -368,7 +396,10 @@ struct Trainer::Impl {
       std::string line, kept;
       while (std::getline(in, line)) {
         try {
-          if (nlohmann::json::parse(line).at("step").get<int64_t>() <= step) kept += line + "\n";
+          const std::optional<int64_t> logged = JsonInteger(
+              nlohmann::json::parse(line).at("step"), 0, std::numeric_limits<int64_t>::max());
+          if (!logged) break;  // a damaged line
+          if (*logged <= step) kept += line + "\n";
         } catch (const nlohmann::json::exception&) {
           break;  // a line cut short by the kill that ended the run
         }
@@ -488,21 +519,27 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->step = ck.meta.step;
   // The activations are allocated before the data is read, so that a batch too large for the
   // machine is refused before a long tokenization.
+  // What the run recorded about its inputs; a field missing or not a count reads as 0 and so
+  // fails the comparison with what is there now.
+  auto recorded = [&](const char* key) -> uint64_t {
+    const auto it = ck.meta.extra.find(key);
+    return it == ck.meta.extra.end() ? 0 : JsonUnsigned(*it).value_or(0);
+  };
   if (options.tune != "full") {
     impl->frozen = LoadFrozenRwkv7(options.init_model);
-    if (ck.meta.extra.value("base_fingerprint", uint64_t{0}) != impl->frozen->fingerprint ||
-        ck.meta.extra.value("base_bytes", uint64_t{0}) != impl->frozen->file_size) {
+    if (recorded("base_fingerprint") != impl->frozen->fingerprint ||
+        recorded("base_bytes") != impl->frozen->file_size) {
       throw Error(dir + ": the base model " + options.init_model +
                   " changed since the run started: its adapters or state belong to the old one");
     }
   }
   impl->MakeGraph();
   impl->OpenData();
-  if (ck.meta.extra.value("data_tokens", uint64_t{0}) != impl->data_tokens ||
-      ck.meta.extra.value("data_documents", uint64_t{0}) != impl->data_documents) {
+  if (recorded("data_tokens") != impl->data_tokens ||
+      recorded("data_documents") != impl->data_documents) {
     throw Error(dir + ": the training data changed since the run started (" +
                 std::to_string(impl->data_tokens) + " tokens now, " +
-                std::to_string(ck.meta.extra.value("data_tokens", uint64_t{0})) +
+                std::to_string(recorded("data_tokens")) +
                 " then): start a new run");
   }
   try {
@@ -725,9 +762,15 @@ void PlotLoss(const std::string& log_path, const std::string& png) {
     if (j.is_discarded() || !j.is_object() || !j.contains("step")) {
       throw Error(log_path + ":" + std::to_string(line_no) + ": not a training log line");
     }
-    const int64_t step = j["step"].get<int64_t>();
-    if (j.contains("loss")) train.emplace_back(step, j["loss"].get<double>());
-    if (j.contains("val_loss")) val.emplace_back(step, j["val_loss"].get<double>());
+    const std::optional<int64_t> step =
+        JsonInteger(j["step"], 0, std::numeric_limits<int64_t>::max());
+    const auto number = [&](const char* key) { return j.contains(key) && j[key].is_number(); };
+    if (!step || (j.contains("loss") && !number("loss")) ||
+        (j.contains("val_loss") && !number("val_loss"))) {
+      throw Error(log_path + ":" + std::to_string(line_no) + ": a step or loss is not a number");
+    }
+    if (j.contains("loss")) train.emplace_back(*step, j["loss"].get<double>());
+    if (j.contains("val_loss")) val.emplace_back(*step, j["val_loss"].get<double>());
   }
   if (train.empty() && val.empty()) throw Error(log_path + ": no losses to plot");
   std::string gnuplot;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -129,6 +130,11 @@ class Trainer {
   explicit Trainer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The options a checkpoint recorded (its index's "options" object) as TrainOptions writing to
+// `dir`. Throws aviary::Error starting with `dir` when a field is missing, of the wrong type,
+// or a count out of range.
+TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir);
 
 // Writes a PNG of the training and validation loss in `log` (a log.jsonl) with gnuplot.
 // Throws aviary::Error naming the problem (no gnuplot, an unreadable or empty log).
