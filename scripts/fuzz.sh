@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (fuzz/) with clang, ASan and UBSan in build-fuzz/, seeds their
-# corpora, and runs each target for FUZZ_SECONDS (default 60). FUZZ_BUILD_DIR names another
+# corpora, and runs each target for FUZZ_SECONDS (default 60), FUZZ_JOBS targets at a time
+# (default: the number of cores). FUZZ_BUILD_DIR names another
 # build folder to use instead (scripts/test.sh passes its sanitized build, configured with
 # AVIARY_FUZZ=ON and the tests, so CI compiles the instrumented library once). Exits non-zero when a target
 # finds a crash, a leak, a timeout or an out-of-memory (the input is saved under
@@ -127,9 +128,10 @@ printf '%s' '{"id":"pirate","messages":[{"role":"system","content":"Arr"}],"stat
   >"$corpus_openai/state-chat.json"
 printf '%s' '{"id":"p.1","prompt":"The ship"}' >"$corpus_openai/state-prompt.json"
 
-status=0
-summary=()
-for target in $targets; do
+# One target's run; its summary line goes to $build/$target.summary. Targets run FUZZ_JOBS at a
+# time (default: one per core): each is single-threaded, so the cores stay busy.
+fuzz_one() {
+  local target=$1 corpus max_len
   case $target in
     # Synthetic seeds are under 80 KB; the real ones are read truncated to this.
     fuzz_rwkvcpp_bin) corpus=$corpus_bin; max_len=${FUZZ_MAX_LEN:-131072} ;;
@@ -144,9 +146,9 @@ for target in $targets; do
     fuzz_checkpoint_meta) corpus=$corpus_checkpoint; max_len=16384 ;;
     # Above the target's 4096-byte body limit, so that the size check is reached too.
     fuzz_openai_request) corpus=$corpus_openai; max_len=8192 ;;
-    *) echo "unknown target $target"; exit 2 ;;
+    *) echo "$target: unknown target" >"$build/$target.summary"; return 2 ;;
   esac
-  log=$build/$target.log
+  local log=$build/$target.log rc runs cov
   echo "== $target for ${seconds}s (log: $log)"
   set +e
   AVIARY_FUZZ_MODEL=$state_model AVIARY_FUZZ_WORLD_VOCAB=$world_vocab UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -158,14 +160,35 @@ for target in $targets; do
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
   if [[ $rc -ne 0 ]]; then
-    status=1
-    summary+=("$target: FAILED (exit $rc) after ${runs:-?} runs; see $log and $artifacts")
-    grep -E 'ERROR|SUMMARY|runtime error|deadly signal|Test unit written' "$log" | head -20 || true
-  else
-    summary+=("$target: ok, ${runs:-?} runs in ${seconds}s, ${cov:-cov: ?}, corpus $(ls "$corpus" | wc -l) files")
+    {
+      echo "$target: FAILED (exit $rc) after ${runs:-?} runs; see $log and $artifacts"
+      grep -E 'ERROR|SUMMARY|runtime error|deadly signal|Test unit written' "$log" | head -20 || true
+    } >"$build/$target.summary"
+    return 1
   fi
+  echo "$target: ok, ${runs:-?} runs in ${seconds}s, ${cov:-cov: ?}, corpus $(ls "$corpus" | wc -l) files" \
+    >"$build/$target.summary"
+}
+
+jobs=${FUZZ_JOBS:-$(nproc)}
+status=0
+running=0
+for target in $targets; do
+  rm -f "$build/$target.summary"
+  if ((running >= jobs)); then
+    wait -n || status=1
+    running=$((running - 1))
+  fi
+  fuzz_one "$target" &
+  running=$((running + 1))
+done
+while ((running > 0)); do
+  wait -n || status=1
+  running=$((running - 1))
 done
 
 echo "== summary"
-printf '%s\n' "${summary[@]}"
+for target in $targets; do
+  cat "$build/$target.summary" 2>/dev/null || { echo "$target: no result"; status=1; }
+done
 exit $status

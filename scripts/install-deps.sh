@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(cmake g++ make pkg-config libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
   libpcre2-dev libicu-dev libcurl4-openssl-dev libssl-dev zlib1g-dev clang libclang-rt-14-dev
   libhwy-dev libbenchmark-dev libedit-dev tmux gnuplot-nox python3-torch python3-numpy
-  libcpp-httplib-dev nodejs chromium nginx-light curl openmpi-bin libopenmpi-dev)
+  libcpp-httplib-dev nodejs chromium nginx-light curl openmpi-bin libopenmpi-dev lld)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
