@@ -1,14 +1,17 @@
 // `aviary serve` through OpenAI's official Node client: what a client written for OpenAI gets
 // from it (the model list, chat and text completions whole and streamed, usage, the errors as
 // the client's error classes), and a server started with --api-key.
-//   node openai_client_test.mjs AVIARY_BINARY MODEL_PATH
+//   node openai_client_test.mjs AVIARY_BINARY MODEL_PATH LONG_REPLY_TOKENS
+// LONG_REPLY_TOKENS sizes the reply that must take longer than a second (smaller in sanitizer
+// builds, which generate several times slower).
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import {
   Checks, checkCleanExits, deadline, haveModule, parseArgs, requireOrSkip, startServer, stopAll,
 } from './serve_helpers.mjs';
 
-const [binary, model] = parseArgs(['AVIARY_BINARY', 'MODEL_PATH']);
+const [binary, model, longReplyArg] = parseArgs(['AVIARY_BINARY', 'MODEL_PATH', 'LONG_REPLY_TOKENS']);
+const LONG_REPLY_TOKENS = Number(longReplyArg);
 requireOrSkip(haveModule('openai'), 'tests/serve/node_modules is missing (npm ci --prefix tests/serve)');
 const { default: OpenAI } = await import('openai');
 
@@ -180,12 +183,12 @@ async function main() {
     assert.ok((await missing.json()).error, 'an OpenAI error object');
   });
 
-  await checks.run('a whole reply that takes longer than a second (n: 8, 4096 tokens each)', async () => {
+  await checks.run(`a whole reply that takes longer than a second (n: 8, ${LONG_REPLY_TOKENS} tokens each)`, async () => {
     // The server answers a whole reply that is not ready within a second as a chunked body (it
     // writes to find out whether the client left), a path the short replies above never take.
     const started = Date.now();
     const r = await openai.chat.completions.create({
-      model: MODEL_ID, messages: MESSAGES, max_tokens: 4096, temperature: 0, n: 8,
+      model: MODEL_ID, messages: MESSAGES, max_tokens: LONG_REPLY_TOKENS, temperature: 0, n: 8,
     }, { timeout: 300000 });  // sanitizer builds are slow
     console.log(`     (took ${Date.now() - started} ms)`);
     assert.equal(r.choices.length, 8);
