@@ -40,11 +40,35 @@ bool InCI() {
   return ci && std::string(ci) == "true";
 }
 
+namespace {
+
+std::string* temp_dir_made = nullptr;  // by ProcessTempDir, removed at exit
+pid_t temp_dir_owner = 0;
+
+void RemoveProcessTempDir() {
+  // Forked children share the atexit handlers: only the process that made the directory
+  // removes it, and only when its tests passed (a failure's files are kept to look at).
+  if (temp_dir_made == nullptr || ::getpid() != temp_dir_owner) return;
+  if (!::testing::UnitTest::GetInstance()->Passed()) return;
+  std::error_code ignored;
+  std::filesystem::remove_all(*temp_dir_made, ignored);
+}
+
+}  // namespace
+
 const std::string& ProcessTempDir() {
   static const std::string dir = [] {
-    std::string d = ::testing::TempDir() + "aviary-" + std::to_string(::getpid()) + "/";
-    std::filesystem::create_directories(d);
-    return d;
+    // mkdtemp, not just the pid: pids are reused, and an earlier process's directory of the same
+    // name would hand a test another run's files.
+    std::string pattern = ::testing::TempDir() + "aviary-" + std::to_string(::getpid()) + "-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      std::perror(("mkdtemp " + pattern).c_str());
+      std::abort();
+    }
+    temp_dir_made = new std::string(pattern);
+    temp_dir_owner = ::getpid();
+    std::atexit(RemoveProcessTempDir);
+    return pattern + "/";
   }();
   return dir;
 }

@@ -22,9 +22,9 @@ std::string SharedPath(const std::string& relative);
 // Deterministic pseudo-random byte tokens (splitmix64): the same `n` and `seed`, the same ids.
 std::vector<int32_t> RandomTokens(size_t n, uint64_t seed);
 bool InCI();
-// A directory private to this test process (TempDir()/aviary-<pid>/, created on first use, with a
-// trailing slash): ctest runs the tests of one binary as parallel processes, so fixed names in
-// TempDir() would collide.
+// A directory private to this test process (TempDir()/aviary-<pid>-XXXXXX/, made by mkdtemp on
+// first use, with a trailing slash; removed at exit when the process's tests passed): ctest runs
+// the tests of one binary as parallel processes, so fixed names in TempDir() would collide.
 const std::string& ProcessTempDir();
 // Reads a whole file; empty vector if unreadable.
 std::vector<uint8_t> ReadFileBytes(const std::string& path);

@@ -17,49 +17,13 @@
 #include "train/chunked.h"
 #include "train/params.h"
 #include "train/rwkv7_graph.h"
+#include "train_fixtures.h"
 
 namespace aviary::train {
 namespace {
 
-Rwkv7Config TinyConfig() {
-  Rwkv7Config c;
-  c.n_layer = 2;
-  c.n_embd = 32;
-  c.head_size = 16;
-  c.vocab = 24;
-  c.n_ffn = 64;
-  c.d_decay = c.d_aaa = c.d_mv = c.d_gate = 8;
-  return c;
-}
-
-// Random weights at scales where every stage is in its working range.
-std::vector<float> RandomParams(const ParamLayout& layout, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  std::vector<float> p(layout.total_floats(), 0.0f);
-  for (const ParamEntry& e : layout.entries()) {
-    float* d = p.data() + e.offset;
-    const std::string& n = e.name;
-    auto ends = [&](const char* s) { return n.size() >= strlen(s) && n.ends_with(s); };
-    for (size_t i = 0; i < e.size; ++i) {
-      float v = u(rng);
-      if (e.shape.size() == 2 && !ends("r_k")) {
-        v *= 1.5f / std::sqrt(static_cast<float>(e.shape[1]));
-      } else if (ends("ln1.weight") || ends("ln2.weight") || ends("ln0.weight") ||
-                 ends("ln_out.weight") || ends("ln_x.weight")) {
-        v = 1.0f + 0.3f * v;
-      } else if (n.find(".x_") != std::string::npos) {
-        v = 0.5f + 0.45f * v;
-      } else if (ends("k_a")) {
-        v = 1.0f + 0.3f * v;
-      } else {
-        v *= 0.5f;
-      }
-      d[i] = v;
-    }
-  }
-  return p;
-}
+using testing::RandomRwkv7Params;
+using testing::TinyRwkv7Config;
 
 struct Batch {
   int B = 2, T = 20;
@@ -96,10 +60,10 @@ double Objective(Rwkv7Graph& g, const std::vector<float>& p, const Batch& b, flo
 }
 
 TEST(Rwkv7Graph, GradientsMatchFiniteDifferences) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
   const Rwkv7Config& c = layout.config();
   Rwkv7Graph graph(layout, 2, 20);
-  std::vector<float> params = RandomParams(layout, 1);
+  std::vector<float> params = RandomRwkv7Params(layout, 1);
   const Batch b = RandomBatch(graph, c, 2);
   const float scale = 1.0f / (b.B * b.T);
   std::vector<float> grads(layout.total_floats(), 0.0f), d_state(b.state.size());
@@ -148,10 +112,10 @@ TEST(Rwkv7Graph, GradientsMatchFiniteDifferences) {
 }
 
 TEST(Rwkv7Graph, TwoChunksEqualOne) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
   const Rwkv7Config& c = layout.config();
   Rwkv7Graph whole(layout, 1, 40), first(layout, 1, 20), second(layout, 1, 20);
-  const std::vector<float> params = RandomParams(layout, 4);
+  const std::vector<float> params = RandomRwkv7Params(layout, 4);
   Batch b = RandomBatch(whole, c, 5);
   b.B = 1;
   b.T = 40;
@@ -189,10 +153,10 @@ TEST(Rwkv7Graph, TwoChunksEqualOne) {
 // one-pass loss, parameter gradients and start-state gradient, with uneven chunks (16, 16, 8)
 // and two sequences. The two differ only in float summation order.
 TEST(ChunkedWindows, ChunksEqualOnePass) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
   const Rwkv7Config& c = layout.config();
   Rwkv7Graph whole(layout, 2, 40), small(layout, 2, 16);
-  const std::vector<float> params = RandomParams(layout, 6);
+  const std::vector<float> params = RandomRwkv7Params(layout, 6);
   Batch b = RandomBatch(whole, c, 7);
   b.T = 40;
   b.inputs.resize(2 * 40);
@@ -241,10 +205,10 @@ TEST(ChunkedWindows, ChunksEqualOnePass) {
 // the first chunk's own (what one pass over the first chunk alone gives), and the parameter
 // gradients lose the terms that crossed chunks.
 TEST(ChunkedWindows, TruncationStopsTheGradientAtChunkStarts) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
   const Rwkv7Config& c = layout.config();
   Rwkv7Graph graph(layout, 1, 20), alone(layout, 1, 20);
-  const std::vector<float> params = RandomParams(layout, 9);
+  const std::vector<float> params = RandomRwkv7Params(layout, 9);
   Batch b = RandomBatch(graph, c, 10);
   b.inputs.resize(40);
   b.targets.resize(40);
@@ -281,11 +245,11 @@ TEST(ChunkedWindows, TruncationStopsTheGradientAtChunkStarts) {
 // the same gradients up to float rounding, for head sizes a vector divides and one it doesn't.
 TEST(Rwkv7Graph, FastAndReferenceKernelsAgree) {
   for (int head_size : {16, 8, 32}) {
-    Rwkv7Config config = TinyConfig();
+    Rwkv7Config config = TinyRwkv7Config();
     config.head_size = head_size;
     if (head_size == 8) config.n_embd = 24;  // 3 heads of 8
     const ParamLayout layout = ParamLayout::Rwkv7(config);
-    const std::vector<float> params = RandomParams(layout, 7);
+    const std::vector<float> params = RandomRwkv7Params(layout, 7);
     std::vector<std::vector<float>> grads;
     for (Kernels kernels : {Kernels::kFast, Kernels::kReference}) {
       RuntimeOptions options;
@@ -310,7 +274,7 @@ TEST(Rwkv7Graph, FastAndReferenceKernelsAgree) {
 }
 
 TEST(Rwkv7Graph, RejectsTokensOutsideTheVocabulary) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
   Rwkv7Graph graph(layout, 1, 4);
   const std::vector<float> params(layout.total_floats(), 0.0f);
   const std::vector<int32_t> ok = {1, 2, 3, 4}, bad = {1, 2, 24, 4};

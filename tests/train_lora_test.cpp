@@ -23,65 +23,21 @@
 #include "train/import.h"
 #include "train/params.h"
 #include "train/rwkv7_graph.h"
+#include "train_fixtures.h"
 
 namespace aviary::train {
 namespace {
 
 using testing::ProcessTempDir;
-
-// Q8_0 needs rows of whole 32-element blocks: every matrix's input width is a multiple of 32.
-Rwkv7Config TinyConfig() {
-  Rwkv7Config c;
-  c.n_layer = 2;
-  c.n_embd = 32;
-  c.head_size = 16;
-  c.vocab = 24;
-  c.n_ffn = 64;
-  c.d_decay = c.d_aaa = c.d_mv = c.d_gate = 8;
-  return c;
-}
-
-// Random weights at scales where every stage is in its working range (train_graph_test's).
-std::vector<float> RandomParams(const ParamLayout& layout, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  std::vector<float> p(layout.total_floats(), 0.0f);
-  for (const ParamEntry& e : layout.entries()) {
-    float* d = p.data() + e.offset;
-    const std::string& n = e.name;
-    for (size_t i = 0; i < e.size; ++i) {
-      float v = u(rng);
-      if (e.shape.size() == 2 && !n.ends_with("r_k")) {
-        v *= 1.5f / std::sqrt(static_cast<float>(e.shape[1]));
-      } else if (n.ends_with("ln1.weight") || n.ends_with("ln2.weight") ||
-                 n.ends_with("ln0.weight") || n.ends_with("ln_out.weight") ||
-                 n.ends_with("ln_x.weight") || n.ends_with("k_a")) {
-        v = 1.0f + 0.3f * v;
-      } else if (n.find(".x_") != std::string::npos) {
-        v = 0.5f + 0.45f * v;
-      } else {
-        v *= 0.5f;
-      }
-      d[i] = v;
-    }
-  }
-  // Layer 0's unused value-residual tensors as the importer fills them.
-  const ParamEntry& v0 = layout.Get("blocks.0.att.v0");
-  const int C = layout.config().n_embd;
-  for (int i = 0; i < C; ++i) p[v0.offset + i] = 0.73f - 0.4f * (float(i) / (C - 1) - 0.5f);
-  for (const char* z : {"blocks.0.att.v1", "blocks.0.att.v2"}) {
-    const ParamEntry& e = layout.Get(z);
-    std::fill_n(p.begin() + e.offset, e.size, 0.0f);
-  }
-  return p;
-}
+using testing::RandomRwkv7Params;
+using testing::TinyRwkv7Config;
 
 // The tiny model written as a file of `type` (nullopt: F32 .pth; else a GGUF as `aviary
 // convert --type` writes it), its float weights (as stored, widened) in `params`.
 std::string WriteBase(const std::string& name, std::optional<DType> type,
                       std::vector<float>* params) {
-  const ParamLayout layout = ParamLayout::Rwkv7(TinyConfig());
-  const std::vector<float> p = RandomParams(layout, 1);
+  const ParamLayout layout = ParamLayout::Rwkv7(TinyRwkv7Config());
+  const std::vector<float> p = RandomRwkv7Params(layout, 1);
   const std::string pth = ProcessTempDir() + name + ".pth";
   ExportRwkv7Pth(pth, layout, p.data());
   std::string path = pth;
@@ -149,7 +105,7 @@ TEST(FrozenBase, F32BaseGivesTheFullGraphsLossBitForBit) {
   std::vector<float> params;
   const std::string path = WriteBase("frozen-f32", std::nullopt, &params);
   const auto base = LoadFrozenRwkv7(path);
-  const ParamLayout full = ParamLayout::Rwkv7(TinyConfig());
+  const ParamLayout full = ParamLayout::Rwkv7(TinyRwkv7Config());
   Rwkv7Graph full_graph(full, 2, 20), frozen_graph(*base, nullptr, 0.0f, 2, 20);
   const Batch b = RandomBatch(24, 7);
   const LossSum want =
@@ -162,7 +118,7 @@ TEST(FrozenBase, F32BaseGivesTheFullGraphsLossBitForBit) {
 TEST(Lora, ZeroBGivesTheBasesLossExactly) {
   const std::string path = WriteBase("frozen-q8", DType::kQ8_0, nullptr);
   const auto base = LoadFrozenRwkv7(path);
-  const ParamLayout lora = ParamLayout::Rwkv7Lora(TinyConfig(), 4, kAllTargets);
+  const ParamLayout lora = ParamLayout::Rwkv7Lora(TinyRwkv7Config(), 4, kAllTargets);
   const std::vector<float> adapters = RandomAdapters(lora, 3, 0.0f);  // A random, B = 0
   Rwkv7Graph plain(*base, nullptr, 0.0f, 2, 20), adapted(*base, &lora, 2.0f, 2, 20);
   const Batch b = RandomBatch(24, 8);
@@ -177,7 +133,7 @@ TEST(Lora, AdapterEqualsTheMergedMatrices) {
   std::vector<float> params;
   const std::string path = WriteBase("frozen-merge", std::nullopt, &params);
   const auto base = LoadFrozenRwkv7(path);
-  const Rwkv7Config c = TinyConfig();
+  const Rwkv7Config c = TinyRwkv7Config();
   const std::vector<std::string> targets = {"att.key", "att.output", "ffn.value"};
   const ParamLayout lora = ParamLayout::Rwkv7Lora(c, 3, targets);
   const std::vector<float> adapters = RandomAdapters(lora, 4, 1.0f);
@@ -222,7 +178,7 @@ TEST_P(LoraGradients, MatchFiniteDifferences) {
   const std::optional<DType> type = types[GetParam()];
   const std::string path = WriteBase("lora-grad-" + std::to_string(GetParam()), type, nullptr);
   const auto base = LoadFrozenRwkv7(path);
-  const Rwkv7Config c = TinyConfig();
+  const Rwkv7Config c = TinyRwkv7Config();
   const ParamLayout lora = ParamLayout::Rwkv7Lora(c, 4, kAllTargets);
   std::vector<float> adapters = RandomAdapters(lora, 5, 1.0f);
   const float lora_scale = 0.75f;
@@ -259,7 +215,7 @@ INSTANTIATE_TEST_SUITE_P(F32Bf16Q8, LoraGradients, ::testing::Values(0, 1, 2));
 TEST(StateTuning, GradientMatchesFiniteDifferences) {
   const std::string path = WriteBase("state-grad", DType::kBF16, nullptr);
   const auto base = LoadFrozenRwkv7(path);
-  const Rwkv7Config c = TinyConfig();
+  const Rwkv7Config c = TinyRwkv7Config();
   Rwkv7Graph graph(*base, nullptr, 0.0f, 2, 20);
   const Batch b = RandomBatch(c.vocab, 11);
   const size_t SF = graph.StateFloats();

@@ -223,7 +223,7 @@ void Server::Impl::Generate(const httplib::Request& req, httplib::Response& res,
     ++open_streams;
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, handle, meta, chat, n, include_usage](size_t, httplib::DataSink& sink) {
+        [handle, meta, chat, n, include_usage](size_t, httplib::DataSink& sink) {
           auto write = [&](const std::string& s) {
             if (sink.write(s.data(), s.size())) return true;
             handle->Cancel();  // the client went away
