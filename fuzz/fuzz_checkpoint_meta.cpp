@@ -1,7 +1,7 @@
 // libFuzzer target: the JSON descriptions a training run writes, from arbitrary bytes: a
 // checkpoint's index (meta.json) through ParseCheckpointIndex (JSON, types, config, the layout
-// it names, the data files it lists, the run's options through OptionsFromJson), and a LoRA adapter's adapter.json through
-// ParseLoraAdapterMeta. An index that parses must describe three distinct plain files of the
+// it names, the data files it lists) and the run's options in it through OptionsFromJson, and
+// a LoRA adapter's adapter.json through ParseLoraAdapterMeta. An index that parses must describe three distinct plain files of the
 // layout's size, an adapter description sizes in range and known targets; anything but that or
 // an aviary::Error whose message starts with the file's name (a sanitizer report, another
 // exception, a timeout, a huge allocation) is a bug. Seeds: scripts/fuzz.sh.

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (fuzz/) with clang, ASan and UBSan in build-fuzz/, seeds their
 # corpora, and runs each target for FUZZ_SECONDS (default 60), FUZZ_JOBS targets at a time
-# (default: the number of cores). FUZZ_BUILD_DIR names another
-# build folder to use instead (scripts/test.sh passes its sanitized build, configured with
-# AVIARY_FUZZ=ON and the tests, so CI compiles the instrumented library once). Exits non-zero when a target
-# finds a crash, a leak, a timeout or an out-of-memory (the input is saved under
+# (default: the number of cores). FUZZ_BUILD_DIR names another build folder to use instead
+# (scripts/test.sh passes its sanitized build, configured with AVIARY_FUZZ=ON and the tests, so
+# CI compiles the instrumented library once). Exits non-zero when a target finds a crash, a leak, a timeout or an out-of-memory (the input is saved under
 # build-fuzz/artifacts/). Corpora persist in build-fuzz/corpus-* between runs.
 #
 #   FUZZ_SECONDS=30 scripts/fuzz.sh            # all targets

@@ -74,11 +74,12 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     throw Error(dir + ": the checkpoint's options are incomplete (" + what + ")");
   };
   // Counts go through JsonInteger: a float or out-of-range number is refused, never cast.
-  auto integer = [&](const char* key, int64_t fallback, bool required, int64_t hi) -> int64_t {
+  // A count in 0..hi; an optional one that is absent reads as 0.
+  auto integer = [&](const char* key, bool required, int64_t hi) -> int64_t {
     const auto it = j.find(key);
     if (it == j.end()) {
       if (required) fail(std::string("no \"") + key + "\"");
-      return fallback;
+      return 0;
     }
     const std::optional<int64_t> v = JsonInteger(*it, 0, hi);
     if (!v) fail(std::string("\"") + key + "\" is not a count");
@@ -91,17 +92,17 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     o.data = j.at("data").get<std::vector<std::string>>();
     o.tokenizer = j.at("tokenizer").get<std::string>();
     o.init_model = j.at("init").get<std::string>();
-    o.layers = static_cast<int>(integer("layers", 0, true, kInt));
-    o.embd = static_cast<int>(integer("embd", 0, true, kInt));
-    o.ctx_len = static_cast<int>(integer("ctx_len", 0, true, kInt));
+    o.layers = static_cast<int>(integer("layers", true, kInt));
+    o.embd = static_cast<int>(integer("embd", true, kInt));
+    o.ctx_len = static_cast<int>(integer("ctx_len", true, kInt));
     // chunk_len and grad_chunks are absent in runs from before chunked windows.
-    o.chunk_len = static_cast<int>(integer("chunk_len", 0, false, kInt));
-    o.grad_chunks = static_cast<int>(integer("grad_chunks", 0, false, kInt));
-    o.batch = static_cast<int>(integer("batch", 0, true, kInt));
-    o.steps = integer("steps", 0, true, kLong);
+    o.chunk_len = static_cast<int>(integer("chunk_len", false, kInt));
+    o.grad_chunks = static_cast<int>(integer("grad_chunks", false, kInt));
+    o.batch = static_cast<int>(integer("batch", true, kInt));
+    o.steps = integer("steps", true, kLong);
     o.lr = j.at("lr").get<double>();
     o.lr_final = j.at("lr_final").get<double>();
-    o.warmup = integer("warmup", 0, true, kLong);
+    o.warmup = integer("warmup", true, kLong);
     o.weight_decay = j.at("weight_decay").get<double>();
     o.grad_clip = j.at("grad_clip").get<double>();
     const auto seed = j.find("seed");
@@ -110,12 +111,12 @@ TrainOptions OptionsFromJson(const nlohmann::json& j, const std::string& dir) {
     if (!seed_value) fail("\"seed\" is not a non-negative integer");
     o.seed = *seed_value;
     o.val_fraction = j.at("val_fraction").get<double>();
-    o.eval_every = integer("eval_every", 0, true, kLong);
-    o.eval_windows = static_cast<int>(integer("eval_windows", 0, true, kInt));
-    o.save_every = integer("save_every", 0, true, kLong);
+    o.eval_every = integer("eval_every", true, kLong);
+    o.eval_windows = static_cast<int>(integer("eval_windows", true, kInt));
+    o.save_every = integer("save_every", true, kLong);
     o.pth_type = j.at("pth_type").get<std::string>();
     o.tune = j.value("tune", std::string("full"));  // absent in runs from before LoRA
-    o.lora_rank = static_cast<int>(integer("lora_rank", 0, false, kInt));
+    o.lora_rank = static_cast<int>(integer("lora_rank", false, kInt));
     o.lora_alpha = j.value("lora_alpha", 0.0);
     o.lora_targets = j.value("lora_targets", std::vector<std::string>{});
     o.out_dir = dir;
@@ -517,14 +518,14 @@ std::unique_ptr<Trainer> Trainer::Resume(const std::string& dir, int64_t steps,
   impl->adam_m = std::move(ck.adam_m);
   impl->adam_v = std::move(ck.adam_v);
   impl->step = ck.meta.step;
-  // The activations are allocated before the data is read, so that a batch too large for the
-  // machine is refused before a long tokenization.
   // What the run recorded about its inputs; a field missing or not a count reads as 0 and so
   // fails the comparison with what is there now.
   auto recorded = [&](const char* key) -> uint64_t {
     const auto it = ck.meta.extra.find(key);
     return it == ck.meta.extra.end() ? 0 : JsonUnsigned(*it).value_or(0);
   };
+  // The activations are allocated before the data is read, so that a batch too large for the
+  // machine is refused before a long tokenization.
   if (options.tune != "full") {
     impl->frozen = LoadFrozenRwkv7(options.init_model);
     if (recorded("base_fingerprint") != impl->frozen->fingerprint ||
